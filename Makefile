@@ -1,0 +1,32 @@
+# radfusion — two commands for a fresh machine:
+#   make demo   run the whole path on embedded defaults (synthetic CT → node → route → results)
+#   make test   lint and run every test (integration tests need dcmtk, dicom3tools, orthanc:
+#               see .ci/run for the Debian packages)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch on disk; an unpinned torch would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test lint clean
+
+$(VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+.venv: $(VENV)/.ready
+
+demo: $(VENV)/.ready
+	$(BIN)/radfusion demo
+
+lint: $(VENV)/.ready
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(VENV)/.ready lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The ``forward`` app: send the study on, unchanged, to the export destinations."""

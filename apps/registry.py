@@ -1,0 +1,58 @@
+"""The apps radfusion can run, by the name routing rules use.
+
+An app takes a complete study (its files in the spool) and a work folder, and returns the
+result files to export. Apps know nothing of the network: the service hands them studies and
+exports what they return.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["App", "StudyInput", "get_app", "known_apps"]
+
+
+@dataclass(frozen=True)
+class StudyInput:
+    """A complete study as handed to an app."""
+
+    StudyInstanceUID: str
+    files: tuple[Path, ...]
+    calling_ae_title: str
+
+
+class App(Protocol):
+    name: str
+
+    def run(self, study: StudyInput, work_dir: Path) -> list[Path]:
+        """Process ``study``; write results under ``work_dir`` and return their paths.
+
+        Raises any exception to fail the job (it is dead-lettered and can be retried).
+        """
+        ...
+
+
+# name -> "module:attribute" of a zero-argument factory; imported only when used so that a
+# heavy app (torch, holoscan) costs nothing to processes that never run it.
+_APPS: dict[str, str] = {
+    "forward": "radfusion.apps.forward.app:ForwardApp",
+}
+
+
+def known_apps() -> set[str]:
+    """Names that routing rules may use."""
+    return set(_APPS)
+
+
+def get_app(name: str) -> App:
+    """Instantiate the app called ``name``; raises KeyError naming the known apps."""
+    try:
+        module, attr = _APPS[name].split(":")
+    except KeyError:
+        raise KeyError(f"unknown app {name!r} (installed: {', '.join(sorted(_APPS))})") from None
+    factory = getattr(importlib.import_module(module), attr)
+    app: App = factory()
+    return app

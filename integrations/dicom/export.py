@@ -1,0 +1,236 @@
+"""Export: deliver result files to the configured destinations, durably.
+
+Files are first staged in an outbox folder (hard links, or copies across filesystems), one per
+destination, so a delivery that fails survives restarts and can be retried later. A delivery
+is tried with the retry policy's backoff; when every attempt fails, the outbox becomes a
+dead-letter record that ``radfusion deadletter list`` shows and ``radfusion deadletter retry``
+re-sends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+
+from radfusion.config import DicomDestination, ExportConfig, FolderDestination, RetryPolicy
+from radfusion.integrations.store.catalog import Catalog
+from radfusion.logs import uid_tag
+
+__all__ = ["DeliveryError", "ExportResult", "Exporter", "deliver"]
+
+log = logging.getLogger("radfusion.export")
+
+_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+# C-STORE statuses that mean "stored": success and the Storage Service warnings.
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+class DeliveryError(RuntimeError):
+    """A destination did not accept every file; the message names the destination and why."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    destination: str
+    delivered: bool
+    attempts: int
+    error: str = ""
+    dead_letter_id: int | None = None
+
+
+def _send_dicom(dest: DicomDestination, files: Sequence[Path], calling_ae_title: str) -> None:
+    heads = []
+    for f in files:
+        head = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        heads.append((f, str(head.SOPClassUID), str(head.file_meta.TransferSyntaxUID)))
+    wanted: dict[str, list[str]] = {}
+    for _, sop_class, ts in heads:
+        wanted.setdefault(sop_class, [])
+        for syntax in [ts, *_UNCOMPRESSED]:
+            if syntax not in wanted[sop_class]:
+                wanted[sop_class].append(syntax)
+    if len(wanted) > 128:
+        raise DeliveryError(f"{dest.name}: more than 128 SOP classes in one delivery")
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
+    ae.requested_contexts = [build_context(c, ts) for c, ts in wanted.items()]
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "no association (peer unreachable or aborted)"
+        raise DeliveryError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {why}")
+    try:
+        for f, _, _ in heads:
+            status = assoc.send_c_store(pydicom.dcmread(f))
+            code = getattr(status, "Status", None)
+            if code not in _STORED:
+                shown = "no response" if code is None else f"status 0x{code:04X}"
+                raise DeliveryError(f"{dest.name}: C-STORE of {f.name} failed: {shown}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _copy_to_folder(dest: FolderDestination, files: Sequence[Path]) -> None:
+    try:
+        for f in files:
+            ds = pydicom.dcmread(
+                f, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SOPInstanceUID"]
+            )
+            target = dest.path / str(ds.StudyInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, target)
+    except OSError as err:
+        raise DeliveryError(f"{dest.name}: cannot write to {dest.path}: {err.strerror}") from None
+
+
+def deliver(
+    dest: DicomDestination | FolderDestination, files: Sequence[Path], calling_ae_title: str
+) -> None:
+    """Deliver ``files`` to ``dest`` once. Raises DeliveryError on any failure."""
+    if isinstance(dest, DicomDestination):
+        _send_dicom(dest, files, dest.calling_ae_title or calling_ae_title)
+    else:
+        _copy_to_folder(dest, files)
+
+
+def _stage(files: Sequence[Path], outbox: Path) -> list[Path]:
+    outbox.mkdir(parents=True)
+    staged = []
+    for i, f in enumerate(files):
+        target = outbox / f"{i:05d}_{f.name}"
+        try:
+            os.link(f, target)
+        except OSError:
+            shutil.copyfile(f, target)
+        staged.append(target)
+    return staged
+
+
+class Exporter:
+    """Delivers files to destinations with retries, dead-lettering what cannot be delivered.
+
+    Args:
+        config: the ``export`` configuration section.
+        catalog: where dead letters are recorded.
+        outbox_root: folder for staged deliveries (on the spool's filesystem).
+        calling_ae_title: our AE title towards DICOM destinations.
+        sleep: how to wait between attempts (tests pass a fake clock).
+    """
+
+    def __init__(
+        self,
+        config: ExportConfig,
+        catalog: Catalog,
+        outbox_root: Path,
+        calling_ae_title: str,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.outbox_root = Path(outbox_root)
+        self.calling_ae_title = calling_ae_title
+        self._sleep = sleep
+
+    def export(
+        self,
+        files: Sequence[Path],
+        *,
+        study_instance_uid: str = "",
+        destinations: Sequence[str] | None = None,
+    ) -> list[ExportResult]:
+        """Deliver ``files`` to each destination (default: all configured ones).
+
+        Never raises for delivery failures: each failure ends in a dead-letter record, named
+        in the returned results. Raises KeyError for an unknown destination name.
+        """
+        names = (
+            destinations if destinations is not None else [d.name for d in self.config.destinations]
+        )
+        targets = [self.config.destination(n) for n in names]
+        results = []
+        for dest in targets:
+            outbox = self.outbox_root / f"{dest.name}-{uuid.uuid4().hex}"
+            staged = _stage(files, outbox)
+            results.append(self._attempt(dest, staged, outbox, study_instance_uid))
+        return results
+
+    def _attempt(
+        self,
+        dest: DicomDestination | FolderDestination,
+        staged: list[Path],
+        outbox: Path,
+        study_instance_uid: str,
+        policy: RetryPolicy | None = None,
+    ) -> ExportResult:
+        policy = policy or self.config.retry
+        delays = [*policy.delays(), None]
+        error = ""
+        for attempt, delay in enumerate(delays, start=1):
+            try:
+                deliver(dest, staged, self.calling_ae_title)
+            except DeliveryError as err:
+                error = str(err)
+                log.warning(
+                    "delivery to %s failed (attempt %d/%d): %s",
+                    dest.name,
+                    attempt,
+                    policy.attempts,
+                    error,
+                )
+                if delay is not None:
+                    self._sleep(delay)
+                continue
+            shutil.rmtree(outbox, ignore_errors=True)
+            log.info(
+                "delivered %d file(s) of %s to %s",
+                len(staged),
+                uid_tag(study_instance_uid) if study_instance_uid else "-",
+                dest.name,
+            )
+            return ExportResult(dest.name, True, attempt)
+        dl = self.catalog.add_dead_letter(
+            kind="export",
+            destination=dest.name,
+            outbox=outbox,
+            files=len(staged),
+            study_instance_uid=study_instance_uid,
+            error=error,
+            attempts=policy.attempts,
+        )
+        log.error("delivery to %s dead-lettered as #%d: %s", dest.name, dl, error)
+        return ExportResult(dest.name, False, policy.attempts, error, dl)
+
+    def retry_dead_letter(self, dead_letter_id: int) -> ExportResult:
+        """Re-send a dead letter once (no backoff loop); resolves it on success.
+
+        Raises:
+            KeyError: no such dead letter, it is already resolved, or its destination is no
+                longer configured.
+        """
+        dl = self.catalog.dead_letter(dead_letter_id)
+        if dl is None:
+            raise KeyError(f"no dead letter #{dead_letter_id}")
+        if dl.resolved is not None:
+            raise KeyError(f"dead letter #{dead_letter_id} was already delivered")
+        dest = self.config.destination(dl.destination)
+        staged = sorted(dl.outbox.glob("*"))
+        try:
+            deliver(dest, staged, self.calling_ae_title)
+        except DeliveryError as err:
+            self.catalog.update_dead_letter(dead_letter_id, resolved=False, error=str(err))
+            return ExportResult(dest.name, False, 1, str(err), dead_letter_id)
+        self.catalog.update_dead_letter(dead_letter_id, resolved=True)
+        shutil.rmtree(dl.outbox, ignore_errors=True)
+        return ExportResult(dest.name, True, 1, "", dead_letter_id)

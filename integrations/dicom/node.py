@@ -1,0 +1,233 @@
+"""The DICOM node: a Storage and Verification SCP that spools and catalogs what it receives.
+
+The rest of radfusion never sees sockets: it subscribes to "instance stored" notifications
+(``DicomNode.subscribe``) and reads study state from the catalog. A C-STORE success status is
+sent only after the instance is renamed into the spool and recorded in the catalog.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from io import BytesIO
+
+import pydicom.uid
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import AE, evt
+from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
+from pynetdicom.dsutils import create_file_meta
+from pynetdicom.events import Event
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification, register_uid
+from pynetdicom.transport import ThreadedAssociationServer
+
+from radfusion.config import RadfusionConfig
+from radfusion.integrations.dicom.header import HeaderError, read_header
+from radfusion.integrations.dicom.spool import Spool, SpoolFullError
+from radfusion.integrations.store.catalog import Catalog, InstanceRecord, StoreOutcome
+from radfusion.logs import uid_tag
+
+__all__ = ["DicomNode", "Status", "StoredListener"]
+
+log = logging.getLogger("radfusion.node")
+
+StoredListener = Callable[[InstanceRecord, StoreOutcome], None]
+
+
+class Status:
+    """C-STORE status codes the node returns (PS3.4 Annex B.2.3)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC210
+    PROCESSING_FAILURE = 0x0110
+
+
+# Every transfer syntax pydicom or pynetdicom knows: instances are stored as received.
+_TRANSFER_SYNTAXES = list(
+    dict.fromkeys([*ALL_TRANSFER_SYNTAXES, *map(str, pydicom.uid.AllTransferSyntaxes)])
+)
+
+
+def storage_sop_classes(extra: list[str] | None = None) -> list[str]:
+    """Every standard Storage SOP Class, plus site-specific (private) ones from ``extra``."""
+    from pynetdicom.service_class import StorageServiceClass
+
+    for i, uid in enumerate(extra or []):
+        register_uid(uid, f"PrivateStorage{i}", StorageServiceClass)
+    return sorted({*_STORAGE_CLASSES.values(), *(extra or [])})
+
+
+class DicomNode:
+    """Receives DICOM instances over the network into ``spool`` and ``catalog``.
+
+    Args:
+        config: the validated configuration (``node``, ``spool``, ``completion`` sections).
+        catalog: where instances and studies are recorded.
+        spool: where instance files are written.
+    """
+
+    def __init__(self, config: RadfusionConfig, catalog: Catalog, spool: Spool) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.spool = spool
+        self._listeners: list[StoredListener] = []
+        self._server: ThreadedAssociationServer | None = None
+        ae = AE(ae_title=config.node.ae_title)
+        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs from senders that allow it
+        ae.maximum_associations = config.node.max_associations
+        ae.acse_timeout = config.node.acse_timeout_s
+        ae.dimse_timeout = config.node.dimse_timeout_s
+        ae.network_timeout = config.node.network_timeout_s
+        ae.require_called_aet = False
+        for uid in storage_sop_classes():
+            ae.add_supported_context(uid, _TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, _TRANSFER_SYNTAXES)
+        self._ae = ae
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def subscribe(self, listener: StoredListener) -> None:
+        """Call ``listener`` (in the association's thread) after each stored instance."""
+        self._listeners.append(listener)
+
+    def start(self) -> int:
+        """Start listening; returns the bound port (useful when configured as 0)."""
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self._ae.start_server(
+            (self.config.node.host, self.config.node.port), block=False, evt_handlers=handlers
+        )
+        port = int(self._server.server_address[1])
+        log.info(
+            "DICOM node %s listening on %s:%d",
+            self.config.node.ae_title,
+            self.config.node.host,
+            port,
+        )
+        return port
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the node is not started")
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting associations and close the open ones."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self._ae.shutdown()
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    def _on_conn_open(self, event: Event) -> None:
+        # Without TCP_NODELAY each C-STORE response can wait ~40 ms on Nagle + delayed ACK.
+        sock = event.assoc.dul.socket
+        if sock is not None and sock.socket is not None:
+            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_requested(self, event: Event) -> None:
+        assoc = event.assoc
+        # requestor.ae_title is filled in only after negotiation; the request has it now.
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = assoc.requestor.address
+        allowed = self.config.node.allowed_callers
+        if allowed is None:
+            return
+        caller = next((c for c in allowed if c.ae_title == calling), None)
+        if caller is not None and caller.permits(address):
+            return
+        reason = "unknown calling AE title" if caller is None else "address not allowed"
+        log.warning("rejected association from %r at %s: %s", calling, address, reason)
+        # Rejected-permanent, service user, "calling AE title not recognised"
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        assoc.is_rejected = True
+        assoc.kill()
+
+    def _on_echo(self, event: Event) -> int:
+        return Status.SUCCESS
+
+    def _on_store(self, event: Event) -> int:
+        req = event.request
+        sop_instance = str(req.AffectedSOPInstanceUID or "").strip()
+        sop_class = str(req.AffectedSOPClassUID or "").strip()
+        transfer_syntax = str(event.context.transfer_syntax)
+        calling = event.assoc.requestor.ae_title.strip()
+        if not sop_instance:
+            log.warning("C-STORE from %r without Affected SOP Instance UID", calling)
+            return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        try:
+            if self.catalog.has_instance(sop_instance):
+                log.debug("duplicate instance %s ignored", uid_tag(sop_instance))
+                return Status.SUCCESS
+            data = req.DataSet.getbuffer()
+            try:
+                header = read_header(data, transfer_syntax)
+            except HeaderError as err:
+                log.warning("instance %s from %r refused: %s", uid_tag(sop_instance), calling, err)
+                if "missing" in str(err):
+                    return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+                return Status.CANNOT_UNDERSTAND
+            meta = BytesIO()
+            meta.write(b"\x00" * 128 + b"DICM")
+            file_meta = create_file_meta(
+                sop_class_uid=pydicom.uid.UID(sop_class),
+                sop_instance_uid=pydicom.uid.UID(sop_instance),
+                transfer_syntax=pydicom.uid.UID(transfer_syntax),
+            )
+            file_meta.SourceApplicationEntityTitle = calling
+            write_file_meta_info(meta, file_meta)
+            path = self.spool.path_for(
+                header.StudyInstanceUID, header.SeriesInstanceUID, sop_instance
+            )
+            size = self.spool.write(path, (meta.getbuffer(), data))
+            rec = InstanceRecord(
+                SOPInstanceUID=sop_instance,
+                SOPClassUID=sop_class,
+                SeriesInstanceUID=header.SeriesInstanceUID,
+                StudyInstanceUID=header.StudyInstanceUID,
+                TransferSyntaxUID=transfer_syntax,
+                path=path,
+                size=size,
+                frames=header.frames,
+                calling_ae=calling,
+                PatientID=header.PatientID,
+                IssuerOfPatientID=header.IssuerOfPatientID,
+                StudyDate=header.StudyDate,
+                Modality=header.Modality,
+                BodyPartExamined=header.BodyPartExamined,
+                SeriesDescription=header.SeriesDescription,
+                StudyDescription=header.StudyDescription,
+                Manufacturer=header.Manufacturer,
+            )
+            outcome = self.catalog.record_instance(
+                rec,
+                quiet_period_s=self.config.quiet_period_for(calling),
+                late_arrival=self.config.completion.late_arrival,
+            )
+        except SpoolFullError as err:
+            log.error("instance refused with 0xA700: %s", err)
+            return Status.OUT_OF_RESOURCES
+        except OSError as err:
+            log.error("instance refused with 0xA700: cannot write spool: %s", err.strerror)
+            return Status.OUT_OF_RESOURCES
+        except Exception:
+            log.exception("instance %s refused: internal error", uid_tag(sop_instance))
+            return Status.PROCESSING_FAILURE
+        if outcome is StoreOutcome.REOPENED:
+            log.info("study %s reopened by a late instance", uid_tag(rec.StudyInstanceUID))
+        elif outcome is StoreOutcome.LATE_IGNORED:
+            log.warning(
+                "late instance for handed-on study %s stored, study not re-run (policy ignore)",
+                uid_tag(rec.StudyInstanceUID),
+            )
+        for listener in self._listeners:
+            listener(rec, outcome)
+        return Status.SUCCESS

@@ -1,0 +1,699 @@
+"""The catalog: a SQLite (WAL) record of every received instance, series, study and job.
+
+It is the single source of truth for study state. State changes that must happen together
+(an instance and its study's timer; a study's completion and its jobs) happen in one
+transaction, which is what makes hand-off exactly-once across crashes.
+
+Study states::
+
+    receiving ──quiet period──▶ routed (jobs created) ──▶ done | failed
+              └──no rule matched──▶ unrouted
+    routed/done/failed/unrouted ──late instance, policy 'rerun'──▶ receiving (generation + 1)
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from radfusion.routing import SeriesFacts
+
+__all__ = [
+    "Catalog",
+    "DeadLetter",
+    "InstanceRecord",
+    "Job",
+    "StoreOutcome",
+    "StudyRow",
+    "StudyState",
+]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    StudyInstanceUID TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 1,
+    calling_ae TEXT NOT NULL,
+    PatientID TEXT NOT NULL DEFAULT '',
+    IssuerOfPatientID TEXT NOT NULL DEFAULT '',
+    StudyDate TEXT NOT NULL DEFAULT '',
+    instances INTEGER NOT NULL DEFAULT 0,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    quiet_until REAL NOT NULL,
+    handed_on_at REAL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies(state, quiet_until);
+CREATE TABLE IF NOT EXISTS series (
+    SeriesInstanceUID TEXT PRIMARY KEY,
+    StudyInstanceUID TEXT NOT NULL,
+    Modality TEXT NOT NULL DEFAULT '',
+    BodyPartExamined TEXT NOT NULL DEFAULT '',
+    SeriesDescription TEXT NOT NULL DEFAULT '',
+    StudyDescription TEXT NOT NULL DEFAULT '',
+    Manufacturer TEXT NOT NULL DEFAULT '',
+    calling_ae TEXT NOT NULL DEFAULT '',
+    images INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS series_study ON series(StudyInstanceUID);
+CREATE TABLE IF NOT EXISTS instances (
+    SOPInstanceUID TEXT PRIMARY KEY,
+    SOPClassUID TEXT NOT NULL,
+    SeriesInstanceUID TEXT NOT NULL,
+    StudyInstanceUID TEXT NOT NULL,
+    TransferSyntaxUID TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    frames INTEGER NOT NULL,
+    received REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(StudyInstanceUID);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    StudyInstanceUID TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    app TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    UNIQUE (StudyInstanceUID, generation, app)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS deadletter (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    job_id INTEGER,
+    destination TEXT NOT NULL,
+    outbox TEXT NOT NULL,
+    files INTEGER NOT NULL,
+    StudyInstanceUID TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    resolved REAL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    StudyInstanceUID TEXT NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS events_study ON events(StudyInstanceUID);
+"""
+
+
+class StudyState(enum.StrEnum):
+    RECEIVING = "receiving"
+    ROUTED = "routed"
+    UNROUTED = "unrouted"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_HANDED_ON = (StudyState.ROUTED, StudyState.UNROUTED, StudyState.DONE, StudyState.FAILED)
+
+
+class StoreOutcome(enum.Enum):
+    """What recording an instance did."""
+
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    REOPENED = "reopened"  # late arrival, study reopened (policy 'rerun')
+    LATE_IGNORED = "late-ignored"  # late arrival, study left as it was (policy 'ignore')
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One received instance, as the node read it off the wire."""
+
+    SOPInstanceUID: str
+    SOPClassUID: str
+    SeriesInstanceUID: str
+    StudyInstanceUID: str
+    TransferSyntaxUID: str
+    path: Path
+    size: int
+    frames: int
+    calling_ae: str
+    PatientID: str = ""
+    IssuerOfPatientID: str = ""
+    StudyDate: str = ""
+    Modality: str = ""
+    BodyPartExamined: str = ""
+    SeriesDescription: str = ""
+    StudyDescription: str = ""
+    Manufacturer: str = ""
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    StudyInstanceUID: str
+    state: StudyState
+    generation: int
+    calling_ae: str
+    instances: int
+    series: int
+    first_received: float
+    last_received: float
+    handed_on_at: float | None
+    detail: str
+    apps: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    StudyInstanceUID: str
+    generation: int
+    app: str
+    state: str
+    attempts: int
+    error: str
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Work that failed after its retries: an undelivered export or a failed job."""
+
+    id: int
+    kind: str  # "export" (retry re-sends the outbox) or "job" (retry re-queues the job)
+    job_id: int | None
+    destination: str
+    outbox: Path
+    files: int
+    StudyInstanceUID: str
+    error: str
+    attempts: int
+    created: float
+    resolved: float | None
+
+
+class Catalog:
+    """Thread-safe access to the catalog database at ``path``.
+
+    Each thread gets its own connection; writers serialise through SQLite's lock
+    (``BEGIN IMMEDIATE``), so no state change interleaves with another.
+    """
+
+    def __init__(self, path: Path, *, durable: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._durable = durable
+        self._local = threading.local()
+        self._connection().executescript(_SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL survives a killed process (WAL is in the page cache); FULL also survives
+            # power loss and goes with the spool's fsync mode.
+            db.execute(f"PRAGMA synchronous={'FULL' if self._durable else 'NORMAL'}")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.row_factory = sqlite3.Row
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- instances --------------------------------------------------------------------------
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        row = (
+            self._connection()
+            .execute("SELECT 1 FROM instances WHERE SOPInstanceUID=?", (sop_instance_uid,))
+            .fetchone()
+        )
+        return row is not None
+
+    def instance_paths(self) -> set[str]:
+        return {r[0] for r in self._connection().execute("SELECT path FROM instances")}
+
+    def record_instance(
+        self, rec: InstanceRecord, *, quiet_period_s: float, late_arrival: str
+    ) -> StoreOutcome:
+        """Record a spooled instance and restart its study's quiet period.
+
+        Must be called after the file is in place; the caller acknowledges the C-STORE only
+        after this returns.
+        """
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    rec.SOPInstanceUID,
+                    rec.SOPClassUID,
+                    rec.SeriesInstanceUID,
+                    rec.StudyInstanceUID,
+                    rec.TransferSyntaxUID,
+                    str(rec.path),
+                    rec.size,
+                    rec.frames,
+                    now,
+                ),
+            )
+            if cur.rowcount == 0:
+                return StoreOutcome.DUPLICATE
+            db.execute(
+                "INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(SeriesInstanceUID) "
+                "DO UPDATE SET images = images + excluded.images",
+                (
+                    rec.SeriesInstanceUID,
+                    rec.StudyInstanceUID,
+                    rec.Modality,
+                    rec.BodyPartExamined,
+                    rec.SeriesDescription,
+                    rec.StudyDescription,
+                    rec.Manufacturer,
+                    rec.calling_ae,
+                    rec.frames,
+                ),
+            )
+            study = db.execute(
+                "SELECT state, generation FROM studies WHERE StudyInstanceUID=?",
+                (rec.StudyInstanceUID,),
+            ).fetchone()
+            outcome = StoreOutcome.NEW
+            if study is None:
+                db.execute(
+                    "INSERT INTO studies (StudyInstanceUID, state, calling_ae, PatientID, "
+                    "IssuerOfPatientID, StudyDate, instances, first_received, last_received, "
+                    "quiet_until) VALUES (?,?,?,?,?,?,1,?,?,?)",
+                    (
+                        rec.StudyInstanceUID,
+                        StudyState.RECEIVING,
+                        rec.calling_ae,
+                        rec.PatientID,
+                        rec.IssuerOfPatientID,
+                        rec.StudyDate,
+                        now,
+                        now,
+                        now + quiet_period_s,
+                    ),
+                )
+                self._event(db, rec.StudyInstanceUID, "receiving", f"from {rec.calling_ae}")
+                return outcome
+            state = StudyState(study["state"])
+            generation = study["generation"]
+            if state in _HANDED_ON:
+                if late_arrival == "rerun":
+                    outcome = StoreOutcome.REOPENED
+                    state, generation = StudyState.RECEIVING, generation + 1
+                    self._event(db, rec.StudyInstanceUID, "reopened", f"generation {generation}")
+                else:
+                    outcome = StoreOutcome.LATE_IGNORED
+                    self._event(db, rec.StudyInstanceUID, "late-ignored", rec.SOPInstanceUID)
+            db.execute(
+                "UPDATE studies SET state=?, generation=?, instances=instances+1, "
+                "last_received=?, quiet_until=MAX(quiet_until, ?) WHERE StudyInstanceUID=?",
+                (state, generation, now, now + quiet_period_s, rec.StudyInstanceUID),
+            )
+            return outcome
+
+    def instances_of(self, study_instance_uid: str) -> list[sqlite3.Row]:
+        return (
+            self._connection()
+            .execute(
+                "SELECT * FROM instances WHERE StudyInstanceUID=? ORDER BY SeriesInstanceUID, path",
+                (study_instance_uid,),
+            )
+            .fetchall()
+        )
+
+    def series_facts(self, study_instance_uid: str) -> list[SeriesFacts]:
+        db = self._connection()
+        facts = []
+        for s in db.execute(
+            "SELECT * FROM series WHERE StudyInstanceUID=?", (study_instance_uid,)
+        ).fetchall():
+            classes = frozenset(
+                r[0]
+                for r in db.execute(
+                    "SELECT DISTINCT SOPClassUID FROM instances WHERE SeriesInstanceUID=?",
+                    (s["SeriesInstanceUID"],),
+                )
+            )
+            facts.append(
+                SeriesFacts(
+                    Modality=s["Modality"],
+                    BodyPartExamined=s["BodyPartExamined"],
+                    SeriesDescription=s["SeriesDescription"],
+                    StudyDescription=s["StudyDescription"],
+                    Manufacturer=s["Manufacturer"],
+                    CallingAETitle=s["calling_ae"],
+                    SOPClassUIDs=classes,
+                    slices=s["images"],
+                )
+            )
+        return facts
+
+    # -- study completion -------------------------------------------------------------------
+
+    def restart_quiet_periods(self, quiet_period_for: Callable[[str], float]) -> int:
+        """After a restart, give every unfinished study a fresh quiet period.
+
+        Senders interrupted by the outage need time to reconnect and resume; completing their
+        studies at once would hand on half a study and then re-run it. Returns the count.
+        """
+        now = time.time()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT StudyInstanceUID, calling_ae FROM studies WHERE state=?",
+                (StudyState.RECEIVING,),
+            ).fetchall()
+            for r in rows:
+                db.execute(
+                    "UPDATE studies SET quiet_until=? WHERE StudyInstanceUID=?",
+                    (now + quiet_period_for(r["calling_ae"]), r["StudyInstanceUID"]),
+                )
+        return len(rows)
+
+    def due_studies(self, now: float | None = None) -> list[str]:
+        """Studies whose quiet period has passed, oldest first."""
+        now = time.time() if now is None else now
+        return [
+            r[0]
+            for r in self._connection().execute(
+                "SELECT StudyInstanceUID FROM studies WHERE state=? AND quiet_until<=? "
+                "ORDER BY quiet_until",
+                (StudyState.RECEIVING, now),
+            )
+        ]
+
+    def hand_on(
+        self, study_instance_uid: str, route: Callable[[list[SeriesFacts]], list[str]]
+    ) -> list[Job] | None:
+        """Complete a due study: route it and create its jobs, atomically.
+
+        ``route`` maps the study's series to app names. Returns the jobs created (empty when no
+        rule matched: the study becomes 'unrouted'), or None when the study is not due any more
+        (an instance arrived in the meantime) — so each completion hands on exactly once.
+        """
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT generation FROM studies WHERE StudyInstanceUID=? AND state=? "
+                "AND quiet_until<=?",
+                (study_instance_uid, StudyState.RECEIVING, now),
+            ).fetchone()
+            if row is None:
+                return None
+            generation = row["generation"]
+            apps = route(self.series_facts(study_instance_uid))
+            state = StudyState.ROUTED if apps else StudyState.UNROUTED
+            db.execute(
+                "UPDATE studies SET state=?, handed_on_at=?, detail=? WHERE StudyInstanceUID=?",
+                (state, now, "" if apps else "no routing rule matched", study_instance_uid),
+            )
+            jobs = []
+            for app in apps:
+                cur = db.execute(
+                    "INSERT INTO jobs (StudyInstanceUID, generation, app, state, created, "
+                    "updated) VALUES (?,?,?,?,?,?)",
+                    (study_instance_uid, generation, app, "queued", now, now),
+                )
+                jobs.append(
+                    Job(cur.lastrowid or 0, study_instance_uid, generation, app, "queued", 0, "")
+                )
+            self._event(db, study_instance_uid, state.value, ",".join(apps))
+            return jobs
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def requeue_interrupted_jobs(self) -> int:
+        """Jobs left 'running' by a crash go back to the queue."""
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE jobs SET state='queued', updated=? WHERE state='running'", (time.time(),)
+            ).rowcount
+
+    def claim_job(self, apps: Sequence[str] | None = None) -> Job | None:
+        """Take the oldest queued job (for one of ``apps``, if given) and mark it running."""
+        with self._tx() as db:
+            query = "SELECT * FROM jobs WHERE state='queued'"
+            args: list[object] = []
+            if apps is not None:
+                query += f" AND app IN ({','.join('?' * len(apps))})"
+                args.extend(apps)
+            row = db.execute(query + " ORDER BY id LIMIT 1", args).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state='running', attempts=attempts+1, updated=? WHERE id=?",
+                (time.time(), row["id"]),
+            )
+            return Job(
+                row["id"],
+                row["StudyInstanceUID"],
+                row["generation"],
+                row["app"],
+                "running",
+                row["attempts"] + 1,
+                "",
+            )
+
+    def finish_job(self, job_id: int, *, ok: bool, error: str = "") -> None:
+        """Record a job's end; the study is done when all its current jobs are."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state=?, error=?, updated=? WHERE id=?",
+                ("done" if ok else "failed", error, now, job_id),
+            )
+            job = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            uid, generation = job["StudyInstanceUID"], job["generation"]
+            states = [
+                r[0]
+                for r in db.execute(
+                    "SELECT state FROM jobs WHERE StudyInstanceUID=? AND generation=?",
+                    (uid, generation),
+                )
+            ]
+            self._event(db, uid, f"job-{'done' if ok else 'failed'}", f"{job['app']} {error}")
+            if all(s in ("done", "failed") for s in states):
+                final = StudyState.DONE if all(s == "done" for s in states) else StudyState.FAILED
+                db.execute(
+                    "UPDATE studies SET state=?, detail=? WHERE StudyInstanceUID=? AND "
+                    "generation=? AND state=?",
+                    (final, error, uid, generation, StudyState.ROUTED),
+                )
+
+    def requeue_job(self, job_id: int) -> None:
+        """Put a failed job back in the queue (its study returns to 'routed')."""
+        now = time.time()
+        with self._tx() as db:
+            job = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if job is None:
+                raise KeyError(f"no job #{job_id}")
+            db.execute(
+                "UPDATE jobs SET state='queued', error='', updated=? WHERE id=?", (now, job_id)
+            )
+            db.execute(
+                "UPDATE studies SET state=?, detail='' WHERE StudyInstanceUID=? AND generation=?",
+                (StudyState.ROUTED, job["StudyInstanceUID"], job["generation"]),
+            )
+            self._event(db, job["StudyInstanceUID"], "job-requeued", job["app"])
+
+    def jobs_of(self, study_instance_uid: str) -> list[Job]:
+        return [
+            Job(
+                r["id"],
+                r["StudyInstanceUID"],
+                r["generation"],
+                r["app"],
+                r["state"],
+                r["attempts"],
+                r["error"],
+            )
+            for r in self._connection().execute(
+                "SELECT * FROM jobs WHERE StudyInstanceUID=? ORDER BY id", (study_instance_uid,)
+            )
+        ]
+
+    # -- studies ----------------------------------------------------------------------------
+
+    def study(self, study_instance_uid: str) -> StudyRow | None:
+        rows = self._studies("WHERE s.StudyInstanceUID=?", (study_instance_uid,))
+        return rows[0] if rows else None
+
+    def recent_studies(self, limit: int = 50) -> list[StudyRow]:
+        return self._studies("ORDER BY s.last_received DESC LIMIT ?", (limit,))
+
+    def _studies(self, tail: str, args: tuple[object, ...]) -> list[StudyRow]:
+        db = self._connection()
+        out = []
+        for r in db.execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM series WHERE StudyInstanceUID=s.StudyInstanceUID)"
+            f" AS nseries FROM studies s {tail}",
+            args,
+        ).fetchall():
+            apps = tuple(
+                a[0]
+                for a in db.execute(
+                    "SELECT app FROM jobs WHERE StudyInstanceUID=? AND generation=? ORDER BY id",
+                    (r["StudyInstanceUID"], r["generation"]),
+                )
+            )
+            out.append(
+                StudyRow(
+                    r["StudyInstanceUID"],
+                    StudyState(r["state"]),
+                    r["generation"],
+                    r["calling_ae"],
+                    r["instances"],
+                    r["nseries"],
+                    r["first_received"],
+                    r["last_received"],
+                    r["handed_on_at"],
+                    r["detail"],
+                    apps,
+                )
+            )
+        return out
+
+    def expired_studies(self, older_than: float) -> list[str]:
+        """Finished or unrouted studies last touched before ``older_than`` (epoch seconds)."""
+        return [
+            r[0]
+            for r in self._connection().execute(
+                "SELECT StudyInstanceUID FROM studies WHERE state IN (?,?,?) AND "
+                "last_received < ? AND (handed_on_at IS NULL OR handed_on_at < ?)",
+                (StudyState.DONE, StudyState.UNROUTED, StudyState.FAILED, older_than, older_than),
+            )
+        ]
+
+    def forget_study(self, study_instance_uid: str) -> list[str]:
+        """Remove a study's rows; returns the instance paths so the caller can delete them."""
+        with self._tx() as db:
+            paths = [
+                r[0]
+                for r in db.execute(
+                    "SELECT path FROM instances WHERE StudyInstanceUID=?", (study_instance_uid,)
+                )
+            ]
+            for table in ("instances", "series", "studies"):
+                db.execute(f"DELETE FROM {table} WHERE StudyInstanceUID=?", (study_instance_uid,))
+            self._event(db, study_instance_uid, "purged", f"{len(paths)} instances")
+            return paths
+
+    def events_of(self, study_instance_uid: str) -> list[tuple[str, str]]:
+        return [
+            (r[0], r[1])
+            for r in self._connection().execute(
+                "SELECT event, detail FROM events WHERE StudyInstanceUID=? ORDER BY id",
+                (study_instance_uid,),
+            )
+        ]
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    def add_dead_letter(
+        self,
+        *,
+        kind: str,
+        study_instance_uid: str,
+        error: str,
+        attempts: int,
+        destination: str = "",
+        outbox: Path | None = None,
+        files: int = 0,
+        job_id: int | None = None,
+    ) -> int:
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO deadletter (kind, job_id, destination, outbox, files, "
+                "StudyInstanceUID, error, attempts, created, updated) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    kind,
+                    job_id,
+                    destination,
+                    str(outbox or ""),
+                    files,
+                    study_instance_uid,
+                    error,
+                    attempts,
+                    now,
+                    now,
+                ),
+            )
+            if study_instance_uid:
+                self._event(db, study_instance_uid, "dead-letter", f"{destination}: {error}")
+            return cur.lastrowid or 0
+
+    def dead_letters(self, *, include_resolved: bool = False) -> list[DeadLetter]:
+        where = "" if include_resolved else "WHERE resolved IS NULL"
+        return [
+            self._dead_letter(r)
+            for r in self._connection().execute(f"SELECT * FROM deadletter {where} ORDER BY id")
+        ]
+
+    def dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
+        r = (
+            self._connection()
+            .execute("SELECT * FROM deadletter WHERE id=?", (dead_letter_id,))
+            .fetchone()
+        )
+        return None if r is None else self._dead_letter(r)
+
+    def update_dead_letter(self, dead_letter_id: int, *, resolved: bool, error: str = "") -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deadletter SET attempts=attempts+1, updated=?, resolved=?, "
+                "error=CASE WHEN ?='' THEN error ELSE ? END WHERE id=?",
+                (now, now if resolved else None, error, error, dead_letter_id),
+            )
+
+    @staticmethod
+    def _dead_letter(r: sqlite3.Row) -> DeadLetter:
+        return DeadLetter(
+            r["id"],
+            r["kind"],
+            r["job_id"],
+            r["destination"],
+            Path(r["outbox"]),
+            r["files"],
+            r["StudyInstanceUID"],
+            r["error"],
+            r["attempts"],
+            r["created"],
+            r["resolved"],
+        )
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, uid: str, event: str, detail: str = "") -> None:
+        db.execute(
+            "INSERT INTO events (time, StudyInstanceUID, event, detail) VALUES (?,?,?,?)",
+            (time.time(), uid, event, detail),
+        )

@@ -1,0 +1,3 @@
+"""radfusion: multimodal AI on the hospital DICOM network."""
+
+__version__ = "0.1.0"

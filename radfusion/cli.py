@@ -1,0 +1,303 @@
+"""The ``radfusion`` command line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from radfusion import __version__
+from radfusion.config import ConfigError, RadfusionConfig, example_config, load_config
+from radfusion.logs import configure_logging, uid_tag
+
+console = Console()
+
+_CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="RADFUSION_CONFIG",
+    help="Configuration YAML (default: embedded defaults; env RADFUSION_CONFIG).",
+)
+
+
+def _load(config_path: Path | None) -> RadfusionConfig:
+    try:
+        return load_config(config_path)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="radfusion")
+def main() -> None:
+    """radfusion: AI results for the studies your scanners and PACS send.
+
+    \b
+    Typical use:
+      radfusion config example > radfusion.yaml   # write a commented configuration
+      radfusion config check radfusion.yaml       # validate it
+      radfusion serve --config radfusion.yaml     # run the DICOM node and the apps
+      radfusion status --config radfusion.yaml    # what arrived and what happened to it
+      radfusion deadletter list                   # work that failed after its retries
+    Try it without a network: radfusion demo
+    """
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+@main.group()
+def config() -> None:
+    """Write or check configuration files."""
+
+
+@config.command("example")
+def config_example() -> None:
+    """Print a commented example configuration."""
+    click.echo(example_config(), nl=False)
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def config_check(path: Path) -> None:
+    """Validate PATH; errors name each bad key."""
+    cfg = _load(path)
+    click.echo(
+        f"{path}: valid ({len(cfg.routing.rules)} routing rule(s), "
+        f"{len(cfg.export.destinations)} destination(s))"
+    )
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+@main.command()
+@_CONFIG_OPTION
+@click.option("--log-level", default="INFO", show_default=True)
+def serve(config_path: Path | None, log_level: str) -> None:
+    """Run the DICOM node: receive studies, route them to apps, export the results."""
+    from radfusion.service import Service
+
+    cfg = _load(config_path)
+    configure_logging(log_level)
+    service = Service(cfg)
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        service._stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    service.run_forever()
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@main.command()
+@_CONFIG_OPTION
+@click.option("--limit", default=20, show_default=True, help="How many recent studies.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config_path: Path | None, limit: int, as_json: bool) -> None:
+    """List recent studies and their state (receiving, routed, unrouted, done, failed).
+
+    Studies are shown by a short hash of their Study Instance UID, never by patient data.
+    """
+    from radfusion.service import open_catalog
+
+    catalog = open_catalog(_load(config_path))
+    studies = catalog.recent_studies(limit)
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "study": uid_tag(s.StudyInstanceUID),
+                        "state": s.state.value,
+                        "generation": s.generation,
+                        "calling_ae": s.calling_ae,
+                        "instances": s.instances,
+                        "series": s.series,
+                        "apps": list(s.apps),
+                        "last_received": s.last_received,
+                        "handed_on_at": s.handed_on_at,
+                        "detail": s.detail,
+                    }
+                    for s in studies
+                ],
+                indent=2,
+            )
+        )
+        return
+    table = Table(title=f"recent studies ({len(studies)})")
+    for col in ("study", "state", "from", "series", "instances", "last received", "apps", "detail"):
+        table.add_column(col)
+    for s in studies:
+        table.add_row(
+            uid_tag(s.StudyInstanceUID),
+            s.state.value + (f" (#{s.generation})" if s.generation > 1 else ""),
+            s.calling_ae,
+            str(s.series),
+            str(s.instances),
+            _when(s.last_received),
+            ", ".join(s.apps) or "-",
+            s.detail,
+        )
+    console.print(table)
+    pending = len(catalog.dead_letters())
+    if pending:
+        console.print(f"[yellow]{pending} dead letter(s): radfusion deadletter list[/yellow]")
+
+
+# -- dead letters -----------------------------------------------------------------------------
+
+
+@main.group()
+def deadletter() -> None:
+    """Work that failed after all its retries: list it, retry it."""
+
+
+@deadletter.command("list")
+@_CONFIG_OPTION
+@click.option("--all", "include_resolved", is_flag=True, help="Include resolved ones.")
+def deadletter_list(config_path: Path | None, include_resolved: bool) -> None:
+    """List dead letters (undelivered exports, failed jobs)."""
+    from radfusion.service import open_catalog
+
+    letters = open_catalog(_load(config_path)).dead_letters(include_resolved=include_resolved)
+    if not letters:
+        click.echo("no dead letters")
+        return
+    table = Table()
+    for col in (
+        "id",
+        "kind",
+        "study",
+        "target",
+        "files",
+        "attempts",
+        "created",
+        "resolved",
+        "last error",
+    ):
+        table.add_column(col)
+    for d in letters:
+        table.add_row(
+            str(d.id),
+            d.kind,
+            uid_tag(d.StudyInstanceUID) if d.StudyInstanceUID else "-",
+            d.destination or (f"job {d.job_id}" if d.job_id else "-"),
+            str(d.files),
+            str(d.attempts),
+            _when(d.created),
+            _when(d.resolved),
+            d.error,
+        )
+    console.print(table)
+
+
+@deadletter.command("retry")
+@_CONFIG_OPTION
+@click.argument("dead_letter_id", type=int)
+def deadletter_retry(config_path: Path | None, dead_letter_id: int) -> None:
+    """Retry dead letter DEAD_LETTER_ID: re-send an export, or re-queue a failed job."""
+    from radfusion.service import open_catalog, open_exporter
+
+    cfg = _load(config_path)
+    catalog = open_catalog(cfg)
+    letter = catalog.dead_letter(dead_letter_id)
+    if letter is None:
+        raise click.ClickException(f"no dead letter #{dead_letter_id}")
+    if letter.resolved is not None:
+        raise click.ClickException(f"dead letter #{dead_letter_id} is already resolved")
+    if letter.kind == "job":
+        catalog.requeue_job(letter.job_id or 0)
+        catalog.update_dead_letter(dead_letter_id, resolved=True)
+        click.echo(f"job {letter.job_id} re-queued; the running service will pick it up")
+        return
+    try:
+        result = open_exporter(cfg, catalog).retry_dead_letter(dead_letter_id)
+    except KeyError as err:
+        raise click.ClickException(str(err.args[0])) from None
+    if not result.delivered:
+        raise click.ClickException(f"still failing: {result.error}")
+    click.echo(f"dead letter #{dead_letter_id} delivered to {result.destination}")
+
+
+# -- synthetic data ---------------------------------------------------------------------------
+
+
+@main.group()
+def synth() -> None:
+    """Generate synthetic test data (no real patient data involved)."""
+
+
+@synth.command("ct")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--slices", default=120, show_default=True, type=click.IntRange(1, 2000))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--patient-id", default="RF-0001", show_default=True)
+@click.option("--tumours", default=2, show_default=True, type=click.IntRange(0, 20))
+@click.option(
+    "--size",
+    default=512,
+    show_default=True,
+    type=click.IntRange(32, 1024),
+    help="Rows and columns.",
+)
+@click.option("--no-chest", is_flag=True, help="An abdomen-like body without lungs.")
+def synth_ct(
+    out: Path, slices: int, seed: int, patient_id: str, tumours: int, size: int, no_chest: bool
+) -> None:
+    """Write a synthetic chest CT series with ground truth (labels.npz, truth.json)."""
+    from radfusion.synth.ct import synth_ct as make
+
+    try:
+        study = make(
+            out,
+            slices=slices,
+            seed=seed,
+            patient_id=patient_id,
+            tumours=tumours,
+            rows=size,
+            columns=size,
+            chest=not no_chest,
+        )
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"wrote {len(study.files)} CT images to {out}")
+    click.echo(f"ground truth: {study.ground_truth}, {study.truth_json}")
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the demo's files here (default: a temporary folder).",
+)
+@click.option("--slices", default=120, show_default=True, type=click.IntRange(10, 1000))
+def demo(workdir: Path | None, slices: int) -> None:
+    """Run the whole path on this machine: synthetic CT → C-STORE → node → route → results."""
+    from radfusion.demo import run_demo
+
+    sys.exit(run_demo(workdir, slices=slices, console=console))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""radfusion configuration: one YAML file, validated on load.
+
+Every section has embedded defaults, so an empty file (or no file) is a working configuration
+for a single machine. Validation errors name the offending key with its full dotted path,
+e.g. ``node.allowed_callers.0.ae_title``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from radfusion.routing import Condition, parse_condition
+
+__all__ = [
+    "AllowedCaller",
+    "CompletionConfig",
+    "ConfigError",
+    "DicomDestination",
+    "ExportConfig",
+    "FolderDestination",
+    "NodeConfig",
+    "RadfusionConfig",
+    "RetryPolicy",
+    "RouteRule",
+    "RoutingConfig",
+    "SpoolConfig",
+    "example_config",
+    "load_config",
+    "parse_config",
+]
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no controls
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no '\\')")
+    return value.strip()
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable or invalid; the message names each bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AllowedCaller(_Section):
+    """A calling AE title that may associate, optionally bound to source addresses."""
+
+    ae_title: str
+    addresses: list[str] = Field(
+        default_factory=list,
+        description="IP addresses or networks (CIDR) this AE may connect from; empty = any.",
+    )
+    quiet_period_s: float | None = Field(
+        default=None, gt=0, description="Overrides completion.quiet_period_s for this AE."
+    )
+
+    _check_ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("addresses")
+    @classmethod
+    def _check_addresses(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # raises ValueError naming the bad item
+        return value
+
+    def permits(self, address: str) -> bool:
+        """True when ``address`` is one of this caller's allowed addresses (or none are set)."""
+        if not self.addresses:
+            return True
+        ip = ipaddress.ip_address(address)
+        return any(ip in ipaddress.ip_network(a, strict=False) for a in self.addresses)
+
+
+class NodeConfig(_Section):
+    """The DICOM node (Storage SCP + Verification SCP)."""
+
+    ae_title: str = "RADFUSION"
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    max_associations: int = Field(default=16, ge=1)
+    allowed_callers: list[AllowedCaller] | None = Field(
+        default=None,
+        description="Calling AE titles allowed to associate. None (the default) accepts any "
+        "caller; set it on every real network.",
+    )
+    acse_timeout_s: float = Field(default=30, gt=0)
+    dimse_timeout_s: float = Field(default=60, gt=0)
+    network_timeout_s: float = Field(default=60, gt=0)
+
+    _check_ae = field_validator("ae_title")(_check_ae_title)
+
+
+class SpoolConfig(_Section):
+    """Where received instances and the catalog live."""
+
+    path: Path = Path("./radfusion-data")
+    fsync: bool = Field(
+        default=False,
+        description="fsync each instance (and its directory) before acknowledging it. Survives "
+        "power loss, not only process crashes, at a cost in throughput.",
+    )
+    min_free_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="Refuse new instances (status 0xA700) when free space falls below this.",
+    )
+    retention_days: float = Field(
+        default=7, gt=0, description="Finished and unrouted studies are purged after this."
+    )
+
+
+class CompletionConfig(_Section):
+    """When a study counts as complete."""
+
+    quiet_period_s: float = Field(default=5.0, gt=0)
+    late_arrival: Literal["rerun", "ignore"] = Field(
+        default="rerun",
+        description="Instances that arrive after a study was handed on: 'rerun' reopens the "
+        "study (it is handed on again after a new quiet period); 'ignore' stores and logs them.",
+    )
+
+
+class RouteRule(_Section):
+    """Run ``apps`` on studies that have a series matching ``when``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    when: Condition
+    apps: list[str] = Field(min_length=1)
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _parse_when(cls, value: Any) -> Condition:
+        return value if isinstance(value, Condition) else parse_condition(value)
+
+
+class RoutingConfig(_Section):
+    rules: list[RouteRule] = Field(default_factory=list)
+
+
+class RetryPolicy(_Section):
+    """Exponential backoff: attempt n waits min(initial * factor**(n-1), max) seconds."""
+
+    attempts: int = Field(default=5, ge=1)
+    initial_backoff_s: float = Field(default=2.0, ge=0)
+    max_backoff_s: float = Field(default=60.0, ge=0)
+    factor: float = Field(default=2.0, ge=1)
+
+    def delays(self) -> list[float]:
+        """The waits between attempts (one fewer than ``attempts``)."""
+        return [
+            min(self.initial_backoff_s * self.factor**n, self.max_backoff_s)
+            for n in range(self.attempts - 1)
+        ]
+
+
+class DicomDestination(_Section):
+    """A DICOM peer that accepts C-STORE (a PACS, a viewer, another router)."""
+
+    name: str
+    type: Literal["dicom"] = "dicom"
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = Field(default=None, description="Default: node.ae_title.")
+    timeout_s: float = Field(default=30, gt=0)
+
+    _check_ae = field_validator("ae_title")(_check_ae_title)
+
+
+class FolderDestination(_Section):
+    """A local or mounted folder; files are written atomically (temp file + rename)."""
+
+    name: str
+    type: Literal["folder"] = "folder"
+    path: Path
+
+
+Destination = Annotated[DicomDestination | FolderDestination, Field(discriminator="type")]
+
+
+class ExportConfig(_Section):
+    destinations: list[Destination] = Field(default_factory=list)
+    retry: RetryPolicy = RetryPolicy()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ExportConfig:
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def destination(self, name: str) -> DicomDestination | FolderDestination:
+        """The destination called ``name``; raises KeyError naming the known ones."""
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise KeyError(f"no export destination named {name!r} (known: {known})")
+
+
+class RadfusionConfig(_Section):
+    """The whole configuration file."""
+
+    node: NodeConfig = NodeConfig()
+    spool: SpoolConfig = SpoolConfig()
+    completion: CompletionConfig = CompletionConfig()
+    routing: RoutingConfig = RoutingConfig()
+    export: ExportConfig = ExportConfig()
+    uid_root: str = Field(
+        default="1.2.826.0.1.3680043.10.1234.",
+        description="Root for every UID radfusion creates (results series/instances). Use your "
+        "organisation's registered root.",
+    )
+
+    @field_validator("uid_root")
+    @classmethod
+    def _check_uid_root(cls, value: str) -> str:
+        if not re.fullmatch(r"(0|[1-9]\d*)(\.(0|[1-9]\d*))*\.", value) or len(value) > 40:
+            raise ValueError("must be a dotted numeric UID prefix ending in '.', at most 40 chars")
+        return value
+
+    @model_validator(mode="after")
+    def _known_apps(self) -> RadfusionConfig:
+        from radfusion.apps.registry import known_apps
+
+        known = known_apps()
+        for i, rule in enumerate(self.routing.rules):
+            for j, app in enumerate(rule.apps):
+                if app not in known:
+                    raise ValueError(
+                        f"routing.rules.{i}.apps.{j}: unknown app {app!r} "
+                        f"(installed: {', '.join(sorted(known))})"
+                    )
+        return self
+
+    def quiet_period_for(self, calling_ae_title: str) -> float:
+        """The completion quiet period for studies sent by ``calling_ae_title``."""
+        for caller in self.node.allowed_callers or []:
+            if caller.ae_title == calling_ae_title and caller.quiet_period_s is not None:
+                return caller.quiet_period_s
+        return self.completion.quiet_period_s
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> RadfusionConfig:
+    """Validate an already-parsed YAML mapping; raises ConfigError naming bad keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, not {type(data).__name__}")
+    try:
+        return RadfusionConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: Path | None) -> RadfusionConfig:
+    """Load and validate ``path``; ``None`` gives the embedded defaults.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or fails validation.
+    """
+    if path is None:
+        return RadfusionConfig()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read configuration {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return parse_config(data, str(path))
+
+
+def example_config() -> str:
+    """A commented example configuration (valid as is)."""
+    return (Path(__file__).parent / "example_config.yaml").read_text(encoding="utf-8")

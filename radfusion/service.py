@@ -1,0 +1,231 @@
+"""The radfusion service: DICOM node → spool → study assembly → apps → export, in one process.
+
+``Service`` wires the pieces together and owns their threads. Start-up recovers from a crash:
+orphan spool files are adopted, unfinished studies get a fresh quiet period and are handed on
+once, and jobs interrupted mid-run are queued again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+
+from radfusion.apps.registry import StudyInput, get_app, known_apps
+from radfusion.config import RadfusionConfig
+from radfusion.integrations.dicom.assembler import StudyAssembler
+from radfusion.integrations.dicom.export import Exporter
+from radfusion.integrations.dicom.header import HeaderError, read_header
+from radfusion.integrations.dicom.node import DicomNode
+from radfusion.integrations.dicom.spool import Spool
+from radfusion.integrations.store.catalog import Catalog, InstanceRecord, Job
+from radfusion.logs import uid_tag
+
+__all__ = ["Service", "open_catalog", "open_exporter"]
+
+log = logging.getLogger("radfusion.service")
+
+
+def open_catalog(config: RadfusionConfig) -> Catalog:
+    return Catalog(config.spool.path / "catalog.sqlite", durable=config.spool.fsync)
+
+
+def open_exporter(config: RadfusionConfig, catalog: Catalog) -> Exporter:
+    return Exporter(config.export, catalog, config.spool.path / "outbox", config.node.ae_title)
+
+
+class Service:
+    """Everything ``radfusion serve`` runs.
+
+    Args:
+        config: the validated configuration.
+        run_jobs: run routed jobs in this process (False: only receive and route, e.g. when
+            apps run elsewhere or in a test of the node alone).
+    """
+
+    def __init__(self, config: RadfusionConfig, *, run_jobs: bool = True) -> None:
+        self.config = config
+        config.spool.path.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(
+            config.spool.path,
+            fsync=config.spool.fsync,
+            min_free_bytes=config.spool.min_free_mb * 1024 * 1024,
+        )
+        self.catalog = open_catalog(config)
+        self.exporter = open_exporter(config, self.catalog)
+        self.node = DicomNode(config, self.catalog, self.spool)
+        self.assembler = StudyAssembler(self.catalog, config.routing.rules)
+        self.run_jobs = run_jobs
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Recover, then start receiving; returns the DICOM port."""
+        self.recover()
+        port = self.node.start()
+        self.assembler.start()
+        targets = [self._housekeeping]
+        if self.run_jobs:
+            targets.append(self._work)
+        for target in targets:
+            t = threading.Thread(target=target, name=target.__name__.strip("_"), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return port
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.node.stop()
+        self.assembler.stop()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def run_forever(self) -> None:
+        """Start and block until stop() (e.g. from a signal handler)."""
+        self.start()
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        finally:
+            self.stop()
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Make the catalog consistent with the spool after an unclean stop."""
+        known = self.catalog.instance_paths()
+        adopted = 0
+        for path in self.spool.files():
+            if str(path) in known:
+                continue
+            if self._adopt(path):
+                adopted += 1
+        reopened = self.catalog.restart_quiet_periods(self.config.quiet_period_for)
+        requeued = self.catalog.requeue_interrupted_jobs()
+        log.info(
+            "recovery: %d orphan instance(s) adopted, %d study(ies) awaiting completion, "
+            "%d job(s) re-queued",
+            adopted,
+            reopened,
+            requeued,
+        )
+
+    def _adopt(self, path: Path) -> bool:
+        # A file renamed into the spool whose catalog insert never ran (crash in between).
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            with open(path, "rb") as f:
+                f.seek(ds.file_meta.get("FileMetaInformationGroupLength", 0) + 144)
+                head = read_header(f.read(1 << 20), str(ds.file_meta.TransferSyntaxUID))
+        except (OSError, HeaderError, pydicom.errors.InvalidDicomError, AttributeError) as err:
+            log.warning("spool file %s cannot be adopted: %s", path.name, err)
+            return False
+        calling = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()
+        rec = InstanceRecord(
+            SOPInstanceUID=str(ds.SOPInstanceUID),
+            SOPClassUID=str(ds.SOPClassUID),
+            SeriesInstanceUID=head.SeriesInstanceUID,
+            StudyInstanceUID=head.StudyInstanceUID,
+            TransferSyntaxUID=str(ds.file_meta.TransferSyntaxUID),
+            path=path,
+            size=path.stat().st_size,
+            frames=head.frames,
+            calling_ae=calling,
+            PatientID=head.PatientID,
+            IssuerOfPatientID=head.IssuerOfPatientID,
+            StudyDate=head.StudyDate,
+            Modality=head.Modality,
+            BodyPartExamined=head.BodyPartExamined,
+            SeriesDescription=head.SeriesDescription,
+            StudyDescription=head.StudyDescription,
+            Manufacturer=head.Manufacturer,
+        )
+        self.catalog.record_instance(
+            rec,
+            quiet_period_s=self.config.quiet_period_for(calling),
+            late_arrival=self.config.completion.late_arrival,
+        )
+        return True
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        apps = sorted(known_apps())
+        while not self._stop.is_set():
+            try:
+                job = self.catalog.claim_job(apps)
+            except Exception:
+                log.exception("cannot read the job queue; retrying")
+                job = None
+            if job is None:
+                self._stop.wait(0.25)
+                continue
+            self.run_job(job)
+
+    def run_job(self, job: Job) -> bool:
+        """Run one claimed job and export its results; returns True on success."""
+        tag = uid_tag(job.StudyInstanceUID)
+        work_dir = self.config.spool.path / "work" / f"job-{job.id}"
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True)
+        started = time.monotonic()
+        try:
+            rows = self.catalog.instances_of(job.StudyInstanceUID)
+            study = StudyInput(
+                job.StudyInstanceUID,
+                tuple(Path(r["path"]) for r in rows),
+                self.catalog.study(job.StudyInstanceUID).calling_ae,  # type: ignore[union-attr]
+            )
+            outputs = get_app(job.app).run(study, work_dir)
+            results = self.exporter.export(outputs, study_instance_uid=job.StudyInstanceUID)
+        except Exception as err:
+            error = f"{type(err).__name__}: {err}"
+            log.error("job %d (%s) on study %s failed: %s", job.id, job.app, tag, error)
+            self.catalog.finish_job(job.id, ok=False, error=error)
+            self.catalog.add_dead_letter(
+                kind="job",
+                job_id=job.id,
+                study_instance_uid=job.StudyInstanceUID,
+                error=error,
+                attempts=job.attempts,
+            )
+            return False
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        failed = [r for r in results if not r.delivered]
+        error = "; ".join(f"{r.destination}: dead letter #{r.dead_letter_id}" for r in failed)
+        self.catalog.finish_job(job.id, ok=not failed, error=error)
+        log.info(
+            "job %d (%s) on study %s %s in %.1f s",
+            job.id,
+            job.app,
+            tag,
+            "failed" if failed else "done",
+            time.monotonic() - started,
+        )
+        return not failed
+
+    # -- retention --------------------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        while not self._stop.wait(60):
+            try:
+                self.purge_expired()
+            except Exception:
+                log.exception("retention purge failed; retrying later")
+
+    def purge_expired(self, now: float | None = None) -> int:
+        """Delete finished and unrouted studies older than the retention period."""
+        now = time.time() if now is None else now
+        cutoff = now - self.config.spool.retention_days * 86400
+        expired = self.catalog.expired_studies(cutoff)
+        for uid in expired:
+            self.spool.remove(self.catalog.forget_study(uid))
+            log.info("study %s purged after retention period", uid_tag(uid))
+        return len(expired)

@@ -1,0 +1,267 @@
+"""Shared fixtures: real tools (dcmtk, dicom3tools, Orthanc) and radfusion node processes.
+
+Integration tests use the real programs. Where one is missing they are skipped locally with the
+reason, but on CI (CI=true) a missing tool is a failure: CI installs them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def require_tool(name: str) -> str:
+    """Path of a program, or skip (fail on CI) when it is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run must install it")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def storescu(
+    port: int,
+    files: list[Path],
+    *,
+    calling: str = "STORESCU",
+    called: str = "RADFUSION",
+    extra: list[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Send ``files`` with dcmtk storescu, proposing exactly their SOP classes (-R)."""
+    exe = require_tool("storescu")
+    return subprocess.run(
+        [
+            exe,
+            "-R",
+            "-aet",
+            calling,
+            "-aec",
+            called,
+            *(extra or []),
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def echoscu(port: int, calling: str = "ECHOSCU") -> bool:
+    exe = require_tool("echoscu")
+    r = subprocess.run(
+        [exe, "-aet", calling, "-aec", "RADFUSION", "127.0.0.1", str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        timeout=30,
+    )
+    return r.returncode == 0
+
+
+@dataclass
+class NodeProcess:
+    """A ``radfusion serve`` process with its own config and spool."""
+
+    config_path: Path
+    config: dict[str, Any]
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    _log: Any = field(default=None, repr=False)
+
+    @property
+    def spool(self) -> Path:
+        return Path(self.config["spool"]["path"])
+
+    def start(self) -> NodeProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (open while the process runs)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "radfusion.cli", "serve", "--config", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        wait_for(self._listening, 30, "the radfusion node to listen")
+        return self
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"node exited: {self.log()}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, as in a crash or power cut of the process."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if self._log:
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "radfusion.cli", *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Make node processes: ``node_factory(config_overrides)``; all stopped at teardown."""
+    nodes: list[NodeProcess] = []
+
+    def make(overrides: dict[str, Any] | None = None, start: bool = True) -> NodeProcess:
+        port = free_port()
+        n = len(nodes)
+        config: dict[str, Any] = {
+            "node": {"host": "127.0.0.1", "port": port},
+            "spool": {"path": str(tmp_path / f"spool{n}"), "min_free_mb": 1},
+            "completion": {"quiet_period_s": 1.5},
+        }
+        for key, value in (overrides or {}).items():
+            config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+        path = tmp_path / f"node{n}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        node = NodeProcess(path, config, port, tmp_path / f"node{n}.log")
+        nodes.append(node)
+        return node.start() if start else node
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+@dataclass
+class Orthanc:
+    """A real Orthanc PACS (DICOM + REST), started once per session."""
+
+    root: Path
+    dicom_port: int
+    http_port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> Orthanc:
+        exe = require_tool("Orthanc")
+        config = {
+            "Name": "radfusion-test",
+            "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "storage"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "Plugins": ["/usr/share/orthanc/plugins"],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "HttpTimeout": 30,
+            "StableAge": 1,
+        }
+        (self.root / "orthanc.json").write_text(json.dumps(config))
+        log = open(self.root / "orthanc.log", "ab")  # noqa: SIM115 (held by the process)
+        self.proc = subprocess.Popen(
+            [exe, str(self.root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+        )
+        wait_for(self._up, 60, "Orthanc to start")
+        return self
+
+    def _up(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError((self.root / "orthanc.log").read_text(errors="replace")[-3000:])
+        try:
+            self.get("/system")
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            return json.loads(r.read())
+
+    def instance_uids(self) -> set[str]:
+        out = set()
+        for oid in self.get("/instances"):
+            out.add(self.get(f"/instances/{oid}/simplified-tags")["SOPInstanceUID"])
+        return out
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"), free_port(), free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ct_study(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A small synthetic chest CT (40 slices, 128×128), shared read-only by tests."""
+    from radfusion.synth.ct import synth_ct
+
+    return synth_ct(
+        tmp_path_factory.mktemp("ct"),
+        slices=40,
+        seed=7,
+        rows=128,
+        columns=128,
+        patient_id="RF-TEST-1",
+    )

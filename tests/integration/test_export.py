@@ -1,0 +1,122 @@
+"""Export to a real Orthanc: delivery, retries, dead letter, retry from the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import yaml
+
+from radfusion.config import parse_config
+from radfusion.integrations.dicom.export import Exporter
+from radfusion.integrations.store.catalog import Catalog
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def _config(tmp_path: Path, orthanc: Any) -> dict[str, Any]:
+    return {
+        "spool": {"path": str(tmp_path / "spool")},
+        "export": {
+            "destinations": [
+                {
+                    "name": "pacs",
+                    "type": "dicom",
+                    "ae_title": "ORTHANC",
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                    "timeout_s": 5,
+                }
+            ],
+            "retry": {"attempts": 3, "initial_backoff_s": 0.2, "max_backoff_s": 1},
+        },
+    }
+
+
+def test_export_delivers_to_orthanc(tmp_path: Path, orthanc: Any, ct_study: Any) -> None:
+    cfg = parse_config(_config(tmp_path, orthanc))
+    catalog = Catalog(tmp_path / "c.sqlite")
+    exporter = Exporter(cfg.export, catalog, tmp_path / "outbox", "RADFUSION")
+    files = list(ct_study.files[:3])
+    [result] = exporter.export(files, study_instance_uid=ct_study.StudyInstanceUID)
+    assert result.delivered and result.attempts == 1
+    sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    assert sent <= orthanc.instance_uids()
+    assert list((tmp_path / "outbox").iterdir()) == []  # nothing left staged
+    assert catalog.dead_letters() == []
+
+
+def test_orthanc_down_retries_then_dead_letter_then_cli_retry_delivers(
+    tmp_path: Path, orthanc: Any, ct_study: Any
+) -> None:
+    raw = _config(tmp_path, orthanc)
+    cfg = parse_config(raw)
+    config_path = tmp_path / "radfusion.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    catalog = Catalog(tmp_path / "spool" / "catalog.sqlite")
+    waits: list[float] = []
+    exporter = Exporter(
+        cfg.export, catalog, tmp_path / "spool" / "outbox", "RADFUSION", sleep=waits.append
+    )
+    f = ct_study.files[-1]
+    uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+    orthanc.stop()
+    try:
+        [result] = exporter.export([f], study_instance_uid=ct_study.StudyInstanceUID)
+    finally:
+        orthanc.start()
+    assert not result.delivered
+    assert result.attempts == 3
+    assert waits == [0.2, 0.4]  # backoff between the three attempts
+    [letter] = catalog.dead_letters()
+    assert letter.id == result.dead_letter_id and letter.kind == "export"
+    assert "pacs" in letter.error and letter.files == 1
+    assert uid not in orthanc.instance_uids()
+
+    listing = subprocess.run(
+        [sys.executable, "-m", "radfusion.cli", "deadletter", "list", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert listing.returncode == 0 and "export" in listing.stdout
+    retry = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "radfusion.cli",
+            "deadletter",
+            "retry",
+            str(letter.id),
+            "--config",
+            str(config_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert retry.returncode == 0, retry.stderr
+    assert uid in orthanc.instance_uids()
+    assert catalog.dead_letters() == []
+    assert not letter.outbox.exists()
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "radfusion.cli",
+            "deadletter",
+            "retry",
+            str(letter.id),
+            "--config",
+            str(config_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert again.returncode != 0 and "already" in again.stderr

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from radfusion.integrations.store.catalog import Catalog, InstanceRecord, StoreOutcome
+
+
+def rec(
+    sop: str, study: str = "1.2.3", series: str = "1.2.3.1", modality: str = "CT"
+) -> InstanceRecord:
+    return InstanceRecord(
+        SOPInstanceUID=sop,
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+        SeriesInstanceUID=series,
+        StudyInstanceUID=study,
+        TransferSyntaxUID="1.2.840.10008.1.2.1",
+        path=Path(f"/s/{sop}"),
+        size=10,
+        frames=1,
+        calling_ae="CT_1",
+        Modality=modality,
+    )
+
+
+def route_ct(series: list) -> list[str]:
+    return ["forward"] if any(s.Modality == "CT" for s in series) else []
+
+
+def test_duplicate_instance_counts_once(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite")
+    assert cat.record_instance(rec("1"), quiet_period_s=0, late_arrival="rerun") is (
+        StoreOutcome.NEW
+    )
+    assert cat.record_instance(rec("1"), quiet_period_s=0, late_arrival="rerun") is (
+        StoreOutcome.DUPLICATE
+    )
+    study = cat.study("1.2.3")
+    assert study is not None and study.instances == 1
+    assert cat.series_facts("1.2.3")[0].slices == 1
+
+
+def test_hand_on_is_exactly_once_and_respects_quiet_period(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite")
+    cat.record_instance(rec("1"), quiet_period_s=60, late_arrival="rerun")
+    assert cat.due_studies() == []
+    assert cat.hand_on("1.2.3", route_ct) is None  # not due yet
+    assert cat.due_studies(now=time.time() + 61) == ["1.2.3"]
+    cat2 = Catalog(tmp_path / "d.sqlite")
+    cat2.record_instance(rec("1"), quiet_period_s=0, late_arrival="rerun")
+    jobs = cat2.hand_on("1.2.3", route_ct)
+    assert jobs is not None and [j.app for j in jobs] == ["forward"]
+    assert cat2.hand_on("1.2.3", route_ct) is None  # a second completer finds nothing to do
+    assert cat2.study("1.2.3").state == "routed"
+
+
+def test_late_arrival_rerun_and_ignore(tmp_path: Path) -> None:
+    for policy, outcome, generation in (
+        ("rerun", StoreOutcome.REOPENED, 2),
+        ("ignore", StoreOutcome.LATE_IGNORED, 1),
+    ):
+        cat = Catalog(tmp_path / f"{policy}.sqlite")
+        cat.record_instance(rec("1"), quiet_period_s=0, late_arrival=policy)
+        [job] = cat.hand_on("1.2.3", route_ct) or []
+        cat.claim_job()
+        cat.finish_job(job.id, ok=True)
+        assert cat.study("1.2.3").state == "done"
+        assert cat.record_instance(rec("2"), quiet_period_s=0, late_arrival=policy) is outcome
+        study = cat.study("1.2.3")
+        assert study.generation == generation
+        assert study.state == ("receiving" if policy == "rerun" else "done")
+
+
+def test_unrouted_and_job_failure_and_requeue(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite")
+    cat.record_instance(
+        rec("1", study="9", series="9.1", modality="MR"), quiet_period_s=0, late_arrival="rerun"
+    )
+    assert cat.hand_on("9", route_ct) == []
+    assert cat.study("9").state == "unrouted"
+    cat.record_instance(rec("2"), quiet_period_s=0, late_arrival="rerun")
+    [job] = cat.hand_on("1.2.3", route_ct) or []
+    claimed = cat.claim_job(["forward"])
+    assert claimed is not None and claimed.id == job.id and claimed.attempts == 1
+    assert cat.claim_job() is None
+    cat.finish_job(job.id, ok=False, error="boom")
+    assert cat.study("1.2.3").state == "failed"
+    cat.requeue_job(job.id)
+    assert cat.study("1.2.3").state == "routed"
+    assert cat.claim_job().attempts == 2
+
+
+def test_interrupted_jobs_are_requeued(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite")
+    cat.record_instance(rec("1"), quiet_period_s=0, late_arrival="rerun")
+    cat.hand_on("1.2.3", route_ct)
+    cat.claim_job()
+    assert cat.claim_job() is None
+    assert Catalog(tmp_path / "c.sqlite").requeue_interrupted_jobs() == 1
+    assert cat.claim_job() is not None
+
+
+def test_dead_letters(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite")
+    dl = cat.add_dead_letter(
+        kind="export",
+        destination="pacs",
+        outbox=tmp_path,
+        files=2,
+        study_instance_uid="1.2.3",
+        error="down",
+        attempts=5,
+    )
+    [letter] = cat.dead_letters()
+    assert (letter.id, letter.destination, letter.files, letter.attempts) == (dl, "pacs", 2, 5)
+    cat.update_dead_letter(dl, resolved=False, error="still down")
+    assert cat.dead_letter(dl).error == "still down" and cat.dead_letter(dl).attempts == 6
+    cat.update_dead_letter(dl, resolved=True)
+    assert cat.dead_letters() == [] and len(cat.dead_letters(include_resolved=True)) == 1

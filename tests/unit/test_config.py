@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from radfusion.config import ConfigError, example_config, load_config, parse_config
+
+
+def test_embedded_defaults_are_valid() -> None:
+    cfg = load_config(None)
+    assert cfg.node.ae_title == "RADFUSION"
+    assert cfg.completion.quiet_period_s > 0
+    assert cfg.node.allowed_callers is None
+
+
+def test_example_is_valid_and_commented() -> None:
+    text = example_config()
+    assert text.count("#") > 20
+    cfg = parse_config(yaml.safe_load(text))
+    assert cfg.node.allowed_callers is not None
+    assert cfg.quiet_period_for("CT_SCANNER_1") == 10
+    assert cfg.quiet_period_for("OTHER") == cfg.completion.quiet_period_s
+    assert [d.name for d in cfg.export.destinations] == ["pacs", "results-folder"]
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"node": {"ae_title": "A\\B"}}, "node.ae_title"),
+        ({"node": {"port": 70000}}, "node.port"),
+        (
+            {"node": {"allowed_callers": [{"ae_title": "X", "addresses": ["10.0.0.300"]}]}},
+            "node.allowed_callers.0.addresses",
+        ),
+        ({"spool": {"pth": "/x"}}, "spool.pth"),
+        ({"completion": {"late_arrival": "sometimes"}}, "completion.late_arrival"),
+        (
+            {"routing": {"rules": [{"name": "r", "when": {"Colour": "red"}, "apps": ["forward"]}]}},
+            "routing.rules.0.when",
+        ),
+        (
+            {"routing": {"rules": [{"name": "r", "when": {"Modality": "CT"}, "apps": ["nope"]}]}},
+            "routing.rules.0.apps.0",
+        ),
+        ({"export": {"destinations": [{"name": "a", "type": "ftp"}]}}, "export.destinations.0"),
+        (
+            {
+                "export": {
+                    "destinations": [
+                        {"name": "a", "type": "folder", "path": "/x"},
+                        {"name": "a", "type": "folder", "path": "/y"},
+                    ]
+                }
+            },
+            "repeated: a",
+        ),
+        ({"uid_root": "1.2.abc."}, "uid_root"),
+    ],
+)
+def test_errors_name_the_bad_key(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert key in str(err.value)
+
+
+def test_unreadable_and_non_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+
+
+def test_retry_policy_delays() -> None:
+    cfg = parse_config(
+        {"export": {"retry": {"attempts": 5, "initial_backoff_s": 1, "max_backoff_s": 5}}}
+    )
+    assert cfg.export.retry.delays() == [1, 2, 4, 5]
+
+
+def test_allowed_caller_addresses() -> None:
+    cfg = parse_config(
+        {
+            "node": {
+                "allowed_callers": [
+                    {"ae_title": "CT", "addresses": ["10.1.0.0/16", "192.168.1.5"]},
+                    {"ae_title": "ANY"},
+                ]
+            }
+        }
+    )
+    ct, anyone = cfg.node.allowed_callers or []
+    assert ct.permits("10.1.2.3") and ct.permits("192.168.1.5")
+    assert not ct.permits("10.2.0.1") and not ct.permits("127.0.0.1")
+    assert anyone.permits("203.0.113.9")
