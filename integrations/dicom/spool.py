@@ -11,13 +11,48 @@ import hashlib
 import os
 import re
 import shutil
+import struct
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["Spool", "SpoolFullError"]
+from radfusion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+__all__ = ["Spool", "SpoolFullError", "file_meta"]
 
 _SAFE_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
+
+
+def _element(group_elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    tag = struct.pack("<HH", 0x0002, group_elem)
+    if vr == b"OB":
+        return tag + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str
+) -> bytes:
+    """Preamble, 'DICM' and the File Meta Information group of a Part 10 file.
+
+    Encoded by hand because it runs for every received instance and pydicom's general writer
+    costs more than the rest of the spooling put together.
+    """
+    body = b"".join(
+        (
+            _element(0x0001, b"OB", b"\0\1", b"\0"),
+            _element(0x0002, b"UI", sop_class_uid.encode("ascii"), b"\0"),
+            _element(0x0003, b"UI", sop_instance_uid.encode("ascii"), b"\0"),
+            _element(0x0010, b"UI", transfer_syntax_uid.encode("ascii"), b"\0"),
+            _element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\0"),
+            _element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" "),
+            _element(0x0016, b"AE", source_ae_title.encode("ascii", "replace"), b" "),
+        )
+    )
+    length = struct.pack("<HH", 0x0002, 0x0000) + b"UL" + struct.pack("<HI", 4, len(body))
+    return b"\0" * 128 + b"DICM" + length + body
 
 
 class SpoolFullError(OSError):

@@ -1,21 +1,37 @@
 """Synthetic chest CT phantoms with exact ground truth.
 
-A phantom is a stack of axial slices: air outside an elliptical body (soft tissue with a fat
-rim), two lungs shaped as ellipsoids that taper towards the apex and base, a spine posterior in
-the midline, and 0..K spherical tumours placed wholly inside a lung. Gaussian noise is added to
-the HU values, not to the labels. ``chest=False`` gives an abdomen-like body with no lungs,
-to test "input out of scope".
+Test data for the DICOM node, and for training and evaluating a lung and lung-tumour
+segmentation model. Nothing here comes from a real patient.
 
-Geometry is real DICOM geometry in LPS: ImageOrientationPatient is [1,0,0, 0,1,0], so the
-column index grows towards the patient's left (+x) and the row index towards posterior (+y);
-slice index k grows towards the head (+z). The right lung therefore lies at low column indices.
+A chest phantom is a stack of axial slices: air outside an elliptical body (soft tissue under a
+rim of subcutaneous fat), two lungs that taper towards apex and base, a heart that notches the
+left lung, trachea and main bronchi, a spine (vertebral bodies with discs) and a sternum, and
+0..K spherical tumours placed wholly inside a lung. Gaussian noise is added to the HU values,
+never to the labels. ``chest=False`` gives an abdomen/pelvis-like body (liver, kidneys, bowel
+gas, iliac bones) with no lungs and no tumours, to test "input out of scope".
 
-Everything is deterministic for the arguments given: same arguments, byte-identical files.
+Geometry is DICOM geometry in LPS. ImageOrientationPatient is ``[1,0,0, 0,1,0]``: the column
+index ``c`` grows towards the patient's left (+x), the row index ``r`` towards posterior (+y),
+and the slice index ``k`` towards the head (+z, by ``slice_thickness``). The right lung therefore
+lies at low column indices. Arrays are indexed ``[k, r, c]``; :meth:`Phantom.affine` maps
+``(c, r, k, 1)`` (the reverse order) to ``(x, y, z, 1)`` in mm. Every z is negative: the top
+slice is at z = -50 mm.
+
+Pixel data are written signed (PixelRepresentation 1) with RescaleIntercept 0 and slope 1, so a
+stored value is the HU value; values are clipped to [-1024, 3071] as a scanner would.
+
+Everything is deterministic: the same arguments give byte-identical arrays and files.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
+import math
+import os
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +41,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 __all__ = [
     "LABELS",
+    "MAX_TUMOURS",
+    "NOISE_SIGMA_HU",
+    "TUMOUR_LABEL_BASE",
     "UID_ROOT",
     "Phantom",
     "SynthStudy",
@@ -41,55 +60,414 @@ LABELS: dict[str, int] = {
     "right_lung": 3,
     "left_lung": 4,
 }
-"""Label values of the ground truth; tumour k has label ``TUMOUR_BASE + k``."""
+"""Label values of the ground truth label map. Tumour ``k`` (0-based) has ``TUMOUR_LABEL_BASE + k``.
 
-TUMOUR_BASE = 10
+Airways, heart, fat and the abdominal organs are all ``body``."""
+
+TUMOUR_LABEL_BASE = 10
+MAX_TUMOURS = 32
+NOISE_SIGMA_HU = 20.0
+
 UID_ROOT = "1.2.826.0.1.3680043.10.1234.9."
-"""UID root of synthetic data (below radfusion's example root, arc 9 = synthetic)."""
+"""Root of every UID of synthetic data: arc 9 under radfusion's example root, kept apart from the
+UIDs radfusion itself creates for results."""
 
-_HU = {"air": -1000.0, "fat": -100.0, "soft": 40.0, "lung": -850.0, "bone": 550.0}
+IMPLEMENTATION_CLASS_UID = UID_ROOT + "0"
+IMPLEMENTATION_VERSION_NAME = "RADFUSION_SYN1"
+
+_TUMOUR_RADIUS_MM = (4.0, 15.0)
+_TUMOUR_HU = (0.0, 60.0)
+_ATTEMPTS_PER_TUMOUR = 3000
+_HU_MIN, _HU_MAX = -1024, 3071
+# Lungs span this fraction of the stack (t = (k + 0.5) / slices); outside it no slice has lung,
+# so the stack has lung-free slices at both ends, as a real chest CT does.
+_LUNG_APEX_T = 0.93
+_LUNG_BASE_T = {"left": 0.07, "right": 0.11}  # the liver lifts the right hemidiaphragm
+
+# Tissue classes of the internal map; labels and nominal HU are looked up from them, so one
+# volume of uint8 drives both outputs.
+_AIR, _FAT, _SOFT, _BLOOD, _BONE, _LUNG_R, _LUNG_L, _AIRWAY = 0, 1, 2, 3, 4, 5, 6, 7
+_LIVER, _KIDNEY, _GAS, _DISC = 8, 9, 10, 11
+_TUMOUR_TISSUE_BASE = 32
+_LUNG_TISSUE = {"right": _LUNG_R, "left": _LUNG_L}
+_TISSUE: dict[int, tuple[int, float]] = {  # tissue -> (label, nominal HU)
+    _AIR: (LABELS["background"], -1000.0),
+    _FAT: (LABELS["body"], -100.0),
+    _SOFT: (LABELS["body"], 40.0),
+    _BLOOD: (LABELS["body"], 45.0),
+    _BONE: (LABELS["bone"], 550.0),
+    _LUNG_R: (LABELS["right_lung"], -850.0),
+    _LUNG_L: (LABELS["left_lung"], -850.0),
+    _AIRWAY: (LABELS["body"], -1000.0),
+    _LIVER: (LABELS["body"], 60.0),
+    _KIDNEY: (LABELS["body"], 30.0),
+    _GAS: (LABELS["body"], -950.0),
+    _DISC: (LABELS["body"], 80.0),
+}
 
 
 @dataclass(frozen=True)
 class Tumour:
-    """A spherical tumour of the phantom."""
+    """One spherical tumour of a phantom: what a segmentation model should find.
 
-    label: int
-    centre_mm: tuple[float, float, float]  # LPS (x, y, z)
+    The label map holds exactly the voxels whose centres lie within ``radius_mm`` of
+    ``centre_mm``; ``volume_mm3`` counts those voxels (voxels × voxel volume), so it is the
+    volume a perfect segmentation reports, not 4/3·π·r³.
+    """
+
+    label: int  # TUMOUR_LABEL_BASE + index
+    centre_mm: tuple[float, float, float]  # patient LPS (x, y, z), mm
     radius_mm: float
-    hu: float
-    side: str  # patient side: "left" or "right"
-    volume_mm3: float  # voxels in the label map × voxel volume (the truth the model must hit)
+    hu: float  # nominal HU before noise
+    side: str  # patient side of the lung that holds it: "left" or "right"
+    volume_mm3: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Phantom:
-    """A synthetic CT volume and its label map, indexed [k, r, c] (slice, row, column)."""
+    """A synthetic CT volume and its label map, both indexed ``[k, r, c]`` (slice, row, column).
+
+    ``hu`` is int16 HU; ``labels`` is uint8 with the values of :data:`LABELS` and tumour labels.
+    Arrays made by :func:`make_phantom` are read-only, so the ground truth cannot drift from
+    ``tumours``.
+
+    Raises:
+        ValueError: the arrays or the geometry are inconsistent (the message names the field).
+    """
 
     hu: np.ndarray
     labels: np.ndarray
-    pixel_spacing: tuple[float, float]  # (row spacing = y, column spacing = x), mm
-    slice_thickness: float  # also the spacing between slices, mm
-    origin: tuple[float, float, float]  # ImagePositionPatient of slice 0, LPS mm
+    pixel_spacing: tuple[float, float]  # (row spacing = along y, column spacing = along x), mm
+    slice_thickness: float  # mm; also the spacing between slice centres
+    origin: tuple[float, float, float]  # ImagePositionPatient of slice 0 (LPS mm)
     tumours: tuple[Tumour, ...]
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.hu, np.ndarray) or self.hu.ndim != 3 or self.hu.dtype != np.int16:
+            raise ValueError("hu: must be a 3-D int16 array indexed [k, r, c]")
+        if not isinstance(self.labels, np.ndarray) or self.labels.dtype != np.uint8:
+            raise ValueError("labels: must be a uint8 array")
+        if self.labels.shape != self.hu.shape:
+            raise ValueError(f"labels: shape {self.labels.shape} differs from hu {self.hu.shape}")
+        if len(self.pixel_spacing) != 2 or not all(_positive(v) for v in self.pixel_spacing):
+            raise ValueError("pixel_spacing: must be two positive finite numbers")
+        if not _positive(self.slice_thickness):
+            raise ValueError("slice_thickness: must be a positive finite number")
+        if len(self.origin) != 3 or not all(math.isfinite(v) for v in self.origin):
+            raise ValueError("origin: must be three finite numbers")
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        """Volume of one voxel in mm³."""
+        return self.pixel_spacing[0] * self.pixel_spacing[1] * self.slice_thickness
+
     def affine(self) -> np.ndarray:
-        """4×4 matrix mapping a voxel index (c, r, k, 1) to LPS mm (x, y, z, 1)."""
+        """The 4×4 float64 matrix mapping a voxel index to patient LPS mm.
+
+        The index vector is ``(c, r, k, 1)`` — column, row, slice, the *reverse* of the array
+        order ``[k, r, c]`` — and the result is ``(x, y, z, 1)``. This is the matrix that
+        ImagePositionPatient, ImageOrientationPatient, PixelSpacing and the slice spacing of the
+        written files define.
+        """
         a = np.eye(4)
-        a[0, 0] = self.pixel_spacing[1]
+        a[0, 0] = self.pixel_spacing[1]  # column index -> x uses the column spacing
         a[1, 1] = self.pixel_spacing[0]
         a[2, 2] = self.slice_thickness
         a[:3, 3] = self.origin
         return a
 
-    @property
-    def voxel_volume_mm3(self) -> float:
-        return self.pixel_spacing[0] * self.pixel_spacing[1] * self.slice_thickness
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
 
 
-def _check(name: str, ok: bool, why: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {why}")
+def _int_arg(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name}: must be an int, not {type(value).__name__}")
+    v = int(value)
+    if v < minimum or (maximum is not None and v > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name}: must be {bound}, got {v}")
+    return v
+
+
+def _float_arg(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{name}: must be a number, not {type(value).__name__}")
+    v = float(value)
+    if not _positive(v):
+        raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
+    return v
+
+
+def _ds(value: float) -> str:
+    """A Decimal String (≤ 16 chars) for a geometry value.
+
+    Geometry is rounded to these 10 significant digits when a phantom is made, so what the
+    headers say is exactly what the affine and truth say.
+    """
+    return f"{value:.10g}"
+
+
+def _canon(value: float) -> float:
+    return float(_ds(value))
+
+
+# -- anatomy ----------------------------------------------------------------------------------
+
+
+class _Blob:
+    """An elliptical cross-section, evaluated once on its bounding box of the slice grid.
+
+    ``e`` is the normalised squared radius; a slice draws the blob scaled by ``s`` where
+    ``e <= s²``, which is how shapes taper along z at the cost of one comparison per slice.
+    """
+
+    def __init__(
+        self, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, a: float, b: float
+    ) -> None:
+        c0 = int(np.searchsorted(xs, cx - a))
+        c1 = int(np.searchsorted(xs, cx + a, side="right"))
+        r0 = int(np.searchsorted(ys, cy - b))
+        r1 = int(np.searchsorted(ys, cy + b, side="right"))
+        self.window = (slice(r0, max(r0, r1)), slice(c0, max(c0, c1)))
+        x = xs[self.window[1]][None, :]
+        y = ys[self.window[0]][:, None]
+        self.e = ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2
+
+    def draw(self, image: np.ndarray, tissue: int, scale: float, onto: tuple[int, ...]) -> None:
+        """Set ``tissue`` inside the blob scaled by ``scale`` where the image holds ``onto``."""
+        if scale <= 0 or self.e.size == 0:
+            return
+        sub = image[self.window]
+        mask = self.e <= scale * scale
+        allowed = sub == onto[0]
+        for t in onto[1:]:
+            allowed |= sub == t
+        mask &= allowed
+        np.copyto(sub, np.uint8(tissue), where=mask)
+
+
+def _dome(t: float, lo: float, hi: float, peak: float, base_power: float = 0.5) -> float:
+    """Cross-section scale along z: 0 outside (lo, hi), 1 at ``peak``, ellipsoidal towards
+    ``hi`` and blunter (``base_power``) towards ``lo``, like a lung on its diaphragm."""
+    if not lo < t < hi:
+        return 0.0
+    u = (t - peak) / ((peak - lo) if t < peak else (hi - peak))
+    return float(max(0.0, 1.0 - u * u) ** (base_power if t < peak else 0.5))
+
+
+def _body_template(
+    xs: np.ndarray, ys: np.ndarray, half_w: float, half_h: float, fat: float, power: float
+) -> np.ndarray:
+    """Slice of air, a fat rim and soft tissue; a superellipse reads more like a torso."""
+    x = np.abs(xs)[None, :]
+    y = np.abs(ys)[:, None]
+    outer = (x / half_w) ** power + (y / half_h) ** power <= 1
+    inner = (x / (half_w - fat)) ** power + (y / (half_h - fat)) ** power <= 1
+    image = np.where(outer, np.uint8(_FAT), np.uint8(_AIR)).astype(np.uint8)
+    image[inner] = _SOFT
+    return image
+
+
+def _spine(template: np.ndarray, xs: np.ndarray, ys: np.ndarray, scale: float, y: float) -> _Blob:
+    """Draw the vertebral arch and canal into ``template``; return the vertebral body, which
+    slices draw as bone or disc."""
+    _Blob(xs, ys, 0.0, y + 0.068 * scale, 0.040 * scale, 0.022 * scale).draw(
+        template, _BONE, 1.0, (_SOFT,)
+    )
+    _Blob(xs, ys, 0.0, y + 0.063 * scale, 0.016 * scale, 0.014 * scale).draw(
+        template, _SOFT, 1.0, (_BONE,)
+    )
+    return _Blob(xs, ys, 0.0, y, 0.045 * scale, 0.040 * scale)
+
+
+def _chest_slices(
+    rng: np.random.Generator,
+    tissue: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    zs: np.ndarray,
+    scale: float,
+) -> dict[str, tuple[float, float, float, float, float, float]]:
+    """Fill ``tissue`` with a chest; returns per side the lung (cx, cy, a, b, t_lo, t_hi)."""
+
+    def jitter() -> float:  # a few per cent per seed, so phantoms are not all alike
+        return float(rng.uniform(0.97, 1.03))
+
+    body_w, body_h = 0.43 * scale * jitter(), 0.29 * scale * jitter()
+    template = _body_template(xs, ys, body_w, body_h, 0.025 * scale, 2.4)
+    vbody = _spine(template, xs, ys, scale, 0.165 * scale)
+    sternum = _Blob(xs, ys, 0.0, -body_h + 0.05 * scale, 0.035 * scale, 0.011 * scale)
+    trachea = _Blob(xs, ys, 0.0, -0.01 * scale, 0.022 * scale, 0.020 * scale)
+    bronchi = [
+        _Blob(xs, ys, sx * 0.045 * scale, 0.0, 0.014 * scale, 0.013 * scale) for sx in (-1.0, 1.0)
+    ]
+    lung_a, lung_b = 0.135 * scale * jitter(), 0.20 * scale * jitter()
+    lung_cx, lung_cy = 0.205 * scale * jitter(), 0.025 * scale
+    lungs = {
+        side: (_Blob(xs, ys, sign * lung_cx, lung_cy, lung_a, lung_b), _LUNG_TISSUE[side])
+        for side, sign in (("right", -1.0), ("left", 1.0))
+    }
+    heart = _Blob(xs, ys, 0.05 * scale, -0.06 * scale, 0.12 * scale, 0.09 * scale)
+    # Vertebrae repeat every ~28 mm with a ~6 mm disc; the phase is per seed.
+    period, disc, phase = 28.0, 6.0, float(rng.uniform(0.0, 28.0))
+
+    slices = tissue.shape[0]
+    lung_span = {side: (_LUNG_BASE_T[side], _LUNG_APEX_T) for side in lungs}
+    lo, hi = _LUNG_BASE_T["left"], _LUNG_APEX_T
+    for k in range(slices):
+        image = tissue[k]
+        np.copyto(image, template)
+        t = (k + 0.5) / slices
+        vbody.draw(image, _DISC if (zs[k] + phase) % period < disc else _BONE, 1.0, (_SOFT,))
+        u = (t - lo) / (hi - lo)  # 0 at the left lung base, 1 at the apex
+        if 0.12 < u < 1.05:
+            sternum.draw(image, _BONE, 1.0, (_SOFT,))
+        if u >= 0.62:
+            trachea.draw(image, _AIRWAY, 1.0, (_SOFT,))
+        elif u >= 0.48:
+            for bronchus in bronchi:
+                bronchus.draw(image, _AIRWAY, 1.0, (_SOFT,))
+        for side, (blob, lung_tissue) in lungs.items():
+            s_lo, s_hi = lung_span[side]
+            blob.draw(
+                image, lung_tissue, _dome(t, s_lo, s_hi, s_lo + 0.3 * (s_hi - s_lo), 0.3), (_SOFT,)
+            )
+        heart.draw(image, _BLOOD, _dome(u, 0.0, 0.6, 0.3), (_SOFT, _LUNG_R, _LUNG_L))
+    return {
+        side: (sign * lung_cx, lung_cy, lung_a, lung_b, *lung_span[side])
+        for side, sign in (("right", -1.0), ("left", 1.0))
+    }
+
+
+def _abdomen_slices(
+    rng: np.random.Generator,
+    tissue: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    zs: np.ndarray,
+    scale: float,
+) -> None:
+    """Fill ``tissue`` with an abdomen and pelvis: no lungs, so out of a chest model's scope."""
+    body_w = 0.42 * scale * float(rng.uniform(0.97, 1.03))
+    body_h = 0.32 * scale * float(rng.uniform(0.97, 1.03))
+    template = _body_template(xs, ys, body_w, body_h, 0.05 * scale, 2.1)
+    vbody = _spine(template, xs, ys, scale, 0.17 * scale)
+    liver = _Blob(xs, ys, -0.16 * scale, -0.01 * scale, 0.17 * scale, 0.15 * scale)
+    kidneys = [
+        _Blob(xs, ys, sx * 0.13 * scale, 0.12 * scale, 0.045 * scale, 0.06 * scale)
+        for sx in (-1.0, 1.0)
+    ]
+    iliac = [
+        _Blob(xs, ys, sx * 0.22 * scale, 0.10 * scale, 0.10 * scale, 0.03 * scale)
+        for sx in (-1.0, 1.0)
+    ]
+    gas = []
+    for _ in range(6):
+        cx, cy = rng.uniform(-0.22, 0.22) * scale, rng.uniform(-0.2, -0.02) * scale
+        r = rng.uniform(0.015, 0.04) * scale
+        t0 = rng.uniform(0.1, 0.5)
+        gas.append((_Blob(xs, ys, float(cx), float(cy), float(r), float(r)), t0, t0 + 0.12))
+    period, disc, phase = 30.0, 7.0, float(rng.uniform(0.0, 30.0))
+
+    slices = tissue.shape[0]
+    for k in range(slices):
+        image = tissue[k]
+        np.copyto(image, template)
+        t = (k + 0.5) / slices
+        vbody.draw(image, _DISC if (zs[k] + phase) % period < disc else _BONE, 1.0, (_SOFT,))
+        liver.draw(image, _LIVER, _dome(t, 0.5, 1.1, 0.85), (_SOFT,))
+        for kidney in kidneys:
+            kidney.draw(image, _KIDNEY, _dome(t, 0.35, 0.72, 0.55), (_SOFT,))
+        for blob, g0, g1 in gas:
+            blob.draw(image, _GAS, _dome(t, g0, g1, (g0 + g1) / 2), (_SOFT,))
+        for bone in iliac:
+            bone.draw(image, _BONE, _dome(t, -0.05, 0.32, 0.18), (_SOFT,))
+
+
+def _place_tumours(
+    rng: np.random.Generator,
+    tissue: np.ndarray,
+    count: int,
+    lungs: dict[str, tuple[float, float, float, float, float, float]],
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray],
+    spacing: tuple[float, float, float],
+    voxel_mm3: float,
+) -> list[tuple[Tumour, int]]:
+    """Draw ``count`` spheres wholly inside a lung; returns each with its tissue class.
+
+    A candidate is accepted only if every voxel within ``radius + largest spacing`` of its centre
+    is lung of that side, so each tumour voxel's 6-neighbours are tumour or lung, and tumours
+    never touch each other (an earlier tumour is no longer lung).
+    """
+    xs, ys, zs = axes
+    ps_row, ps_col, st = spacing
+    margin = max(spacing)
+    n_k, n_r, n_c = tissue.shape
+    placed: list[tuple[Tumour, int]] = []
+    for index in range(count):
+        for _ in range(_ATTEMPTS_PER_TUMOUR):
+            side = "right" if rng.random() < 0.5 else "left"
+            cx, cy, a, b, t_lo, t_hi = lungs[side]
+            radius = round(float(rng.uniform(*_TUMOUR_RADIUS_MM)), 2)
+            centre = (
+                round(float(rng.uniform(cx - a, cx + a)), 2),
+                round(float(rng.uniform(cy - b, cy + b)), 2),
+                round(float(zs[0] + (rng.uniform(t_lo, t_hi) * n_k - 0.5) * st), 2),
+            )
+            hu = round(float(rng.uniform(*_TUMOUR_HU)), 1)
+            lung = _LUNG_TISSUE[side]
+            kc = round((centre[2] - zs[0]) / st)
+            rc = round((centre[1] - ys[0]) / ps_row)
+            cc = round((centre[0] - xs[0]) / ps_col)
+            if not (0 <= kc < n_k and 0 <= rc < n_r and 0 <= cc < n_c):
+                continue
+            if tissue[kc, rc, cc] != lung:  # cheap rejection before the full check
+                continue
+            reach = radius + margin
+            k0, k1 = _index_range(zs, centre[2] - reach, centre[2] + reach)
+            r0, r1 = _index_range(ys, centre[1] - reach, centre[1] + reach)
+            c0, c1 = _index_range(xs, centre[0] - reach, centre[0] + reach)
+            if k0 is None or r0 is None or c0 is None:
+                continue  # the margin would leave the volume
+            box = tissue[k0:k1, r0:r1, c0:c1]
+            d2 = (
+                (zs[k0:k1, None, None] - centre[2]) ** 2
+                + (ys[None, r0:r1, None] - centre[1]) ** 2
+                + (xs[None, None, c0:c1] - centre[0]) ** 2
+            )
+            if not np.all(box[d2 <= reach * reach] == lung):
+                continue
+            sphere = d2 <= radius * radius
+            voxels = int(np.count_nonzero(sphere))
+            if voxels == 0:
+                continue
+            tissue_class = _TUMOUR_TISSUE_BASE + index
+            box[sphere] = tissue_class
+            tumour = Tumour(
+                label=TUMOUR_LABEL_BASE + index,
+                centre_mm=centre,
+                radius_mm=radius,
+                hu=hu,
+                side=side,
+                volume_mm3=voxels * voxel_mm3,
+            )
+            placed.append((tumour, tissue_class))
+            break
+        else:
+            raise ValueError(
+                f"tumours: could not fit tumour {index + 1} of {count} inside a lung; "
+                "use fewer tumours or more slices"
+            )
+    return placed
+
+
+def _index_range(axis: np.ndarray, lo: float, hi: float) -> tuple[int | None, int]:
+    """Indices [i0, i1) of the ascending ``axis`` within [lo, hi]; None if it leaves the axis."""
+    if lo < axis[0] or hi > axis[-1]:
+        return None, 0
+    return int(np.searchsorted(axis, lo)), int(np.searchsorted(axis, hi, side="right"))
 
 
 def make_phantom(
@@ -103,166 +481,163 @@ def make_phantom(
     slice_thickness: float = 2.5,
     chest: bool = True,
 ) -> Phantom:
-    """Build a phantom in memory.
+    """Build a phantom in memory: HU volume, label map, geometry and tumour truth.
+
+    Anatomy scales with the field of view (the smaller of ``rows`` and ``columns`` times
+    ``pixel_spacing``), so a 128×128 phantom at 2.8 mm still looks like a chest. Lungs span the
+    middle ~85 % of the stack and leave lung-free slices at both ends. Tumours have radius 4–15
+    mm, nominal HU 0–60, and sit wholly inside one lung without touching each other; with
+    ``chest=False`` there are no lungs and ``tumours`` is ignored. All randomness comes from
+    ``numpy.random.default_rng(seed)``: the same arguments give byte-identical arrays.
 
     Raises:
-        ValueError: an argument is out of range (the message names it), or the tumours do not
-            fit in the lungs.
+        TypeError: an argument has the wrong type.
+        ValueError: an argument is out of range (the message names it: ``slices`` >= 1,
+            ``rows``/``columns`` 32..4096, ``seed`` >= 0, ``tumours`` 0..MAX_TUMOURS, positive
+            spacings), or the tumours do not fit in the lungs (names ``tumours``).
     """
-    _check("slices", slices >= 1, "must be at least 1")
-    _check("rows", rows >= 32, "must be at least 32")
-    _check("columns", columns >= 32, "must be at least 32")
-    _check("tumours", tumours >= 0, "must not be negative")
-    _check("tumours", chest or tumours == 0, "a non-chest phantom has no lungs for tumours")
-    _check("pixel_spacing", pixel_spacing > 0, "must be positive")
-    _check("slice_thickness", slice_thickness > 0, "must be positive")
+    slices = _int_arg("slices", slices, 1, 9999)  # 9999: file names are CT%04d.dcm
+    rows = _int_arg("rows", rows, 32, 4096)
+    columns = _int_arg("columns", columns, 32, 4096)
+    seed = _int_arg("seed", seed, 0)
+    tumours = _int_arg("tumours", tumours, 0, MAX_TUMOURS)
+    ps = _canon(_float_arg("pixel_spacing", pixel_spacing))
+    st = _canon(_float_arg("slice_thickness", slice_thickness))
+    if not isinstance(chest, bool):
+        raise TypeError(f"chest: must be a bool, not {type(chest).__name__}")
+
     rng = np.random.default_rng(seed)
-    ps = float(pixel_spacing)
-    fov_x, fov_y = columns * ps, rows * ps
-    fov = min(fov_x, fov_y)
-    x0 = -(columns - 1) / 2 * ps
-    y0 = -(rows - 1) / 2 * ps
-    z0 = -300.0
-    xs = (x0 + np.arange(columns, dtype=np.float32) * ps)[None, :]
-    ys = (y0 + np.arange(rows, dtype=np.float32) * ps)[:, None]
-
-    # Slight per-seed variation so phantoms are not all identical.
-    body_a, body_b = fov * rng.uniform(0.40, 0.44), fov * rng.uniform(0.28, 0.32)
-    lung_dx, lung_y = fov * rng.uniform(0.18, 0.20), -fov * 0.02
-    lung_a, lung_b = fov * rng.uniform(0.11, 0.13), fov * rng.uniform(0.16, 0.18)
-    spine_y, spine_r = body_b * 0.72, fov * 0.045
-    fat = fov * 0.025
-
-    labels = np.zeros((slices, rows, columns), dtype=np.uint8)
-    hu = np.full((slices, rows, columns), _HU["air"], dtype=np.float32)
-    body_e = (xs / body_a) ** 2 + (ys / body_b) ** 2
-    inner_e = (xs / (body_a - fat)) ** 2 + (ys / (body_b - fat)) ** 2
-    body = body_e <= 1
-    spine = xs**2 + (ys - spine_y) ** 2 <= spine_r**2
-    lung_e = {
-        side: ((xs - sign * lung_dx) / lung_a) ** 2 + ((ys - lung_y) / lung_b) ** 2
-        for side, sign in (("right", -1.0), ("left", 1.0))
-    }
-    for k in range(slices):
-        lab = labels[k]
-        img = hu[k]
-        lab[body] = LABELS["body"]
-        img[body] = _HU["fat"]
-        img[inner_e <= 1] = _HU["soft"]
-        lab[spine] = LABELS["bone"]
-        img[spine] = _HU["bone"]
-        if not chest:
-            continue
-        # Lungs occupy the middle 80 % of the stack and taper like ellipsoids.
-        t = (k + 0.5) / slices
-        scale2 = 1 - ((t - 0.5) / 0.4) ** 2
-        if scale2 <= 0.05:
-            continue
-        for side, e in lung_e.items():
-            m = e <= scale2
-            lab[m] = LABELS[f"{side}_lung"]
-            img[m] = _HU["lung"]
-
-    placed: list[Tumour] = []
-    zs = z0 + np.arange(slices) * slice_thickness
-    for i in range(tumours):
-        placed.append(_place_tumour(rng, labels, hu, i, xs, ys, zs, ps, slice_thickness, placed))
-    hu += rng.standard_normal(hu.shape, dtype=np.float32) * 20.0
-    hu_i16 = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
-    voxel = ps * ps * slice_thickness
-    final = tuple(
-        Tumour(
-            t.label,
-            t.centre_mm,
-            t.radius_mm,
-            t.hu,
-            t.side,
-            float(np.count_nonzero(labels == t.label)) * voxel,
-        )
-        for t in placed
+    # The image centre is at x = y = 0; the top slice at z = -50 mm, so every z is negative.
+    origin = (
+        _canon(-(columns - 1) / 2 * ps),
+        _canon(-(rows - 1) / 2 * ps),
+        _canon(-50.0 - (slices - 1) * st),
     )
-    return Phantom(hu_i16, labels, (ps, ps), float(slice_thickness), (x0, y0, z0), final)
+    xs = origin[0] + np.arange(columns) * ps
+    ys = origin[1] + np.arange(rows) * ps
+    zs = origin[2] + np.arange(slices) * st
+    scale = min(rows, columns) * ps
+    # float32 grids halve the cost of the per-slice shape tests; geometry stays float64.
+    xs32, ys32 = xs.astype(np.float32), ys.astype(np.float32)
+
+    tissue = np.empty((slices, rows, columns), dtype=np.uint8)
+    placed: list[tuple[Tumour, int]] = []
+    if chest:
+        lungs = _chest_slices(rng, tissue, xs32, ys32, zs, scale)
+        placed = _place_tumours(
+            rng, tissue, tumours, lungs, (xs, ys, zs), (ps, ps, st), ps * ps * st
+        )
+    else:
+        _abdomen_slices(rng, tissue, xs32, ys32, zs, scale)
+
+    label_lut = np.zeros(256, dtype=np.uint8)
+    hu_lut = np.zeros(256, dtype=np.float32)
+    for t, (label, value) in _TISSUE.items():
+        label_lut[t], hu_lut[t] = label, value
+    for tumour, t in placed:
+        label_lut[t], hu_lut[t] = tumour.label, tumour.hu
+
+    labels = label_lut[tissue]
+    hu = np.empty(tissue.shape, dtype=np.int16)
+    # Slice by slice keeps the float temporaries to one slice (a 300×512×512 float32 volume
+    # would be 300 MB); the draw order is fixed, so the noise is too.
+    noise = np.empty((rows, columns), dtype=np.float32)
+    for k in range(slices):
+        rng.standard_normal(dtype=np.float32, out=noise)
+        noise *= NOISE_SIGMA_HU
+        noise += hu_lut[tissue[k]]
+        np.rint(noise, out=noise)
+        np.clip(noise, _HU_MIN, _HU_MAX, out=noise)
+        hu[k] = noise
+    hu.setflags(write=False)
+    labels.setflags(write=False)
+    return Phantom(
+        hu=hu,
+        labels=labels,
+        pixel_spacing=(ps, ps),
+        slice_thickness=st,
+        origin=origin,
+        tumours=tuple(t for t, _ in placed),
+    )
 
 
-def _place_tumour(
-    rng: np.random.Generator,
-    labels: np.ndarray,
-    hu: np.ndarray,
-    index: int,
-    xs: np.ndarray,
-    ys: np.ndarray,
-    zs: np.ndarray,
-    ps: float,
-    st: float,
-    placed: list[Tumour],
-) -> Tumour:
-    label = TUMOUR_BASE + index
-    for attempt in range(400):
-        radius = float(rng.uniform(4.0, 15.0)) * (0.6 if attempt > 200 else 1.0)
-        side = "right" if rng.random() < 0.5 else "left"
-        lung_label = LABELS[f"{side}_lung"]
-        kk, rr, cc = np.nonzero(labels[:, ::4, ::4] == lung_label)
-        if kk.size == 0:
-            break
-        j = int(rng.integers(kk.size))
-        centre = (float(xs[0, cc[j] * 4]), float(ys[rr[j] * 4, 0]), float(zs[kk[j]]))
-        if any(
-            np.linalg.norm(np.subtract(centre, t.centre_mm)) < radius + t.radius_mm + 3
-            for t in placed
-        ):
-            continue
-        # Bounding box of the sphere (plus a one-voxel margin that must also be lung).
-        k_lo = int(np.floor((centre[2] - radius - st - zs[0]) / st))
-        k_hi = int(np.ceil((centre[2] + radius + st - zs[0]) / st))
-        r_lo = int(np.floor((centre[1] - radius - ps - ys[0, 0]) / ps))
-        r_hi = int(np.ceil((centre[1] + radius + ps - ys[0, 0]) / ps))
-        c_lo = int(np.floor((centre[0] - radius - ps - xs[0, 0]) / ps))
-        c_hi = int(np.ceil((centre[0] + radius + ps - xs[0, 0]) / ps))
-        if (
-            min(k_lo, r_lo, c_lo) < 0
-            or k_hi >= labels.shape[0]
-            or r_hi >= labels.shape[1]
-            or (c_hi >= labels.shape[2])
-        ):
-            continue
-        box = labels[k_lo : k_hi + 1, r_lo : r_hi + 1, c_lo : c_hi + 1]
-        z = zs[k_lo : k_hi + 1, None, None]
-        y = ys[r_lo : r_hi + 1, :][None, :, :]
-        x = xs[:, c_lo : c_hi + 1][None, :, :]
-        d2 = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2
-        margin = d2 <= (radius + max(ps, st)) ** 2
-        if not np.all(box[margin] == lung_label):
-            continue
-        sphere = d2 <= radius**2
-        if not sphere.any():
-            continue
-        tumour_hu = float(rng.uniform(10.0, 50.0))
-        box[sphere] = label
-        hu[k_lo : k_hi + 1, r_lo : r_hi + 1, c_lo : c_hi + 1][sphere] = tumour_hu
-        return Tumour(label, centre, radius, tumour_hu, side, 0.0)
-    raise ValueError(f"tumours: could not fit tumour {index + 1} inside a lung")
+# -- DICOM ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class SynthStudy:
-    """Files written by ``write_ct_series``."""
+    """What :func:`write_ct_series` wrote: the CT files, their UIDs and the ground truth."""
 
     directory: Path
-    files: tuple[Path, ...]  # in slice order
+    files: tuple[Path, ...]  # the CT files, in slice (= InstanceNumber) order
     StudyInstanceUID: str
     SeriesInstanceUID: str
     FrameOfReferenceUID: str
-    ground_truth: Path  # labels.npz: labels [k, r, c] uint8 and affine (c, r, k) -> LPS
-    truth_json: Path
+    ground_truth: Path  # labels.npz: ``labels`` uint8 [k, r, c], ``affine`` (c, r, k) -> LPS mm
+    truth_json: Path  # truth.json: UIDs, geometry, label names, tumours and lungs
+
+
+_OID = re.compile(r"(0|[1-9]\d*)(\.(0|[1-9]\d*))+")
+_UID_ROOT = re.compile(r"(0|[1-9]\d*)(\.(0|[1-9]\d*))*\.")
+_CS = re.compile(r"[A-Z0-9_ ]{1,16}")
+
+
+def _text_arg(name: str, value: object, max_len: int, *, empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: must be a str, not {type(value).__name__}")
+    if (not value and not empty) or len(value) > max_len:
+        raise ValueError(f"{name}: must be 1..{max_len} characters, got {value!r}")
+    if "\\" in value or any(ord(ch) < 32 for ch in value):
+        raise ValueError(f"{name}: must not contain a backslash or control characters")
+    return value
 
 
 def _uid(root: str, *parts: object) -> str:
-    return str(generate_uid(prefix=root, entropy_srcs=[str(p) for p in parts]))
+    # JSON keeps the parts apart: generate_uid joins entropy sources with no separator, so
+    # ("RF-1", 23) and ("RF-12", 3) would otherwise give the same UID.
+    return str(generate_uid(prefix=root, entropy_srcs=[json.dumps([str(p) for p in parts])]))
+
+
+def _fingerprint(phantom: Phantom) -> str:
+    """Digest of what the DICOM files hold (pixels and geometry), so different images never
+    share SOP Instance UIDs. Labels are left out: they are not in the files."""
+    h = hashlib.blake2b(digest_size=16)
+    geometry = (phantom.hu.shape, phantom.pixel_spacing, phantom.slice_thickness, phantom.origin)
+    h.update(repr(geometry).encode())
+    h.update(np.ascontiguousarray(phantom.hu).data)
+    return h.hexdigest()
+
+
+def _issuer_item(issuer: str) -> Dataset:
+    item = Dataset()
+    bare = issuer.removeprefix("urn:oid:")
+    if _OID.fullmatch(bare):
+        item.UniversalEntityID = bare
+        item.UniversalEntityIDType = "ISO"
+    elif issuer.startswith("urn:oid:"):
+        raise ValueError(f"issuer_of_patient_id: {issuer!r} is not a valid urn:oid:")
+    else:
+        item.UniversalEntityID = issuer
+        item.UniversalEntityIDType = "URI"
+    return item
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Like ``np.savez_compressed`` but with fixed zip timestamps, so the file is
+    byte-identical across runs (numpy stamps entries with the current time)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+    os.replace(tmp, path)
 
 
 def write_ct_series(
     phantom: Phantom,
-    out_dir: Path,
+    out_dir: Path | str,
     *,
     patient_id: str = "RF-0001",
     patient_name: str = "Phantom^Chest",
@@ -270,148 +645,244 @@ def write_ct_series(
     seed: int = 0,
     uid_root: str = UID_ROOT,
     study_date: str = "20260101",
-    accession_number: str = "",
+    accession_number: str | None = None,
     body_part: str = "CHEST",
 ) -> SynthStudy:
-    """Write ``phantom`` as a single-frame CT series plus ground truth into ``out_dir``.
+    """Write ``phantom`` as a single-frame CT Image series plus ground truth into ``out_dir``.
 
-    The issuer becomes the Issuer of Patient ID Qualifiers Sequence: an ``urn:oid:`` (or a
-    bare OID) as Universal Entity ID type ISO, anything else as type URI.
+    Files are ``CT0001.dcm``… (InstanceNumber k + 1 for slice k, Explicit VR Little Endian,
+    signed pixels with RescaleIntercept 0), ``labels.npz`` and ``truth.json``. Higher-numbered
+    ``CT####.dcm`` left from an earlier, longer series are removed so the folder holds one
+    series. UIDs are derived from ``uid_root``, ``patient_id``, ``seed`` and a digest of the
+    phantom: the same call writes byte-identical files, and a different phantom never reuses a
+    UID. ``issuer_of_patient_id`` fills the Issuer of Patient ID Qualifiers Sequence: an OID
+    (bare or ``urn:oid:``) as UniversalEntityIDType ISO, anything else as URI; ``None`` omits the
+    issuer. ``accession_number`` defaults to one derived from the study UID.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: an argument is invalid for its DICOM attribute (the message names it).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    study_uid = _uid(uid_root, patient_id, seed, "study")
-    series_uid = _uid(uid_root, patient_id, seed, "series")
-    for_uid = _uid(uid_root, patient_id, seed, "frame-of-reference")
-    accession = accession_number or f"A{seed:07d}"
+    if not isinstance(phantom, Phantom):
+        raise TypeError(f"phantom: must be a Phantom, not {type(phantom).__name__}")
+    patient_id = _text_arg("patient_id", patient_id, 64)
+    patient_name = _text_arg("patient_name", patient_name, 64)
+    seed = _int_arg("seed", seed, 0)
+    if not isinstance(uid_root, str) or not _UID_ROOT.fullmatch(uid_root) or len(uid_root) > 40:
+        raise ValueError(
+            f"uid_root: must be a dotted numeric prefix ending in '.', at most 40 "
+            f"characters, got {uid_root!r}"
+        )
+    try:
+        day = datetime.datetime.strptime(study_date, "%Y%m%d").date()
+    except (TypeError, ValueError):
+        day = None
+    if day is None or day.year < 1900:  # the birth date is 60 years earlier
+        raise ValueError(f"study_date: must be a YYYYMMDD date from 1900 on, got {study_date!r}")
+    if not isinstance(body_part, str) or not _CS.fullmatch(body_part):
+        raise ValueError(f"body_part: must be 1..16 of A-Z 0-9 _ space, got {body_part!r}")
+    if issuer_of_patient_id is not None:
+        issuer_of_patient_id = _text_arg("issuer_of_patient_id", issuer_of_patient_id, 1024)
+        issuer_item = _issuer_item(issuer_of_patient_id)
 
-    base = Dataset()
-    base.SpecificCharacterSet = "ISO_IR 100"
-    base.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    base.SOPClassUID = CTImageStorage
-    base.InstanceCreationDate = study_date
-    base.InstanceCreationTime = "090000"
-    base.StudyDate = base.SeriesDate = base.AcquisitionDate = base.ContentDate = study_date
-    base.StudyTime = "090000"
-    base.SeriesTime = base.AcquisitionTime = base.ContentTime = "090500"
-    base.AccessionNumber = accession
-    base.Modality = "CT"
-    base.Manufacturer = "radfusion synthetic phantom"
-    base.InstitutionName = "radfusion synthetic data"
-    base.ReferringPhysicianName = ""
-    base.StudyDescription = "CT CHEST"
-    base.SeriesDescription = f"Chest {phantom.slice_thickness:g}mm (synthetic)"
-    base.ManufacturerModelName = "phantom"
-    base.PatientName = patient_name
-    base.PatientID = patient_id
-    if issuer_of_patient_id:
-        base.IssuerOfPatientID = "RADFUSION"
-        bare = issuer_of_patient_id.removeprefix("urn:oid:")
-        item = Dataset()
-        item.UniversalEntityID = bare
-        is_oid = all(p.isdigit() for p in bare.split("."))
-        item.UniversalEntityIDType = "ISO" if is_oid else "URI"
-        base.IssuerOfPatientIDQualifiersSequence = [item]
-    base.PatientBirthDate = "19600101"
-    base.PatientSex = "O"
-    base.BodyPartExamined = body_part
-    base.SliceThickness = phantom.slice_thickness
-    base.KVP = 120
-    base.SoftwareVersions = "radfusion-synth-1"
-    base.PatientPosition = "HFS"
-    base.StudyInstanceUID = study_uid
-    base.SeriesInstanceUID = series_uid
-    base.StudyID = "1"
-    base.SeriesNumber = 2
-    base.AcquisitionNumber = 1
-    base.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    base.FrameOfReferenceUID = for_uid
-    base.PositionReferenceIndicator = ""
-    base.SamplesPerPixel = 1
-    base.PhotometricInterpretation = "MONOCHROME2"
-    base.Rows, base.Columns = phantom.hu.shape[1:]
-    base.PixelSpacing = [round(v, 6) for v in phantom.pixel_spacing]
-    base.BitsAllocated = 16
-    base.BitsStored = 16
-    base.HighBit = 15
-    base.PixelRepresentation = 1
-    base.WindowCenter = -600
-    base.WindowWidth = 1500
-    base.RescaleIntercept = 0
-    base.RescaleSlope = 1
-    base.RescaleType = "HU"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_slices, n_rows, n_cols = phantom.hu.shape
+    digest = _fingerprint(phantom)
+    study_uid = _uid(uid_root, patient_id, seed, digest, "study")
+    series_uid = _uid(uid_root, patient_id, seed, digest, "series")
+    for_uid = _uid(uid_root, patient_id, seed, digest, "frame-of-reference")
+    if accession_number is None:
+        accession_number = "RF" + study_uid[-14:]
+    accession_number = _text_arg("accession_number", accession_number, 16, empty=True)
+    study_time, series_time = "090000", "090312"
+    description = body_part.replace("_", " ").title()
+    ps_row, ps_col = phantom.pixel_spacing
 
-    files = []
-    for k in range(phantom.hu.shape[0]):
-        ds = Dataset()
-        ds.update(base)
-        sop_uid = _uid(uid_root, patient_id, seed, "image", k)
-        z = phantom.origin[2] + k * phantom.slice_thickness
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.InstanceCreationDate = study_date
+    ds.InstanceCreationTime = series_time
+    ds.SOPClassUID = CTImageStorage
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = study_date
+    ds.StudyTime = study_time
+    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = series_time
+    ds.AccessionNumber = accession_number
+    ds.Modality = "CT"
+    ds.Manufacturer = "radfusion synthetic phantom"
+    ds.InstitutionName = "radfusion synthetic data"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = f"CT {body_part.replace('_', ' ')}"
+    ds.SeriesDescription = f"{description} {phantom.slice_thickness:g}mm"
+    ds.ManufacturerModelName = "radfusion.synth.ct"
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    if issuer_of_patient_id is not None:
+        ds.IssuerOfPatientID = "RADFUSION"
+        ds.IssuerOfPatientIDQualifiersSequence = [issuer_item]
+    ds.PatientBirthDate = f"{day.year - 60:04d}0101"
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = body_part
+    ds.SliceThickness = _ds(phantom.slice_thickness)
+    ds.KVP = "120"
+    ds.DataCollectionDiameter = "500"
+    ds.SoftwareVersions = "radfusion synth 1"
+    ds.ReconstructionDiameter = _ds(max(n_rows * ps_row, n_cols * ps_col))
+    ds.GantryDetectorTilt = "0"
+    ds.TableHeight = "150"
+    ds.RotationDirection = "CW"
+    ds.ConvolutionKernel = "STANDARD"
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = 2
+    ds.AcquisitionNumber = 1
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.FrameOfReferenceUID = for_uid
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = n_rows
+    ds.Columns = n_cols
+    ds.PixelSpacing = [_ds(ps_row), _ds(ps_col)]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.WindowCenter = "-600"
+    ds.WindowWidth = "1500"
+    ds.WindowCenterWidthExplanation = "LUNG"
+    ds.RescaleIntercept = "0"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+
+    files: list[Path] = []
+    instances: list[dict[str, object]] = []
+    for k in range(n_slices):
+        sop_uid = _uid(uid_root, patient_id, seed, digest, "image", k)
+        z = _ds(phantom.origin[2] + k * phantom.slice_thickness)
         ds.SOPInstanceUID = sop_uid
         ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [
-            round(phantom.origin[0], 4),
-            round(phantom.origin[1], 4),
-            round(z, 4),
-        ]
-        ds.SliceLocation = round(z, 4)
-        ds.PixelData = phantom.hu[k].tobytes()
+        ds.ImagePositionPatient = [_ds(phantom.origin[0]), _ds(phantom.origin[1]), z]
+        ds.SliceLocation = z
+        ds.PixelData = phantom.hu[k].astype("<i2", copy=False).tobytes()
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = uid_root + "1"
-        meta.ImplementationVersionName = "RADFUSION_SYN"
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         ds.file_meta = meta
-        path = out_dir / f"CT{k + 1:04d}.dcm"
+        path = out / f"CT{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
+        instances.append(
+            {"InstanceNumber": k + 1, "SOPInstanceUID": sop_uid, "file": path.name, "z_mm": z}
+        )
+    for stale in out.glob("CT*.dcm"):
+        m = re.fullmatch(r"CT(\d{4,})\.dcm", stale.name)
+        if m and int(m.group(1)) > n_slices:
+            stale.unlink()
 
-    gt = out_dir / "labels.npz"
-    np.savez_compressed(gt, labels=phantom.labels, affine=phantom.affine())
+    affine = phantom.affine()
+    gt = out / "labels.npz"
+    _write_npz(gt, {"labels": phantom.labels, "affine": affine})
+    truth_path = out / "truth.json"
+    truth_path.write_text(
+        json.dumps(
+            _truth(phantom, study_uid, series_uid, for_uid, patient_id, body_part, instances),
+            indent=2,
+        )
+        + "\n"
+    )
+    return SynthStudy(
+        directory=out,
+        files=tuple(files),
+        StudyInstanceUID=study_uid,
+        SeriesInstanceUID=series_uid,
+        FrameOfReferenceUID=for_uid,
+        ground_truth=gt,
+        truth_json=truth_path,
+    )
+
+
+def _truth(
+    phantom: Phantom,
+    study_uid: str,
+    series_uid: str,
+    for_uid: str,
+    patient_id: str,
+    body_part: str,
+    instances: list[dict[str, object]],
+) -> dict[str, object]:
     voxel = phantom.voxel_volume_mm3
-    truth = {
+    # Slice by slice: bincount casts to int64, and a whole-volume cast is ~8x the volume.
+    counts = np.zeros(256, dtype=np.int64)
+    for label_slice in phantom.labels:
+        counts += np.bincount(label_slice.ravel(), minlength=256)
+    lungs = []
+    for side in ("right", "left"):
+        label = LABELS[f"{side}_lung"]
+        if counts[label] == 0:
+            continue
+        inside = sum(int(counts[t.label]) for t in phantom.tumours if t.side == side)
+        lungs.append(
+            {
+                "name": f"{side}_lung",
+                "side": side,
+                "label": label,
+                "voxels": int(counts[label]),
+                "volume_mm3": int(counts[label]) * voxel,  # the lung label alone
+                "volume_with_tumours_mm3": (int(counts[label]) + inside) * voxel,
+            }
+        )
+    return {
+        "format": "radfusion.synth.ct/1",
         "StudyInstanceUID": study_uid,
         "SeriesInstanceUID": series_uid,
         "FrameOfReferenceUID": for_uid,
+        "PatientID": patient_id,
+        "BodyPartExamined": body_part,
+        "shape": list(phantom.labels.shape),
+        "index_order": "labels[k, r, c]; affine maps (c, r, k, 1) to LPS (x, y, z, 1) mm",
         "spacing_mm": {
             "row": phantom.pixel_spacing[0],
             "column": phantom.pixel_spacing[1],
             "slice": phantom.slice_thickness,
         },
+        "origin_mm": list(phantom.origin),
+        "affine": phantom.affine().tolist(),
+        "voxel_volume_mm3": voxel,
+        "noise_sigma_hu": NOISE_SIGMA_HU,
         "labels": {
             **LABELS,
-            **{f"tumour_{t.label - TUMOUR_BASE + 1}": t.label for t in phantom.tumours},
+            **{f"tumour_{t.label - TUMOUR_LABEL_BASE}": t.label for t in phantom.tumours},
         },
-        "lungs": [
-            {
-                "side": side,
-                "label": LABELS[f"{side}_lung"],
-                "volume_mm3": float(np.count_nonzero(phantom.labels == LABELS[f"{side}_lung"]))
-                * voxel,
-            }
-            for side in ("right", "left")
-        ],
+        "lungs": lungs,
         "tumours": [
             {
+                "name": f"tumour_{t.label - TUMOUR_LABEL_BASE}",
                 "label": t.label,
                 "centre_mm": list(t.centre_mm),
                 "radius_mm": t.radius_mm,
                 "hu": t.hu,
                 "side": t.side,
+                "voxels": int(counts[t.label]),
                 "volume_mm3": t.volume_mm3,
                 "volume_ml": t.volume_mm3 / 1000.0,
             }
             for t in phantom.tumours
         ],
+        "instances": instances,
     }
-    truth_path = out_dir / "truth.json"
-    truth_path.write_text(json.dumps(truth, indent=2))
-    return SynthStudy(out_dir, tuple(files), study_uid, series_uid, for_uid, gt, truth_path)
 
 
 def synth_ct(
-    out_dir: Path,
+    out_dir: Path | str,
     *,
     slices: int = 120,
     seed: int = 0,
@@ -423,29 +894,33 @@ def synth_ct(
     slice_thickness: float = 2.5,
     chest: bool = True,
 ) -> SynthStudy:
-    """Make a phantom and write it: the one call tests and the CLI use.
+    """Make a phantom and write it: :func:`make_phantom` then :func:`write_ct_series`.
 
-    ``pixel_spacing`` defaults to a 360 mm field of view.
+    ``pixel_spacing`` defaults to a 360 mm field of view (360 / max(rows, columns)). A
+    ``chest=False`` phantom is written with BodyPartExamined ABDOMEN.
+
+    Raises:
+        TypeError, ValueError: as :func:`make_phantom` and :func:`write_ct_series`.
     """
+    if pixel_spacing is None:
+        rows_ = _int_arg("rows", rows, 32, 4096)
+        columns_ = _int_arg("columns", columns, 32, 4096)
+        pixel_spacing = 360.0 / max(rows_, columns_)
     phantom = make_phantom(
         slices=slices,
         rows=rows,
         columns=columns,
         seed=seed,
-        tumours=tumours if chest else 0,
-        pixel_spacing=pixel_spacing or 360.0 / max(rows, columns),
+        tumours=tumours,
+        pixel_spacing=pixel_spacing,
         slice_thickness=slice_thickness,
         chest=chest,
     )
     return write_ct_series(
         phantom,
-        Path(out_dir),
+        out_dir,
         patient_id=patient_id,
         seed=seed,
+        patient_name="Phantom^Chest" if chest else "Phantom^Abdomen",
         body_part="CHEST" if chest else "ABDOMEN",
     )
-
-
-def read_truth(directory: Path) -> dict[str, object]:
-    """The truth.json of a written study."""
-    return dict(json.loads((Path(directory) / "truth.json").read_text()))

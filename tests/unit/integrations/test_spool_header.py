@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -89,3 +90,72 @@ def test_leftover_temp_files_are_cleared(tmp_path: Path) -> None:
     (tmp_path / "tmp" / "x.part").write_bytes(b"partial")
     Spool(tmp_path)
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def rich_ds() -> Dataset:
+    """Sequences of defined and undefined length before, around and after the wanted tags."""
+    ds = header_ds()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.StudyDescription = "Thorax – Lunge"  # non-ASCII
+    ds.SeriesDescription = "Lung 1.0 B70f"
+    ds.BodyPartExamined = "CHEST"
+    ds.Manufacturer = "ACME"
+    ds.StudyDate = "20260101"
+    code = Dataset()
+    code.CodeValue = "113691"
+    code.CodingSchemeDesignator = "DCM"
+    inner = Dataset()
+    inner.ConceptNameCodeSequence = [code]
+    ds.ProcedureCodeSequence = [code, code]  # (0008,1032)
+    ds.ReferencedStudySequence = [inner]  # (0008,1110): nested sequence
+    ds.RequestAttributesSequence = [inner]  # (0040,0275): after the stop tag
+    return ds
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+@pytest.mark.parametrize("undefined", [True, False])
+def test_fast_reader_agrees_with_pydicom(implicit: bool, undefined: bool) -> None:
+    from radfusion.integrations.dicom import header
+
+    ds = rich_ds()
+    for elem in ds.iterall():
+        if elem.VR == "SQ":
+            elem.is_undefined_length = undefined
+            for item in elem.value:
+                item.is_undefined_length_sequence_item = undefined
+    data = encode(ds, implicit)
+    ts = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"
+    fast = header._fast(memoryview(data), implicit)
+    slow = header._with_pydicom(data, pydicom.uid.UID(ts))
+    assert header._header(fast) == header._header(slow)
+    h = read_header(data, ts)
+    assert h.StudyDescription == "Thorax – Lunge"
+    assert h.IssuerOfPatientID == "urn:oid:1.2.826.0.1.3680043.10.1234.1"
+    assert (h.BodyPartExamined, h.Manufacturer, h.frames) == ("CHEST", "ACME", 3)
+
+
+def test_other_character_sets_and_big_endian_use_pydicom() -> None:
+    ds = header_ds()
+    ds.SpecificCharacterSet = "ISO_IR 144"
+    ds.SeriesDescription = "Грудная клетка"
+    h = read_header(encode(ds), "1.2.840.10008.1.2.1")
+    assert h.SeriesDescription == "Грудная клетка"
+
+
+def test_file_meta_is_valid_part10(tmp_path: Path) -> None:
+    from radfusion import IMPLEMENTATION_CLASS_UID
+    from radfusion.integrations.dicom.spool import file_meta
+
+    ds = header_ds()
+    path = tmp_path / "x.dcm"
+    path.write_bytes(file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", "1.2.840.10008.1.2.1",
+                               "CT_1") + encode(ds))
+    read = pydicom.dcmread(path)
+    meta = read.file_meta
+    assert meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    assert meta.MediaStorageSOPInstanceUID == "1.2.3.45"
+    assert meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.SourceApplicationEntityTitle == "CT_1"
+    assert meta.FileMetaInformationVersion == b"\0\1"
+    assert read.StudyInstanceUID == "1.2.3"
