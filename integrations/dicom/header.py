@@ -10,13 +10,14 @@ import struct
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
-__all__ = ["HeaderError", "WireHeader", "read_header"]
+__all__ = ["HeaderError", "WireHeader", "read_header", "read_part10_header"]
 
 _LAST_TAG = 0x00280008  # Number of Frames: every attribute we need sorts before it
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -100,6 +101,10 @@ class _Unsupported(Exception):
     """The fast reader cannot handle this encoding; use pydicom."""
 
 
+class _Truncated(_Unsupported):
+    """The data ends before the header attributes do (only a prefix was read)."""
+
+
 def _element(buf: memoryview, pos: int, implicit: bool) -> tuple[int, bytes, int, int]:
     """(tag, VR, value length, value offset) of the element at ``pos``."""
     group, elem = struct.unpack_from("<HH", buf, pos)
@@ -156,7 +161,11 @@ def _issuer_from_item(buf: memoryview, pos: int, end: int, implicit: bool) -> st
     return f"urn:oid:{uid}" if kind == "ISO" and not uid.startswith("urn:") else uid
 
 
-def _fast(data: memoryview, implicit: bool) -> dict[str, str]:
+def _fast(data: memoryview, implicit: bool, partial: bool = False) -> dict[str, str]:
+    """Walk top-level element headers up to Number of Frames, keeping the wanted values.
+
+    ``partial``: ``data`` is only a prefix, so running out of it means truncation.
+    """
     values: dict[str, str] = {}
     issuer = ""
     pos, end = 0, len(data)
@@ -177,7 +186,7 @@ def _fast(data: memoryview, implicit: bool) -> dict[str, str]:
             pos = _skip_undefined(data, value, implicit or vr == b"UN")
             continue
         if value + length > end:
-            raise _Unsupported("element runs past the end of the data")
+            raise _Truncated("element runs past the end of the data")
         if tag == _ISSUER_SEQ and length:
             _, _, item_len, item_value = _element(data, value, True)
             issuer = _issuer_from_item(data, item_value, item_value + item_len, implicit)
@@ -186,6 +195,9 @@ def _fast(data: memoryview, implicit: bool) -> dict[str, str]:
             text = raw.decode("utf-8" if values.get("charset") == "ISO_IR 192" else "latin-1")
             values[_TAGS[tag]] = text.strip(" \0")
         pos = value + length
+    else:
+        if partial:
+            raise _Truncated("the prefix ended before Number of Frames")
     if issuer:
         values["IssuerOfPatientID"] = issuer
     return values
@@ -250,10 +262,40 @@ def read_header(data: bytes | memoryview, transfer_syntax: str) -> WireHeader:
     try:
         if ts == _DEFLATED or (ts.is_transfer_syntax and not ts.is_little_endian):
             raise _Unsupported(str(ts))
-        values = _fast(memoryview(data), implicit=ts == "1.2.840.10008.1.2")
-    except (_Unsupported, struct.error, UnicodeDecodeError):
+        try:
+            values = _fast(memoryview(data), implicit=ts == "1.2.840.10008.1.2")
+        except struct.error:
+            raise _Truncated("element header runs past the end of the data") from None
+    except (_Unsupported, UnicodeDecodeError):
         try:
             values = _with_pydicom(data, ts)
         except Exception as err:  # pydicom raises many types on garbage input
             raise HeaderError(f"dataset cannot be parsed: {type(err).__name__}: {err}") from None
     return _header(values)
+
+
+def read_part10_header(path: Path, transfer_syntax: str, prefix: int = 1 << 16) -> WireHeader:
+    """``read_header`` for a Part 10 file, reading only its first ``prefix`` bytes if they
+    hold the header attributes (they nearly always do), else the whole dataset.
+
+    Raises:
+        HeaderError: as ``read_header``; also when the file has no valid File Meta.
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(144)
+        if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+            raise HeaderError("not a DICOM Part 10 file (no File Meta Information)")
+        (group_length,) = struct.unpack_from("<I", head, 140)
+        f.seek(144 + group_length)
+        data = f.read(prefix)
+        if len(data) == prefix:
+            ts = UID(transfer_syntax)
+            fast = ts != _DEFLATED and (not ts.is_transfer_syntax or ts.is_little_endian)
+            try:
+                if fast:
+                    return _header(_fast(memoryview(data), ts == "1.2.840.10008.1.2", True))
+            except (_Unsupported, struct.error, UnicodeDecodeError):
+                pass  # read it all and take the general path
+            data += f.read()
+    return read_header(data, transfer_syntax)

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import logging
 import socket
+import tempfile
 import time
 import types
 from collections.abc import Callable
 
 import pydicom.uid
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
 from pynetdicom.events import Event
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification, register_uid
 from pynetdicom.transport import ThreadedAssociationServer
 
 from radfusion.config import RadfusionConfig
-from radfusion.integrations.dicom.header import HeaderError, read_header
-from radfusion.integrations.dicom.spool import Spool, SpoolFullError, file_meta
+from radfusion.integrations.dicom.header import HeaderError, read_part10_header
+from radfusion.integrations.dicom.spool import Spool, SpoolFullError
 from radfusion.integrations.store.catalog import Catalog, InstanceRecord, StoreOutcome
 from radfusion.logs import uid_tag
 
@@ -122,6 +123,11 @@ class DicomNode:
     def start(self) -> int:
         """Start listening; returns the bound port (useful when configured as 0)."""
         _shorten_pynetdicom_polling()
+        # pynetdicom then writes each dataset to a temp file as its PDUs arrive; with temp
+        # files in the spool's tmp/ the handler renames it into place instead of copying it.
+        # tempfile.tempdir is process-wide: the node owns its process (radfusion serve).
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.spool.tmp)
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -196,19 +202,18 @@ class DicomNode:
             if self.catalog.has_instance(sop_instance):
                 log.debug("duplicate instance %s ignored", uid_tag(sop_instance))
                 return Status.SUCCESS
-            data = req.DataSet.getbuffer()
+            received = event.dataset_path  # written to spool/tmp by pynetdicom as it arrived
             try:
-                header = read_header(data, transfer_syntax)
+                header = read_part10_header(received, transfer_syntax)
             except HeaderError as err:
                 log.warning("instance %s from %r refused: %s", uid_tag(sop_instance), calling, err)
                 if "missing" in str(err):
                     return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
                 return Status.CANNOT_UNDERSTAND
-            meta = file_meta(sop_class, sop_instance, transfer_syntax, calling)
             path = self.spool.path_for(
                 header.StudyInstanceUID, header.SeriesInstanceUID, sop_instance
             )
-            size = self.spool.write(path, (meta, data))
+            size = self.spool.take(received, path)
             rec = InstanceRecord(
                 SOPInstanceUID=sop_instance,
                 SOPClassUID=sop_class,

@@ -1,8 +1,9 @@
 """The spool: received instances on disk, written so that an acknowledged one is never lost.
 
-Each instance is written to ``tmp/`` and renamed into ``studies/<Study>/<Series>/<SOP>.dcm``
-(rename is atomic on one filesystem), so a reader never sees a partial file and a crash
-leaves at most an orphan temp file, which ``Spool.open`` clears.
+The network layer writes each instance to ``tmp/`` as its PDUs arrive; ``Spool.take`` renames
+it into ``studies/<Study>/<Series>/<SOP>.dcm`` (atomic on one filesystem), so a reader never
+sees a partial file and a crash leaves at most an orphan temp file, which opening the spool
+clears.
 """
 
 from __future__ import annotations
@@ -11,48 +12,12 @@ import hashlib
 import os
 import re
 import shutil
-import struct
-import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from radfusion import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-
-__all__ = ["Spool", "SpoolFullError", "file_meta"]
+__all__ = ["Spool", "SpoolFullError"]
 
 _SAFE_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
-
-
-def _element(group_elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
-    if len(value) % 2:
-        value += pad
-    tag = struct.pack("<HH", 0x0002, group_elem)
-    if vr == b"OB":
-        return tag + vr + b"\0\0" + struct.pack("<I", len(value)) + value
-    return tag + vr + struct.pack("<H", len(value)) + value
-
-
-def file_meta(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str
-) -> bytes:
-    """Preamble, 'DICM' and the File Meta Information group of a Part 10 file.
-
-    Encoded by hand because it runs for every received instance and pydicom's general writer
-    costs more than the rest of the spooling put together.
-    """
-    body = b"".join(
-        (
-            _element(0x0001, b"OB", b"\0\1", b"\0"),
-            _element(0x0002, b"UI", sop_class_uid.encode("ascii"), b"\0"),
-            _element(0x0003, b"UI", sop_instance_uid.encode("ascii"), b"\0"),
-            _element(0x0010, b"UI", transfer_syntax_uid.encode("ascii"), b"\0"),
-            _element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\0"),
-            _element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" "),
-            _element(0x0016, b"AE", source_ae_title.encode("ascii", "replace"), b" "),
-        )
-    )
-    length = struct.pack("<HH", 0x0002, 0x0000) + b"UL" + struct.pack("<HI", 4, len(body))
-    return b"\0" * 128 + b"DICM" + length + body
 
 
 class SpoolFullError(OSError):
@@ -92,36 +57,31 @@ class Spool:
             / (_component(sop_instance) + ".dcm")
         )
 
-    def write(self, path: Path, chunks: Iterable[bytes | memoryview]) -> int:
-        """Write ``chunks`` to ``path`` atomically; returns the size.
+    def take(self, received: Path, path: Path) -> int:
+        """Move a file already written in ``tmp/`` (by the network layer) to ``path``.
 
-        Raises:
-            SpoolFullError: free space would fall below the reserve.
-            OSError: the write failed (the temp file is removed).
+        Returns its size. Raises SpoolFullError when free space is below the reserve (the
+        file is left for the caller to discard) and OSError when the move fails.
         """
         if self.free_bytes() < self.min_free_bytes:
             raise SpoolFullError(f"free space below reserve of {self.min_free_bytes} bytes")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"{path.name}.{os.getpid()}.{threading.get_ident():x}.part"
-        size = 0
-        try:
-            with open(tmp, "wb") as f:
-                for chunk in chunks:
-                    size += f.write(chunk)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         if self.fsync:
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with open(received, "rb+") as f:
+                os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = received.stat().st_size
+        os.replace(received, path)
+        if self.fsync:
+            self._fsync_dir(path.parent)
         return size
+
+    @staticmethod
+    def _fsync_dir(folder: Path) -> None:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def files(self) -> Iterator[Path]:
         """Every spooled instance file."""

@@ -66,11 +66,12 @@ def test_missing_uid_and_garbage() -> None:
         read_header(b"\x08\x00\x18\x00UI\xff\x7f1.2", "1.2.840.10008.1.2.1")
 
 
-def test_spool_paths_are_safe_and_writes_atomic(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
+def test_spool_paths_are_safe_and_take_renames(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=True)
     p = spool.path_for("1.2.3", "../../etc", "1.2.3.4")
     assert p.is_relative_to(spool.studies) and ".." not in p.parts
-    size = spool.write(p, [b"abc", memoryview(b"def")])
+    (spool.tmp / "in.dcm").write_bytes(b"abcdef")
+    size = spool.take(spool.tmp / "in.dcm", p)
     assert size == 6 and p.read_bytes() == b"abcdef"
     assert list(spool.tmp.iterdir()) == []
     assert list(spool.files()) == [p]
@@ -80,9 +81,10 @@ def test_spool_paths_are_safe_and_writes_atomic(tmp_path: Path) -> None:
 
 def test_spool_reserve(tmp_path: Path) -> None:
     spool = Spool(tmp_path, min_free_bytes=1 << 60)
+    (spool.tmp / "in.dcm").write_bytes(b"x")
     with pytest.raises(SpoolFullError):
-        spool.write(spool.path_for("1", "2", "3"), [b"x"])
-    assert list(spool.tmp.iterdir()) == []
+        spool.take(spool.tmp / "in.dcm", spool.path_for("1", "2", "3"))
+    assert list(spool.files()) == []
 
 
 def test_leftover_temp_files_are_cleared(tmp_path: Path) -> None:
@@ -142,20 +144,23 @@ def test_other_character_sets_and_big_endian_use_pydicom() -> None:
     assert h.SeriesDescription == "Грудная клетка"
 
 
-def test_file_meta_is_valid_part10(tmp_path: Path) -> None:
-    from radfusion import IMPLEMENTATION_CLASS_UID
-    from radfusion.integrations.dicom.spool import file_meta
+def test_part10_prefix_read_falls_back_when_header_is_beyond_prefix(tmp_path: Path) -> None:
+    from radfusion.integrations.dicom.header import read_part10_header
 
-    ds = header_ds()
-    path = tmp_path / "x.dcm"
-    path.write_bytes(file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", "1.2.840.10008.1.2.1",
-                               "CT_1") + encode(ds))
-    read = pydicom.dcmread(path)
-    meta = read.file_meta
-    assert meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
-    assert meta.MediaStorageSOPInstanceUID == "1.2.3.45"
-    assert meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
-    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
-    assert meta.SourceApplicationEntityTitle == "CT_1"
-    assert meta.FileMetaInformationVersion == b"\0\1"
-    assert read.StudyInstanceUID == "1.2.3"
+    ds = rich_ds()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.add_new(0x00090010, "LO", "RADFUSION TEST")  # a private block pushes the UIDs
+    ds.add_new(0x00091010, "OB", b"\0" * 5000)  # past a small prefix
+    path = tmp_path / "big.dcm"
+    meta = Dataset()
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = "1.2.3.45"
+    ds.file_meta = pydicom.dataset.FileMetaDataset(meta)
+    ds.save_as(path, enforce_file_format=True)
+    for prefix in (64, 4096, 1 << 16):
+        h = read_part10_header(path, "1.2.840.10008.1.2.1", prefix=prefix)
+        assert (h.StudyInstanceUID, h.SeriesInstanceUID, h.frames) == ("1.2.3", "1.2.3.4", 3)
+    (tmp_path / "raw.bin").write_bytes(b"\0" * 200)
+    with pytest.raises(HeaderError, match="Part 10"):
+        read_part10_header(tmp_path / "raw.bin", "1.2.840.10008.1.2.1")
