@@ -123,8 +123,17 @@ class NodeProcess:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"node exited: {self.log()}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
+        # A bare TCP probe would hold an association slot until the ACSE timeout; a real
+        # association attempt (accepted or rejected) ends cleanly.
+        from pynetdicom import AE
+
+        ae = AE(ae_title="PROBE")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="RADFUSION")
+        answered = assoc.is_established or assoc.is_rejected
+        if assoc.is_established:
+            assoc.release()
+        return bool(answered)
 
     def kill(self) -> None:
         """SIGKILL: no clean-up, as in a crash or power cut of the process."""

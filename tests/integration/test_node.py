@@ -298,3 +298,53 @@ def test_unrouted_study_is_kept_and_logged(node_factory: Any, ct_study: Any) -> 
     assert jobs(node, uid) == []
     assert "no routing rule matched" in node.log()
     assert catalog(node).execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 3
+
+
+def test_max_associations_rejects_the_extra_one(node_factory: Any, ct_study: Any) -> None:
+    node = node_factory({"node": {"max_associations": 1}})
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    held = ae.associate("127.0.0.1", node.port, ae_title="RADFUSION")
+    assert held.is_established
+    try:
+        r = storescu(node.port, [ct_study.files[0]])
+        assert r.returncode != 0 and "Rejected" in r.stderr, r.stderr
+    finally:
+        held.release()
+    assert storescu(node.port, [ct_study.files[0]]).returncode == 0
+
+
+def test_forwarded_study_arrives_in_orthanc_and_logs_hold_no_phi(
+    node_factory: Any, ct_study: Any, orthanc: Any
+) -> None:
+    node = node_factory(
+        {
+            "routing": FORWARD_ALL,
+            "export": {
+                "destinations": [
+                    {
+                        "name": "pacs",
+                        "type": "dicom",
+                        "ae_title": "ORTHANC",
+                        "host": "127.0.0.1",
+                        "port": orthanc.dicom_port,
+                    }
+                ]
+            },
+        }
+    )
+    r = storescu(node.port, list(ct_study.files))
+    assert r.returncode == 0, r.stderr + node.log()
+    wait_for(lambda: state_is(node, ct_study.StudyInstanceUID, "done"), 60, "study done")
+    sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in ct_study.files}
+    assert sent <= orthanc.instance_uids()
+    log = node.log()
+    head = pydicom.dcmread(ct_study.files[0], stop_before_pixels=True)
+    for phi in (
+        str(head.PatientID),
+        str(head.PatientName),
+        str(head.PatientBirthDate),
+        ct_study.StudyInstanceUID,
+    ):
+        assert phi not in log
+    assert "u:" in log  # studies are logged by hashed tag

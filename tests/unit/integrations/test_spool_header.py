@@ -149,6 +149,7 @@ def test_part10_prefix_read_falls_back_when_header_is_beyond_prefix(tmp_path: Pa
 
     ds = rich_ds()
     ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.StudyDescription = "Thorax"
     ds.add_new(0x00090010, "LO", "RADFUSION TEST")  # a private block pushes the UIDs
     ds.add_new(0x00091010, "OB", b"\0" * 5000)  # past a small prefix
     path = tmp_path / "big.dcm"
