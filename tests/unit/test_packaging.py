@@ -1,0 +1,28 @@
+"""The pyproject package list must name every Python package folder (they are mapped by hand)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ROOTS = {"radfusion": "radfusion", "integrations": "radfusion.integrations",
+         "operators": "radfusion.operators", "apps": "radfusion.apps"}
+
+
+def test_every_package_folder_is_listed() -> None:
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"])
+    found = set()
+    for folder, name in ROOTS.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder).parts
+            found.add(".".join((name, *rel)))
+    assert found == listed
+
+
+def test_packaging_folder_does_not_shadow_the_packaging_library() -> None:
+    assert not (REPO / "packaging" / "__init__.py").exists()
+    import packaging.version
+
+    assert "site-packages" in packaging.version.__file__
