@@ -6,13 +6,18 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-ROOTS = {"radfusion": "radfusion", "integrations": "radfusion.integrations",
-         "operators": "radfusion.operators", "apps": "radfusion.apps"}
+ROOTS = {
+    "radfusion": "radfusion",
+    "integrations": "radfusion.integrations",
+    "operators": "radfusion.operators",
+    "apps": "radfusion.apps",
+}
 
 
 def test_every_package_folder_is_listed() -> None:
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "packages"])
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
     found = set()
     for folder, name in ROOTS.items():
         for init in (REPO / folder).rglob("__init__.py"):
