@@ -10,7 +10,10 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from radfusion.config import RadfusionConfig
 
 __all__ = ["App", "StudyInput", "get_app", "known_apps"]
 
@@ -35,10 +38,11 @@ class App(Protocol):
         ...
 
 
-# name -> "module:attribute" of a zero-argument factory; imported only when used so that a
-# heavy app (torch, holoscan) costs nothing to processes that never run it.
+# name -> "module:attribute" of a factory taking the configuration; imported only when used so
+# that a heavy app (torch, holoscan) costs nothing to processes that never run it.
 _APPS: dict[str, str] = {
     "forward": "radfusion.apps.forward.app:ForwardApp",
+    "lung-ct": "radfusion.apps.lung_ct.app:LungCT",
 }
 
 
@@ -47,12 +51,12 @@ def known_apps() -> set[str]:
     return set(_APPS)
 
 
-def get_app(name: str) -> App:
+def get_app(name: str, config: RadfusionConfig) -> App:
     """Instantiate the app called ``name``; raises KeyError naming the known apps."""
     try:
         module, attr = _APPS[name].split(":")
     except KeyError:
         raise KeyError(f"unknown app {name!r} (installed: {', '.join(sorted(_APPS))})") from None
     factory = getattr(importlib.import_module(module), attr)
-    app: App = factory()
+    app: App = factory(config)
     return app

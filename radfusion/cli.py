@@ -282,6 +282,46 @@ def synth_ct(
     click.echo(f"ground truth: {study.ground_truth}, {study.truth_json}")
 
 
+# -- run ------------------------------------------------------------------------------------
+
+
+@main.command("run")
+@click.argument("app", type=click.Choice(["lung-ct"]))
+@click.option(
+    "--input",
+    "input_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder with the study's DICOM files (searched recursively).",
+)
+@click.option(
+    "--output",
+    "output_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder the SEG and SR are written to.",
+)
+@_CONFIG_OPTION
+def run_app(app: str, input_dir: Path, output_dir: Path, config_path: Path | None) -> None:
+    """Run an app once over a folder, like a MONAI Deploy app (no network, no spool).
+
+    The same as the MAP's HOLOSCAN_INPUT_PATH → HOLOSCAN_OUTPUT_PATH convention. Writes SEG and
+    SR into --output; prints the files written. Exit status 1 when nothing could be written.
+    """
+    settings = _load(config_path)
+    configure_logging("INFO")
+    from radfusion.apps.lung_ct.app import run_folder
+
+    try:
+        written = run_folder(input_dir, output_dir, settings)
+    except Exception as err:  # any app failure becomes a CLI error, not a traceback
+        raise click.ClickException(f"{app} failed: {err}") from None
+    for path in written:
+        click.echo(str(path))
+    if not written:
+        raise click.ClickException(f"{app}: no usable CT series in {input_dir}: nothing written")
+
+
 # -- demo -------------------------------------------------------------------------------------
 
 

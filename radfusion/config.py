@@ -19,11 +19,13 @@ from radfusion.routing import Condition, parse_condition
 
 __all__ = [
     "AllowedCaller",
+    "AppsConfig",
     "CompletionConfig",
     "ConfigError",
     "DicomDestination",
     "ExportConfig",
     "FolderDestination",
+    "LungCTConfig",
     "NodeConfig",
     "RadfusionConfig",
     "RetryPolicy",
@@ -211,6 +213,24 @@ class ExportConfig(_Section):
         raise KeyError(f"no export destination named {name!r} (known: {known})")
 
 
+class LungCTConfig(_Section):
+    """The ``lung-ct`` app."""
+
+    model: Path | None = Field(
+        default=None,
+        description="model.yaml of the segmentation model (TorchScript + preprocessing). "
+        "Default: the reference model shipped in packaging/models/lung_ct_seg/ (a "
+        "demonstration, not for clinical use).",
+    )
+    min_slices: int = Field(default=50, ge=1, description="Fewer axial slices: not processed.")
+    seg_type: Literal["binary", "labelmap"] = "binary"
+    threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores.")
+
+
+class AppsConfig(_Section):
+    lung_ct: LungCTConfig = LungCTConfig()
+
+
 class RadfusionConfig(_Section):
     """The whole configuration file."""
 
@@ -219,6 +239,7 @@ class RadfusionConfig(_Section):
     completion: CompletionConfig = CompletionConfig()
     routing: RoutingConfig = RoutingConfig()
     export: ExportConfig = ExportConfig()
+    apps: AppsConfig = AppsConfig()
     uid_root: str = Field(
         default="1.2.826.0.1.3680043.10.1234.",
         description="Root for every UID radfusion creates (results series/instances). Use your "

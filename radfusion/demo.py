@@ -1,8 +1,9 @@
 """``radfusion demo``: the whole path on one machine, with nothing to configure.
 
 A synthetic chest CT is generated, sent over C-STORE (pynetdicom plays the scanner) to a
-radfusion node started in this process, completed after the quiet period, routed, and handed
-to the app; the results land in a folder destination.
+radfusion node started in this process, completed after the quiet period, routed to the
+``lung-ct`` app, and its DICOM SEG and SR land in a folder destination. The demo then compares
+the SEG with the phantom's ground truth and saves a PNG preview.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def run_demo(workdir: Path | None, *, slices: int = 120, console: Console | None
                                 {"slices": {"min": 10}},
                             ]
                         },
-                        "apps": ["forward"],
+                        "apps": ["lung-ct"],
                     }
                 ]
             },
@@ -171,5 +172,39 @@ def run_demo(workdir: Path | None, *, slices: int = 120, console: Console | None
     results = sorted((workdir / "results").rglob("*.dcm"))
     console.print(f"results: {len(results)} file(s) in {workdir / 'results'}")
     ok = row.state.value == "done" and row.instances == len(files)
+    if ok:
+        ok = _show_results(results, study, workdir, console)
     console.print("[green]demo complete" if ok else "[red]demo failed: see the log")
     return 0 if ok else 1
+
+
+def _show_results(results: list[Path], study: object, workdir: Path, console: Console) -> bool:
+    from radfusion.evaluation import compare_with_truth, seg_label_volume
+    from radfusion.operators.volume import assemble_volume
+    from radfusion.preview import render_preview
+
+    by_modality = {str(pydicom.dcmread(p, stop_before_pixels=True).Modality): p for p in results}
+    if "SEG" not in by_modality or "SR" not in by_modality:
+        console.print(f"[red]expected a SEG and an SR, got {sorted(by_modality)}")
+        return False
+    files = list(study.files)  # type: ignore[attr-defined]
+    labels, names = seg_label_volume(by_modality["SEG"], files)
+    table = Table(title="findings vs ground truth (synthetic phantom)")
+    for col in ("structure", "segment", "truth mL", "found mL", "volume error", "Dice"):
+        table.add_column(col, justify="right" if col != "structure" else "left")
+    for c in compare_with_truth(labels, names, study.directory):  # type: ignore[attr-defined]
+        error = (c.found_ml - c.truth_ml) / c.truth_ml * 100 if c.truth_ml else 0.0
+        table.add_row(
+            c.structure,
+            c.segment,
+            f"{c.truth_ml:.1f}",
+            f"{c.found_ml:.1f}",
+            f"{error:+.1f} %",
+            f"{c.dice:.3f}",
+        )
+    console.print(table)
+    volume = assemble_volume([pydicom.dcmread(f) for f in files])
+    png = render_preview(volume.hu, labels, names, workdir / "preview.png")
+    console.print(f"SEG: {by_modality['SEG']}\nSR:  {by_modality['SR']}")
+    console.print(f"preview: {png}")
+    return True

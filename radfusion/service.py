@@ -182,7 +182,7 @@ class Service:
                 tuple(Path(r["path"]) for r in rows),
                 self.catalog.study(job.StudyInstanceUID).calling_ae,  # type: ignore[union-attr]
             )
-            outputs = get_app(job.app).run(study, work_dir)
+            outputs = get_app(job.app, self.config).run(study, work_dir)
             results = self.exporter.export(outputs, study_instance_uid=job.StudyInstanceUID)
         except Exception as err:
             error = f"{type(err).__name__}: {err}"

@@ -15,5 +15,8 @@ from radfusion.apps.registry import StudyInput
 class ForwardApp:
     name = "forward"
 
+    def __init__(self, config: object) -> None:
+        pass
+
     def run(self, study: StudyInput, work_dir: Path) -> list[Path]:
         return list(study.files)

@@ -15,6 +15,9 @@ from radfusion.service import Service
 class _Boom:
     name = "boom"
 
+    def __init__(self, config: Any) -> None:
+        pass
+
     def run(self, study: Any, work_dir: Path) -> list[Path]:
         raise RuntimeError("model server unavailable")
 

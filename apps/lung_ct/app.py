@@ -1,0 +1,191 @@
+"""The lung CT app: chest CT → lungs and lung tumours → DICOM SEG + TID 1500 SR.
+
+A MONAI Deploy application (Holoscan graph)::
+
+    study ─▶ select_series ─▶ volume ─▶ segment ─▶ measure ─▶ write_results
+                  │              └────────────────────┴──────────▲
+                  └──────────────────────────────────────────────┘
+
+Run once over a folder like any MONAI Deploy app (``HOLOSCAN_INPUT_PATH`` →
+``HOLOSCAN_OUTPUT_PATH``, or ``radfusion run lung-ct --input DIR --output DIR``), or from the
+service, which hands it each study the router assigns to ``lung-ct``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import Application, Fragment, Operator, OperatorSpec
+
+from radfusion import __version__
+from radfusion.apps.registry import StudyInput
+from radfusion.config import LungCTConfig, RadfusionConfig
+from radfusion.operators.measurement import MeasurementOperator
+from radfusion.operators.results import AlgorithmInfo
+from radfusion.operators.results_writer import ResultsWriterOperator
+from radfusion.operators.segmentation import (
+    SegmentationModelConfig,
+    SegmentationOperator,
+    default_model_config_path,
+)
+from radfusion.operators.segmentation_model import Predictor, load_torchscript
+from radfusion.operators.series_selector import SeriesSelectorOperator
+from radfusion.operators.volume import VolumeOperator
+
+__all__ = ["LungCT", "LungCTApp", "run_folder"]
+
+log = logging.getLogger("radfusion.apps.lung_ct")
+
+
+class StudyFilesOperator(Operator):
+    """Source: emits the study's files once (output ``files``)."""
+
+    def __init__(self, fragment: Fragment, *args: object, files: Sequence[Path], **kw: object):
+        self.files = list(files)
+        super().__init__(fragment, *args, **kw)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.output("files")
+
+    def compute(self, op_input: object, op_output: object, context: object) -> None:
+        op_output.emit(self.files, "files")  # type: ignore[attr-defined]
+
+
+def model_config(settings: LungCTConfig) -> SegmentationModelConfig:
+    return SegmentationModelConfig.from_yaml(settings.model or default_model_config_path())
+
+
+def algorithm_info(model: SegmentationModelConfig) -> AlgorithmInfo:
+    """The reference model is a demonstration: its results must say so."""
+    reference = default_model_config_path().resolve().parent
+    demonstration = Path(model.model_path).resolve().parent == reference
+    return AlgorithmInfo(name=model.name, version=model.version, demonstration=demonstration)
+
+
+class LungCTApp(Application):
+    """The graph for one study: ``files`` in, SEG and SR written to ``output_dir``."""
+
+    def __init__(
+        self,
+        *,
+        files: Sequence[Path],
+        output_dir: Path,
+        settings: LungCTConfig,
+        uid_root: str,
+        timings: dict[str, float] | None = None,
+        model: SegmentationModelConfig | None = None,
+        predictor: Predictor | None = None,
+        **kw: object,
+    ) -> None:
+        self.timings: dict[str, float] = {} if timings is None else timings
+        self.written: list[Path] = []  # filled by the results writer when the graph runs
+        self._model = model
+        self._predictor = predictor
+        self._files = list(files)
+        self._output_dir = Path(output_dir)
+        self._settings = settings
+        self._uid_root = uid_root
+        super().__init__(**kw)
+
+    def compose(self) -> None:
+        model = self._model or model_config(self._settings)
+        study = StudyFilesOperator(self, CountCondition(self, 1), files=self._files, name="study")
+        select = SeriesSelectorOperator(
+            self, min_slices=self._settings.min_slices, name="select_series"
+        )
+        volume = VolumeOperator(self, timings=self.timings, name="volume")
+        segment = SegmentationOperator(
+            self,
+            config=model,
+            threads=self._settings.threads,
+            timings=self.timings,
+            name="segment",
+        )
+        measure = MeasurementOperator(
+            self, uid_root=self._uid_root, timings=self.timings, name="measure"
+        )
+        write = ResultsWriterOperator(
+            self,
+            algorithm=algorithm_info(model),
+            output_dir=self._output_dir,
+            uid_root=self._uid_root,
+            labelmap=self._settings.seg_type == "labelmap",
+            timings=self.timings,
+            written=self.written,
+            name="write_results",
+        )
+        self.add_flow(study, select, {("files", "files")})
+        self.add_flow(select, volume, {("selection", "selection")})
+        self.add_flow(volume, segment, {("volume", "volume")})
+        self.add_flow(volume, measure, {("volume", "volume")})
+        self.add_flow(segment, measure, {("classes", "classes")})
+        self.add_flow(select, write, {("selection", "selection")})
+        self.add_flow(volume, write, {("volume", "volume")})
+        self.add_flow(measure, write, {("measured", "measured")})
+
+
+def run_folder(input_dir: Path, output_dir: Path, config: RadfusionConfig) -> list[Path]:
+    """Run the app once over every file under ``input_dir``; returns the files written."""
+    files = sorted(p for p in Path(input_dir).rglob("*") if p.is_file())
+    app = LungCTApp(
+        files=files,
+        output_dir=Path(output_dir),
+        settings=config.apps.lung_ct,
+        uid_root=config.uid_root,
+    )
+    app.run()
+    return list(app.written)
+
+
+class LungCT:
+    """The registry entry: runs the app on each study the service hands over.
+
+    The model is loaded once, on the first study, and kept for the next ones.
+    """
+
+    name = "lung-ct"
+
+    def __init__(self, config: RadfusionConfig) -> None:
+        self.config = config
+        self._model: SegmentationModelConfig | None = None
+        self._predictor: Predictor | None = None
+
+    def run(self, study: StudyInput, work_dir: Path) -> list[Path]:
+        settings = self.config.apps.lung_ct
+        if self._predictor is None:
+            self._model = model_config(settings)
+            self._predictor = load_torchscript(self._model.model_path, settings.threads)
+        app = LungCTApp(
+            files=study.files,
+            output_dir=Path(work_dir) / "output",
+            settings=settings,
+            uid_root=self.config.uid_root,
+            model=self._model,
+            predictor=self._predictor,
+        )
+        app.run()
+        log.info(
+            "lung-ct stage seconds: %s",
+            " ".join(f"{k}={v:.2f}" for k, v in app.timings.items()),
+        )
+        return list(app.written)
+
+
+def main() -> None:
+    """MONAI Deploy convention: HOLOSCAN_INPUT_PATH → HOLOSCAN_OUTPUT_PATH."""
+    from radfusion.config import load_config
+
+    config_path = os.environ.get("RADFUSION_CONFIG")
+    config = load_config(Path(config_path) if config_path else None)
+    input_dir = Path(os.environ.get("HOLOSCAN_INPUT_PATH", "input"))
+    output_dir = Path(os.environ.get("HOLOSCAN_OUTPUT_PATH", "output"))
+    written = run_folder(input_dir, output_dir, config)
+    log.info("lung-ct %s wrote %d file(s) to %s", __version__, len(written), output_dir)
+
+
+if __name__ == "__main__":
+    main()

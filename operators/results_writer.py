@@ -1,0 +1,160 @@
+"""Results writer: the SEG and the TID 1500 SR of one processed series, as files.
+
+Always writes an SR when a CT series was selected — with findings, or saying why the input was
+out of scope or could not be processed — and a SEG only when there are findings. UIDs are
+derived from the source series and the algorithm, so the same input gives the same objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from radfusion.logs import uid_tag
+from radfusion.operators.measurement import Measured
+from radfusion.operators.results import AlgorithmInfo
+from radfusion.operators.seg_writer import build_seg
+from radfusion.operators.series_selector import SelectedSeries
+from radfusion.operators.sr_writer import write_sr
+from radfusion.operators.volume import Volume, VolumeError
+
+__all__ = ["ResultsWriterOperator", "write_results"]
+
+log = logging.getLogger("radfusion.operators.results_writer")
+
+
+def write_results(
+    selection: SelectedSeries | None,
+    volume: Volume | VolumeError | None,
+    measured: Measured | None,
+    algorithm: AlgorithmInfo,
+    output_dir: Path,
+    *,
+    uid_root: str,
+    labelmap: bool = False,
+    timings: dict[str, float] | None = None,
+) -> list[Path]:
+    """Write SEG and SR for the outcome of one study; returns the files written.
+
+    No CT series selected: nothing is written (there are no images to reference).
+    """
+    if selection is None:
+        log.warning("no usable CT series in the study: no results written")
+        return []
+    output_dir.mkdir(parents=True, exist_ok=True)
+    source = selection.SeriesInstanceUID
+    key = [source, algorithm.name, algorithm.version]
+
+    def uid(kind: str) -> str:
+        return str(generate_uid(prefix=uid_root, entropy_srcs=[*key, kind]))
+
+    frame_numbers = None
+    if isinstance(volume, Volume):
+        images = list(volume.source_images)  # k order; a multi-frame image repeats per frame
+        frame_numbers = list(volume.frame_numbers)
+    else:
+        images = list(selection.headers)
+    reason = None
+    if isinstance(volume, VolumeError):
+        reason = f"not processed: {volume}"
+    elif measured is None or measured.result is None:
+        reason = measured.out_of_scope_reason if measured else "not processed"
+    written = []
+    seg_path = None
+    seg_ds = None
+    if reason is None and measured is not None and measured.result is not None:
+        seg_path = output_dir / "seg.dcm"
+        started = time.perf_counter()
+        seg_ds = build_seg(
+            images,
+            measured.result,
+            algorithm,
+            series_instance_uid=uid("seg-series"),
+            sop_instance_uid=uid("seg"),
+            labelmap=labelmap,
+            frame_numbers=frame_numbers,
+        )
+        _save(seg_ds, seg_path)
+        written.append(seg_path)
+        if timings is not None:
+            timings["seg_encode"] = time.perf_counter() - started
+    sr_path = output_dir / "sr.dcm"
+    started = time.perf_counter()
+    write_sr(
+        images,
+        seg_ds,
+        measured.result if reason is None and measured else None,
+        algorithm,
+        series_instance_uid=uid("sr-series"),
+        sop_instance_uid=uid("sr"),
+        out_of_scope_reason=reason,
+        path=sr_path,
+    )
+    written.append(sr_path)
+    if timings is not None:
+        timings["sr_encode"] = time.perf_counter() - started
+    log.info(
+        "series %s: wrote %s%s",
+        uid_tag(source),
+        ", ".join(p.name for p in written),
+        f" (out of scope: {reason})" if reason else "",
+    )
+    return written
+
+
+def _save(ds: Dataset, path: Path) -> None:
+    """Write beside the target and rename, so a half-written file is never picked up."""
+    partial = path.with_name(path.name + ".partial")
+    ds.save_as(partial, enforce_file_format=True)
+    os.replace(partial, path)
+
+
+class ResultsWriterOperator(Operator):
+    """Inputs ``selection``, ``volume``, ``measured`` → files in ``output_dir``; output
+    ``files`` (list of paths written)."""
+
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: object,
+        algorithm: AlgorithmInfo,
+        output_dir: Path,
+        uid_root: str,
+        labelmap: bool = False,
+        timings: dict[str, float] | None = None,
+        written: list[Path] | None = None,
+        **kw: object,
+    ) -> None:
+        self.timings = timings
+        self.written = written
+        self.algorithm = algorithm
+        self.output_dir = Path(output_dir)
+        self.uid_root = uid_root
+        self.labelmap = labelmap
+        super().__init__(fragment, *args, **kw)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("selection")
+        spec.input("volume")
+        spec.input("measured")
+
+    def compute(self, op_input: object, op_output: object, context: object) -> None:
+        receive = op_input.receive  # type: ignore[attr-defined]
+        paths = write_results(
+            receive("selection"),
+            receive("volume"),
+            receive("measured"),
+            self.algorithm,
+            self.output_dir,
+            uid_root=self.uid_root,
+            labelmap=self.labelmap,
+            timings=self.timings,
+        )
+        if self.written is not None:
+            self.written.extend(paths)

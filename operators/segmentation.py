@@ -1,0 +1,66 @@
+"""Segmentation operator: a CT volume → the model's class map on the same grid.
+
+The model, its preprocessing and its label map come from a model.yaml (see
+:mod:`radfusion.operators.segmentation_model`), so a site can drop in its own TorchScript model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from radfusion.operators.segmentation_model import (
+    ModelConfigError,
+    Predictor,
+    SegmentationModelConfig,
+    default_model_config_path,
+    load_torchscript,
+    segment,
+)
+from radfusion.operators.volume import Volume
+
+__all__ = [
+    "ModelConfigError",
+    "SegmentationModelConfig",
+    "SegmentationOperator",
+    "default_model_config_path",
+]
+
+log = logging.getLogger("radfusion.operators.segmentation")
+
+
+class SegmentationOperator(Operator):
+    """Input ``volume`` (:class:`Volume`, or a ``VolumeError`` passed through) → output
+    ``classes`` (uint8 class map, or ``None`` when there was no volume).
+
+    ``timings`` (optional dict) receives seconds per stage for the benchmark.
+    """
+
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: object,
+        config: SegmentationModelConfig,
+        predictor: Predictor | None = None,
+        threads: int = 0,
+        timings: dict[str, float] | None = None,
+        **kw: object,
+    ) -> None:
+        self.config = config
+        self.predictor = predictor or load_torchscript(config.model_path, threads)
+        self.timings = timings
+        super().__init__(fragment, *args, **kw)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("volume")
+        spec.output("classes")
+
+    def compute(self, op_input: object, op_output: object, context: object) -> None:
+        volume = op_input.receive("volume")  # type: ignore[attr-defined]
+        classes = None
+        if isinstance(volume, Volume):
+            classes = segment(
+                volume.hu, volume.spacing_mm, self.predictor, self.config, timings=self.timings
+            )
+        op_output.emit(classes, "classes")  # type: ignore[attr-defined]

@@ -1,0 +1,311 @@
+"""A segmentation model and the processing around it: what a site swaps to use its own model.
+
+A model is described by a small YAML file (``model.yaml``) beside its TorchScript file::
+
+    name: radfusion-lung-ct            # goes into the SEG/SR algorithm identification
+    version: 0.1.0
+    model: model.ts                    # TorchScript, relative to this file
+    spacing_mm: [2.0, 1.5, 1.5]        # the grid the model sees: (slice, row, column) spacing
+    intensity: {hu_min: -1000, hu_max: 500}   # HU clipped to this window, scaled to [0, 1]
+    labels: {1: lung, 2: tumour}       # output channel → class; channel 0 is background
+    roi_size: [96, 256, 256]           # sliding-window patch on the model grid
+    overlap: 0.25
+
+Processing: the HU volume is resampled to ``spacing_mm`` (area averaging when shrinking, so
+partial volumes are kept; linear when growing), clipped and scaled; the network runs over it
+in sliding windows and gives class probabilities; these are interpolated linearly back to the
+source grid and the most likely class is taken per source voxel. Interpolating probabilities
+(not hard labels) keeps boundaries sub-voxel accurate at the source resolution.
+
+Nothing here knows DICOM or the network: ``segment`` takes an array and a predictor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+__all__ = [
+    "ModelConfigError",
+    "Predictor",
+    "SegmentationModelConfig",
+    "default_model_config_path",
+    "load_torchscript",
+    "model_grid_shape",
+    "preprocess",
+    "probabilities_to_classes",
+    "segment",
+]
+
+log = logging.getLogger("radfusion.operators.segmentation")
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+"""Maps a batch ``[B, 1, D, H, W]`` (float32, scaled intensities) to logits ``[B, C, D, H, W]``.
+The in-process TorchScript module is one; a Triton client is another."""
+
+_OUTPUT_CHUNK_SLICES = 32  # source slices resolved at a time: bounds memory on 500+ slices
+
+
+class ModelConfigError(ValueError):
+    """A model.yaml is missing, malformed or names a file that does not exist."""
+
+
+def default_model_config_path() -> Path:
+    """The reference model shipped with radfusion (a demonstration, not for clinical use)."""
+    here = Path(__file__).resolve().parent
+    for root in (here.parent, here.parent.parent):  # source tree, or installed package data
+        candidate = root / "packaging" / "models" / "lung_ct_seg" / "model.yaml"
+        if candidate.is_file():
+            return candidate
+    return here.parent / "packaging" / "models" / "lung_ct_seg" / "model.yaml"
+
+
+@dataclass(frozen=True)
+class SegmentationModelConfig:
+    """The contents of a model.yaml; see the module docstring."""
+
+    name: str
+    version: str
+    model_path: Path
+    spacing_mm: tuple[float, float, float]
+    hu_min: float
+    hu_max: float
+    labels: dict[int, str]
+    roi_size: tuple[int, int, int]
+    overlap: float
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> SegmentationModelConfig:
+        """Read and check a model.yaml.
+
+        Raises:
+            ModelConfigError: the file is missing or unreadable, a key is missing or has a bad
+                value (the message names the file and the key), or the model file is absent.
+        """
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ModelConfigError(f"{path}: cannot read model config: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ModelConfigError(f"{path}: expected a mapping at the top level")
+
+        def need(key: str) -> object:
+            if key not in raw:
+                raise ModelConfigError(f"{path}: missing key {key!r}")
+            return raw[key]
+
+        try:
+            spacing = tuple(float(v) for v in need("spacing_mm"))  # type: ignore[union-attr]
+            roi = tuple(int(v) for v in raw.get("roi_size", (96, 256, 256)))
+            intensity = need("intensity")
+            hu_min = float(intensity["hu_min"])  # type: ignore[index]
+            hu_max = float(intensity["hu_max"])  # type: ignore[index]
+            labels = {int(k): str(v) for k, v in need("labels").items()}  # type: ignore[union-attr]
+            overlap = float(raw.get("overlap", 0.25))
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise ModelConfigError(f"{path}: bad value: {exc!r}") from exc
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise ModelConfigError(f"{path}: spacing_mm must be three positive numbers")
+        if len(roi) != 3 or min(roi) < 8:
+            raise ModelConfigError(f"{path}: roi_size must be three integers >= 8")
+        if hu_max <= hu_min:
+            raise ModelConfigError(f"{path}: intensity.hu_max must exceed hu_min")
+        if 0 in labels or not labels:
+            raise ModelConfigError(
+                f"{path}: labels must name output channels 1..N (0 is background)"
+            )
+        if not 0 <= overlap < 1:
+            raise ModelConfigError(f"{path}: overlap must be in [0, 1)")
+        model_path = (path.parent / str(need("model"))).resolve()
+        if not model_path.is_file():
+            raise ModelConfigError(f"{path}: model file {model_path} does not exist")
+        return cls(
+            name=str(need("name")),
+            version=str(need("version")),
+            model_path=model_path,
+            spacing_mm=spacing,  # type: ignore[arg-type]
+            hu_min=hu_min,
+            hu_max=hu_max,
+            labels=labels,
+            roi_size=roi,  # type: ignore[arg-type]
+            overlap=overlap,
+        )
+
+    def class_index(self, name: str) -> int:
+        """The output channel of a class by name (e.g. ``"lung"``).
+
+        Raises:
+            KeyError: the model has no such class.
+        """
+        for index, label in self.labels.items():
+            if label == name:
+                return index
+        raise KeyError(f"model {self.name} has no class {name!r} (has {self.labels})")
+
+
+def load_torchscript(path: Path, threads: int = 0) -> Predictor:
+    """Load a TorchScript model for in-process CPU inference.
+
+    Raises:
+        ModelConfigError: the file is not a loadable TorchScript model.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ModelConfigError(f"{path}: not a loadable TorchScript model: {exc}") from exc
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(batch)
+
+    return predict
+
+
+def model_grid_shape(
+    shape: tuple[int, int, int],
+    spacing_mm: tuple[float, float, float],
+    target_mm: tuple[float, float, float],
+) -> tuple[int, int, int]:
+    """The shape of a volume of ``shape`` at ``spacing_mm`` resampled to ``target_mm``."""
+    return tuple(  # type: ignore[return-value]
+        max(1, round(n * s / t)) for n, s, t in zip(shape, spacing_mm, target_mm, strict=True)
+    )
+
+
+def resample(volume: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Resample ``[C, D, H, W]`` to ``shape``: area averaging along axes that shrink, linear
+    interpolation along axes that grow (both with pixel-centre alignment)."""
+    x = volume[None]
+    shrink = tuple(min(n, m) for n, m in zip(x.shape[2:], shape, strict=True))
+    if shrink != tuple(x.shape[2:]):
+        x = F.adaptive_avg_pool3d(x, shrink)
+    if shrink != tuple(shape):
+        x = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)
+    return x[0]
+
+
+def preprocess(
+    hu: np.ndarray, spacing_mm: tuple[float, float, float], config: SegmentationModelConfig
+) -> torch.Tensor:
+    """HU volume ``[k, r, c]`` → the model's input ``[1, D, H, W]`` on its grid, in [0, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None]
+    x = x.clamp_(config.hu_min, config.hu_max)
+    x = resample(x, model_grid_shape(hu.shape, spacing_mm, config.spacing_mm))
+    return (x - config.hu_min) / (config.hu_max - config.hu_min)
+
+
+def _stencil(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear-interpolation stencil from ``n_in`` to ``n_out`` samples with pixel-centre
+    alignment: lower index, upper index and the upper weight per output sample."""
+    z = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lower = np.floor(z).astype(np.intp)
+    upper = np.minimum(lower + 1, n_in - 1)
+    return lower, upper, (z - lower).astype(np.float32)
+
+
+def probabilities_to_classes(
+    probabilities: torch.Tensor, shape: tuple[int, int, int]
+) -> np.ndarray:
+    """Class probabilities ``[C, D, H, W]`` on the model grid → class map of ``shape`` (uint8):
+    per source voxel, the most likely class of the trilinearly interpolated probabilities.
+
+    A linear blend of probability vectors that share their most likely class keeps that class,
+    so only voxels whose 2×2×2 model-grid neighbourhood disagrees are interpolated; the rest
+    take the class of the neighbourhood. Same result as interpolating everything, in a small
+    part of the time and memory.
+    """
+    p = probabilities.float().numpy()
+    depth, height, width = p.shape[1:]
+    best = p.argmax(axis=0).astype(np.uint8)
+    (zl, zu, zw), (yl, yu, yw), (xl, xu, xw) = (
+        _stencil(n_out, n_in) for n_out, n_in in zip(shape, (depth, height, width), strict=True)
+    )
+    # mixed[d, h, w]: the cell whose lower corner is (d, h, w) spans more than one class.
+    d1 = np.minimum(np.arange(depth) + 1, depth - 1)
+    h1 = np.minimum(np.arange(height) + 1, height - 1)
+    w1 = np.minimum(np.arange(width) + 1, width - 1)
+    mixed = np.zeros(best.shape, dtype=bool)
+    for a in (slice(None), d1):
+        for b in (slice(None), h1):
+            for c in (slice(None), w1):
+                mixed |= best != best[a][:, b][:, :, c]
+    out = np.empty(shape, dtype=np.uint8)
+    for start in range(0, shape[0], _OUTPUT_CHUNK_SLICES):
+        ks = slice(start, min(start + _OUTPUT_CHUNK_SLICES, shape[0]))
+        out[ks] = best[zl[ks]][:, yl][:, :, xl]
+        k, r, c = np.nonzero(mixed[zl[ks]][:, yl][:, :, xl])
+        if not len(k):
+            continue
+        k = k + start
+        blend = np.zeros((p.shape[0], len(k)), dtype=np.float32)
+        for zi, zf in ((zl[k], 1 - zw[k]), (zu[k], zw[k])):
+            for yi, yf in ((yl[r], 1 - yw[r]), (yu[r], yw[r])):
+                for xi, xf in ((xl[c], 1 - xw[c]), (xu[c], xw[c])):
+                    blend += p[:, zi, yi, xi] * (zf * yf * xf)
+        out[k, r, c] = blend.argmax(axis=0)
+    return out
+
+
+def segment(
+    hu: np.ndarray,
+    spacing_mm: tuple[float, float, float],
+    predictor: Predictor,
+    config: SegmentationModelConfig,
+    *,
+    timings: dict[str, float] | None = None,
+) -> np.ndarray:
+    """Segment a HU volume ``[k, r, c]``; returns the class map (0 background, else the model's
+    output channel, see ``config.labels``) on the same grid.
+
+    ``timings``, if given, receives seconds per stage (preprocess, inference, postprocess).
+
+    Raises:
+        ValueError: ``hu`` is not 3-D or the predictor's output has the wrong shape.
+    """
+    import time
+
+    from monai.inferers import sliding_window_inference
+
+    if hu.ndim != 3:
+        raise ValueError(f"expected a 3-D volume [k, r, c], got shape {hu.shape}")
+    t0 = time.perf_counter()
+    x = preprocess(hu, spacing_mm, config)
+    t1 = time.perf_counter()
+    # Windows are always roi_size (a volume smaller than that is padded), so the network sees
+    # the shapes it was traced and trained with.
+    with torch.inference_mode():
+        logits = sliding_window_inference(
+            x[None],
+            roi_size=config.roi_size,
+            sw_batch_size=1,
+            predictor=predictor,
+            overlap=config.overlap,
+            mode="gaussian",
+        )
+    if not isinstance(logits, torch.Tensor) or logits.shape[2:] != x.shape[1:]:
+        raise ValueError(
+            f"model output shape {getattr(logits, 'shape', None)} does not match "
+            f"its input {tuple(x.shape)}"
+        )
+    if logits.shape[1] != len(config.labels) + 1:
+        raise ValueError(
+            f"model gives {logits.shape[1]} channels, model.yaml names "
+            f"{len(config.labels)} classes + background"
+        )
+    t2 = time.perf_counter()
+    with torch.inference_mode():
+        classes = probabilities_to_classes(torch.softmax(logits[0], dim=0), hu.shape)
+    t3 = time.perf_counter()
+    if timings is not None:
+        timings.update(preprocess=t1 - t0, inference=t2 - t1, postprocess=t3 - t2)
+    return classes

@@ -1,0 +1,450 @@
+"""SR writer: a :class:`SegmentationResult` → a TID 1500 Measurement Report (Comprehensive 3D SR).
+
+One TID 1411 Volumetric ROI group per finding (right lung, left lung, each tumour), each
+pointing at its segment in the SEG and holding the finding's volume (mm³ and mL), longest
+axial diameter ("Long axis") and mean and SD of attenuation (HU), with the algorithm
+identified (TID 4019) on the group and on every measurement.
+
+Each tumour also gets a TID 1410 Planar ROI group with the same tracking identifier: a
+SCOORD3D two-point POLYLINE from one end of the longest axial diameter to the other, and that
+diameter. A TID 1411 group can reference a segment or a region but not both, and viewers draw
+the coordinates, not the segment reference. OHIF (extensions/cornerstone-dicom-sr) merges
+measurement groups by Tracking Unique Identifier, draws a group that holds a top-level SCOORD3D
+on every display set with the same Frame of Reference (Comprehensive 3D SR only), and lists the
+merged NUM items as the annotation's labels; a group without coordinates is never drawn.
+
+A study the app could not measure (``result`` None, ``out_of_scope_reason`` given) gets an SR
+with no measurement groups at all: TID 1500's "Qualitative Evaluations" container holds the
+reason as text. No finding is ever invented for it.
+
+The output is deterministic: the same inputs give byte-identical files. Nothing in it comes
+from the clock (highdicom stamps it in a few places; they are replaced or dropped here).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from radfusion.operators.result_identity import (
+    algorithm_device_uid,
+    algorithm_equipment,
+    algorithm_serial_number,
+    content_datetime,
+    drop_clock_stamps,
+    finding_concept,
+    finding_laterality,
+    fit_lo,
+    general_equipment,
+    with_type2_attributes,
+)
+from radfusion.operators.results import AlgorithmInfo, Finding, SegmentationResult
+
+__all__ = ["SERIES_NUMBER", "build_sr", "write_sr"]
+
+SERIES_NUMBER = 902  # after the SEG (901), so results sort after the acquired series
+
+# Procedure reported (TID 1500 row 4, CID 100, extensible). LOINC radiology procedure codes:
+# "CT Chest" when lungs were found; the input of an out-of-scope study may not be a chest CT,
+# so that SR says only "CT unspecified body region" (CID 100's own entry).
+CT_CHEST = Code("24627-2", "LN", "CT Chest")
+CT_UNSPECIFIED = codes.cid100.CTUnspecifiedBodyRegion  # LN 25045-6
+
+# Measurement concepts (CID 7469 "Generic Intensity and Size Measurements") and units (UCUM).
+_VOLUME = codes.SCT.Volume  # 118565006
+_LONG_AXIS = codes.SCT.LongAxis  # 103339001: the longest diameter in the axial plane (RECIST)
+_ATTENUATION = codes.DCM.AttenuationCoefficient  # 112031, with a CID 7464 derivation:
+_MEAN = codes.SCT.Mean  # 373098007
+_SD = codes.SCT.StandardDeviation  # 386136009
+_MM3 = codes.UCUM.CubicMillimeter
+_ML = Code("ml", "UCUM", "milliliter")
+_MM = codes.UCUM.Millimeter
+_HU = codes.UCUM.HounsfieldUnit  # [hnsf'U]
+
+# TID 1500 rows 12 and 14: with no measurement groups the report holds this container instead.
+_QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+_COMMENT = codes.DCM.Comment  # 121106
+_ENGLISH = hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")
+
+_SEGMENTATION_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage
+    "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation Storage
+}
+
+
+def build_sr(
+    source_images: Sequence[Dataset],
+    seg: Dataset | None,
+    result: SegmentationResult | None,
+    algorithm: AlgorithmInfo,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    out_of_scope_reason: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the TID 1500 Measurement Report for one processed CT series (not written).
+
+    With ``result``: one TID 1411 group per finding referencing its segment in ``seg`` (the SEG
+    written for the same result), plus one TID 1410 group per tumour with the diameter as a
+    SCOORD3D line. Without (``result`` None): ``out_of_scope_reason`` is required, ``seg`` may
+    be None (it is ignored), and the report has no measurement groups, only the reason.
+    Sources without a Frame of Reference UID get no SCOORD3D (there is no space to place it in).
+
+    ``source_images`` are the series' datasets (metadata suffices; a dataset repeated per frame,
+    as in :attr:`Volume.source_images`, is referenced once). Same study as the sources, series
+    number 902, instance 1, SeriesDescription ``algorithm.series_description``, complete,
+    unverified and preliminary (an algorithm's output is never the definitive report). Sources
+    without optional or Type 2 attributes (patient name, accession number, series number, …)
+    are fine; the caller's datasets are not modified.
+
+    Raises:
+        ValueError: no source images, or sources from several studies or without SOP
+            Instance/Class UIDs; both or neither of ``result`` and ``out_of_scope_reason``; a
+            result without findings or without ``seg``; ``seg`` is not a Segmentation of the
+            sources' study or lacks a finding's segment number; a finding of unknown kind or
+            side.
+    """
+    sources = _distinct(source_images)
+    if (result is None) == (out_of_scope_reason is None):
+        raise ValueError("give exactly one of result and out_of_scope_reason")
+    study_uid = str(sources[0].StudyInstanceUID)
+    first = with_type2_attributes(sources[0])
+    evidence: list[Dataset] = [first, *sources[1:]]
+    observation_context = _observation_context(algorithm)
+    algorithm_id = _algorithm_id(algorithm)
+    library = _image_library(sources)
+    if result is not None:
+        if not result.findings:
+            raise ValueError("result has no findings: pass out_of_scope_reason instead")
+        if seg is None:
+            raise ValueError("a result needs its SEG: the measurement groups reference segments")
+        _check_seg(seg, study_uid, result)
+        frame_of_reference = str(sources[0].get("FrameOfReferenceUID") or "")
+        source_series = hd.sr.SourceSeriesForSegmentation(str(sources[0].SeriesInstanceUID))
+        groups: list[
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+            | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        ] = []
+        for finding in result.findings:
+            # The planar group first: OHIF labels the drawn line with the first NUM of the
+            # merged groups, and for a line that should be its length.
+            if finding.kind == "tumour" and frame_of_reference:
+                planar = _diameter_group(finding, frame_of_reference, algorithm_id)
+                if planar is not None:
+                    groups.append(planar)
+            groups.append(_volumetric_group(finding, seg, source_series, algorithm_id))
+        report = hd.sr.MeasurementReport(
+            observation_context=observation_context,
+            procedure_reported=CT_CHEST,
+            imaging_measurements=groups,
+        )
+        # The image library belongs before the measurements (TID 1500 row 5 precedes row 6).
+        root = report[0]
+        root.ContentSequence.insert(len(root.ContentSequence) - 1, library)
+        content = report
+        evidence.append(seg)
+    else:
+        content = _out_of_scope_report(
+            observation_context, algorithm_id, library, str(out_of_scope_reason)
+        )
+    date, time = content_datetime(first)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=content[0],
+        series_instance_uid=series_instance_uid,
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        **general_equipment(algorithm),
+        series_description=fit_lo(algorithm.series_description),
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        contributing_equipment=[algorithm_equipment(algorithm)],
+        content_date=date,
+        content_time=time,
+    )
+    drop_clock_stamps(sr)  # nothing from the clock: the same inputs give the same bytes
+    return sr
+
+
+def write_sr(
+    source_images: Sequence[Dataset],
+    seg: Dataset | None,
+    result: SegmentationResult | None,
+    algorithm: AlgorithmInfo,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    out_of_scope_reason: str | None = None,
+    path: Path,
+) -> Path:
+    """Build the SR (see :func:`build_sr`) and write it to ``path`` as a DICOM file.
+
+    The file appears complete or not at all (written beside it, then renamed), so an exporter
+    watching the folder never sends half an SR.
+
+    Raises:
+        ValueError: as :func:`build_sr`.
+        OSError: the file cannot be written.
+    """
+    sr = build_sr(
+        source_images,
+        seg,
+        result,
+        algorithm,
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        out_of_scope_reason=out_of_scope_reason,
+    )
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        sr.save_as(partial, enforce_file_format=True)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+
+def _distinct(source_images: Sequence[Dataset]) -> list[Dataset]:
+    """The sources, each SOP instance once, in order; checked to be one study."""
+    sources: dict[str, Dataset] = {}
+    for ds in source_images:
+        uid, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
+        if not uid or not sop_class:
+            raise ValueError("a source image has no SOP Instance UID or SOP Class UID")
+        sources.setdefault(str(uid), ds)
+    if not sources:
+        raise ValueError("no source images: an SR needs the images it reports on")
+    studies = {str(ds.get("StudyInstanceUID") or "") for ds in sources.values()}
+    if len(studies) != 1 or "" in studies:
+        raise ValueError(f"source images must share one Study Instance UID, got {sorted(studies)}")
+    return list(sources.values())
+
+
+def _check_seg(seg: Dataset, study_uid: str, result: SegmentationResult) -> None:
+    """Refuse a SEG the groups could not resolve to: never reference a segment that isn't."""
+    if str(seg.get("SOPClassUID", "")) not in _SEGMENTATION_SOP_CLASSES:
+        raise ValueError(f"seg is not a Segmentation (SOP Class {seg.get('SOPClassUID')})")
+    if str(seg.get("StudyInstanceUID", "")) != study_uid:
+        raise ValueError("seg belongs to another study than the source images")
+    numbers = {int(item.SegmentNumber) for item in seg.get("SegmentSequence") or []}
+    missing = [f.segment_number for f in result.findings if f.segment_number not in numbers]
+    if missing:
+        raise ValueError(f"seg has no segment(s) {missing} for the result's findings")
+
+
+# -- content ------------------------------------------------------------------------------------
+
+
+def _observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
+    """TID 1001: the algorithm is the observer (a device, TID 1004), not a person."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=algorithm_device_uid(algorithm),
+        name=algorithm.name,
+        manufacturer_name=algorithm.manufacturer,
+        model_name=algorithm.name,
+        serial_number=algorithm_serial_number(algorithm),
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def _algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+    """TID 4019; parameters as "name=value" texts (the template holds free text)."""
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        parameters=[f"{k}={v}" for k, v in algorithm.parameters] or None,
+        manufacturer=algorithm.manufacturer,
+    )
+
+
+def _image_library(sources: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
+    """TID 1600 with one group of plain image references (descriptors are optional).
+
+    highdicom's ImageLibrary describes each image from top-level geometry attributes, which an
+    Enhanced CT keeps in functional groups and a CT may leave empty; references alone cannot
+    fail. Older OHIF versions fail on a report without an image library.
+    """
+    group = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    group.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.ImageContentItem(
+                name=Code("260753009", "SCT", "Source"),
+                referenced_sop_class_uid=str(ds.SOPClassUID),
+                referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for ds in sources
+        ]
+    )
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    library.ContentSequence = hd.sr.ContentSequence([group])
+    return library
+
+
+def _finding_codes(finding: Finding) -> tuple[Code, Code, hd.sr.FindingSite]:
+    """Finding type, category and site: the type and category the SEG gives the segment, so SR
+    group and SEG segment describe the structure alike."""
+    concept = finding_concept(finding)
+    laterality = finding_laterality(finding)
+    # A lung's site is itself; a tumour's is the lung that holds it. Laterality (CID 244)
+    # qualifies "Lung", the pattern DICOM uses for paired organs.
+    site = hd.sr.FindingSite(anatomic_location=codes.cid7151.Lung, laterality=laterality)
+    return concept.type, concept.category, site
+
+
+def _tracking(finding: Finding) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(identifier=finding.tracking_id, uid=finding.tracking_uid)
+
+
+def _long_axis(finding: Finding, algorithm_id: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=_LONG_AXIS,
+        value=finding.longest_axial_diameter_mm,
+        unit=_MM,
+        algorithm_id=algorithm_id,
+    )
+
+
+def _volumetric_group(
+    finding: Finding,
+    seg: Dataset,
+    source_series: hd.sr.SourceSeriesForSegmentation,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 for one finding, its ROI being the finding's segment in the SEG."""
+    kind, category, site = _finding_codes(finding)
+    # Built directly rather than with ReferencedSegment.from_segmentation, which reads per-frame
+    # segment numbers that a Label Map SEG does not have.
+    segment = hd.sr.ReferencedSegment(
+        sop_class_uid=str(seg.SOPClassUID),
+        sop_instance_uid=str(seg.SOPInstanceUID),
+        segment_number=finding.segment_number,
+        source_series=source_series,
+    )
+    measurements = [
+        hd.sr.Measurement(
+            name=_VOLUME, value=finding.volume_mm3, unit=_MM3, algorithm_id=algorithm_id
+        ),
+        hd.sr.Measurement(
+            name=_VOLUME, value=finding.volume_ml, unit=_ML, algorithm_id=algorithm_id
+        ),
+        _long_axis(finding, algorithm_id),
+        hd.sr.Measurement(
+            name=_ATTENUATION,
+            value=finding.mean_hu,
+            unit=_HU,
+            derivation=_MEAN,
+            algorithm_id=algorithm_id,
+        ),
+        hd.sr.Measurement(
+            name=_ATTENUATION,
+            value=finding.sd_hu,
+            unit=_HU,
+            derivation=_SD,
+            algorithm_id=algorithm_id,
+        ),
+    ]
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(finding),
+        referenced_segment=segment,
+        finding_type=kind,
+        finding_category=category,
+        finding_sites=[site],
+        algorithm_id=algorithm_id,
+        measurements=measurements,
+    )
+
+
+def _diameter_group(
+    finding: Finding, frame_of_reference: str, algorithm_id: hd.sr.AlgorithmIdentification
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1410 for a tumour: its longest axial diameter as a SCOORD3D line, so viewers draw
+    it; None when the diameter is a single point (no line to draw)."""
+    ends = np.asarray(finding.diameter_endpoints_lps, dtype=float)
+    if finding.longest_axial_diameter_mm <= 0 or np.allclose(ends[0], ends[1]):
+        return None
+    kind, category, site = _finding_codes(finding)
+    region = hd.sr.ImageRegion3D(
+        graphic_type=hd.sr.GraphicTypeValues3D.POLYLINE,
+        graphic_data=ends,
+        frame_of_reference_uid=frame_of_reference,
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        # The same tracking identifier as the finding's volumetric group: both describe the
+        # same tumour, and OHIF merges groups with one Tracking UID into one annotation.
+        tracking_identifier=_tracking(finding),
+        referenced_region=region,
+        finding_type=kind,
+        finding_category=category,
+        finding_sites=[site],
+        algorithm_id=algorithm_id,
+        measurements=[_long_axis(finding, algorithm_id)],
+    )
+
+
+def _out_of_scope_report(
+    observation_context: hd.sr.ObservationContext,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    library: hd.sr.ContainerContentItem,
+    reason: str,
+) -> hd.sr.ContentSequence:
+    """TID 1500 without measurement groups (highdicom's MeasurementReport requires one): rows
+    1-5, then row 12 "Qualitative Evaluations" with the algorithm (row 12b) and the reason as
+    text (row 14)."""
+    evaluations = hd.sr.ContainerContentItem(
+        name=_QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    evaluations.ContentSequence = hd.sr.ContentSequence(
+        [
+            *algorithm_id,
+            hd.sr.TextContentItem(
+                name=_COMMENT,
+                value=f"No findings reported: {reason}",
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+        ]
+    )
+    root = hd.sr.ContainerContentItem(
+        name=codes.cid7021.ImagingMeasurementReport,
+        template_id="1500",
+    )
+    root.ContentSequence = hd.sr.ContentSequence(
+        [
+            # The language MeasurementReport sets by default, so both kinds of report agree.
+            *hd.sr.LanguageOfContentItemAndDescendants(_ENGLISH),
+            *observation_context,
+            hd.sr.CodeContentItem(
+                name=codes.DCM.ProcedureReported,
+                value=CT_UNSPECIFIED,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+            ),
+            library,
+            evaluations,
+        ]
+    )
+    return hd.sr.ContentSequence([root], is_root=True)

@@ -1,0 +1,104 @@
+"""The lung CT app on the network: storescu → node → lung-ct → SEG + SR in a real Orthanc."""
+
+from __future__ import annotations
+
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+
+from radfusion.evaluation import compare_with_truth, seg_label_volume
+from radfusion.synth.ct import synth_ct
+from tests.conftest import require_tool, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+
+
+def orthanc_study_instances(orthanc: Any, study_uid: str) -> dict[str, str]:
+    """Orthanc instance id → SOP Class UID, for the instances of one study."""
+    found = orthanc.post(
+        "/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}}
+    )
+    if not found:
+        return {}
+    return {
+        i["ID"]: orthanc.get(f"/instances/{i['ID']}/simplified-tags")["SOPClassUID"]
+        for i in orthanc.get(f"/studies/{found[0]}/instances")
+    }
+
+
+def test_chest_ct_sent_by_storescu_comes_back_as_seg_and_sr_in_orthanc(
+    node_factory: Any, orthanc: Any, tmp_path: Path
+) -> None:
+    study = synth_ct(
+        tmp_path / "scanner",
+        slices=64,
+        rows=256,
+        columns=256,
+        slice_thickness=5.0,
+        seed=5300,
+        tumours=2,
+        patient_id="RF-IT-LUNG",
+    )
+    node = node_factory(
+        {
+            "routing": {
+                "rules": [{"name": "chest", "when": {"Modality": "CT"}, "apps": ["lung-ct"]}]
+            },
+            "export": {
+                "destinations": [
+                    {
+                        "name": "pacs",
+                        "type": "dicom",
+                        "ae_title": "ORTHANC",
+                        "host": "127.0.0.1",
+                        "port": orthanc.dicom_port,
+                    }
+                ]
+            },
+        }
+    )
+    storescu(node.port, list(study.files))
+    uid = study.StudyInstanceUID
+
+    def results_arrived() -> bool:
+        classes = set(orthanc_study_instances(orthanc, uid).values())
+        return SEG_CLASS in classes and SR_CLASS in classes
+
+    wait_for(results_arrived, 180, "SEG and SR in Orthanc")
+    instances = orthanc_study_instances(orthanc, uid)
+    assert len(instances) == 2  # only the results: the CT itself is not forwarded
+    results = {}
+    for instance_id, sop_class in instances.items():
+        with urllib.request.urlopen(f"{orthanc.url}/instances/{instance_id}/file") as r:
+            path = tmp_path / f"{sop_class}.dcm"
+            path.write_bytes(r.read())
+        results[sop_class] = path
+    seg = pydicom.dcmread(results[SEG_CLASS])
+    sr = pydicom.dcmread(results[SR_CLASS])
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == uid
+    for path in results.values():
+        out = subprocess.run(
+            [require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False
+        )
+        assert [ln for ln in (out.stdout + out.stderr).splitlines() if "Error" in ln] == []
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for ref in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in ref.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert seg.SOPInstanceUID in referenced
+    labels, names = seg_label_volume(results[SEG_CLASS], study.files)
+    rows = compare_with_truth(labels, names, study.directory)
+    lungs = [r.dice for r in rows if r.structure.endswith("lung")]
+    assert len(lungs) == 2 and min(lungs) >= 0.95
+    assert np.all([r.dice >= 0.85 for r in rows if r.diameter_mm >= 10])
+    assert "lung-ct stage seconds" in node.log()

@@ -1,0 +1,198 @@
+"""The lung CT app run once over a folder: SEG + SR that validate, link up and match the truth."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from radfusion.apps.lung_ct.app import run_folder
+from radfusion.config import parse_config
+from radfusion.evaluation import compare_with_truth, seg_label_volume
+from radfusion.synth.ct import synth_ct
+from tests.conftest import REPO, require_tool
+
+CONFIG = parse_config({})
+
+
+def chest(root: Path, seed: int = 5200, **kw: Any) -> Any:
+    # 256² at 1.4 mm: the same anatomy the model sees at 512² (it resamples to 1.5 mm), at a
+    # quarter of the cost.
+    args = {"slices": 64, "rows": 256, "columns": 256, "slice_thickness": 5.0, "tumours": 3}
+    return synth_ct(root, seed=seed, **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, list[Path]]:
+    root = tmp_path_factory.mktemp("lung_ct")
+    study = chest(root / "in")
+    return study, run_folder(root / "in", root / "out", CONFIG)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(
+        [require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False
+    )
+    return [line for line in (out.stdout + out.stderr).splitlines() if "Error" in line]
+
+
+def sr_text(ds: pydicom.Dataset) -> str:
+    """Every TEXT value of an SR content tree, joined."""
+    out = []
+    for item in ds.get("ContentSequence", []):
+        if "TextValue" in item:
+            out.append(str(item.TextValue))
+        out.append(sr_text(item))
+    return " ".join(t for t in out if t)
+
+
+def test_writes_one_seg_and_one_sr_in_the_source_study(processed: tuple[Any, list[Path]]) -> None:
+    study, written = processed
+    assert [p.name for p in written] == ["seg.dcm", "sr.dcm"]
+    seg, sr = (pydicom.dcmread(p) for p in written)
+    source = pydicom.dcmread(study.files[0], stop_before_pixels=True)
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert len({seg.SeriesInstanceUID, sr.SeriesInstanceUID, source.SeriesInstanceUID}) == 3
+    for ds in (seg, sr):
+        assert ds.SeriesInstanceUID.startswith(CONFIG.uid_root)
+        assert "not for clinical use" in ds.SeriesDescription
+
+
+def test_seg_and_sr_validate(processed: tuple[Any, list[Path]]) -> None:
+    _, written = processed
+    for path in written:
+        assert dciodvfy_errors(path) == [], path.name
+    dump = subprocess.run(
+        [require_tool("dsrdump"), str(written[1])], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Imaging Measurement Report" in dump and "Volume" in dump
+
+
+def test_sr_references_resolve_to_seg_segments(processed: tuple[Any, list[Path]]) -> None:
+    _, written = processed
+    seg = hd.seg.segread(written[0])
+    sr = hd.sr.srread(written[1])
+    labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(labels)
+    for group in groups:
+        sop = group.referenced_segment[0].ReferencedSOPSequence[0]
+        assert sop.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert labels[int(sop.ReferencedSegmentNumber)] == group.tracking_identifier
+    assert sorted(labels.values())[:2] == ["Left lung", "Right lung"]
+
+
+def test_seg_matches_the_ground_truth(processed: tuple[Any, list[Path]]) -> None:
+    study, written = processed
+    labels, names = seg_label_volume(written[0], study.files)
+    rows = compare_with_truth(labels, names, study.directory)
+    for row in rows:
+        if row.structure.endswith("lung"):
+            assert row.segment == row.structure and row.dice >= 0.95, row
+        elif row.diameter_mm >= 10:
+            assert row.dice >= 0.85 and abs(row.found_ml / row.truth_ml - 1) <= 0.15, row
+
+
+def test_same_input_gives_identical_files(
+    processed: tuple[Any, list[Path]], tmp_path: Path
+) -> None:
+    study, written = processed
+    again = run_folder(study.directory, tmp_path / "again", CONFIG)
+    for first, second in zip(written, again, strict=True):
+        assert first.read_bytes() == second.read_bytes(), first.name
+
+
+def test_abdomen_gives_an_out_of_scope_sr_and_no_seg(tmp_path: Path) -> None:
+    chest(tmp_path / "in", seed=5201, chest=False)
+    [sr_path] = run_folder(tmp_path / "in", tmp_path / "out", CONFIG)
+    assert sr_path.name == "sr.dcm" and dciodvfy_errors(sr_path) == []
+    sr = hd.sr.srread(sr_path)
+    assert sr.content.get_volumetric_roi_measurement_groups() == []
+    assert "no lungs found" in sr_text(pydicom.dcmread(sr_path))
+
+
+def test_irregular_series_is_reported_not_processed(tmp_path: Path) -> None:
+    study = chest(tmp_path / "in", seed=5202, slices=60)
+    study.files[30].unlink()  # a missing slice: irregular spacing
+    [sr_path] = run_folder(tmp_path / "in", tmp_path / "out", CONFIG)
+    text = sr_text(pydicom.dcmread(sr_path))
+    assert "not processed" in text and "spacing" in text
+    assert dciodvfy_errors(sr_path) == []
+
+
+def test_too_few_slices_writes_nothing(tmp_path: Path) -> None:
+    chest(tmp_path / "in", seed=5203, slices=20)
+    assert run_folder(tmp_path / "in", tmp_path / "out", CONFIG) == []
+
+
+def test_cli_run_and_the_monai_deploy_entry_point(
+    processed: tuple[Any, list[Path]], tmp_path: Path
+) -> None:
+    study, written = processed
+    cli = shutil.which("radfusion", path=str(Path(sys.executable).parent))
+    assert cli is not None
+    out = subprocess.run(
+        [cli, "run", "lung-ct", "--input", str(study.directory), "--output", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(tmp_path / "a" / "seg.dcm"), str(tmp_path / "a" / "sr.dcm")]
+    env = {
+        **os.environ,
+        "HOLOSCAN_INPUT_PATH": str(study.directory),
+        "HOLOSCAN_OUTPUT_PATH": str(tmp_path / "b"),
+    }
+    subprocess.run(
+        [sys.executable, "-m", "radfusion.apps.lung_ct.app"],
+        env=env,
+        cwd=REPO,
+        timeout=300,
+        check=True,
+        capture_output=True,
+    )
+    assert (tmp_path / "b" / "sr.dcm").read_bytes() == written[1].read_bytes()
+
+
+def test_cli_run_on_a_folder_without_ct_fails_clearly(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not DICOM")
+    cli = shutil.which("radfusion", path=str(Path(sys.executable).parent))
+    out = subprocess.run(
+        [
+            str(cli),
+            "run",
+            "lung-ct",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 1 and "no usable CT series" in out.stderr
+
+
+def test_map_metadata_names_the_app_and_its_version() -> None:
+    import yaml
+
+    from radfusion import __version__
+
+    meta = yaml.safe_load((REPO / "apps" / "lung_ct" / "app.yaml").read_text())
+    assert str(meta["application"]["version"]) == __version__
+    assert "demonstration" in meta["application"]["title"]
+    assert meta["application"]["inputFormats"] == ["file"]
+    assert {"cpu", "gpu", "memory"} <= meta["resources"].keys()

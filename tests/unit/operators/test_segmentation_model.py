@@ -1,0 +1,141 @@
+"""The reference model and its processing: config checks, exact resampling, held-out accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from radfusion.operators.segmentation_model import (
+    ModelConfigError,
+    SegmentationModelConfig,
+    default_model_config_path,
+    load_torchscript,
+    probabilities_to_classes,
+    segment,
+)
+from radfusion.synth.ct import LABELS, TUMOUR_LABEL_BASE, make_phantom
+
+MODEL_CARD = default_model_config_path().parent / "MODEL_CARD.md"
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[SegmentationModelConfig, object]:
+    config = SegmentationModelConfig.from_yaml(default_model_config_path())
+    return config, load_torchscript(config.model_path)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def test_reference_model_is_small_and_labelled_a_demonstration() -> None:
+    config = SegmentationModelConfig.from_yaml(default_model_config_path())
+    assert config.model_path.stat().st_size <= 20 * 1024 * 1024
+    assert config.labels == {1: "lung", 2: "tumour"}
+    assert "not for clinical use" in MODEL_CARD.read_text().lower()
+    assert "not for clinical use" in default_model_config_path().read_text().lower()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: x\n", "missing key"),
+        ("- just a list\n", "mapping"),
+        (
+            "name: x\nversion: 1\nmodel: model.ts\nspacing_mm: [1, 1]\n"
+            "intensity: {hu_min: 0, hu_max: 1}\nlabels: {1: lung}\n",
+            "spacing_mm",
+        ),
+        (
+            "name: x\nversion: 1\nmodel: model.ts\nspacing_mm: [1, 1, 1]\n"
+            "intensity: {hu_min: 5, hu_max: 1}\nlabels: {1: lung}\n",
+            "hu_max",
+        ),
+        (
+            "name: x\nversion: 1\nmodel: missing.ts\nspacing_mm: [1, 1, 1]\n"
+            "intensity: {hu_min: 0, hu_max: 1}\nlabels: {1: lung}\n",
+            "does not exist",
+        ),
+    ],
+)
+def test_bad_model_yaml_names_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "model.ts").write_bytes(b"")
+    path = tmp_path / "model.yaml"
+    path.write_text(text)
+    with pytest.raises(ModelConfigError, match=message) as err:
+        SegmentationModelConfig.from_yaml(path)
+    assert str(path) in str(err.value)
+
+
+def test_not_a_torchscript_file_is_a_clear_error(tmp_path: Path) -> None:
+    bogus = tmp_path / "model.ts"
+    bogus.write_bytes(b"not a model")
+    with pytest.raises(ModelConfigError, match="TorchScript"):
+        load_torchscript(bogus)
+
+
+@pytest.mark.parametrize("shape", [(47, 71, 64), (20, 30, 30), (9, 100, 13)])
+def test_boundary_only_resolution_equals_full_trilinear_interpolation(
+    shape: tuple[int, int, int],
+) -> None:
+    generator = torch.Generator().manual_seed(sum(shape))
+    logits = F.avg_pool3d(torch.randn(1, 3, 20, 30, 30, generator=generator) * 8, 3, 1, 1)[0]
+    probabilities = torch.softmax(logits, 0)
+    expected = F.interpolate(
+        probabilities[None], size=shape, mode="trilinear", align_corners=False
+    )[0].argmax(0)
+    np.testing.assert_array_equal(probabilities_to_classes(probabilities, shape), expected)
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        # Held-out seeds (training used 1000..1159): the default acquisition, and thin slices
+        # with small pixels, each through the full-resolution pipeline the app runs.
+        {"seed": 5100, "slices": 120, "slice_thickness": 2.5, "pixel_spacing": 0.7},
+        {"seed": 5101, "slices": 240, "slice_thickness": 1.25, "pixel_spacing": 0.6},
+    ],
+)
+def test_held_out_phantoms_meet_the_accuracy_targets(
+    reference: tuple[SegmentationModelConfig, object], geometry: dict[str, float]
+) -> None:
+    config, predictor = reference
+    phantom = make_phantom(tumours=4, **geometry)  # type: ignore[arg-type]
+    spacing = (phantom.slice_thickness, *phantom.pixel_spacing)
+    classes = segment(phantom.hu, spacing, predictor, config)  # type: ignore[arg-type]
+    lungs = np.isin(phantom.labels, [LABELS["right_lung"], LABELS["left_lung"]])
+    assert dice(classes == config.class_index("lung"), lungs) >= 0.95
+    tumour_class = classes == config.class_index("tumour")
+    checked = 0
+    for tumour in phantom.tumours:
+        if 2 * tumour.radius_mm < 10:
+            continue
+        truth = phantom.labels == tumour.label
+        near = truth.copy()
+        for _ in range(3):  # the prediction around this tumour, not its neighbours
+            near |= np.roll(near, 1, 0) | np.roll(near, -1, 0) | np.roll(near, 1, 1)
+            near |= np.roll(near, -1, 1) | np.roll(near, 1, 2) | np.roll(near, -1, 2)
+        found = tumour_class & near
+        assert dice(found, truth) >= 0.85, tumour
+        assert abs(found.sum() - truth.sum()) / truth.sum() <= 0.15, tumour
+        checked += 1
+    assert checked >= 2
+    assert phantom.labels.max() >= TUMOUR_LABEL_BASE
+
+
+def test_abdomen_has_no_lung(reference: tuple[SegmentationModelConfig, object]) -> None:
+    config, predictor = reference
+    phantom = make_phantom(seed=5102, slices=60, slice_thickness=5.0, chest=False)
+    classes = segment(phantom.hu, (5.0, 0.7, 0.7), predictor, config)  # type: ignore[arg-type]
+    lung_ml = (classes == config.class_index("lung")).sum() * phantom.voxel_volume_mm3 / 1000
+    assert lung_ml < 50  # the measurement step's "no lungs: out of scope" threshold
+
+
+def test_wrong_dimensionality_is_refused(reference: tuple[SegmentationModelConfig, object]) -> None:
+    config, predictor = reference
+    with pytest.raises(ValueError, match="3-D"):
+        segment(np.zeros((4, 4)), (1.0, 1.0, 1.0), predictor, config)  # type: ignore[arg-type]

@@ -1,0 +1,337 @@
+"""Series selection: the axial CT series is chosen among localizers, secondary captures, short
+and non-axial series; each other series is skipped with its reason; nothing qualifying gives
+None; min_slices is respected; of several qualifying series the one with most slices wins."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import zlib
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from radfusion.operators.series_selector import (
+    CT_IMAGE_STORAGE,
+    ENHANCED_CT_IMAGE_STORAGE,
+    SelectedSeries,
+    read_headers,
+    select_series,
+)
+from radfusion.operators.volume import assemble_volume
+from radfusion.synth.ct import SynthStudy, make_phantom, write_ct_series
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SLICES = 24
+UID_BASE = "1.2.826.0.1.3680043.10.1234.9.66."
+SAGITTAL = ["0", "1", "0", "0", "0", "-1"]
+CORONAL = ["1", "0", "0", "0", "0", "-1"]
+
+Item = tuple[Path, Dataset]
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    ct: SynthStudy
+    headers: tuple[Item, ...]  # read_headers of the axial CT series
+
+    def axial(self) -> list[Item]:
+        """Fresh copies of the axial series' headers."""
+        return [(p, copy.deepcopy(ds)) for p, ds in self.headers]
+
+    def other(self, name: str, count: int, **changes: object) -> list[Item]:
+        """A different series made from the first ``count`` axial headers, with ``changes``."""
+        series_uid = UID_BASE + str(zlib.crc32(name.encode()) + 1)
+        out = []
+        for i, (_, ds) in enumerate(self.headers[:count]):
+            ds = copy.deepcopy(ds)
+            ds.SeriesInstanceUID = series_uid
+            ds.SOPInstanceUID = f"{series_uid}.{i + 1}"
+            for keyword, value in changes.items():
+                setattr(ds, keyword, value)
+            out.append((Path(f"/study/{name}/{i + 1:04d}.dcm"), ds))
+        return out
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
+    phantom = make_phantom(
+        slices=SLICES, rows=64, columns=64, pixel_spacing=5.0, slice_thickness=5, tumours=0
+    )
+    ct = write_ct_series(phantom, tmp_path_factory.mktemp("ct"))
+    return Study(ct, tuple(read_headers(ct.files)))
+
+
+def uid_of(items: list[Item]) -> str:
+    return str(items[0][1].SeriesInstanceUID)
+
+
+def reasons(selection: SelectedSeries) -> dict[str, str]:
+    return dict(selection.skipped)
+
+
+# -- read_headers ----------------------------------------------------------------------------
+
+
+def test_read_headers_reads_headers_without_pixels(study: Study) -> None:
+    assert [p for p, _ in study.headers] == list(study.ct.files)
+    for _, ds in study.headers:
+        assert "PixelData" not in ds
+        assert ds.SeriesInstanceUID == study.ct.SeriesInstanceUID
+        assert "Rows" in ds
+
+
+def test_read_headers_skips_unreadable_files(
+    study: Study, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a DICOM file\n" * 20)
+    missing = tmp_path / "gone.dcm"
+    files = [study.ct.files[0], junk, missing, tmp_path, study.ct.files[1]]
+    with caplog.at_level(logging.WARNING, logger="radfusion.operators.series_selector"):
+        out = read_headers(files)
+    assert [p for p, _ in out] == [study.ct.files[0], study.ct.files[1]]
+    assert all(isinstance(p, Path) for p, _ in out)
+    assert "notes.txt" in caplog.text and "gone.dcm" in caplog.text
+
+
+# -- the choice ------------------------------------------------------------------------------
+
+
+def test_picks_the_axial_ct_among_distractors(study: Study) -> None:
+    localizer = study.other(
+        "localizer",
+        2,
+        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        ImageOrientationPatient=CORONAL,
+    )
+    # Distractors with more slices than the axial series: only their kind excludes them.
+    secondary = study.other("secondary", SLICES, SOPClassUID=SECONDARY_CAPTURE)
+    sagittal = study.other("sagittal", SLICES, ImageOrientationPatient=SAGITTAL)
+    short = study.other("short", 10)
+    axial = study.axial()
+    everything = localizer + sagittal + secondary + axial[:12] + short + axial[12:]
+
+    selection = select_series(everything, min_slices=20)
+
+    assert selection is not None
+    assert selection.SeriesInstanceUID == study.ct.SeriesInstanceUID
+    assert selection.files == tuple(study.ct.files)  # in the order they came
+    assert [ds.SOPInstanceUID for ds in selection.headers] == [
+        ds.SOPInstanceUID for _, ds in study.headers
+    ]
+    assert selection.slices == SLICES
+    why = reasons(selection)
+    assert set(why) == {uid_of(x) for x in (localizer, secondary, sagittal, short)}
+    assert "localizer" in why[uid_of(localizer)]
+    assert "secondary capture" in why[uid_of(secondary)]
+    assert "not axial" in why[uid_of(sagittal)] and "90°" in why[uid_of(sagittal)]
+    assert why[uid_of(short)] == "10 slice(s), fewer than the 20 required"
+
+
+def test_localizer_is_skipped_even_with_enough_images(study: Study) -> None:
+    # A localizer that looks axial and has many images is still a localizer.
+    localizer = study.other("scout", SLICES, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    selection = select_series(localizer + study.axial()[:22], min_slices=20)
+    assert selection is not None and selection.slices == 22
+    assert "localizer" in reasons(selection)[uid_of(localizer)]
+
+
+def test_localizer_image_type_is_case_insensitive(study: Study) -> None:
+    localizer = study.other("scout", SLICES, ImageType=["ORIGINAL", "PRIMARY", "localizer"])
+    assert select_series(localizer, min_slices=1) is None
+
+
+def test_coronal_reformat_is_skipped(study: Study) -> None:
+    coronal = study.other("coronal", SLICES, ImageOrientationPatient=CORONAL)
+    assert select_series(coronal, min_slices=1) is None
+
+
+def test_tilted_axial_series_still_qualifies(study: Study) -> None:
+    # 20° gantry tilt: within the 30° tolerance for "axial".
+    tilted = study.other(
+        "tilted",
+        SLICES,
+        ImageOrientationPatient=["1", "0", "0", "0", "0.9396926208", "0.3420201433"],
+    )
+    selection = select_series(tilted, min_slices=20)
+    assert selection is not None and selection.SeriesInstanceUID == uid_of(tilted)
+
+
+def test_oblique_beyond_tolerance_is_skipped(study: Study) -> None:
+    # 40° from axial.
+    oblique = study.other(
+        "oblique",
+        SLICES,
+        ImageOrientationPatient=["1", "0", "0", "0", "0.7660444431", "0.6427876097"],
+    )
+    assert select_series(oblique, min_slices=20) is None
+
+
+def test_other_modality_is_skipped(study: Study) -> None:
+    mr = study.other("mr", SLICES, Modality="MR")
+    axial = study.axial()
+    selection = select_series(mr + axial, min_slices=20)
+    assert selection is not None and selection.SeriesInstanceUID == study.ct.SeriesInstanceUID
+    assert reasons(selection)[uid_of(mr)] == "modality MR, not CT"
+
+
+def test_series_mixing_ct_and_secondary_capture_is_skipped(study: Study) -> None:
+    mixed = study.other("mixed", SLICES)
+    mixed[5][1].SOPClassUID = SECONDARY_CAPTURE
+    assert select_series(mixed, min_slices=20) is None
+
+
+def test_images_without_series_uid_are_skipped(study: Study) -> None:
+    loose = study.other("loose", SLICES)
+    for _, ds in loose:
+        del ds.SeriesInstanceUID
+    assert select_series(loose, min_slices=1) is None
+
+
+def test_nothing_qualifies_returns_none(study: Study, caplog: pytest.LogCaptureFixture) -> None:
+    localizer = study.other("localizer", 3, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    secondary = study.other("secondary", SLICES, SOPClassUID=SECONDARY_CAPTURE)
+    with caplog.at_level(logging.INFO, logger="radfusion.operators.series_selector"):
+        assert select_series(localizer + secondary, min_slices=20) is None
+    assert "localizer" in caplog.text and "secondary capture" in caplog.text
+    assert select_series([], min_slices=1) is None
+
+
+def test_default_min_slices_is_50(study: Study) -> None:
+    assert select_series(study.axial()) is None  # 24 slices
+
+
+@pytest.mark.parametrize(
+    ("min_slices", "chosen"), [(SLICES - 1, True), (SLICES, True), (SLICES + 1, False)]
+)
+def test_min_slices_is_respected(study: Study, min_slices: int, chosen: bool) -> None:
+    selection = select_series(study.axial(), min_slices=min_slices)
+    assert (selection is not None) == chosen
+
+
+def test_too_few_slices_reason_names_the_counts(study: Study) -> None:
+    short = study.other("short", 5)
+    selection = select_series(short + study.axial(), min_slices=SLICES)
+    assert selection is not None
+    assert reasons(selection)[uid_of(short)] == f"5 slice(s), fewer than the {SLICES} required"
+
+
+# -- several qualifying series ---------------------------------------------------------------
+
+
+def test_the_series_with_more_slices_wins(study: Study) -> None:
+    thick = study.other("thick", 21)
+    thin = study.axial()
+    for items in (thick + thin, thin + thick):
+        selection = select_series(items, min_slices=20)
+        assert selection is not None
+        assert selection.SeriesInstanceUID == study.ct.SeriesInstanceUID
+        assert selection.slices == SLICES
+        assert reasons(selection) == {
+            uid_of(thick): f"another series has more slices (21 < {SLICES})"
+        }
+
+
+def test_tie_is_broken_by_series_uid_whatever_the_input_order(study: Study) -> None:
+    a = study.other("a", SLICES)
+    b = study.other("b", SLICES)
+    expected = max(uid_of(a), uid_of(b))
+    assert uid_of(a) != uid_of(b)
+    for items in (a + b, b + a):
+        selection = select_series(items, min_slices=20)
+        assert selection is not None and selection.SeriesInstanceUID == expected
+
+
+LEGACY_CONVERTED_ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.2"
+
+
+def _enhanced(
+    study: Study, path: Path, *, sop_class: str, per_frame_orientation: bool = False
+) -> Path:
+    """The axial series as one multi-frame image (highdicom's legacy conversion) of
+    ``sop_class``; optionally with Plane Orientation in each frame's functional groups."""
+    datasets = [pydicom.dcmread(f) for f in study.ct.files]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        datasets,
+        series_instance_uid=UID_BASE + "1",
+        series_number=3,
+        sop_instance_uid=UID_BASE + "2",
+        instance_number=1,
+    )
+    assert enhanced.SOPClassUID == LEGACY_CONVERTED_ENHANCED_CT
+    enhanced.SOPClassUID = sop_class
+    enhanced.file_meta.MediaStorageSOPClassUID = sop_class
+    if per_frame_orientation:
+        shared = enhanced.SharedFunctionalGroupsSequence[0]
+        orientation = shared.PlaneOrientationSequence
+        del shared.PlaneOrientationSequence
+        for item in enhanced.PerFrameFunctionalGroupsSequence:
+            item.PlaneOrientationSequence = copy.deepcopy(orientation)
+    enhanced.save_as(path)
+    return path
+
+
+def test_enhanced_ct_counts_frames_as_slices(study: Study, tmp_path: Path) -> None:
+    path = _enhanced(study, tmp_path / "enhanced.dcm", sop_class=ENHANCED_CT_IMAGE_STORAGE)
+    headers = read_headers([path])
+    assert "ImageOrientationPatient" not in headers[0][1]  # only in the functional groups
+    short = study.other("short", 20)  # more files, fewer slices
+    selection = select_series(short + headers, min_slices=20)
+    assert selection is not None
+    assert selection.SeriesInstanceUID == UID_BASE + "1"
+    assert selection.files == (path,)
+    assert selection.slices == SLICES
+    assert reasons(selection)[uid_of(short)] == f"another series has more slices (20 < {SLICES})"
+
+
+def test_enhanced_ct_below_min_slices_counts_frames(study: Study, tmp_path: Path) -> None:
+    path = _enhanced(study, tmp_path / "enhanced.dcm", sop_class=ENHANCED_CT_IMAGE_STORAGE)
+    assert select_series(read_headers([path]), min_slices=SLICES + 1) is None
+    assert select_series(read_headers([path]), min_slices=SLICES) is not None
+
+
+def test_legacy_converted_enhanced_ct_qualifies(
+    study: Study, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _enhanced(study, tmp_path / "legacy.dcm", sop_class=LEGACY_CONVERTED_ENHANCED_CT)
+    assert assemble_volume([pydicom.dcmread(path)]).shape == (SLICES, 64, 64)
+    with caplog.at_level(logging.INFO, logger="radfusion.operators.series_selector"):
+        selection = select_series(read_headers([path]), min_slices=20)
+    assert selection is not None, caplog.text
+
+
+def test_per_frame_orientation_enhanced_ct_is_a_readable_volume(
+    study: Study, tmp_path: Path
+) -> None:
+    path = _enhanced(
+        study,
+        tmp_path / "enhanced.dcm",
+        sop_class=ENHANCED_CT_IMAGE_STORAGE,
+        per_frame_orientation=True,
+    )
+    volume = assemble_volume([pydicom.dcmread(path)])
+    assert volume.shape == (SLICES, 64, 64)
+
+
+def test_enhanced_ct_with_per_frame_orientation_qualifies(
+    study: Study, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _enhanced(
+        study,
+        tmp_path / "enhanced.dcm",
+        sop_class=ENHANCED_CT_IMAGE_STORAGE,
+        per_frame_orientation=True,
+    )
+    with caplog.at_level(logging.INFO, logger="radfusion.operators.series_selector"):
+        selection = select_series(read_headers([path]), min_slices=20)
+    assert selection is not None, caplog.text
+
+
+def test_constants_are_the_ct_storage_classes() -> None:
+    assert pydicom.uid.CTImageStorage == CT_IMAGE_STORAGE
+    assert pydicom.uid.EnhancedCTImageStorage == ENHANCED_CT_IMAGE_STORAGE

@@ -1,0 +1,380 @@
+"""The SR writer: valid DICOM (dciodvfy, dsrdump), one TID 1411 group per finding resolving to
+its SEG segment, the finding's values, SCOORD3D diameters, the out-of-scope report, determinism
+and sparse source headers."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from radfusion.operators.measurement import LUNG, TUMOUR, measure
+from radfusion.operators.result_identity import algorithm_device_uid
+from radfusion.operators.results import AlgorithmInfo, SegmentationResult
+from radfusion.operators.sr_writer import SERIES_NUMBER, build_sr, write_sr
+from radfusion.operators.volume import Volume, assemble_volume
+from radfusion.synth.ct import LABELS, TUMOUR_LABEL_BASE, make_phantom, write_ct_series
+from tests.conftest import require_tool
+
+ALGORITHM = AlgorithmInfo(
+    name="radfusion-lung-ct", version="0.1.0", parameters=(("inference", "in-process"),)
+)
+UIDS = {
+    "series_instance_uid": "1.2.826.0.1.3680043.10.1234.9.87",
+    "sop_instance_uid": "1.2.826.0.1.3680043.10.1234.9.88",
+}
+REASON = (
+    "no lungs found (segmented lung volume 0 mL < 50 mL): the input does not appear to be a "
+    "chest CT"
+)
+MEASUREMENT_NAMES = ("Volume", "Long axis", "Attenuation Coefficient")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    volume: Volume
+    result: SegmentationResult
+    seg: Dataset  # a SEG of the result, built with highdicom directly (no SEG writer needed)
+
+    @property
+    def sources(self) -> list[Dataset]:
+        return list(self.volume.source_images)
+
+
+def _seg(volume: Volume, result: SegmentationResult) -> Dataset:
+    """A BINARY SEG with one segment per finding, numbered as the findings."""
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=ALGORITHM.name, family=codes.cid7162.ArtificialIntelligence, version="0.1.0"
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=f.segment_number,
+            segment_label=f.tracking_id,
+            segmented_property_category=(
+                codes.cid7150.AnatomicalStructure
+                if f.kind == "lung"
+                else codes.cid7150.MorphologicallyAbnormalStructure
+            ),
+            segmented_property_type=(
+                codes.cid7151.Lung if f.kind == "lung" else codes.cid7151.Neoplasm
+            ),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_id=f.tracking_id,
+            tracking_uid=f.tracking_uid,
+        )
+        for f in result.findings
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=list(volume.source_images),
+        pixel_array=result.labels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid="1.2.826.0.1.3680043.10.1234.9.85",
+        series_number=901,
+        sop_instance_uid="1.2.826.0.1.3680043.10.1234.9.86",
+        instance_number=1,
+        manufacturer=ALGORITHM.manufacturer,
+        manufacturer_model_name=ALGORITHM.name,
+        software_versions=ALGORITHM.version,
+        device_serial_number="1",
+        omit_empty_frames=True,
+    )
+    return pydicom.dcmread(pydicom.filebase.DicomBytesIO(_encode(seg)))
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = pydicom.filebase.DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    phantom = make_phantom(
+        slices=24, rows=96, columns=96, pixel_spacing=3.5, slice_thickness=5, tumours=2, seed=3
+    )
+    study = write_ct_series(phantom, tmp_path_factory.mktemp("ct"))
+    volume = assemble_volume([pydicom.dcmread(f) for f in study.files])
+    # The synthetic files are written in slice order, so the truth is in the volume's k order.
+    assert [int(ds.InstanceNumber) for ds in volume.source_images] == list(range(1, 25))
+    truth = np.load(study.ground_truth)["labels"]
+    classes = np.zeros(truth.shape, dtype=np.uint8)
+    classes[(truth == LABELS["right_lung"]) | (truth == LABELS["left_lung"])] = LUNG
+    classes[truth >= TUMOUR_LABEL_BASE] = TUMOUR
+    measured = measure(classes, volume, uid_root="1.2.826.0.1.3680043.10.1234.9.")
+    assert measured.result is not None, measured.out_of_scope_reason
+    assert [f.kind for f in measured.result.findings] == ["lung", "lung", "tumour", "tumour"]
+    return Case(volume, measured.result, _seg(volume, measured.result))
+
+
+@pytest.fixture(scope="module")
+def sr_path(case: Case, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sr") / "sr.dcm"
+    return write_sr(case.sources, case.seg, case.result, ALGORITHM, path=path, **UIDS)
+
+
+@pytest.fixture(scope="module")
+def out_of_scope_path(case: Case, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sr") / "sr.dcm"
+    return write_sr(
+        case.sources, None, None, ALGORITHM, out_of_scope_reason=REASON, path=path, **UIDS
+    )
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's error lines; its whole report is printed for the log."""
+    exe = require_tool("dciodvfy")
+    r = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    print(out)
+    return [line for line in out.splitlines() if "Error" in line]
+
+
+def dsrdump(path: Path) -> str:
+    exe = require_tool("dsrdump")
+    r = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+# -- validity -----------------------------------------------------------------------------------
+
+
+def test_sr_is_valid_dicom(sr_path: Path, out_of_scope_path: Path) -> None:
+    assert dciodvfy_errors(sr_path) == []
+    assert dciodvfy_errors(out_of_scope_path) == []
+
+
+def test_dsrdump_reads_the_measurements(sr_path: Path) -> None:
+    out = dsrdump(sr_path)
+    assert '"Imaging Measurement Report"' in out
+    for name in MEASUREMENT_NAMES:
+        assert f'NUM:(,,"{name}")' in out, name
+    assert 'SCOORD3D:(,,"Image Region")=(POLYLINE' in out
+    assert '"Referenced Segment"' in out
+
+
+# -- content ------------------------------------------------------------------------------------
+
+
+def test_one_volumetric_group_per_finding_resolving_to_its_segment(
+    case: Case, sr_path: Path
+) -> None:
+    sr = hd.sr.srread(sr_path)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    findings = case.result.findings
+    assert [g.tracking_identifier for g in groups] == [f.tracking_id for f in findings]
+    assert [g.tracking_uid for g in groups] == [f.tracking_uid for f in findings]
+    segments = {int(s.SegmentNumber): s for s in case.seg.SegmentSequence}
+    for group, finding in zip(groups, findings, strict=True):
+        reference = group.referenced_segment
+        assert reference is not None
+        sop = reference[0].ReferencedSOPSequence[0]  # the "Referenced Segment" IMAGE item
+        assert sop.ReferencedSOPInstanceUID == case.seg.SOPInstanceUID
+        assert sop.ReferencedSOPClassUID == case.seg.SOPClassUID
+        number = int(sop.ReferencedSegmentNumber)
+        assert number == finding.segment_number
+        assert segments[number].SegmentLabel == finding.tracking_id
+        site = group.finding_sites[0]
+        assert site.value == codes.SCT.Lung
+        assert site.laterality == (codes.SCT.Right if finding.side == "right" else codes.SCT.Left)
+        expected = codes.SCT.Lung if finding.kind == "lung" else codes.SCT.Neoplasm
+        assert group.finding_type == expected
+    # The SEG and every source image are evidence of the SR, so a PACS can resolve them.
+    evidence = {uid for _, _, uid, _ in sr.get_evidence()}
+    assert evidence == {case.seg.SOPInstanceUID} | {ds.SOPInstanceUID for ds in case.sources}
+
+
+def test_measurements_are_the_findings_values(case: Case, sr_path: Path) -> None:
+    sr = hd.sr.srread(sr_path)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    for group, finding in zip(groups, case.result.findings, strict=True):
+        volumes = {m.unit.value: m.value for m in group.get_measurements(name=codes.SCT.Volume)}
+        assert volumes["mm3"] == pytest.approx(finding.volume_mm3, rel=1e-12)
+        assert volumes["ml"] == pytest.approx(finding.volume_ml, rel=1e-12)
+        (long_axis,) = group.get_measurements(name=codes.SCT.LongAxis)
+        assert long_axis.unit.value == "mm"
+        assert long_axis.value == pytest.approx(finding.longest_axial_diameter_mm, rel=1e-12)
+        hu = {
+            m.derivation.value: m
+            for m in group.get_measurements(name=codes.DCM.AttenuationCoefficient)
+        }
+        assert hu["373098007"].value == pytest.approx(finding.mean_hu, rel=1e-12)
+        assert hu["386136009"].value == pytest.approx(finding.sd_hu, rel=1e-12)
+        assert {m.unit.value for m in hu.values()} == {"[hnsf'U]"}
+        for measurement in group.get_measurements():  # each names the algorithm (TID 4019)
+            items = {
+                item.ConceptNameCodeSequence[0].CodeMeaning: item.get("TextValue")
+                for item in measurement[0].ContentSequence
+            }
+            assert items["Algorithm Name"] == ALGORITHM.name
+            assert items["Algorithm Version"] == ALGORITHM.version
+
+
+def test_each_tumour_has_its_diameter_as_scoord3d(case: Case, sr_path: Path) -> None:
+    sr = hd.sr.srread(sr_path)
+    planar = sr.content.get_planar_roi_measurement_groups()
+    tumours = [f for f in case.result.findings if f.kind == "tumour"]
+    # Same tracking UID as the tumour's volumetric group: the same finding (OHIF merges them).
+    assert [g.tracking_uid for g in planar] == [f.tracking_uid for f in tumours]
+    for group, tumour in zip(planar, tumours, strict=True):
+        region = group.roi
+        assert region.value_type == hd.sr.ValueTypeValues.SCOORD3D
+        assert region.graphic_type == hd.sr.GraphicTypeValues3D.POLYLINE
+        assert region.frame_of_reference_uid == case.sources[0].FrameOfReferenceUID
+        np.testing.assert_allclose(
+            region.value, np.asarray(tumour.diameter_endpoints_lps), atol=1e-4
+        )
+        (long_axis,) = group.get_measurements(name=codes.SCT.LongAxis)
+        assert long_axis.value == pytest.approx(tumour.longest_axial_diameter_mm, rel=1e-12)
+
+
+def test_header_identifies_study_series_and_algorithm(case: Case, sr_path: Path) -> None:
+    sr = pydicom.dcmread(sr_path)
+    source = case.sources[0]
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.PatientID == source.PatientID
+    assert (sr.SeriesInstanceUID, sr.SOPInstanceUID) == tuple(UIDS.values())
+    assert (sr.SeriesNumber, sr.InstanceNumber) == (SERIES_NUMBER, 1) == (902, 1)
+    assert sr.SeriesDescription == ALGORITHM.series_description
+    assert "demonstration, not for clinical use" in sr.SeriesDescription
+    assert sr.Manufacturer == ALGORITHM.manufacturer
+    assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
+    assert (sr.ContentDate, sr.ContentTime) == (source.StudyDate, source.StudyTime)
+    assert "InstanceCreationTime" not in sr  # would be the clock's
+    device_uid = algorithm_device_uid(ALGORITHM)
+    (item,) = [e for e in sr.ContributingEquipmentSequence if "DeviceUID" in e]
+    assert item.DeviceUID == device_uid
+    assert (item.Manufacturer, item.ManufacturerModelName, item.SoftwareVersions) == (
+        ALGORITHM.manufacturer,
+        ALGORITHM.name,
+        ALGORITHM.version,
+    )
+    assert item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"  # Processing Equipment
+    observer = hd.sr.srread(sr_path).content.get_observer_contexts()
+    assert [o.observer_identifying_attributes.uid for o in observer] == [device_uid]
+
+
+def test_out_of_scope_sr_says_why_and_reports_no_finding(
+    case: Case, out_of_scope_path: Path
+) -> None:
+    out = dsrdump(out_of_scope_path)
+    sr = hd.sr.srread(out_of_scope_path)
+    assert sr.content.get_volumetric_roi_measurement_groups() == []
+    assert sr.content.get_planar_roi_measurement_groups() == []
+    assert "Measurement Group" not in out and "Imaging Measurements" not in out
+    assert '"Qualitative Evaluations"' in out
+    texts = [
+        item.TextValue
+        for item in _walk(pydicom.dcmread(out_of_scope_path))
+        if item.get("ValueType") == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121106"
+    ]
+    assert texts == [f"No findings reported: {REASON}"]
+    assert "(25045-6,LN" in out  # CT unspecified body region: it may not be a chest CT
+    evidence = {uid for _, _, uid, _ in sr.get_evidence()}
+    assert evidence == {ds.SOPInstanceUID for ds in case.sources}
+
+
+def _walk(ds: Dataset) -> Iterator[Dataset]:
+    for item in ds.get("ContentSequence") or []:
+        yield item
+        yield from _walk(item)
+
+
+# -- behaviour ----------------------------------------------------------------------------------
+
+
+def test_same_input_gives_the_same_bytes(case: Case, sr_path: Path, tmp_path: Path) -> None:
+    again = write_sr(
+        case.sources, case.seg, case.result, ALGORITHM, path=tmp_path / "a.dcm", **UIDS
+    )
+    assert again.read_bytes() == sr_path.read_bytes()
+    # A dataset repeated per frame (as Volume.source_images holds an Enhanced CT) counts once.
+    doubled = [ds for ds in case.sources for _ in range(2)]
+    assert _encode(build_sr(doubled, case.seg, case.result, ALGORITHM, **UIDS)) == (
+        sr_path.read_bytes()
+    )
+
+
+def test_sources_without_optional_attributes(case: Case, tmp_path: Path) -> None:
+    sparse = []
+    for ds in case.sources:
+        copy = Dataset()
+        copy.update(ds)
+        copy.file_meta = ds.file_meta
+        for keyword in (
+            "PatientName", "AccessionNumber", "SeriesNumber", "StudyDate", "StudyTime",
+            "PatientBirthDate", "PatientSex", "StudyID", "ReferringPhysicianName",
+        ):  # fmt: skip
+            if keyword in copy:
+                delattr(copy, keyword)
+        sparse.append(copy)
+    path = write_sr(sparse, case.seg, case.result, ALGORITHM, path=tmp_path / "sr.dcm", **UIDS)
+    assert "PatientName" not in sparse[0]  # the caller's datasets are left alone
+    assert dciodvfy_errors(path) == []
+    sr = pydicom.dcmread(path)
+    assert sr.PatientName == "" and sr.AccessionNumber == ""
+    assert (sr.ContentDate, sr.ContentTime) == (case.sources[0].SeriesDate, "090312")
+    out = write_sr(
+        sparse, None, None, ALGORITHM, out_of_scope_reason=REASON, path=tmp_path / "o.dcm", **UIDS
+    )
+    assert dciodvfy_errors(out) == []
+
+
+def test_refuses_inconsistent_input(case: Case) -> None:
+    s, seg, r, a = case.sources, case.seg, case.result, ALGORITHM
+    with pytest.raises(ValueError, match="exactly one"):
+        build_sr(s, seg, r, a, out_of_scope_reason=REASON, **UIDS)
+    with pytest.raises(ValueError, match="exactly one"):
+        build_sr(s, None, None, a, **UIDS)
+    with pytest.raises(ValueError, match="needs its SEG"):
+        build_sr(s, None, r, a, **UIDS)
+    with pytest.raises(ValueError, match="no source images"):
+        build_sr([], seg, r, a, **UIDS)
+    fewer = Dataset()
+    fewer.update(seg)
+    fewer.SegmentSequence = seg.SegmentSequence[:2]
+    with pytest.raises(ValueError, match=r"no segment\(s\) \[3, 4\]"):
+        build_sr(s, fewer, r, a, **UIDS)
+    other = Dataset()
+    other.update(seg)
+    other.StudyInstanceUID = "1.2.3"
+    with pytest.raises(ValueError, match="another study"):
+        build_sr(s, other, r, a, **UIDS)
+    with pytest.raises(ValueError, match="no findings"):
+        build_sr(s, seg, SegmentationResult(labels=r.labels * 0, findings=()), a, **UIDS)
+
+
+def test_references_resolve_to_the_seg_writers_seg(case: Case, tmp_path: Path) -> None:
+    """With radfusion's own SEG writer (when present): same segments, same algorithm device."""
+    seg_writer = pytest.importorskip("radfusion.operators.seg_writer")
+    seg_path = seg_writer.write_seg(
+        case.sources,
+        case.result,
+        ALGORITHM,
+        series_instance_uid="1.2.826.0.1.3680043.10.1234.9.95",
+        sop_instance_uid="1.2.826.0.1.3680043.10.1234.9.96",
+        path=tmp_path / "seg.dcm",
+    )
+    seg = pydicom.dcmread(seg_path)
+    path = write_sr(case.sources, seg, case.result, ALGORITHM, path=tmp_path / "sr.dcm", **UIDS)
+    assert dciodvfy_errors(path) == []
+    labels = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
+    for group in hd.sr.srread(path).content.get_volumetric_roi_measurement_groups():
+        sop = group.referenced_segment[0].ReferencedSOPSequence[0]
+        assert sop.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert labels[int(sop.ReferencedSegmentNumber)] == group.tracking_identifier
+    sr = pydicom.dcmread(path)
+    device = {e.DeviceUID for e in sr.ContributingEquipmentSequence if "DeviceUID" in e}
+    seg_device = {e.DeviceUID for e in seg.ContributingEquipmentSequence if "DeviceUID" in e}
+    assert device == seg_device == {algorithm_device_uid(ALGORITHM)}
