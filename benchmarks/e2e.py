@@ -12,7 +12,7 @@ The split comes from the node's log (millisecond timestamps, same machine clock)
   period plus the assembler's polling),
 - app: → "lung-ct stage seconds: …" (logged when the app returns), split into the app's own
   stages (load, preprocess, inference, postprocess, seg_encode, sr_encode) and the rest (job
-  pickup, graph set-up, series selection, measurement; on the first study the model load),
+  pickup, graph set-up, series selection; on the first study the model load),
 - export: → "delivered … to pacs" (staging and the C-STORE of SEG and SR to storescp).
 
 Every round sends a different phantom (another seed, so another StudyInstanceUID) to the same
@@ -364,7 +364,7 @@ def report(rounds: list[Round], hwm_kb: int, peer_s: float, mb: float) -> None:
         pickup = f"pickup ≈ {r.pickup_est:.1f}, " if r.pickup_est is not None else ""
         print(f"  {'app, not timed by the app:':<36}{r.app_other:8.2f}")
         print(
-            f"    ({pickup}series selection, measurement, graph set-up"
+            f"    ({pickup}series selection, graph set-up"
             f"{', model load' if r.index == 1 else ''})"
         )
         print(f"  {'export (SEG + SR to PACS, acked)':<36}{r.export:8.2f}")

@@ -41,13 +41,26 @@ Voxels = tuple[np.ndarray, np.ndarray, np.ndarray]
 """A structure as voxel index arrays (k, r, c): cheaper than full-volume masks on 500 slices."""
 
 
+def _row_extremes(voxels: Voxels) -> Voxels:
+    """The first and last voxel of each (slice, row) run, sorted by slice: the only candidates
+    for an in-plane diameter's end points, and a few per cent of a lung's voxels."""
+    kk, rr, cc = voxels
+    rows, columns = int(rr.max()) + 1, int(cc.max()) + 1
+    key = (kk.astype(np.int64) * rows + rr) * columns + cc
+    order = np.argsort(key, kind="stable")  # fast: the voxels usually come in this order
+    kk, rr, cc = kk[order], rr[order], cc[order]
+    new_row = np.flatnonzero((np.diff(kk) != 0) | (np.diff(rr) != 0)) + 1
+    first = np.concatenate([[0], new_row])
+    last = np.concatenate([new_row - 1, [len(kk) - 1]])
+    keep = np.unique(np.concatenate([first, last]))
+    return kk[keep], rr[keep], cc[keep]
+
+
 def _longest_axial_diameter(
     voxels: Voxels, affine: np.ndarray
 ) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
     """Longest in-plane distance between voxel centres over all slices, with its end points."""
-    kk, rr, cc = voxels
-    order = np.argsort(kk, kind="stable")
-    kk, rr, cc = kk[order], rr[order], cc[order]
+    kk, rr, cc = _row_extremes(voxels)
     splits = np.flatnonzero(np.diff(kk)) + 1
     best, ends = 0.0, (np.zeros(3), np.zeros(3))
     for k_part, r_part, c_part in zip(
