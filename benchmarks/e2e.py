@@ -364,8 +364,7 @@ def report(rounds: list[Round], hwm_kb: int, peer_s: float, mb: float) -> None:
         pickup = f"pickup ≈ {r.pickup_est:.1f}, " if r.pickup_est is not None else ""
         print(f"  {'app, not timed by the app:':<36}{r.app_other:8.2f}")
         print(
-            f"    ({pickup}series selection, graph set-up"
-            f"{', model load' if r.index == 1 else ''})"
+            f"    ({pickup}series selection, graph set-up{', model load' if r.index == 1 else ''})"
         )
         print(f"  {'export (SEG + SR to PACS, acked)':<36}{r.export:8.2f}")
         print(f"  {'total':<36}{r.total:8.2f}")

@@ -196,3 +196,31 @@ def test_map_metadata_names_the_app_and_its_version() -> None:
     assert "demonstration" in meta["application"]["title"]
     assert meta["application"]["inputFormats"] == ["file"]
     assert {"cpu", "gpu", "memory"} <= meta["resources"].keys()
+
+
+def test_enhanced_ct_source_gives_the_same_findings(
+    processed: tuple[Any, list[Path]], tmp_path: Path
+) -> None:
+    """One multi-frame (Legacy Converted Enhanced CT) object instead of 64 single frames."""
+    study, written = processed
+    slices = [pydicom.dcmread(f) for f in study.files]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        list(reversed(slices)),  # frames in the opposite order to the slices' positions
+        series_instance_uid=CONFIG.uid_root + "77.1",
+        series_number=2,
+        sop_instance_uid=CONFIG.uid_root + "77.2",
+        instance_number=1,
+    )
+    (tmp_path / "in").mkdir()
+    enhanced.save_as(tmp_path / "in" / "enhanced.dcm")
+    seg_path, sr_path = run_folder(tmp_path / "in", tmp_path / "out", CONFIG)
+    assert dciodvfy_errors(seg_path) == [] and dciodvfy_errors(sr_path) == []
+    single = hd.sr.srread(written[1]).content.get_volumetric_roi_measurement_groups()
+    multi = hd.sr.srread(sr_path).content.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in multi] == [g.tracking_identifier for g in single]
+    for a, b in zip(single, multi, strict=True):
+        volume_a = a.get_measurements()[0].value
+        volume_b = b.get_measurements()[0].value
+        assert volume_b == pytest.approx(volume_a)
+    seg = hd.seg.segread(seg_path)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == enhanced.SeriesInstanceUID
