@@ -198,8 +198,9 @@ def preprocess(
     hu: np.ndarray, spacing_mm: tuple[float, float, float], config: SegmentationModelConfig
 ) -> torch.Tensor:
     """HU volume ``[k, r, c]`` → the model's input ``[1, D, H, W]`` on its grid, in [0, 1]."""
+    # Out of place: the caller's HU volume is measured later and must keep its values.
     x = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None]
-    x = x.clamp_(config.hu_min, config.hu_max)
+    x = x.clamp(config.hu_min, config.hu_max)
     x = resample(x, model_grid_shape(hu.shape, spacing_mm, config.spacing_mm))
     return (x - config.hu_min) / (config.hu_max - config.hu_min)
 

@@ -139,3 +139,14 @@ def test_wrong_dimensionality_is_refused(reference: tuple[SegmentationModelConfi
     config, predictor = reference
     with pytest.raises(ValueError, match="3-D"):
         segment(np.zeros((4, 4)), (1.0, 1.0, 1.0), predictor, config)  # type: ignore[arg-type]
+
+
+def test_the_callers_volume_is_left_unchanged(
+    reference: tuple[SegmentationModelConfig, object],
+) -> None:
+    config, predictor = reference
+    hu = np.full((32, 64, 64), 2000.0, dtype=np.float32)  # bone-like, above the HU window
+    hu[:, :8] = -1024.0  # air below it
+    before = hu.copy()
+    segment(hu, (2.0, 1.5, 1.5), predictor, config)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(hu, before)
