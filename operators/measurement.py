@@ -27,6 +27,7 @@ LUNG, TUMOUR = 1, 2
 MIN_LUNG_ML = 50.0  # below this in total, the input is not a chest CT with lungs
 MIN_LUNG_COMPONENT_ML = 5.0  # lung fragments smaller than this are segmentation noise
 MIN_TUMOUR_MM3 = 30.0  # a 4 mm sphere; smaller blobs are noise, not findings
+_LUNG_SHARE = 0.2  # a part of the lung volume at least this large is a lung, not a fragment
 
 
 @dataclass(frozen=True)
@@ -160,19 +161,7 @@ def measure(classes: np.ndarray, volume: Volume, *, uid_root: str) -> Measured:
             f"no lungs found (segmented lung volume {lung_ml:.0f} mL < "
             f"{MIN_LUNG_ML:.0f} mL): the input does not appear to be a chest CT",
         )
-    # The sagittal midline: the centre of the field of view, where scanners reconstruct the
-    # patient's centre.
-    midline = _x_of_index(volume, (classes.shape[2] - 1) / 2, (classes.shape[1] - 1) / 2, 0)
-    pieces: dict[str, list[Voxels]] = {"right": [], "left": []}
-    for kk, rr, cc in _components(lung, MIN_LUNG_COMPONENT_ML / voxel_ml):
-        on_right = _x_of_index(volume, cc, rr, kk) < midline  # LPS: +x is the patient's left
-        right = (kk[on_right], rr[on_right], cc[on_right])
-        left = (kk[~on_right], rr[~on_right], cc[~on_right])
-        if min(len(right[0]), len(left[0])) * voxel_ml >= MIN_LUNG_COMPONENT_ML:
-            pieces["right"].append(right)  # lungs touching across the midline
-            pieces["left"].append(left)
-        else:
-            pieces["right" if on_right.mean() > 0.5 else "left"].append((kk, rr, cc))
+    pieces = _split_lungs(_components(lung, MIN_LUNG_COMPONENT_ML / voxel_ml), volume, voxel_ml)
     del lung
     labels = np.zeros(classes.shape, dtype=np.uint8)
     findings = []
@@ -204,6 +193,47 @@ def measure(classes: np.ndarray, volume: Volume, *, uid_root: str) -> Measured:
             _finding("tumour", side, number, f"Tumour {rank}", voxels, volume, uid_root)
         )
     return Measured(SegmentationResult(labels=labels, findings=tuple(findings)), None)
+
+
+def _split_lungs(
+    components: list[Voxels], volume: Volume, voxel_ml: float
+) -> dict[str, list[Voxels]]:
+    """Assign lung components (largest first) to the patient's right and left lung.
+
+    Two large components are the two lungs, told apart by their relative x (+x is the patient's
+    left in LPS), so a patient off the table centre is still right. One dominant component is
+    split at x = 0 (the isocentre: patients lie centred on the table) only when a substantial
+    part lies on each side, as when the lungs touch in front of the mediastinum; otherwise it is
+    one lung, on the side its centroid lies (a one-lung field of view, a pneumonectomy).
+    Fragments go to the nearer lung.
+    """
+    pieces: dict[str, list[Voxels]] = {"right": [], "left": []}
+    if not components:
+        return pieces
+    total = sum(len(c[0]) for c in components)
+    large = [c for c in components[:2] if len(c[0]) >= _LUNG_SHARE * total]
+    if len(large) == 2:
+        a, b = sorted(large, key=lambda c: float(_centroid(c, volume.affine)[0]))
+        pieces["right"].append(a)
+        pieces["left"].append(b)
+    else:
+        kk, rr, cc = components[0]
+        on_right = _x_of_index(volume, cc, rr, kk) < 0
+        share = float(on_right.mean())
+        if _LUNG_SHARE <= share <= 1 - _LUNG_SHARE:
+            pieces["right"].append((kk[on_right], rr[on_right], cc[on_right]))
+            pieces["left"].append((kk[~on_right], rr[~on_right], cc[~on_right]))
+        else:
+            pieces["right" if share > 0.5 else "left"].append(components[0])
+    placed = {
+        side: float(_centroid(parts[0], volume.affine)[0])
+        for side, parts in pieces.items()
+        if parts
+    }
+    for fragment in components[len(large) if len(large) == 2 else 1 :]:
+        x = float(_centroid(fragment, volume.affine)[0])
+        pieces[min(placed, key=lambda side: abs(placed[side] - x))].append(fragment)
+    return pieces
 
 
 def _x_of_index(

@@ -7,6 +7,7 @@ derived from the source series and the algorithm, so the same input gives the sa
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -49,7 +50,12 @@ def write_results(
         return []
     output_dir.mkdir(parents=True, exist_ok=True)
     source = selection.SeriesInstanceUID
-    key = [source, algorithm.name, algorithm.version]
+    # The same input and model give the same UIDs; other instances (a re-run after late
+    # arrivals) or other weights give new ones, so a PACS never sees one UID for two contents.
+    instances = hashlib.sha256(
+        "\\".join(sorted(str(ds.get("SOPInstanceUID", "")) for ds in selection.headers)).encode()
+    ).hexdigest()
+    key = [source, algorithm.name, algorithm.version, instances, *map(str, algorithm.parameters)]
 
     def uid(kind: str) -> str:
         return str(generate_uid(prefix=uid_root, entropy_srcs=[*key, kind]))

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from radfusion.logs import uid_tag
 from radfusion.operators.result_identity import (
     algorithm_equipment,
     content_datetime,
@@ -188,8 +189,9 @@ def _align(
     for ds in distinct:
         if (int(ds.Rows), int(ds.Columns)) != (rows, columns):
             raise ValueError(
-                f"label map is {rows}×{columns} but source image {ds.get('SOPInstanceUID')} "
-                f"is {ds.Rows}×{ds.Columns}"
+                f"label map is {rows}x{columns} but source image "
+                f"{uid_tag(str(ds.get('SOPInstanceUID', '')))} "
+                f"is {ds.Rows}x{ds.Columns}"
             )
     multi = [ds for ds in distinct if int(ds.get("NumberOfFrames", 1) or 1) > 1]
     if not multi:

@@ -10,6 +10,7 @@ A model is described by a small YAML file (``model.yaml``) beside its TorchScrip
     labels: {1: lung, 2: tumour}       # output channel → class; channel 0 is background
     roi_size: [96, 256, 256]           # sliding-window patch on the model grid
     overlap: 0.25
+    demonstration: true                # results say "demonstration, not for clinical use"
 
 Processing: the HU volume is resampled to ``spacing_mm`` (area averaging when shrinking, so
 partial volumes are kept; linear when growing), clipped and scaled; the network runs over it
@@ -22,6 +23,7 @@ Nothing here knows DICOM or the network: ``segment`` takes an array and a predic
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,13 +60,12 @@ class ModelConfigError(ValueError):
 
 
 def default_model_config_path() -> Path:
-    """The reference model shipped with radfusion (a demonstration, not for clinical use)."""
-    here = Path(__file__).resolve().parent
-    for root in (here.parent, here.parent.parent):  # source tree, or installed package data
-        candidate = root / "packaging" / "models" / "lung_ct_seg" / "model.yaml"
-        if candidate.is_file():
-            return candidate
-    return here.parent / "packaging" / "models" / "lung_ct_seg" / "model.yaml"
+    """The reference model shipped with radfusion (a demonstration, not for clinical use):
+    ``packaging/models/lung_ct_seg/model.yaml`` in the source tree, ``radfusion/models/...``
+    in an installed package (pyproject maps one onto the other)."""
+    root = Path(__file__).resolve().parent.parent
+    installed = root / "models" / "lung_ct_seg" / "model.yaml"
+    return installed if installed.is_file() else root / "packaging" / installed.relative_to(root)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class SegmentationModelConfig:
     labels: dict[int, str]
     roi_size: tuple[int, int, int]
     overlap: float
+    demonstration: bool = False  # a reference model: its results must say "not for clinical use"
+    sha256: str = ""  # of the model file: identifies the weights in the results
 
     @classmethod
     def from_yaml(cls, path: Path) -> SegmentationModelConfig:
@@ -137,6 +140,8 @@ class SegmentationModelConfig:
             labels=labels,
             roi_size=roi,  # type: ignore[arg-type]
             overlap=overlap,
+            demonstration=bool(raw.get("demonstration", False)),
+            sha256=hashlib.sha256(model_path.read_bytes()).hexdigest(),
         )
 
     def class_index(self, name: str) -> int:

@@ -60,7 +60,10 @@ def read_headers(files: Iterable[Path]) -> list[tuple[Path, Dataset]]:
         try:
             out.append((Path(f), pydicom.dcmread(f, stop_before_pixels=True)))
         except (OSError, pydicom.errors.InvalidDicomError) as err:
-            log.warning("skipping unreadable file %s: %s", Path(f).name, err)
+            # Spool file names are SOP Instance UIDs, and error texts repeat the path: tag them.
+            log.warning(
+                "skipping unreadable file %s: %s", uid_tag(Path(f).name), type(err).__name__
+            )
     return out
 
 
@@ -98,7 +101,7 @@ def _why_not(headers: Sequence[Dataset], min_slices: int) -> str | None:
     normal = np.cross(iop[:3], iop[3:])
     angle = float(np.degrees(np.arccos(min(1.0, abs(normal[2]) / np.linalg.norm(normal)))))
     if angle > _AXIAL_TOLERANCE_DEG:
-        return f"not axial (slice normal {angle:.0f}° from the patient's long axis)"
+        return f"not axial (slice normal {angle:.0f} degrees from the patient's long axis)"
     slices = sum(_frames(h) for h in headers)
     if slices < min_slices:
         return f"{slices} slice(s), fewer than the {min_slices} required"

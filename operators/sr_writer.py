@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from radfusion.logs import uid_tag
 from radfusion.operators.result_identity import (
     algorithm_device_uid,
     algorithm_equipment,
@@ -229,7 +230,10 @@ def _distinct(source_images: Sequence[Dataset]) -> list[Dataset]:
         raise ValueError("no source images: an SR needs the images it reports on")
     studies = {str(ds.get("StudyInstanceUID") or "") for ds in sources.values()}
     if len(studies) != 1 or "" in studies:
-        raise ValueError(f"source images must share one Study Instance UID, got {sorted(studies)}")
+        raise ValueError(
+            "source images must share one Study Instance UID, got "
+            + ", ".join(uid_tag(u) for u in sorted(studies))
+        )
     return list(sources.values())
 
 

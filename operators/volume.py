@@ -109,7 +109,7 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
         step = float(np.median(gaps))
         if np.abs(gaps - step).max() > _SPACING_TOLERANCE * step:
             raise VolumeError(
-                f"irregular slice spacing: gaps {gaps.min():.2f}–{gaps.max():.2f} mm around "
+                f"irregular slice spacing: gaps {gaps.min():.2f} to {gaps.max():.2f} mm around "
                 f"{step:.2f} mm (missing slices?)"
             )
         drift = (pos - pos[0]) - np.outer(along - along[0], normal)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pydicom
 
-from radfusion.apps.registry import StudyInput, get_app, known_apps
+from radfusion.apps.registry import App, StudyInput, get_app, known_apps
 from radfusion.config import RadfusionConfig
 from radfusion.integrations.dicom.assembler import StudyAssembler
 from radfusion.integrations.dicom.export import Exporter
@@ -60,6 +60,7 @@ class Service:
         self.node = DicomNode(config, self.catalog, self.spool)
         self.assembler = StudyAssembler(self.catalog, config.routing.rules)
         self.run_jobs = run_jobs
+        self._apps: dict[str, App] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -182,7 +183,9 @@ class Service:
                 tuple(Path(r["path"]) for r in rows),
                 self.catalog.study(job.StudyInstanceUID).calling_ae,  # type: ignore[union-attr]
             )
-            outputs = get_app(job.app, self.config).run(study, work_dir)
+            if job.app not in self._apps:  # one instance per app: models load once
+                self._apps[job.app] = get_app(job.app, self.config)
+            outputs = self._apps[job.app].run(study, work_dir)
             results = self.exporter.export(outputs, study_instance_uid=job.StudyInstanceUID)
         except Exception as err:
             error = f"{type(err).__name__}: {err}"

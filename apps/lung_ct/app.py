@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,10 +61,13 @@ def model_config(settings: LungCTConfig) -> SegmentationModelConfig:
 
 
 def algorithm_info(model: SegmentationModelConfig) -> AlgorithmInfo:
-    """The reference model is a demonstration: its results must say so."""
-    reference = default_model_config_path().resolve().parent
-    demonstration = Path(model.model_path).resolve().parent == reference
-    return AlgorithmInfo(name=model.name, version=model.version, demonstration=demonstration)
+    """The algorithm as the results name it; a model marked ``demonstration`` says so."""
+    return AlgorithmInfo(
+        name=model.name,
+        version=model.version,
+        demonstration=model.demonstration,
+        parameters=(("model_sha256", model.sha256[:16]),),
+    )
 
 
 class LungCTApp(Application):
@@ -89,7 +93,9 @@ class LungCTApp(Application):
         self._output_dir = Path(output_dir)
         self._settings = settings
         self._uid_root = uid_root
-        super().__init__(**kw)
+        # Holoscan would otherwise parse sys.argv (e.g. `radfusion serve --config FILE`) as its own
+        # command line and load radfusion's config file as a Holoscan config.
+        super().__init__(argv=[sys.executable, "lung-ct"], **kw)
 
     def compose(self) -> None:
         model = self._model or model_config(self._settings)
@@ -101,6 +107,7 @@ class LungCTApp(Application):
         segment = SegmentationOperator(
             self,
             config=model,
+            predictor=self._predictor,
             threads=self._settings.threads,
             timings=self.timings,
             name="segment",

@@ -48,6 +48,7 @@ MODEL_YAML = {
     "labels": {1: "lung", 2: "tumour"},
     "roi_size": [96, 256, 256],
     "overlap": 0.25,
+    "demonstration": True,
 }
 
 

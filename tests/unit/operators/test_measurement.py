@@ -438,3 +438,24 @@ def test_touching_lungs_with_a_detached_fragment_are_still_split() -> None:
     assert right.volume_mm3 == pytest.approx((16 * 30 * 20 + 640) * GRID_VOXEL_MM3)
     assert left.volume_mm3 == pytest.approx(16 * 30 * 24 * GRID_VOXEL_MM3)
     assert np.all(labels[2:18, 5:35, 10:30] == 1)
+
+
+def test_one_lung_off_the_field_centre_is_not_split_into_two() -> None:
+    """A field of view on the right hemithorax: one lung, wholly right of the isocentre."""
+    classes = np.zeros(GRID, dtype=np.uint8)
+    classes[2:18, 5:35, 0:26] = LUNG  # x from -59 to -9 mm: all on the patient's right
+    measured = measure(classes, grid_volume(), uid_root=UID_ROOT)
+    assert measured.result is not None
+    [right] = measured.result.findings
+    assert right.side == "right" and right.tracking_id == "Right lung"
+
+
+def test_two_lungs_of_a_patient_off_the_table_centre_keep_their_sides() -> None:
+    classes = np.zeros(GRID, dtype=np.uint8)
+    classes[2:18, 5:35, 36:46] = LUNG  # both lungs left of x = 0: the patient lies off-centre
+    classes[2:18, 5:35, 50:60] = LUNG
+    measured = measure(classes, grid_volume(), uid_root=UID_ROOT)
+    assert measured.result is not None
+    right, left = measured.result.findings
+    assert (right.side, left.side) == ("right", "left")
+    assert right.centroid_lps[0] < left.centroid_lps[0]

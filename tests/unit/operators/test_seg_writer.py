@@ -307,7 +307,7 @@ def test_no_findings_is_refused(case: Case) -> None:
                 v.source_images,
                 SegmentationResult(labels=r.labels[:, :50], findings=r.findings),
             ),
-            "label map is 50×96",
+            "label map is 50x96",
         ),
     ],
 )

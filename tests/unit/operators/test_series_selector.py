@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from radfusion.logs import uid_tag
 from radfusion.operators.series_selector import (
     CT_IMAGE_STORAGE,
     ENHANCED_CT_IMAGE_STORAGE,
@@ -96,7 +97,9 @@ def test_read_headers_skips_unreadable_files(
         out = read_headers(files)
     assert [p for p, _ in out] == [study.ct.files[0], study.ct.files[1]]
     assert all(isinstance(p, Path) for p, _ in out)
-    assert "notes.txt" in caplog.text and "gone.dcm" in caplog.text
+    # File names are SOP Instance UIDs in the spool: logged as tags, never as they are.
+    assert uid_tag("notes.txt") in caplog.text and uid_tag("gone.dcm") in caplog.text
+    assert "notes.txt" not in caplog.text
 
 
 # -- the choice ------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ def test_picks_the_axial_ct_among_distractors(study: Study) -> None:
     assert set(why) == {uid_of(x) for x in (localizer, secondary, sagittal, short)}
     assert "localizer" in why[uid_of(localizer)]
     assert "secondary capture" in why[uid_of(secondary)]
-    assert "not axial" in why[uid_of(sagittal)] and "90°" in why[uid_of(sagittal)]
+    assert "not axial" in why[uid_of(sagittal)] and "90 degrees" in why[uid_of(sagittal)]
     assert why[uid_of(short)] == "10 slice(s), fewer than the 20 required"
 
 
