@@ -76,6 +76,14 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
     """
     if not datasets:
         raise VolumeError("no images")
+    multi_frame = [ds for ds in datasets if int(ds.get("NumberOfFrames", 1) or 1) > 1]
+    if multi_frame and len(datasets) > 1:
+        # The results must reference each slice as (image, frame) of one object; several
+        # multi-frame objects (or a mix) in one series is not a layout the writers support.
+        raise VolumeError(
+            f"series holds {len(multi_frame)} multi-frame image(s) among {len(datasets)} "
+            "images; only one multi-frame image or single-frame images are supported"
+        )
     slices = []  # (ds, frame item, frame number)
     for ds in datasets:
         slices.extend((ds, item, number) for item, number in _frames(ds))

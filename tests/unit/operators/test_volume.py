@@ -456,3 +456,32 @@ def test_synthetic_files_are_what_the_tests_assume(series: Series) -> None:
         1.0,
         0.0,
     )
+
+
+def test_several_multi_frame_images_in_one_series_are_refused() -> None:
+    phantom = make_phantom(
+        slices=SLICES,
+        rows=ROWS,
+        columns=COLUMNS,
+        seed=11,
+        tumours=0,
+        pixel_spacing=3.5,
+        slice_thickness=5.0,
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        study = write_ct_series(phantom, Path(tmp))
+        slices = [pydicom.dcmread(f) for f in study.files]
+        halves = [
+            hd.legacy.LegacyConvertedEnhancedCTImage(
+                part,
+                series_instance_uid="1.2.826.0.1.3680043.10.1234.9.90",
+                series_number=9,
+                sop_instance_uid=f"1.2.826.0.1.3680043.10.1234.9.9{i}",
+                instance_number=i,
+            )
+            for i, part in enumerate((slices[:12], slices[12:]), 1)
+        ]
+    with pytest.raises(VolumeError, match="multi-frame"):
+        assemble_volume(halves)
