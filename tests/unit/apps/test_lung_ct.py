@@ -224,3 +224,34 @@ def test_enhanced_ct_source_gives_the_same_findings(
         assert volume_b == pytest.approx(volume_a)
     seg = hd.seg.segread(seg_path)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == enhanced.SeriesInstanceUID
+
+
+def test_the_demonstration_notice_follows_the_model_not_its_folder(tmp_path: Path) -> None:
+    from radfusion.apps.lung_ct.app import algorithm_info
+    from radfusion.operators.segmentation_model import (
+        SegmentationModelConfig,
+        default_model_config_path,
+    )
+
+    reference = default_model_config_path().parent
+    shutil.copy(reference / "model.ts", tmp_path / "model.ts")
+    text = (reference / "model.yaml").read_text()
+    (tmp_path / "model.yaml").write_text(text)  # the reference model, moved (as into a MAP)
+    moved = algorithm_info(SegmentationModelConfig.from_yaml(tmp_path / "model.yaml"))
+    assert moved.demonstration and "not for clinical use" in moved.series_description
+    assert dict(moved.parameters)["model_sha256"]
+    (tmp_path / "model.yaml").write_text(
+        text.replace("demonstration: true", "demonstration: false")
+    )
+    own = algorithm_info(SegmentationModelConfig.from_yaml(tmp_path / "model.yaml"))
+    assert not own.demonstration and "clinical" not in own.series_description
+
+
+def test_the_process_command_line_is_not_read_as_a_holoscan_config(
+    processed: tuple[Any, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`radfusion serve --config FILE` must not make Holoscan load FILE as its own config."""
+    study, written = processed
+    monkeypatch.setattr(sys, "argv", ["radfusion", "serve", "--config", str(tmp_path / "gone")])
+    again = run_folder(study.directory, tmp_path / "out", CONFIG)
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in written]
