@@ -10,11 +10,14 @@ same device, carry the same dates and code the same structure alike.
 * The findings as codes: :func:`finding_concept` (CID 7150 category, CID 7151 type) and
   :func:`finding_laterality` (CID 244).
 * Determinism and value limits: :func:`drop_clock_stamps` and :func:`fit_lo`.
+* Writing: :func:`save_atomically` (a result file appears complete or not at all).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 from typing import NamedTuple, TypedDict
 
 import highdicom as hd
@@ -251,3 +254,20 @@ def drop_clock_stamps(ds: Dataset) -> None:
     for item in ds.get("ContributingEquipmentSequence") or []:
         if item.get("ManufacturerModelName") == "highdicom" and "ContributionDateTime" in item:
             del item.ContributionDateTime
+
+
+def save_atomically(ds: Dataset, path: Path) -> Path:
+    """Write ``ds`` as a DICOM file at ``path``, beside it first and then renamed, so an
+    exporter watching the folder never picks up half a file.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        ds.save_as(partial, enforce_file_format=True)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from radfusion.logs import uid_tag
 from radfusion.operators.measurement import Measured
+from radfusion.operators.result_identity import save_atomically
 from radfusion.operators.results import AlgorithmInfo
 from radfusion.operators.seg_writer import build_seg
 from radfusion.operators.series_selector import SelectedSeries
@@ -86,7 +85,7 @@ def write_results(
             labelmap=labelmap,
             frame_numbers=frame_numbers,
         )
-        _save(seg_ds, seg_path)
+        save_atomically(seg_ds, seg_path)
         written.append(seg_path)
         if timings is not None:
             timings["seg_encode"] = time.perf_counter() - started
@@ -112,13 +111,6 @@ def write_results(
         f" (out of scope: {reason})" if reason else "",
     )
     return written
-
-
-def _save(ds: Dataset, path: Path) -> None:
-    """Write beside the target and rename, so a half-written file is never picked up."""
-    partial = path.with_name(path.name + ".partial")
-    ds.save_as(partial, enforce_file_format=True)
-    os.replace(partial, path)
 
 
 class ResultsWriterOperator(Operator):

@@ -16,7 +16,6 @@ from the clock or a random UID (highdicom stamps both; they are overwritten here
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from radfusion.operators.result_identity import (
     finding_laterality,
     fit_lo,
     general_equipment,
+    save_atomically,
     with_type2_attributes,
 )
 from radfusion.operators.results import AlgorithmInfo, Finding, SegmentationResult
@@ -159,14 +159,7 @@ def write_seg(
         labelmap=labelmap,
         frame_numbers=frame_numbers,
     )
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        seg.save_as(partial, enforce_file_format=True)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return save_atomically(seg, path)
 
 
 # -- source alignment ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,9 +279,7 @@ def segment(
     Raises:
         ValueError: ``hu`` is not 3-D or the predictor's output has the wrong shape.
     """
-    import time
-
-    from monai.inferers import sliding_window_inference
+    from monai.inferers import sliding_window_inference  # heavy: only when segmenting
 
     if hu.ndim != 3:
         raise ValueError(f"expected a 3-D volume [k, r, c], got shape {hu.shape}")

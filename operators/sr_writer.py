@@ -23,7 +23,6 @@ from the clock (highdicom stamps it in a few places; they are replaced or droppe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from radfusion.operators.result_identity import (
     finding_laterality,
     fit_lo,
     general_equipment,
+    save_atomically,
     with_type2_attributes,
 )
 from radfusion.operators.results import AlgorithmInfo, Finding, SegmentationResult
@@ -205,14 +205,7 @@ def write_sr(
         sop_instance_uid=sop_instance_uid,
         out_of_scope_reason=out_of_scope_reason,
     )
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        sr.save_as(partial, enforce_file_format=True)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return save_atomically(sr, path)
 
 
 # -- inputs -------------------------------------------------------------------------------------

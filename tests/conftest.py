@@ -247,6 +247,17 @@ class Orthanc:
         with urllib.request.urlopen(self.url + path, timeout=10) as r:
             return json.loads(r.read())
 
+    def destination(self, **extra: Any) -> dict[str, Any]:
+        """This Orthanc as a radfusion ``export.destinations`` entry named ``pacs``."""
+        return {
+            "name": "pacs",
+            "type": "dicom",
+            "ae_title": "ORTHANC",
+            "host": "127.0.0.1",
+            "port": self.dicom_port,
+            **extra,
+        }
+
     def post(self, path: str, body: Any) -> Any:
         request = urllib.request.Request(
             self.url + path,

@@ -23,16 +23,7 @@ def _config(tmp_path: Path, orthanc: Any) -> dict[str, Any]:
     return {
         "spool": {"path": str(tmp_path / "spool")},
         "export": {
-            "destinations": [
-                {
-                    "name": "pacs",
-                    "type": "dicom",
-                    "ae_title": "ORTHANC",
-                    "host": "127.0.0.1",
-                    "port": orthanc.dicom_port,
-                    "timeout_s": 5,
-                }
-            ],
+            "destinations": [orthanc.destination(timeout_s=5)],
             "retry": {"attempts": 3, "initial_backoff_s": 0.2, "max_backoff_s": 1},
         },
     }

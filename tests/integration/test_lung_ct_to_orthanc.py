@@ -52,17 +52,7 @@ def test_chest_ct_sent_by_storescu_comes_back_as_seg_and_sr_in_orthanc(
             "routing": {
                 "rules": [{"name": "chest", "when": {"Modality": "CT"}, "apps": ["lung-ct"]}]
             },
-            "export": {
-                "destinations": [
-                    {
-                        "name": "pacs",
-                        "type": "dicom",
-                        "ae_title": "ORTHANC",
-                        "host": "127.0.0.1",
-                        "port": orthanc.dicom_port,
-                    }
-                ]
-            },
+            "export": {"destinations": [orthanc.destination()]},
         }
     )
     storescu(node.port, list(study.files))

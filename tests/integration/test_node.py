@@ -320,17 +320,7 @@ def test_forwarded_study_arrives_in_orthanc_and_logs_hold_no_phi(
     node = node_factory(
         {
             "routing": FORWARD_ALL,
-            "export": {
-                "destinations": [
-                    {
-                        "name": "pacs",
-                        "type": "dicom",
-                        "ae_title": "ORTHANC",
-                        "host": "127.0.0.1",
-                        "port": orthanc.dicom_port,
-                    }
-                ]
-            },
+            "export": {"destinations": [orthanc.destination()]},
         }
     )
     r = storescu(node.port, list(ct_study.files))
