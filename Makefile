@@ -8,6 +8,11 @@ BIN := $(VENV)/bin
 # The CPU build of torch on disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
+# The real tritonserver (2.51, Python backend) the tests serve models with: the nvidia-pytriton
+# wheel unpacked without its dependencies (its Python API, which pins numpy<2, is not used).
+TRITON := .triton
+PYTRITON := nvidia-pytriton==0.7.0
+
 .PHONY: demo test lint clean
 
 $(VENV)/.ready: pyproject.toml
@@ -18,6 +23,13 @@ $(VENV)/.ready: pyproject.toml
 
 .venv: $(VENV)/.ready
 
+$(TRITON)/.ready: $(VENV)/.ready
+	rm -rf $(TRITON)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --target $(TRITON) $(PYTRITON)
+	touch $@
+
+.triton: $(TRITON)/.ready
+
 demo: $(VENV)/.ready
 	$(BIN)/radfusion demo
 
@@ -25,8 +37,8 @@ lint: $(VENV)/.ready
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(VENV)/.ready lint
+test: $(VENV)/.ready $(TRITON)/.ready lint
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON) build *.egg-info .pytest_cache .ruff_cache

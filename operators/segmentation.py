@@ -61,6 +61,11 @@ class SegmentationOperator(Operator):
         classes = None
         if isinstance(volume, Volume):
             classes = segment(
-                volume.hu, volume.spacing_mm, self.predictor, self.config, timings=self.timings
+                volume.hu,
+                volume.spacing_mm,
+                self.predictor,
+                self.config,
+                timings=self.timings,
+                windows_per_call=getattr(self.predictor, "windows_per_call", 1),
             )
         op_output.emit(classes, "classes")  # type: ignore[attr-defined]

@@ -51,7 +51,9 @@ log = logging.getLogger("radfusion.operators.segmentation")
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 """Maps a batch ``[B, 1, D, H, W]`` (float32, scaled intensities) to logits ``[B, C, D, H, W]``.
-The in-process TorchScript module is one; a Triton client is another."""
+The in-process TorchScript module is one (:func:`load_torchscript`); a Triton client is
+another (``radfusion.integrations.inference.triton.TritonPredictor``). A predictor that wants
+several patches per call says how many in an attribute ``windows_per_call``."""
 
 _OUTPUT_CHUNK_SLICES = 32  # source slices resolved at a time: bounds memory on 500+ slices
 
@@ -270,11 +272,14 @@ def segment(
     config: SegmentationModelConfig,
     *,
     timings: dict[str, float] | None = None,
+    windows_per_call: int = 1,
 ) -> np.ndarray:
     """Segment a HU volume ``[k, r, c]``; returns the class map (0 background, else the model's
     output channel, see ``config.labels``) on the same grid.
 
     ``timings``, if given, receives seconds per stage (preprocess, inference, postprocess).
+    ``windows_per_call``: sliding-window patches handed to the predictor at once (a remote
+    predictor sends them as concurrent requests; in process, one keeps memory low).
 
     Raises:
         ValueError: ``hu`` is not 3-D or the predictor's output has the wrong shape.
@@ -292,7 +297,7 @@ def segment(
         logits = sliding_window_inference(
             x[None],
             roi_size=config.roi_size,
-            sw_batch_size=1,
+            sw_batch_size=windows_per_call,
             predictor=predictor,
             overlap=config.overlap,
             mode="gaussian",

@@ -322,6 +322,44 @@ def run_app(app: str, input_dir: Path, output_dir: Path, config_path: Path | Non
         raise click.ClickException(f"{app}: no usable CT series in {input_dir}: nothing written")
 
 
+# -- triton -----------------------------------------------------------------------------------
+
+
+@main.group()
+def triton() -> None:
+    """Triton Inference Server: write the model repository a site's server serves."""
+
+
+@triton.command("repo")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--cpu", is_flag=True, help="CPU instances (KIND_CPU) instead of GPU.")
+@click.option(
+    "--backend",
+    type=click.Choice(["pytorch", "python"]),
+    default="pytorch",
+    show_default=True,
+    help="pytorch: Triton's LibTorch backend (NVIDIA's containers); python: the Python "
+    "backend with torch in the stub's environment.",
+)
+def triton_repo(out: Path, cpu: bool, backend: str) -> None:
+    """Write a ready Triton model repository (configs + TorchScript weights) into OUT.
+
+    \b
+    Serve it with NVIDIA's container on a GPU host, e.g.:
+      docker run --gpus=1 -p8001:8001 -v $PWD/OUT:/models \\
+        nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models
+    then set `triton: {url: HOST:8001}` in radfusion's configuration.
+    """
+    from radfusion.integrations.inference.repository import RepositoryError, write_repository
+
+    try:
+        written = write_repository(out, cpu=cpu, backend=backend)  # type: ignore[arg-type]
+    except RepositoryError as err:
+        raise click.ClickException(str(err)) from None
+    for model in written:
+        click.echo(f"{model.name}: {model.config.parent}")
+
+
 # -- demo -------------------------------------------------------------------------------------
 
 

@@ -32,6 +32,8 @@ __all__ = [
     "RouteRule",
     "RoutingConfig",
     "SpoolConfig",
+    "TritonConfig",
+    "TritonTLS",
     "example_config",
     "load_config",
     "parse_config",
@@ -213,6 +215,56 @@ class ExportConfig(_Section):
         raise KeyError(f"no export destination named {name!r} (known: {known})")
 
 
+class TritonTLS(_Section):
+    """TLS for the connection to Triton (gRPC: server authentication, optionally mutual TLS;
+    HTTP: server authentication)."""
+
+    root_certificates: Path | None = Field(
+        default=None, description="PEM file of the CA(s) that signed the server's certificate."
+    )
+    private_key: Path | None = Field(default=None, description="PEM client key (mutual TLS).")
+    certificate_chain: Path | None = Field(
+        default=None, description="PEM client certificate chain (mutual TLS)."
+    )
+
+
+class TritonConfig(_Section):
+    """A Triton Inference Server the apps run their models on. Without this section, models
+    run in the radfusion process (the embedded default)."""
+
+    url: str = Field(description="host:port of the server's gRPC (or HTTP) endpoint.")
+    protocol: Literal["grpc", "http"] = Field(
+        default="grpc", description="gRPC with binary tensors; HTTP (binary) as the option."
+    )
+    shared_memory: Literal["auto", "system", "off"] = Field(
+        default="auto",
+        description="Pass tensors through system shared memory when the server runs on this "
+        "host. 'auto' tries and falls back to the network; 'system' insists; 'off' never.",
+    )
+    batch_size: int = Field(
+        default=1,
+        ge=1,
+        description="Sliding-window patches per request (<= the model's max_batch_size).",
+    )
+    max_in_flight: int = Field(default=2, ge=1, le=64, description="Concurrent requests.")
+    timeout_s: float = Field(default=120, gt=0, description="Per request.")
+    connect_timeout_s: float = Field(
+        default=10, ge=0, description="How long to wait for the server to be ready at start."
+    )
+    retry: RetryPolicy = Field(
+        default=RetryPolicy(attempts=4, initial_backoff_s=1.0, max_backoff_s=10.0),
+        description="Retries of a request on transient errors (unreachable, timed out).",
+    )
+    tls: TritonTLS | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if "://" in value or not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", value):
+            raise ValueError(f"{value!r} must be host:port (no scheme), e.g. triton.local:8001")
+        return value
+
+
 class LungCTConfig(_Section):
     """The ``lung-ct`` app."""
 
@@ -225,6 +277,13 @@ class LungCTConfig(_Section):
     min_slices: int = Field(default=50, ge=1, description="Fewer axial slices: not processed.")
     seg_type: Literal["binary", "labelmap"] = "binary"
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores.")
+    triton_model: str = Field(
+        default="lung_ct_seg",
+        description="The model's name on the Triton server (used when `triton:` is set).",
+    )
+    triton_model_version: str = Field(
+        default="", pattern=r"^\d*$", description="A version number; empty = the latest ready."
+    )
 
 
 class AppsConfig(_Section):
@@ -240,6 +299,9 @@ class RadfusionConfig(_Section):
     routing: RoutingConfig = RoutingConfig()
     export: ExportConfig = ExportConfig()
     apps: AppsConfig = AppsConfig()
+    triton: TritonConfig | None = Field(
+        default=None, description="Run the apps' models on this Triton server."
+    )
     uid_root: str = Field(
         default="1.2.826.0.1.3680043.10.1234.",
         description="Root for every UID radfusion creates (results series/instances). Use your "

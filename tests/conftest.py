@@ -295,3 +295,38 @@ def ct_study(tmp_path_factory: pytest.TempPathFactory) -> Any:
         columns=128,
         patient_id="RF-TEST-1",
     )
+
+
+def start_triton(repository: Path, **ports: int) -> Any:
+    """A real ``tritonserver`` on ``repository`` (skip locally, fail on CI, when it is not
+    installed: ``make .triton`` installs it)."""
+    from radfusion.integrations.inference.local_server import (
+        LocalTritonServer,
+        TritonServerNotFound,
+    )
+
+    try:
+        server = LocalTritonServer(repository, ["lung_ct_seg"], **ports)
+    except TritonServerNotFound as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"{err}; `make test` must install it")
+        pytest.skip(str(err))
+    return server.start()
+
+
+@pytest.fixture(scope="session")
+def triton_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference models as a CPU, Python-backend Triton repository."""
+    from radfusion.integrations.inference.repository import write_repository
+
+    root = tmp_path_factory.mktemp("triton-repo")
+    write_repository(root, cpu=True, backend="python")
+    return root
+
+
+@pytest.fixture(scope="session")
+def triton(triton_repository: Path) -> Iterator[Any]:
+    """One real Triton server for the session (tests that kill a server start their own)."""
+    server = start_triton(triton_repository)
+    yield server
+    server.close()

@@ -37,7 +37,7 @@ from radfusion.operators.segmentation_model import Predictor, load_torchscript
 from radfusion.operators.series_selector import SeriesSelectorOperator
 from radfusion.operators.volume import VolumeOperator
 
-__all__ = ["LungCT", "LungCTApp", "run_folder"]
+__all__ = ["LungCT", "LungCTApp", "make_predictor", "run_folder"]
 
 log = logging.getLogger("radfusion.apps.lung_ct")
 
@@ -60,14 +60,37 @@ def model_config(settings: LungCTConfig) -> SegmentationModelConfig:
     return SegmentationModelConfig.from_yaml(settings.model or default_model_config_path())
 
 
-def algorithm_info(model: SegmentationModelConfig) -> AlgorithmInfo:
-    """The algorithm as the results name it; a model marked ``demonstration`` says so."""
+def algorithm_info(model: SegmentationModelConfig, predictor: object = None) -> AlgorithmInfo:
+    """The algorithm as the results name it; a model marked ``demonstration`` says so. On a
+    Triton server, the served model and the server's version are named instead of the local
+    weights' digest (the server's weights cannot be checked from here)."""
+    identity = getattr(predictor, "identity", None)
+    if identity is not None:
+        parameters = [("inference", identity.describe())]
+    else:
+        parameters = [("model_sha256", model.sha256[:16])]
     return AlgorithmInfo(
         name=model.name,
         version=model.version,
         demonstration=model.demonstration,
-        parameters=(("model_sha256", model.sha256[:16]),),
+        parameters=tuple(parameters),
     )
+
+
+def make_predictor(config: RadfusionConfig, model: SegmentationModelConfig) -> Predictor:
+    """The predictor the configuration asks for: on the Triton server of ``triton:``, or
+    in this process (the default).
+
+    Raises:
+        TritonError: the server or model is not available (see its subclasses).
+        ModelConfigError: the TorchScript file cannot be loaded.
+    """
+    settings = config.apps.lung_ct
+    if config.triton is not None:
+        from radfusion.integrations.inference.triton import TritonPredictor
+
+        return TritonPredictor(config.triton, settings.triton_model, settings.triton_model_version)
+    return load_torchscript(model.model_path, settings.threads)
 
 
 class LungCTApp(Application):
@@ -99,6 +122,7 @@ class LungCTApp(Application):
 
     def compose(self) -> None:
         model = self._model or model_config(self._settings)
+        predictor = self._predictor or load_torchscript(model.model_path, self._settings.threads)
         study = StudyFilesOperator(self, CountCondition(self, 1), files=self._files, name="study")
         select = SeriesSelectorOperator(
             self, min_slices=self._settings.min_slices, name="select_series"
@@ -107,8 +131,7 @@ class LungCTApp(Application):
         segment = SegmentationOperator(
             self,
             config=model,
-            predictor=self._predictor,
-            threads=self._settings.threads,
+            predictor=predictor,
             timings=self.timings,
             name="segment",
         )
@@ -117,7 +140,7 @@ class LungCTApp(Application):
         )
         write = ResultsWriterOperator(
             self,
-            algorithm=algorithm_info(model),
+            algorithm=algorithm_info(model, predictor),
             output_dir=self._output_dir,
             uid_root=self._uid_root,
             labelmap=self._settings.seg_type == "labelmap",
@@ -138,13 +161,22 @@ class LungCTApp(Application):
 def run_folder(input_dir: Path, output_dir: Path, config: RadfusionConfig) -> list[Path]:
     """Run the app once over every file under ``input_dir``; returns the files written."""
     files = sorted(p for p in Path(input_dir).rglob("*") if p.is_file())
-    app = LungCTApp(
-        files=files,
-        output_dir=Path(output_dir),
-        settings=config.apps.lung_ct,
-        uid_root=config.uid_root,
-    )
-    app.run()
+    model = model_config(config.apps.lung_ct)
+    predictor = make_predictor(config, model)
+    try:
+        app = LungCTApp(
+            files=files,
+            output_dir=Path(output_dir),
+            settings=config.apps.lung_ct,
+            uid_root=config.uid_root,
+            model=model,
+            predictor=predictor,
+        )
+        app.run()
+    finally:
+        close = getattr(predictor, "close", None)
+        if close is not None:
+            close()
     return list(app.written)
 
 
@@ -165,7 +197,7 @@ class LungCT:
         settings = self.config.apps.lung_ct
         if self._predictor is None:
             self._model = model_config(settings)
-            self._predictor = load_torchscript(self._model.model_path, settings.threads)
+            self._predictor = make_predictor(self.config, self._model)
         app = LungCTApp(
             files=study.files,
             output_dir=Path(work_dir) / "output",

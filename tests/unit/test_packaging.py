@@ -23,7 +23,7 @@ def test_every_package_folder_is_listed() -> None:
         for init in (REPO / folder).rglob("__init__.py"):
             rel = init.parent.relative_to(REPO / folder).parts
             found.add(".".join((name, *rel)))
-    data_only = {"radfusion.models"}  # packaging/models: model files, no Python
+    data_only = {"radfusion.models", "radfusion.triton"}  # packaging/: data, no package code
     assert found == listed - data_only
 
 
@@ -41,3 +41,12 @@ def test_packaging_folder_does_not_shadow_the_packaging_library() -> None:
     import packaging.version
 
     assert "site-packages" in packaging.version.__file__
+
+
+def test_triton_templates_ship_inside_the_package() -> None:
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert data["package-dir"]["radfusion.triton"] == "packaging/triton"
+    patterns = data["package-data"]["radfusion.triton"]
+    for rel in ("config.pbtxt", "1/model.py"):
+        assert f"*/{rel}" in patterns
+        assert (REPO / "packaging" / "triton" / "lung_ct_seg" / rel).is_file()
