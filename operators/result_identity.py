@@ -36,6 +36,7 @@ __all__ = [
     "algorithm_equipment",
     "algorithm_serial_number",
     "content_datetime",
+    "detached_copy",
     "drop_clock_stamps",
     "finding_concept",
     "finding_laterality",
@@ -152,6 +153,16 @@ def algorithm_equipment(algorithm: AlgorithmInfo) -> hd.ContributingEquipment:
 # -- the study as highdicom reads it ------------------------------------------------------------
 
 
+def detached_copy(ds: Dataset) -> Dataset:
+    """A new dataset holding the same elements, to which attributes can be added without
+    touching ``ds`` (pydicom's ``Dataset.copy()`` shares the element dictionary)."""
+    copy = Dataset()
+    copy.update(ds)
+    if hasattr(ds, "file_meta"):
+        copy.file_meta = ds.file_meta
+    return copy
+
+
 def with_type2_attributes(ds: Dataset) -> Dataset:
     """``ds``, or a copy with the Type 2 attributes highdicom reads from a source added empty.
 
@@ -163,12 +174,7 @@ def with_type2_attributes(ds: Dataset) -> Dataset:
     bad_sex = sex not in (None, "", "M", "F", "O")  # highdicom rejects other values
     if not missing and not bad_sex:
         return ds
-    # A new dataset holding the same elements: pydicom's Dataset.copy() shares the element
-    # dictionary, so adding to the copy would change the caller's dataset.
-    copy = Dataset()
-    copy.update(ds)
-    if hasattr(ds, "file_meta"):
-        copy.file_meta = ds.file_meta
+    copy = detached_copy(ds)
     for keyword in missing:
         setattr(copy, keyword, None)
     if bad_sex:

@@ -1,8 +1,10 @@
 """Results writer: the SEG and the TID 1500 SR of one processed series, as files.
 
 Always writes an SR when a CT series was selected — with findings, or saying why the input was
-out of scope or could not be processed — and a SEG only when there are findings. UIDs are
-derived from the source series and the algorithm, so the same input gives the same objects.
+out of scope or could not be processed — and a SEG only when there are findings. The results
+describe the series the volume was made from (not necessarily the selector's first choice);
+when no candidate could be assembled, the SR references the preferred one. UIDs are derived
+from that series, its images and the algorithm, so the same input gives the same objects.
 """
 
 from __future__ import annotations
@@ -20,17 +22,31 @@ from radfusion.operators.measurement import Measured
 from radfusion.operators.result_identity import save_atomically
 from radfusion.operators.results import AlgorithmInfo
 from radfusion.operators.seg_writer import build_seg
-from radfusion.operators.series_selector import SelectedSeries
+from radfusion.operators.series_selector import SeriesCandidate, SeriesSelection
 from radfusion.operators.sr_writer import write_sr
 from radfusion.operators.volume import Volume, VolumeError
 
-__all__ = ["ResultsWriterOperator", "write_results"]
+__all__ = ["ResultsWriterOperator", "source_series", "write_results"]
 
 log = logging.getLogger("radfusion.operators.results_writer")
 
 
+def source_series(
+    selection: SeriesSelection, volume: Volume | VolumeError | None
+) -> SeriesCandidate:
+    """The series the results are about: the candidate the volume was made from, else (no
+    volume) the preferred candidate, whose images a "not processed" SR references.
+
+    Raises:
+        KeyError: the volume comes from a series that is not among the candidates.
+    """
+    if isinstance(volume, Volume) and volume.source_images:
+        return selection.candidate(str(volume.source_images[0].get("SeriesInstanceUID", "")))
+    return selection.preferred
+
+
 def write_results(
-    selection: SelectedSeries | None,
+    selection: SeriesSelection | None,
     volume: Volume | VolumeError | None,
     measured: Measured | None,
     algorithm: AlgorithmInfo,
@@ -48,11 +64,13 @@ def write_results(
         log.warning("no usable CT series in the study: no results written")
         return []
     output_dir.mkdir(parents=True, exist_ok=True)
-    source = selection.SeriesInstanceUID
+    series = source_series(selection, volume)
+    source = series.SeriesInstanceUID
     # The same input and model give the same UIDs; other instances (a re-run after late
     # arrivals) or other weights give new ones, so a PACS never sees one UID for two contents.
+    # Only the images used count: a stray scout left out of the series changes nothing.
     instances = hashlib.sha256(
-        "\\".join(sorted(str(ds.get("SOPInstanceUID", "")) for ds in selection.headers)).encode()
+        "\\".join(sorted(str(ds.get("SOPInstanceUID", "")) for ds in series.headers)).encode()
     ).hexdigest()
     key = [source, algorithm.name, algorithm.version, instances, *map(str, algorithm.parameters)]
 
@@ -64,7 +82,7 @@ def write_results(
         images = list(volume.source_images)  # k order; a multi-frame image repeats per frame
         frame_numbers = list(volume.frame_numbers)
     else:
-        images = list(selection.headers)
+        images = list(series.headers)
     reason = None
     if isinstance(volume, VolumeError):
         reason = f"not processed: {volume}"

@@ -29,6 +29,7 @@ from radfusion.logs import uid_tag
 from radfusion.operators.result_identity import (
     algorithm_equipment,
     content_datetime,
+    detached_copy,
     drop_clock_stamps,
     finding_concept,
     finding_laterality,
@@ -90,7 +91,8 @@ def build_seg(
         raise ValueError(f"label map values {stray} have no finding describing them")
     sources, pixel_array = _align(source_images, labels, frame_numbers)
     first = with_type2_attributes(sources[0])
-    sources = [first, *sources[1:]]
+    sources = _with_slice_thickness([first, *sources[1:]])
+    first = sources[0]
     date, time = content_datetime(first)
     algorithm_id = hd.AlgorithmIdentificationSequence(
         name=algorithm.name,
@@ -213,6 +215,21 @@ def _align(
     planes = np.zeros((n_frames, rows, columns), dtype=labels.dtype)
     planes[np.asarray(numbers) - 1] = labels
     return [ds], planes
+
+
+def _with_slice_thickness(sources: list[Dataset]) -> list[Dataset]:
+    """``sources``, the first replaced by a copy with Slice Thickness = the spacing between
+    the slices when it has none. Slice Thickness is Type 2 in CT (empty or absent is valid)
+    but Type 1C in the SEG's Pixel Measures, which highdicom copies from the first source."""
+    first = sources[0]
+    if len(sources) < 2 or first.get("SliceThickness") not in (None, ""):
+        return sources
+    iop = np.asarray(first.ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    along = np.sort([float(normal @ np.asarray(ds.ImagePositionPatient)) for ds in sources])
+    first = detached_copy(first)
+    first.SliceThickness = round(float(np.median(np.diff(along))), 6)
+    return [first, *sources[1:]]
 
 
 def _frame_order(ds: Dataset) -> list[int]:

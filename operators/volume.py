@@ -6,10 +6,14 @@ than silently distorted: inconsistent orientation, pixel spacing or matrix, dupl
 positions, gantry tilt (slice positions not along the normal) and irregular slice spacing
 (e.g. missing slices). Single-frame CT and Enhanced CT (multi-frame, per-frame positions)
 are both read; compressed transfer syntaxes decode through pydicom's pixel handlers.
+
+The series selector hands over every qualifying series, best first; the first one that makes
+a regular volume is used, and when none does, the refusal names each series and its reason.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +24,19 @@ import pydicom
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 from pydicom.dataset import Dataset
 
-__all__ = ["Volume", "VolumeError", "VolumeOperator", "assemble_volume"]
+from radfusion.logs import uid_tag
+from radfusion.operators.series_selector import SeriesCandidate
+
+__all__ = [
+    "Volume",
+    "VolumeError",
+    "VolumeOperator",
+    "assemble_first_usable",
+    "assemble_volume",
+    "read_series",
+]
+
+log = logging.getLogger("radfusion.operators.volume")
 
 _SPACING_TOLERANCE = 0.1  # relative deviation of a slice gap from the median gap
 _TILT_TOLERANCE_MM = 0.5  # in-plane drift of slice positions allowed over the series
@@ -82,7 +98,7 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
         # multi-frame objects (or a mix) in one series is not a layout the writers support.
         raise VolumeError(
             f"series holds {len(multi_frame)} multi-frame image(s) among {len(datasets)} "
-            "images; only one multi-frame image or single-frame images are supported"
+            "images, but only one multi-frame image or single-frame images are supported"
         )
     slices = []  # (ds, frame item, frame number)
     for ds in datasets:
@@ -97,6 +113,8 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
         orientations.append(np.asarray(iop, dtype=float))
         positions.append(np.asarray(ipp, dtype=float))
         spacings.append(np.asarray(ps, dtype=float))
+        if ds.get("Rows") is None or ds.get("Columns") is None:
+            raise VolumeError("an image lacks Rows or Columns")
         matrices.append((int(ds.Rows), int(ds.Columns)))
     iop = orientations[0]
     if any(np.abs(o - iop).max() > 1e-3 for o in orientations):
@@ -124,7 +142,7 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
         if np.abs(drift).max() > _TILT_TOLERANCE_MM:
             raise VolumeError(
                 f"slice positions drift {np.abs(drift).max():.1f} mm off the slice normal "
-                "(gantry tilt); tilted acquisitions are not supported"
+                "(gantry tilt), and tilted acquisitions are not supported"
             )
     else:
         thickness = datasets[0].get("SliceThickness")
@@ -161,8 +179,19 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
 
 
 def read_series(files: Sequence[Path]) -> list[Dataset]:
-    """Read the full datasets of a series."""
-    return [pydicom.dcmread(f) for f in files]
+    """Read the full datasets of a series, in the order of ``files``.
+
+    Raises:
+        VolumeError: a file cannot be read (gone since selection, truncated, not DICOM).
+    """
+    datasets = []
+    for f in files:
+        try:
+            datasets.append(pydicom.dcmread(f))
+        except (OSError, pydicom.errors.InvalidDicomError) as err:
+            # No path in the reason: spool file names are SOP Instance UIDs.
+            raise VolumeError(f"an image cannot be read ({type(err).__name__})") from None
+    return datasets
 
 
 def _drop_pixels(ds: Dataset) -> None:
@@ -174,9 +203,67 @@ def _drop_pixels(ds: Dataset) -> None:
     ds._pixel_id = {}
 
 
+def _ascii(text: str) -> str:
+    """Reasons end up in SR text and logs: keep them plain ASCII whatever a library said."""
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def _assemble_candidate(candidate: SeriesCandidate) -> Volume:
+    """Read and assemble one series; its datasets keep their headers only afterwards.
+
+    Raises:
+        VolumeError: the series cannot be read or assembled; malformed attribute values
+            (which pydicom and numpy report as ValueError/TypeError/AttributeError) included.
+    """
+    datasets: list[Dataset] = []
+    try:
+        datasets = read_series(candidate.files)
+        return assemble_volume(datasets)
+    except VolumeError:
+        raise
+    except (ValueError, TypeError, AttributeError) as err:
+        # A value that does not parse (e.g. a DS that is not a number) must cost this series,
+        # not the study: the next candidate may be fine.
+        raise VolumeError(f"malformed image attributes ({type(err).__name__})") from None
+    finally:
+        for ds in datasets:  # the HU array holds the pixels now; keep headers only
+            _drop_pixels(ds)
+
+
+def assemble_first_usable(candidates: Sequence[SeriesCandidate]) -> Volume:
+    """The volume of the first candidate series that assembles, trying them in order.
+
+    The returned volume's ``source_images`` carry no pixel data (its HU array holds them).
+
+    Raises:
+        VolumeError: no candidate assembles (or there are none); the message names each
+            series by its label (Series Number, else a hashed tag; never the UID) with its
+            reason, in order.
+    """
+    reasons = []
+    for candidate in candidates:
+        try:
+            volume = _assemble_candidate(candidate)
+        except VolumeError as err:
+            reason = _ascii(str(err))
+            reasons.append(f"{candidate.label}: {reason}")
+            log.info("series %s cannot be used: %s", uid_tag(candidate.SeriesInstanceUID), reason)
+            continue
+        if reasons:
+            log.warning(
+                "series %s used after %d preferred series could not be assembled",
+                uid_tag(candidate.SeriesInstanceUID),
+                len(reasons),
+            )
+        return volume
+    # Each part starts with its series' label, so the parts stay apart for a reader.
+    raise VolumeError("; ".join(reasons) if reasons else "no series to assemble")
+
+
 class VolumeOperator(Operator):
-    """Input ``selection`` (``SelectedSeries`` or None) → output ``volume``
-    (``Volume``, or a ``VolumeError`` instance carrying the reason it was refused, or None).
+    """Input ``selection`` (``SeriesSelection`` or None) → output ``volume``
+    (``Volume`` of the first candidate series that assembles, or a ``VolumeError`` instance
+    carrying every candidate's reason, or None when there was no selection).
 
     ``timings`` (optional dict) receives the seconds spent reading and assembling (``load``).
     """
@@ -200,13 +287,10 @@ class VolumeOperator(Operator):
         result: Volume | VolumeError | None = None
         started = time.perf_counter()
         if selection is not None:
-            datasets = read_series(selection.files)
             try:
-                result = assemble_volume(datasets)
+                result = assemble_first_usable(selection.candidates)
             except VolumeError as err:
                 result = err
-            for ds in datasets:  # the HU array holds the pixels now; keep headers only
-                _drop_pixels(ds)
         if self.timings is not None:
             self.timings["load"] = time.perf_counter() - started
         op_output.emit(result, "volume")  # type: ignore[attr-defined]

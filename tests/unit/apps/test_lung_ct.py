@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +256,129 @@ def test_the_process_command_line_is_not_read_as_a_holoscan_config(
     monkeypatch.setattr(sys, "argv", ["radfusion", "serve", "--config", str(tmp_path / "gone")])
     again = run_folder(study.directory, tmp_path / "out", CONFIG)
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in written]
+
+
+# -- series selection robustness: fall back to another series; leave stray images out -------
+
+
+def copy_series(
+    files: Sequence[Path],
+    out: Path,
+    *,
+    series: tuple[str, int] | None = None,
+    change: Callable[[int, pydicom.Dataset], None] | None = None,
+) -> list[Path]:
+    """Write ``files`` into ``out``; with ``series`` (UID, number) as another series with
+    its own SOP Instance UIDs; ``change(k, ds)`` edits slice k first."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        if series is not None:
+            ds.SeriesInstanceUID, ds.SeriesNumber = series
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{series[0]}.{k + 1}"
+        if change is not None:
+            change(k, ds)
+        path = out / f"{series[1] if series else 'src'}-{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        written.append(path)
+    return written
+
+
+def test_a_larger_broken_series_falls_back_to_the_good_one(
+    processed: tuple[Any, list[Path]], tmp_path: Path
+) -> None:
+    """The preferred series (more slices) cannot be assembled; the results are those of the
+    other series, byte for byte as if it had come alone."""
+    study, written = processed
+    copy_series(study.files, tmp_path / "in")
+    # 65 images: the 64 slices again plus one re-sent under a new SOP Instance UID.
+    copy_series(
+        [*study.files, study.files[10]], tmp_path / "in", series=(CONFIG.uid_root + "88.1", 3)
+    )
+    again = run_folder(tmp_path / "in", tmp_path / "out", CONFIG)
+    assert [p.name for p in again] == ["seg.dcm", "sr.dcm"]
+    seg = hd.seg.segread(again[0])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == study.SeriesInstanceUID
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in written]
+
+
+def test_a_localizer_and_a_screen_capture_inside_the_series_are_left_out(
+    processed: tuple[Any, list[Path]], tmp_path: Path
+) -> None:
+    """One scout and one secondary capture share the axial series' UID: the series is still
+    processed, from its 64 axial slices, with the same results as without them."""
+    study, written = processed
+    copy_series(study.files, tmp_path / "in")
+
+    def scout(k: int, ds: pydicom.Dataset) -> None:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = CONFIG.uid_root + "1"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "0", "-1"]
+
+    def screen(k: int, ds: pydicom.Dataset) -> None:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = CONFIG.uid_root + "2"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+
+    # In sub-folders of the input (it is read recursively), so no file name clashes.
+    copy_series(study.files[:1], tmp_path / "in" / "scout", change=scout)
+    copy_series(study.files[:1], tmp_path / "in" / "screen", change=screen)
+    again = run_folder(tmp_path / "in", tmp_path / "out", CONFIG)
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in written]
+    seg = hd.seg.segread(again[0])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == study.SeriesInstanceUID
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
+    assert len(referenced) == 64
+    assert not {CONFIG.uid_root + "1", CONFIG.uid_root + "2"} & referenced
+
+
+def test_when_no_series_assembles_the_sr_gives_every_reason(
+    processed: tuple[Any, list[Path]], tmp_path: Path
+) -> None:
+    study, _ = processed
+    # Series 2 with a slice missing (63 slices) and series 3, tilted (64 slices, preferred).
+    copy_series([f for k, f in enumerate(study.files) if k != 30], tmp_path / "in")
+
+    def tilt(k: int, ds: pydicom.Dataset) -> None:
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [f"{x:.10g}", f"{y + 0.75 * k:.10g}", f"{z:.10g}"]
+
+    tilted_uid = CONFIG.uid_root + "88.2"
+    copy_series(study.files, tmp_path / "in", series=(tilted_uid, 3), change=tilt)
+    [sr_path] = run_folder(tmp_path / "in", tmp_path / "out", CONFIG)
+    assert dciodvfy_errors(sr_path) == []
+    sr = pydicom.dcmread(sr_path)
+    text = sr_text(sr)
+    tilted_at = text.index("series 3 (64 slices): slice positions drift")
+    gap_at = text.index("series 2 (63 slices): irregular slice spacing")
+    assert "not processed" in text and tilted_at < gap_at and text.isascii()
+    assert tilted_uid not in text and study.SeriesInstanceUID not in text
+    # The SR references the preferred series' images.
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert [item.SeriesInstanceUID for item in evidence] == [tilted_uid]
+
+
+def test_missing_optional_attributes_still_give_results(
+    processed: tuple[Any, list[Path]], tmp_path: Path
+) -> None:
+    """No Image Type, Series Number, Series Description or Slice Thickness (often absent in
+    the wild): the same findings, and objects that validate."""
+    study, written = processed
+
+    def bare(k: int, ds: pydicom.Dataset) -> None:
+        for keyword in ("ImageType", "SeriesNumber", "SeriesDescription", "SliceThickness"):
+            delattr(ds, keyword)
+
+    copy_series(study.files, tmp_path / "in", change=bare)
+    seg_path, sr_path = run_folder(tmp_path / "in", tmp_path / "out", CONFIG)
+    assert dciodvfy_errors(seg_path) == [] and dciodvfy_errors(sr_path) == []
+    measures = pydicom.dcmread(seg_path).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence
+    assert float(measures[0].SliceThickness) == pytest.approx(5.0)  # the slice spacing
+    before = hd.sr.srread(written[1]).content.get_volumetric_roi_measurement_groups()
+    after = hd.sr.srread(sr_path).content.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in after] == [g.tracking_identifier for g in before]
+    for a, b in zip(before, after, strict=True):
+        assert b.get_measurements()[0].value == pytest.approx(a.get_measurements()[0].value)

@@ -1,6 +1,9 @@
 """Series selection: the axial CT series is chosen among localizers, secondary captures, short
 and non-axial series; each other series is skipped with its reason; nothing qualifying gives
-None; min_slices is respected; of several qualifying series the one with most slices wins."""
+None; min_slices is respected; qualifying series come in preference order (most slices first);
+stray images inside a good series (a scout, a reformat, another matrix, a secondary capture, a
+duplicate) are left out and counted instead of costing the series; malformed or missing
+attributes never crash the selector."""
 
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from radfusion.logs import uid_tag
 from radfusion.operators.series_selector import (
     CT_IMAGE_STORAGE,
     ENHANCED_CT_IMAGE_STORAGE,
-    SelectedSeries,
+    SeriesCandidate,
+    SeriesSelection,
     read_headers,
     select_series,
 )
@@ -71,8 +75,13 @@ def uid_of(items: list[Item]) -> str:
     return str(items[0][1].SeriesInstanceUID)
 
 
-def reasons(selection: SelectedSeries) -> dict[str, str]:
+def reasons(selection: SeriesSelection) -> dict[str, str]:
     return dict(selection.skipped)
+
+
+def chosen(selection: SeriesSelection | None) -> SeriesCandidate:
+    assert selection is not None
+    return selection.preferred
 
 
 # -- read_headers ----------------------------------------------------------------------------
@@ -121,13 +130,15 @@ def test_picks_the_axial_ct_among_distractors(study: Study) -> None:
 
     selection = select_series(everything, min_slices=20)
 
-    assert selection is not None
-    assert selection.SeriesInstanceUID == study.ct.SeriesInstanceUID
-    assert selection.files == tuple(study.ct.files)  # in the order they came
-    assert [ds.SOPInstanceUID for ds in selection.headers] == [
+    assert selection is not None and len(selection.candidates) == 1
+    axial_series = selection.preferred
+    assert axial_series.SeriesInstanceUID == study.ct.SeriesInstanceUID
+    assert axial_series.files == tuple(study.ct.files)  # in the order they came
+    assert [ds.SOPInstanceUID for ds in axial_series.headers] == [
         ds.SOPInstanceUID for _, ds in study.headers
     ]
-    assert selection.slices == SLICES
+    assert axial_series.slices == SLICES
+    assert axial_series.dropped == ()
     why = reasons(selection)
     assert set(why) == {uid_of(x) for x in (localizer, secondary, sagittal, short)}
     assert "localizer" in why[uid_of(localizer)]
@@ -140,7 +151,8 @@ def test_localizer_is_skipped_even_with_enough_images(study: Study) -> None:
     # A localizer that looks axial and has many images is still a localizer.
     localizer = study.other("scout", SLICES, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
     selection = select_series(localizer + study.axial()[:22], min_slices=20)
-    assert selection is not None and selection.slices == 22
+    assert chosen(selection).slices == 22
+    assert selection is not None and len(selection.candidates) == 1
     assert "localizer" in reasons(selection)[uid_of(localizer)]
 
 
@@ -161,8 +173,7 @@ def test_tilted_axial_series_still_qualifies(study: Study) -> None:
         SLICES,
         ImageOrientationPatient=["1", "0", "0", "0", "0.9396926208", "0.3420201433"],
     )
-    selection = select_series(tilted, min_slices=20)
-    assert selection is not None and selection.SeriesInstanceUID == uid_of(tilted)
+    assert chosen(select_series(tilted, min_slices=20)).SeriesInstanceUID == uid_of(tilted)
 
 
 def test_oblique_beyond_tolerance_is_skipped(study: Study) -> None:
@@ -179,14 +190,15 @@ def test_other_modality_is_skipped(study: Study) -> None:
     mr = study.other("mr", SLICES, Modality="MR")
     axial = study.axial()
     selection = select_series(mr + axial, min_slices=20)
-    assert selection is not None and selection.SeriesInstanceUID == study.ct.SeriesInstanceUID
-    assert reasons(selection)[uid_of(mr)] == "modality MR, not CT"
+    assert chosen(selection).SeriesInstanceUID == study.ct.SeriesInstanceUID
+    assert selection is not None and reasons(selection)[uid_of(mr)] == "modality MR, not CT"
 
 
-def test_series_mixing_ct_and_secondary_capture_is_skipped(study: Study) -> None:
-    mixed = study.other("mixed", SLICES)
-    mixed[5][1].SOPClassUID = SECONDARY_CAPTURE
-    assert select_series(mixed, min_slices=20) is None
+def test_series_of_secondary_captures_only_is_skipped(study: Study) -> None:
+    secondary = study.other("secondary", SLICES, SOPClassUID=SECONDARY_CAPTURE)
+    selection = select_series(secondary + study.axial(), min_slices=20)
+    assert chosen(selection).SeriesInstanceUID == study.ct.SeriesInstanceUID
+    assert selection is not None and "secondary capture" in reasons(selection)[uid_of(secondary)]
 
 
 def test_images_without_series_uid_are_skipped(study: Study) -> None:
@@ -210,11 +222,11 @@ def test_default_min_slices_is_50(study: Study) -> None:
 
 
 @pytest.mark.parametrize(
-    ("min_slices", "chosen"), [(SLICES - 1, True), (SLICES, True), (SLICES + 1, False)]
+    ("min_slices", "expected"), [(SLICES - 1, True), (SLICES, True), (SLICES + 1, False)]
 )
-def test_min_slices_is_respected(study: Study, min_slices: int, chosen: bool) -> None:
+def test_min_slices_is_respected(study: Study, min_slices: int, expected: bool) -> None:
     selection = select_series(study.axial(), min_slices=min_slices)
-    assert (selection is not None) == chosen
+    assert (selection is not None) == expected
 
 
 def test_too_few_slices_reason_names_the_counts(study: Study) -> None:
@@ -222,32 +234,37 @@ def test_too_few_slices_reason_names_the_counts(study: Study) -> None:
     selection = select_series(short + study.axial(), min_slices=SLICES)
     assert selection is not None
     assert reasons(selection)[uid_of(short)] == f"5 slice(s), fewer than the {SLICES} required"
+    assert [c.SeriesInstanceUID for c in selection.candidates] == [study.ct.SeriesInstanceUID]
 
 
 # -- several qualifying series ---------------------------------------------------------------
 
 
-def test_the_series_with_more_slices_wins(study: Study) -> None:
+def test_the_series_with_more_slices_comes_first_the_others_follow(study: Study) -> None:
     thick = study.other("thick", 21)
     thin = study.axial()
-    for items in (thick + thin, thin + thick):
+    middle = study.other("middle", 22)
+    for items in (thick + thin + middle, middle + thin + thick):
         selection = select_series(items, min_slices=20)
         assert selection is not None
-        assert selection.SeriesInstanceUID == study.ct.SeriesInstanceUID
-        assert selection.slices == SLICES
-        assert reasons(selection) == {
-            uid_of(thick): f"another series has more slices (21 < {SLICES})"
-        }
+        assert [(c.SeriesInstanceUID, c.slices) for c in selection.candidates] == [
+            (study.ct.SeriesInstanceUID, SLICES),
+            (uid_of(middle), 22),
+            (uid_of(thick), 21),
+        ]
+        assert selection.skipped == ()  # the others are fallbacks, not skipped
+        assert selection.candidate(uid_of(thick)).files == tuple(p for p, _ in thick)
 
 
 def test_tie_is_broken_by_series_uid_whatever_the_input_order(study: Study) -> None:
     a = study.other("a", SLICES)
     b = study.other("b", SLICES)
-    expected = max(uid_of(a), uid_of(b))
+    expected = sorted([uid_of(a), uid_of(b)], reverse=True)
     assert uid_of(a) != uid_of(b)
     for items in (a + b, b + a):
         selection = select_series(items, min_slices=20)
-        assert selection is not None and selection.SeriesInstanceUID == expected
+        assert selection is not None
+        assert [c.SeriesInstanceUID for c in selection.candidates] == expected
 
 
 LEGACY_CONVERTED_ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.2"
@@ -286,10 +303,11 @@ def test_enhanced_ct_counts_frames_as_slices(study: Study, tmp_path: Path) -> No
     short = study.other("short", 20)  # more files, fewer slices
     selection = select_series(short + headers, min_slices=20)
     assert selection is not None
-    assert selection.SeriesInstanceUID == UID_BASE + "1"
-    assert selection.files == (path,)
-    assert selection.slices == SLICES
-    assert reasons(selection)[uid_of(short)] == f"another series has more slices (20 < {SLICES})"
+    assert [(c.SeriesInstanceUID, c.slices) for c in selection.candidates] == [
+        (UID_BASE + "1", SLICES),
+        (uid_of(short), 20),
+    ]
+    assert selection.preferred.files == (path,)
 
 
 def test_enhanced_ct_below_min_slices_counts_frames(study: Study, tmp_path: Path) -> None:
@@ -338,3 +356,182 @@ def test_enhanced_ct_with_per_frame_orientation_qualifies(
 def test_constants_are_the_ct_storage_classes() -> None:
     assert pydicom.uid.CTImageStorage == CT_IMAGE_STORAGE
     assert pydicom.uid.EnhancedCTImageStorage == ENHANCED_CT_IMAGE_STORAGE
+
+
+# -- stray images inside a good series -------------------------------------------------------
+
+TILTED_20 = ["1", "0", "0", "0", "0.9396926208", "0.3420201433"]  # axial enough, but different
+
+
+def stray(study: Study, name: str, *, like: int = 5, **changes: object) -> Item:
+    """An image in the axial series (same Series Instance UID) made from image ``like``, with
+    its own SOP Instance UID and ``changes`` (None deletes the attribute)."""
+    ds = copy.deepcopy(study.headers[like][1])
+    ds.SOPInstanceUID = f"{UID_BASE}{zlib.crc32(name.encode()) + 1}.1"
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return Path(f"/study/ct/{name}.dcm"), ds
+
+
+def test_one_localizer_image_inside_the_series_is_left_out(
+    study: Study, caplog: pytest.LogCaptureFixture
+) -> None:
+    scout = stray(
+        study,
+        "scout",
+        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        ImageOrientationPatient=CORONAL,
+        Rows=512,
+    )
+    axial = study.axial()
+    with caplog.at_level(logging.INFO, logger="radfusion.operators.series_selector"):
+        selection = select_series([*axial[:10], scout, *axial[10:]], min_slices=SLICES)
+    series = chosen(selection)
+    assert series.SeriesInstanceUID == study.ct.SeriesInstanceUID
+    assert series.slices == SLICES
+    assert series.files == tuple(study.ct.files)  # the scout is not among them
+    assert series.dropped == (("localizer (scout/topogram)", 1),)
+    assert "left out 1 of 25 image(s): localizer (scout/topogram) (1)" in caplog.text
+    assert uid_tag(study.ct.SeriesInstanceUID) in caplog.text
+    assert study.ct.SeriesInstanceUID not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"ImageOrientationPatient": CORONAL}, "not axial (slice normal 90 degrees"),
+        ({"ImageOrientationPatient": TILTED_20}, "orientation differs from the rest"),
+        ({"Rows": 32}, "matrix size (Rows/Columns) differs from the rest"),
+        ({"Columns": 128}, "matrix size (Rows/Columns) differs from the rest"),
+        ({"PixelSpacing": ["2.5", "2.5"]}, "pixel spacing differs from the rest"),
+        ({"PixelSpacing": None}, "pixel spacing differs from the rest"),
+        ({"SOPClassUID": SECONDARY_CAPTURE}, "not CT image storage"),
+        ({"SOPClassUID": None}, "not CT image storage"),
+        ({"SOPInstanceUID": None}, "no SOP Instance UID"),
+        ({"ImageType": "LOCALIZER"}, "localizer (scout/topogram)"),  # one value, not a list
+        ({"Modality": None}, "modality missing, not CT"),
+        ({"Rows": None}, "no image pixel data"),
+        ({"ImageOrientationPatient": ["1", "0", "0", "0", "1"]}, "no valid Image Orientation"),
+        ({"ImageOrientationPatient": ["0"] * 6}, "no valid Image Orientation"),
+        ({"ImageOrientationPatient": None}, "no valid Image Orientation"),
+        ({"ImagePositionPatient": None}, "no valid Image Position"),
+    ],
+    ids=[
+        "coronal-reformat",
+        "other-orientation",
+        "rows",
+        "columns",
+        "pixel-spacing",
+        "no-pixel-spacing",
+        "secondary-capture",
+        "no-sop-class",
+        "no-sop-instance",
+        "image-type-single-value",
+        "no-modality",
+        "no-rows",
+        "five-direction-cosines",
+        "degenerate-orientation",
+        "no-orientation",
+        "no-position",
+    ],
+)
+def test_a_stray_image_is_left_out_with_its_reason(
+    study: Study, changes: dict[str, object], reason: str
+) -> None:
+    odd = stray(study, "odd", **changes)
+    for items in ([*study.axial(), odd], [odd, *study.axial()]):
+        series = chosen(select_series(items, min_slices=SLICES))
+        assert series.SeriesInstanceUID == study.ct.SeriesInstanceUID
+        assert series.slices == SLICES and odd[0] not in series.files
+        [(why, count)] = series.dropped
+        assert why.startswith(reason) and count == 1
+
+
+def test_the_same_instance_twice_is_kept_once(study: Study) -> None:
+    axial = study.axial()
+    again = (Path("/study/ct/resent.dcm"), copy.deepcopy(axial[3][1]))
+    series = chosen(select_series([*axial, again], min_slices=SLICES))
+    assert series.files == tuple(study.ct.files)
+    assert series.dropped == (("duplicate SOP Instance UID (the same image twice)", 1),)
+
+
+def test_a_minority_with_another_matrix_is_left_out(study: Study) -> None:
+    axial = study.axial()
+    for _, ds in axial[:4]:  # e.g. a zoomed recon sharing the Series Instance UID
+        ds.Rows = ds.Columns = 128
+    series = chosen(select_series(axial, min_slices=20))
+    assert series.slices == SLICES - 4
+    assert series.files == tuple(study.ct.files[4:])
+    assert series.dropped == (
+        ("matrix size (Rows/Columns) differs from the rest of the series", 4),
+    )
+
+
+def test_two_equal_stacks_in_one_series_skip_it(study: Study) -> None:
+    axial = study.axial()
+    for _, ds in axial[::2]:
+        ds.ImageOrientationPatient = TILTED_20
+    fallback = study.other("fallback", 5)
+    selection = select_series(axial + fallback, min_slices=5)
+    assert chosen(selection).SeriesInstanceUID == uid_of(fallback)
+    assert selection is not None
+    assert reasons(selection)[study.ct.SeriesInstanceUID] == (
+        "images form 2 stacks with different orientation, matrix or pixel spacing, "
+        "the largest two of 12 slices each"
+    )
+
+
+def test_too_few_slices_left_after_leaving_images_out_skips_the_series(study: Study) -> None:
+    scouts = [
+        stray(study, f"scout{i}", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]) for i in (1, 2)
+    ]
+    axial = study.axial()[:21]
+    # What remains after leaving the scouts out is what counts: 21 slices.
+    series = chosen(select_series([*axial, *scouts], min_slices=21))
+    assert series.slices == 21 and series.dropped == (("localizer (scout/topogram)", 2),)
+    fallback = study.other("fallback", 22)
+    selection = select_series([*axial, *scouts, *fallback], min_slices=22)
+    assert chosen(selection).SeriesInstanceUID == uid_of(fallback)
+    assert selection is not None
+    assert reasons(selection)[study.ct.SeriesInstanceUID] == (
+        "21 slice(s), fewer than the 22 required after leaving out 2 image(s)"
+    )
+
+
+def test_a_series_of_nothing_usable_is_named_by_what_most_images_are(study: Study) -> None:
+    mixed = study.other("mixed", 4, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    mixed[0][1].SOPClassUID = SECONDARY_CAPTURE
+    selection = select_series(mixed + study.axial(), min_slices=20)
+    assert selection is not None
+    assert reasons(selection)[uid_of(mixed)] == "localizer (scout/topogram)"
+
+
+def test_missing_optional_attributes_do_not_matter(study: Study) -> None:
+    axial = study.axial()
+    for _, ds in axial:
+        for keyword in ("SliceThickness", "ImageType", "SeriesNumber", "SeriesDescription"):
+            delattr(ds, keyword)
+    series = chosen(select_series(axial, min_slices=SLICES))
+    assert series.slices == SLICES and series.dropped == ()
+    assert series.SeriesNumber is None
+    assert series.label == f"series {uid_tag(study.ct.SeriesInstanceUID)} ({SLICES} slices)"
+
+
+def test_label_names_the_series_by_number_not_uid(study: Study) -> None:
+    series = chosen(select_series(study.axial(), min_slices=SLICES))
+    assert series.SeriesNumber == 2
+    assert series.label == f"series 2 ({SLICES} slices)"
+    assert series.label.isascii()
+
+
+def test_selection_needs_a_candidate_and_names_unknown_series_by_tag(study: Study) -> None:
+    with pytest.raises(ValueError, match="candidates"):
+        SeriesSelection((), ())
+    selection = select_series(study.axial(), min_slices=SLICES)
+    assert selection is not None
+    with pytest.raises(KeyError) as err:
+        selection.candidate(UID_BASE + "404")
+    assert uid_tag(UID_BASE + "404") in str(err.value) and UID_BASE not in str(err.value)

@@ -1,11 +1,13 @@
 """Volume assembly: HU and LPS geometry equal the synthetic truth; slices are ordered by position
 (not InstanceNumber or file order); Enhanced CT, rescale and compressed transfer syntaxes give the
-same volume; inconsistent, tilted or irregular series are refused with a reason."""
+same volume; inconsistent, tilted or irregular series are refused with a reason; of several
+candidate series the first that assembles is used, and when none does every reason is given."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import random
 from pathlib import Path
 
@@ -22,7 +24,15 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from radfusion.operators.volume import Volume, VolumeError, assemble_volume, read_series
+from radfusion.logs import uid_tag
+from radfusion.operators.series_selector import SeriesCandidate, read_headers
+from radfusion.operators.volume import (
+    Volume,
+    VolumeError,
+    assemble_first_usable,
+    assemble_volume,
+    read_series,
+)
 from radfusion.synth.ct import Phantom, SynthStudy, make_phantom, write_ct_series
 
 SLICES, ROWS, COLUMNS = 24, 96, 96
@@ -485,3 +495,121 @@ def test_several_multi_frame_images_in_one_series_are_refused() -> None:
         ]
     with pytest.raises(VolumeError, match="multi-frame"):
         assemble_volume(halves)
+
+
+def test_an_image_without_rows_is_refused_not_a_crash(series: Series) -> None:
+    datasets = series.datasets()
+    del datasets[4].Rows
+    with pytest.raises(VolumeError, match="lacks Rows or Columns"):
+        assemble_volume(datasets)
+
+
+def test_read_series_refuses_a_file_that_is_gone(series: Series, tmp_path: Path) -> None:
+    with pytest.raises(VolumeError, match=r"an image cannot be read \(FileNotFoundError\)"):
+        read_series([series.study.files[0], tmp_path / "gone.dcm"])
+
+
+# -- several candidate series ----------------------------------------------------------------
+
+
+def candidate(files: list[Path] | tuple[Path, ...], number: int | None) -> SeriesCandidate:
+    """A candidate as the selector makes it: headers of ``files``, Series Number ``number``."""
+    headers = tuple(ds for _, ds in read_headers(files))
+    return SeriesCandidate(
+        str(headers[0].SeriesInstanceUID), tuple(files), headers, len(files), (), number
+    )
+
+
+def variant(
+    series: Series, directory: Path, number: int, change: object = None, skip: int | None = None
+) -> SeriesCandidate:
+    """The series re-written as another series (own UIDs, Series Number ``number``), slice
+    ``skip`` left out and ``change(k, ds)`` applied to each slice."""
+    datasets = []
+    for k, ds in enumerate(series.datasets()):
+        if k == skip:
+            continue
+        ds.SeriesInstanceUID = f"{UID_BASE}{number}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{UID_BASE}{number}.{k + 1}"
+        ds.SeriesNumber = number
+        if change is not None:
+            change(k, ds)  # type: ignore[operator]
+        datasets.append(ds)
+    return candidate(save(datasets, directory), number)
+
+
+def _tilt(k: int, ds: Dataset) -> None:
+    x, y, z = (float(v) for v in ds.ImagePositionPatient)
+    ds.ImagePositionPatient = [f"{x:.10g}", f"{y + 0.75 * k:.10g}", f"{z:.10g}"]
+
+
+def test_the_next_candidate_is_used_when_the_preferred_one_fails(
+    series: Series, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gappy = variant(series, tmp_path / "gappy", 3, skip=12)
+    good = candidate(series.study.files, 2)
+    with caplog.at_level(logging.INFO, logger="radfusion.operators.volume"):
+        volume = assemble_first_usable([gappy, good])
+    assert_matches_phantom(volume, series)
+    assert {ds.SeriesInstanceUID for ds in volume.source_images} == {good.SeriesInstanceUID}
+    # The HU array holds the pixels; the source images are kept as headers only.
+    assert not any("PixelData" in ds for ds in volume.source_images)
+    assert "irregular slice spacing" in caplog.text
+    assert "used after 1 preferred series could not be assembled" in caplog.text
+    assert uid_tag(gappy.SeriesInstanceUID) in caplog.text
+    assert UID_BASE not in caplog.text and series.study.SeriesInstanceUID not in caplog.text
+
+
+def test_the_preferred_candidate_is_used_when_it_works(series: Series, tmp_path: Path) -> None:
+    tilted = variant(series, tmp_path / "tilted", 4, change=_tilt)
+    good = candidate(series.study.files, 2)
+    volume = assemble_first_usable([good, tilted])
+    assert volume.source_images[0].SeriesInstanceUID == good.SeriesInstanceUID
+
+
+def test_when_no_candidate_works_every_reason_is_given_in_order(
+    series: Series, tmp_path: Path
+) -> None:
+    gappy = variant(series, tmp_path / "gappy", 3, skip=12)
+    tilted = variant(series, tmp_path / "tilted", 4, change=_tilt)
+    with pytest.raises(VolumeError) as err:
+        assemble_first_usable([gappy, tilted])
+    message = str(err.value)
+    alone = []
+    for each in (gappy, tilted):
+        with pytest.raises(VolumeError) as single:
+            assemble_volume(read_series(each.files))
+        alone.append(str(single.value))
+    assert "irregular slice spacing" in alone[0] and "gantry tilt" in alone[1]
+    assert message == (
+        f"series 3 ({SLICES - 1} slices): {alone[0]}; series 4 ({SLICES} slices): {alone[1]}"
+    )
+    assert message.isascii() and UID_BASE not in message
+
+
+def test_a_candidate_whose_file_is_gone_costs_only_that_candidate(
+    series: Series, tmp_path: Path
+) -> None:
+    gone = variant(series, tmp_path / "gone", 5)
+    gone.files[7].unlink()  # removed between selection and reading
+    volume = assemble_first_usable([gone, candidate(series.study.files, 2)])
+    assert_matches_phantom(volume, series)
+    with pytest.raises(VolumeError, match=r"^series 5 \(24 slices\): an image cannot be read"):
+        assemble_first_usable([gone])
+
+
+def test_a_malformed_value_costs_only_that_candidate(series: Series, tmp_path: Path) -> None:
+    def two_coordinates(k: int, ds: Dataset) -> None:
+        if k == 6:
+            ds.ImagePositionPatient = ds.ImagePositionPatient[:2]
+
+    malformed = variant(series, tmp_path / "malformed", 6, change=two_coordinates)
+    with pytest.raises(VolumeError, match=r"series 6 .*malformed image attributes"):
+        assemble_first_usable([malformed])
+    volume = assemble_first_usable([malformed, candidate(series.study.files, 2)])
+    assert_matches_phantom(volume, series)
+
+
+def test_no_candidates_is_refused() -> None:
+    with pytest.raises(VolumeError, match="no series to assemble"):
+        assemble_first_usable([])
