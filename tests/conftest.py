@@ -297,7 +297,7 @@ def ct_study(tmp_path_factory: pytest.TempPathFactory) -> Any:
     )
 
 
-def start_triton(repository: Path, **ports: int) -> Any:
+def start_triton(repository: Path, **options: Any) -> Any:
     """A real ``tritonserver`` on ``repository`` (skip locally, fail on CI, when it is not
     installed: ``make .triton`` installs it)."""
     from radfusion.integrations.inference.local_server import (
@@ -306,7 +306,7 @@ def start_triton(repository: Path, **ports: int) -> Any:
     )
 
     try:
-        server = LocalTritonServer(repository, ["lung_ct_seg"], **ports)
+        server = LocalTritonServer(repository, ["lung_ct_seg"], **options)
     except TritonServerNotFound as err:
         if os.environ.get("CI"):
             pytest.fail(f"{err}; `make test` must install it")

@@ -35,6 +35,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["LocalTritonServer", "TritonServerNotFound", "find_tritonserver"]
@@ -79,6 +80,8 @@ class LocalTritonServer:
         models: the models to load (explicit model control, so a model can be reloaded).
         home: where the ``nvidia-pytriton`` wheel was unpacked (see :func:`find_tritonserver`).
         grpc_port, http_port: fixed ports; by default free ones are picked.
+        extra_args: more ``tritonserver`` options (e.g. ``--grpc-use-ssl=true`` and its
+            certificate files).
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
@@ -91,8 +94,10 @@ class LocalTritonServer:
         home: Path | None = None,
         grpc_port: int | None = None,
         http_port: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.root = find_tritonserver(home)
+        self.extra_args = list(extra_args)
         self.repository = Path(repository).resolve()
         self.models = list(models)
         self.grpc_port = grpc_port or _free_port()
@@ -145,6 +150,7 @@ class LocalTritonServer:
             "--exit-timeout-secs=10",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--log-verbose=0",
+            *self.extra_args,
         ]
 
     def environment(self) -> dict[str, str]:

@@ -342,7 +342,10 @@ class TritonPredictor:
         size = self.config.batch_size
         parts = [x[i : i + size] for i in range(0, x.shape[0], size)]
         results = list(self._pool.map(self._infer_with_retries, parts))
-        return torch.from_numpy(results[0] if len(results) == 1 else np.concatenate(results))
+        y = results[0] if len(results) == 1 else np.concatenate(results)
+        # Tensors decoded from a response are read-only views of its buffer; torch needs to own
+        # writable memory (the sliding window adds into it).
+        return torch.from_numpy(y if y.flags.writeable else y.copy())
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[_Slot]:

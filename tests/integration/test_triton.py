@@ -265,3 +265,50 @@ def test_lung_ct_results_through_triton_match_in_process(
     a, b = seg_pixels(local), seg_pixels(remote)
     assert a.shape == b.shape and a.any()
     assert (a != b).mean() < 1e-5
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1, made with the openssl command."""
+    import shutil
+    import subprocess
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    files = {n: folder / f"{n}.pem" for n in ("ca", "ca-key", "server", "server-key")}
+    csr, ext = folder / "server.csr", folder / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+         "-keyout", files["ca-key"], "-out", files["ca"]],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-keyout", files["server-key"], "-out", csr],
+        ["x509", "-req", "-in", csr, "-CA", files["ca"], "-CAkey", files["ca-key"],
+         "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", files["server"]],
+    ):  # fmt: skip
+        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True)
+    return files
+
+
+def test_grpc_over_tls(triton_repository: Path, tmp_path: Path) -> None:
+    pem = _certificates(tmp_path)
+    server = start_triton(
+        triton_repository,
+        extra_args=[
+            "--grpc-use-ssl=true",
+            f"--grpc-server-cert={pem['server']}",
+            f"--grpc-server-key={pem['server-key']}",
+        ],
+    )
+    try:
+        x = torch.rand(1, 1, 32, 64, 64)
+        tls = {"root_certificates": str(pem["ca"])}
+        config = TritonConfig(url=server.grpc_url, tls=tls, shared_memory="off")
+        with TritonPredictor(config, "lung_ct_seg") as predictor:
+            assert predictor(x).shape == (1, 3, 32, 64, 64)
+        # Without TLS the server cannot be spoken to, and the error says where.
+        plain = TritonConfig(url=server.grpc_url, connect_timeout_s=1)
+        with pytest.raises(TritonUnavailable, match=server.grpc_url):
+            TritonPredictor(plain, "lung_ct_seg")
+    finally:
+        server.close()
