@@ -26,7 +26,7 @@ from radfusion.operators.segmentation_model import (
     segment,
 )
 from radfusion.synth.ct import synth_ct
-from tests.conftest import start_triton, storescu, wait_for
+from tests.conftest import require_tool, start_triton, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -269,12 +269,9 @@ def test_lung_ct_results_through_triton_match_in_process(
 
 def _certificates(folder: Path) -> dict[str, Path]:
     """A CA and a server certificate for 127.0.0.1, made with the openssl command."""
-    import shutil
     import subprocess
 
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
+    openssl = require_tool("openssl")
     files = {n: folder / f"{n}.pem" for n in ("ca", "ca-key", "server", "server-key")}
     csr, ext = folder / "server.csr", folder / "ext.cnf"
     ext.write_text("subjectAltName=IP:127.0.0.1\n")
