@@ -5,13 +5,15 @@ pointing at its segment in the SEG and holding the finding's volume (mm³ and mL
 axial diameter ("Long axis") and mean and SD of attenuation (HU), with the algorithm
 identified (TID 4019) on the group and on every measurement.
 
-Each tumour also gets a TID 1410 Planar ROI group with the same tracking identifier: a
-SCOORD3D two-point POLYLINE from one end of the longest axial diameter to the other, and that
-diameter. A TID 1411 group can reference a segment or a region but not both, and viewers draw
-the coordinates, not the segment reference. OHIF (extensions/cornerstone-dicom-sr) merges
-measurement groups by Tracking Unique Identifier, draws a group that holds a top-level SCOORD3D
-on every display set with the same Frame of Reference (Comprehensive 3D SR only), and lists the
-merged NUM items as the annotation's labels; a group without coordinates is never drawn.
+Each finding also gets a TID 1410 Planar ROI group with the same tracking identifier: a
+SCOORD3D two-point POLYLINE from one end of the longest axial diameter to the other (a POINT
+when both ends coincide), and that diameter. A TID 1411 group can reference a segment or a
+region but not both, and viewers draw the coordinates, not the segment reference. OHIF
+(extensions/cornerstone-dicom-sr) merges measurement groups by Tracking Unique Identifier and
+lists the merged NUM items as the annotation's labels. OHIF 3.13 fails to open an SR in which
+any merged group lacks coordinates (it reads the first coordinate of every measurement), so no
+finding is left without its line; its stack SR viewport parses SCOORD3D lines but does not
+draw them (it draws 2D SCOORD, which names its image; see tests/viewer/).
 
 A study the app could not measure (``result`` None, ``out_of_scope_reason`` given) gets an SR
 with no measurement groups at all: TID 1500's "Qualitative Evaluations" container holds the
@@ -68,6 +70,7 @@ _MM3 = codes.UCUM.CubicMillimeter
 _ML = Code("ml", "UCUM", "milliliter")
 _MM = codes.UCUM.Millimeter
 _HU = codes.UCUM.HounsfieldUnit  # [hnsf'U]
+_SOURCE_SERIES_FOR_SEGMENTATION = codes.DCM.SourceSeriesForSegmentation  # 121232
 
 # TID 1500 rows 12 and 14: with no measurement groups the report holds this container instead.
 _QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
@@ -93,7 +96,7 @@ def build_sr(
     """Build the TID 1500 Measurement Report for one processed CT series (not written).
 
     With ``result``: one TID 1411 group per finding referencing its segment in ``seg`` (the SEG
-    written for the same result), plus one TID 1410 group per tumour with the diameter as a
+    written for the same result), plus one TID 1410 group per finding with the diameter as a
     SCOORD3D line. Without (``result`` None): ``out_of_scope_reason`` is required, ``seg`` may
     be None (it is ignored), and the report has no measurement groups, only the reason.
     Sources without a Frame of Reference UID get no SCOORD3D (there is no space to place it in).
@@ -128,7 +131,7 @@ def build_sr(
             raise ValueError("a result needs its SEG: the measurement groups reference segments")
         _check_seg(seg, study_uid, result)
         frame_of_reference = str(sources[0].get("FrameOfReferenceUID") or "")
-        source_series = hd.sr.SourceSeriesForSegmentation(str(sources[0].SeriesInstanceUID))
+        source_series = _source_series(str(sources[0].SeriesInstanceUID))
         groups: list[
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
             | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
@@ -136,10 +139,8 @@ def build_sr(
         for finding in result.findings:
             # The planar group first: OHIF labels the drawn line with the first NUM of the
             # merged groups, and for a line that should be its length.
-            if finding.kind == "tumour" and frame_of_reference:
-                planar = _diameter_group(finding, frame_of_reference, algorithm_id)
-                if planar is not None:
-                    groups.append(planar)
+            if frame_of_reference:
+                groups.append(_diameter_group(finding, frame_of_reference, algorithm_id))
             groups.append(_volumetric_group(finding, seg, source_series, algorithm_id))
         report = hd.sr.MeasurementReport(
             observation_context=observation_context,
@@ -313,6 +314,14 @@ def _finding_codes(finding: Finding) -> tuple[Code, Code, hd.sr.FindingSite]:
     return concept.type, concept.category, site
 
 
+def _source_series(series_instance_uid: str) -> hd.sr.SourceSeriesForSegmentation:
+    """TID 1411 row 12 with the code meaning PS3.16 gives (121232, DCM, "Source series for
+    segmentation"); highdicom 0.28 capitalises it, which validators report as a mismatch."""
+    item = hd.sr.SourceSeriesForSegmentation(series_instance_uid)
+    item.ConceptNameCodeSequence[0].CodeMeaning = _SOURCE_SERIES_FOR_SEGMENTATION.meaning
+    return item
+
+
 def _tracking(finding: Finding) -> hd.sr.TrackingIdentifier:
     return hd.sr.TrackingIdentifier(identifier=finding.tracking_id, uid=finding.tracking_uid)
 
@@ -378,28 +387,36 @@ def _volumetric_group(
 
 def _diameter_group(
     finding: Finding, frame_of_reference: str, algorithm_id: hd.sr.AlgorithmIdentification
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
-    """TID 1410 for a tumour: its longest axial diameter as a SCOORD3D line, so viewers draw
-    it; None when the diameter is a single point (no line to draw)."""
-    ends = np.asarray(finding.diameter_endpoints_lps, dtype=float)
-    if finding.longest_axial_diameter_mm <= 0 or np.allclose(ends[0], ends[1]):
-        return None
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 for a finding: its longest axial diameter as a SCOORD3D line (a POINT when the
+    ends coincide), so viewers draw it."""
     kind, category, site = _finding_codes(finding)
-    region = hd.sr.ImageRegion3D(
-        graphic_type=hd.sr.GraphicTypeValues3D.POLYLINE,
-        graphic_data=ends,
-        frame_of_reference_uid=frame_of_reference,
-    )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         # The same tracking identifier as the finding's volumetric group: both describe the
-        # same tumour, and OHIF merges groups with one Tracking UID into one annotation.
+        # same finding, and OHIF merges groups with one Tracking UID into one annotation.
         tracking_identifier=_tracking(finding),
-        referenced_region=region,
+        referenced_region=_diameter_region(finding, frame_of_reference),
         finding_type=kind,
         finding_category=category,
         finding_sites=[site],
         algorithm_id=algorithm_id,
         measurements=[_long_axis(finding, algorithm_id)],
+    )
+
+
+def _diameter_region(finding: Finding, frame_of_reference: str) -> hd.sr.ImageRegion3D:
+    """The longest axial diameter's ends (LPS mm) as a POLYLINE, or one POINT if they coincide."""
+    ends = np.asarray(finding.diameter_endpoints_lps, dtype=float)
+    if np.allclose(ends[0], ends[1]):
+        return hd.sr.ImageRegion3D(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=ends[:1],
+            frame_of_reference_uid=frame_of_reference,
+        )
+    return hd.sr.ImageRegion3D(
+        graphic_type=hd.sr.GraphicTypeValues3D.POLYLINE,
+        graphic_data=ends,
+        frame_of_reference_uid=frame_of_reference,
     )
 
 

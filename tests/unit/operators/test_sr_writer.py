@@ -1,10 +1,12 @@
-"""The SR writer: valid DICOM (dciodvfy, dsrdump), one TID 1411 group per finding resolving to
-its SEG segment, the finding's values, SCOORD3D diameters, the out-of-scope report, determinism
-and sparse source headers."""
+"""The SR writer: valid DICOM (dciodvfy, dsrdump), valid TID 1500 structure (PixelMed's
+DicomSRValidator), one TID 1411 group per finding resolving to its SEG segment, the finding's
+values, SCOORD3D diameters, the out-of-scope report, determinism and sparse source headers."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,6 +148,100 @@ def dsrdump(path: Path) -> str:
     return r.stdout
 
 
+# PixelMed's DicomSRValidator (Debian pixelmed-apps): Java 17 needs the XPath limits lifted.
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+PIXELMED_JVM_FLAGS = (
+    "-Djdk.xml.xpathExprGrpLimit=0",
+    "-Djdk.xml.xpathExprOpLimit=0",
+    "-Djdk.xml.xpathTotalOpLimit=0",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownFinding:
+    """A DicomSRValidator message that is PixelMed's limitation, not a defect of the SR."""
+
+    pattern: str  # regular expression, searched in the message
+    reason: str
+
+
+# Each was checked against the current standard (PS3.16) and highdicom 0.28; the Debian package
+# carries PixelMed's 2022-06-18 template tables. Anything else PixelMed reports fails the test.
+_NOT_IN_TEMPLATE = r": Content Item not in template$"
+PIXELMED_KNOWN = (
+    KnownFinding(
+        r'\[Row 4\] CODE \(121058,DCM,"Procedure reported"\).*'
+        r'Code \(24627-2,LN,"CT Chest"\) not found in context group 100$',
+        "TID 1500 row 4 is BCID 100 (baseline, extensible): another code is allowed, and CID 100"
+        " has no chest CT; PixelMed reports every code outside a context group as an error",
+    ),
+    KnownFinding(
+        r"^Error: Template 1411 VolumetricROIMeasurements/.*\[Row (5|7|10)\] "
+        r"(SCOORD|IMAGE|SCOORD3D) .*: Missing conditional content item$",
+        "PixelMed checks every Measurement Group of a report against TID 1411 once one group"
+        " references a segment, ignoring the groups' TID 1410 Content Template; its TID 1410"
+        " table also lacks the SCOORD3D Image Region row (checked below: only TID 1410 groups)",
+    ),
+    KnownFinding(
+        r'/SCOORD3D \(111030,DCM,"Image Region"\)' + _NOT_IN_TEMPLATE,
+        "the TID 1410 diameter line, checked against TID 1411 (see above)",
+    ),
+    KnownFinding(
+        r'/CODE \(276214006,SCT,"Finding category"\)' + _NOT_IN_TEMPLATE,
+        "Finding category joined TID 1410/1411/1501 with CP-2176, after PixelMed's tables",
+    ),
+    KnownFinding(
+        r'Measurement Group"\)/TEXT \((111001|111002|111003),DCM,"Algorithm '
+        r'(Name|Parameters|Version)"\)' + _NOT_IN_TEMPLATE,
+        "TID 4019 on the Measurement Group (highdicom's algorithm_id): not in PixelMed's"
+        " 2022 TID 1410/1411 tables",
+    ),
+    KnownFinding(
+        r'/TEXT \(122405,DCM,"Algorithm Manufacturer"\)' + _NOT_IN_TEMPLATE,
+        "TID 4019 row 2b (Algorithm Manufacturer) is newer than PixelMed's TID 4019 table",
+    ),
+    KnownFinding(
+        r'\[Row 12\] CONTAINER \(C0034375,UMLS,"Qualitative Evaluations"\)/\[Row 14\] TEXT \*'
+        r'.*/TEXT \((111001|111002|111003|122405),DCM,"Algorithm [A-Za-z]+"\): '
+        r"Incorrect relationship - expected CONTAINS - found HAS CONCEPT MOD$",
+        "the TID 4019 items of TID 1500 row 12b also match row 14's wildcard TEXT row; PixelMed"
+        " checks them against both (a template ambiguity; row 12b is what they are)",
+    ),
+)
+
+
+def pixelmed_messages(path: Path) -> list[str]:
+    """DicomSRValidator's Error and Warning lines; its whole report is printed for the log."""
+    java = require_tool("java")
+    if not PIXELMED_JAR.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{PIXELMED_JAR} is missing; .ci/run must install pixelmed-apps")
+        pytest.skip(f"PixelMed is not installed ({PIXELMED_JAR}; Debian pixelmed-apps)")
+    command = [
+        java, *PIXELMED_JVM_FLAGS, "-cp", str(PIXELMED_JAR),
+        "com.pixelmed.validate.DicomSRValidator",
+        "-checktemplateid", "-checkcontentitemorder", str(path),
+    ]  # fmt: skip
+    r = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    print(out)
+    assert "Root Template Validation Complete" in out, out  # it ran to the end
+    return [line for line in out.splitlines() if line.startswith(("Error:", "Warning:"))]
+
+
+def unexplained(messages: list[str]) -> list[str]:
+    """The messages no :data:`PIXELMED_KNOWN` entry explains."""
+    return [m for m in messages if not any(re.search(k.pattern, m) for k in PIXELMED_KNOWN)]
+
+
+def content_item(ds: Dataset, position: str) -> Dataset:
+    """The content item at a PixelMed position such as ``1.10.3`` (1-based, root first)."""
+    item = ds
+    for index in position.split(".")[1:]:
+        item = item.ContentSequence[int(index) - 1]
+    return item
+
+
 # -- validity -----------------------------------------------------------------------------------
 
 
@@ -161,6 +257,23 @@ def test_dsrdump_reads_the_measurements(sr_path: Path) -> None:
         assert f'NUM:(,,"{name}")' in out, name
     assert 'SCOORD3D:(,,"Image Region")=(POLYLINE' in out
     assert '"Referenced Segment"' in out
+
+
+def test_pixelmed_reports_nothing_of_ours(sr_path: Path) -> None:
+    messages = pixelmed_messages(sr_path)
+    assert unexplained(messages) == []
+    # The TID 1411 conditions PixelMed misses are all on TID 1410 groups (the diameter lines).
+    sr = pydicom.dcmread(sr_path)
+    for message in messages:
+        if "Missing conditional content item" in message:
+            position = re.search(r"within ([0-9.]+):", message)
+            assert position is not None, message
+            group = content_item(sr, position.group(1))
+            assert group.ContentTemplateSequence[0].TemplateIdentifier == "1410", message
+
+
+def test_pixelmed_reports_nothing_of_ours_out_of_scope(out_of_scope_path: Path) -> None:
+    assert unexplained(pixelmed_messages(out_of_scope_path)) == []
 
 
 # -- content ------------------------------------------------------------------------------------
@@ -220,22 +333,34 @@ def test_measurements_are_the_findings_values(case: Case, sr_path: Path) -> None
             assert items["Algorithm Version"] == ALGORITHM.version
 
 
-def test_each_tumour_has_its_diameter_as_scoord3d(case: Case, sr_path: Path) -> None:
+def test_each_finding_has_its_diameter_as_scoord3d(case: Case, sr_path: Path) -> None:
     sr = hd.sr.srread(sr_path)
     planar = sr.content.get_planar_roi_measurement_groups()
-    tumours = [f for f in case.result.findings if f.kind == "tumour"]
-    # Same tracking UID as the tumour's volumetric group: the same finding (OHIF merges them).
-    assert [g.tracking_uid for g in planar] == [f.tracking_uid for f in tumours]
-    for group, tumour in zip(planar, tumours, strict=True):
+    findings = case.result.findings
+    # Same tracking UID as the finding's volumetric group: the same finding (OHIF merges them).
+    # Every finding has one: OHIF 3.13 cannot open an SR with a merged group lacking coordinates.
+    assert [g.tracking_uid for g in planar] == [f.tracking_uid for f in findings]
+    for group, finding in zip(planar, findings, strict=True):
         region = group.roi
         assert region.value_type == hd.sr.ValueTypeValues.SCOORD3D
         assert region.graphic_type == hd.sr.GraphicTypeValues3D.POLYLINE
         assert region.frame_of_reference_uid == case.sources[0].FrameOfReferenceUID
         np.testing.assert_allclose(
-            region.value, np.asarray(tumour.diameter_endpoints_lps), atol=1e-4
+            region.value, np.asarray(finding.diameter_endpoints_lps), atol=1e-4
         )
         (long_axis,) = group.get_measurements(name=codes.SCT.LongAxis)
-        assert long_axis.value == pytest.approx(tumour.longest_axial_diameter_mm, rel=1e-12)
+        assert long_axis.value == pytest.approx(finding.longest_axial_diameter_mm, rel=1e-12)
+
+
+def test_a_diameter_of_one_point_is_a_point(case: Case, tmp_path: Path) -> None:
+    first = case.result.findings[0]
+    end = first.diameter_endpoints_lps[0]
+    dot = dataclasses.replace(first, diameter_endpoints_lps=(end, end))
+    result = dataclasses.replace(case.result, findings=(dot, *case.result.findings[1:]))
+    path = write_sr(case.sources, case.seg, result, ALGORITHM, path=tmp_path / "sr.dcm", **UIDS)
+    region = hd.sr.srread(path).content.get_planar_roi_measurement_groups()[0].roi
+    assert region.graphic_type == hd.sr.GraphicTypeValues3D.POINT
+    np.testing.assert_allclose(region.value, np.asarray([end]), atol=1e-4)
 
 
 def test_header_identifies_study_series_and_algorithm(case: Case, sr_path: Path) -> None:
