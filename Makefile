@@ -13,7 +13,7 @@ TORCH := torch==2.13.0
 TRITON := .triton
 PYTRITON := nvidia-pytriton==0.7.0
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean map map-smoke
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ lint: $(VENV)/.ready
 
 test: $(VENV)/.ready $(TRITON)/.ready lint
 	$(BIN)/pytest
+
+# Release artefact: lung-ct as a MONAI Application Package (packaging/map/README.md). Needs
+# root and Debian's buildah + debootstrap; ~2.5-4 min; writes build/map/*.tar. Not part of CI.
+map: $(VENV)/.ready
+	$(BIN)/python packaging/map/build_map.py build --app lung_ct --format oci-archive \
+		--format docker-archive
+
+map-smoke: map
+	rm -rf build/map/ct && $(BIN)/radfusion synth ct --out build/map/ct --slices 120
+	$(BIN)/python packaging/map/build_map.py smoke $$(ls build/map/radfusion-lung-ct-*.oci.tar) \
+		--input build/map/ct --output build/map/smoke-out
 
 clean:
 	rm -rf $(VENV) $(TRITON) build *.egg-info .pytest_cache .ruff_cache
