@@ -24,6 +24,8 @@ __all__ = [
     "ConfigError",
     "DicomDestination",
     "ExportConfig",
+    "FhirAuth",
+    "FhirConfig",
     "FolderDestination",
     "LungCTConfig",
     "NodeConfig",
@@ -265,6 +267,93 @@ class TritonConfig(_Section):
         return value
 
 
+class FhirAuth(_Section):
+    """How radfusion authenticates to the FHIR server."""
+
+    type: Literal["none", "bearer", "smart-backend"] = "none"
+    token: str | None = Field(
+        default=None, description="bearer: the static access token (keep the file private)."
+    )
+    token_url: str | None = Field(default=None, description="smart-backend: token endpoint.")
+    client_id: str | None = Field(default=None, description="smart-backend: registered client.")
+    private_key: Path | None = Field(
+        default=None, description="smart-backend: PEM private key (RSA or EC P-384)."
+    )
+    algorithm: Literal["RS384", "ES384"] = "RS384"
+    key_id: str | None = Field(default=None, description="smart-backend: 'kid' of the key.")
+    scope: str = Field(
+        default="system/Patient.read system/Observation.read system/Condition.read "
+        "system/DiagnosticReport.read system/ImagingStudy.read system/Consent.read",
+        description="smart-backend: scopes requested.",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> FhirAuth:
+        need = {
+            "none": (),
+            "bearer": ("token",),
+            "smart-backend": ("token_url", "client_id", "private_key"),
+        }[self.type]
+        missing = [k for k in need if getattr(self, k) in (None, "")]
+        if missing:
+            raise ValueError(f"auth type {self.type!r} needs {', '.join(missing)}")
+        return self
+
+
+class FhirConfig(_Section):
+    """The hospital's FHIR server, where patient context (genomics, clinical) comes from."""
+
+    base_url: str = Field(description="FHIR R4 base, e.g. https://fhir.hospital.local/R4")
+    auth: FhirAuth = FhirAuth()
+    verify_tls: bool | Path = Field(
+        default=True, description="true, false (never in production) or a CA bundle (PEM)."
+    )
+    timeout_s: float = Field(default=15, gt=0, description="Per HTTP request.")
+    retry: RetryPolicy = Field(
+        default=RetryPolicy(attempts=3, initial_backoff_s=1.0, max_backoff_s=8.0),
+        description="Retries on connection errors, timeouts, 429 and 5xx.",
+    )
+    page_size: int = Field(default=100, ge=1, le=1000, description="_count for searches.")
+    max_pages: int = Field(default=50, ge=1, description="Stop following 'next' after this.")
+    issuers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Issuer of Patient ID (0010,0021) → FHIR identifier system, for studies "
+        "without an Issuer of Patient ID Qualifiers Sequence.",
+    )
+    default_identifier_system: str | None = Field(
+        default=None,
+        description="Identifier system for studies with no issuer at all (single-issuer "
+        "sites). Unset: such studies get no patient context.",
+    )
+    resolve_through_imaging_study: bool = Field(
+        default=False,
+        description="First look the study up as an ImagingStudy (identifier urn:dicom:uid) and "
+        "take its subject.",
+    )
+    results_after_study_days: float = Field(
+        default=0,
+        ge=0,
+        description="Keep results dated up to this many days after the study date (0: only "
+        "results up to the study date, so later results never leak into an earlier study).",
+    )
+    consent_required: bool = Field(
+        default=False,
+        description="Fetch genomics only for patients with an active permitting Consent.",
+    )
+    on_unavailable: Literal["imaging-only", "hold"] = Field(
+        default="imaging-only",
+        description="FHIR server unreachable: run imaging-only and say so in the SR, or fail "
+        "the job so it is retried later.",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} must be an http(s) URL")
+        return value.rstrip("/")
+
+
 class LungCTConfig(_Section):
     """The ``lung-ct`` app."""
 
@@ -301,6 +390,9 @@ class RadfusionConfig(_Section):
     apps: AppsConfig = AppsConfig()
     triton: TritonConfig | None = Field(
         default=None, description="Run the apps' models on this Triton server."
+    )
+    fhir: FhirConfig | None = Field(
+        default=None, description="Fetch patient context (genomics, clinical) from this server."
     )
     uid_root: str = Field(
         default="1.2.826.0.1.3680043.10.1234.",

@@ -1,0 +1,1 @@
+"""The hospital FHIR server: client, authentication, patient match, patient context."""

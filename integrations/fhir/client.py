@@ -1,0 +1,260 @@
+"""A small FHIR R4 REST client: read and search with paging, retries and authentication.
+
+What it is for: fetching a patient's context while a study is processed. Hospital FHIR
+servers are slow sometimes, down sometimes and answer with OperationOutcomes; this client turns
+each of those into one of two errors, so the caller can decide what to do:
+
+- :class:`FhirUnavailable`: the server could not be reached or kept failing (connection
+  errors, timeouts, 429, 5xx) after the retries. Transient: the same request may work later.
+- :class:`FhirError`: the server answered and refused (4xx, a malformed answer). Its
+  ``outcome`` holds the OperationOutcome's issues (severity, code), without their free text.
+
+Logs name resource types and HTTP statuses only: never identifiers, names, or the
+OperationOutcome diagnostics text (servers echo patient data into it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from radfusion.config import FhirConfig
+from radfusion.integrations.fhir.auth import Auth, AuthError, make_auth
+
+__all__ = ["FhirClient", "FhirError", "FhirUnavailable", "OutcomeIssue", "SearchResult"]
+
+log = logging.getLogger("radfusion.fhir")
+
+_RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class OutcomeIssue:
+    """One OperationOutcome issue, without its diagnostics text."""
+
+    severity: str
+    code: str
+    details: str = ""  # the details' coding codes, e.g. "MSG_NO_MATCH" (coded, not free text)
+
+
+class FhirError(RuntimeError):
+    """The FHIR server refused a request or answered something unusable."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, outcome: tuple[OutcomeIssue, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.outcome = outcome
+
+
+class FhirUnavailable(FhirError):
+    """The FHIR server could not be reached, timed out or kept failing after the retries."""
+
+
+@dataclass
+class SearchResult:
+    """The resources of a search (``match``) and those ``_include`` brought (``include``),
+    after following ``next`` links; ``pages`` counts the round trips."""
+
+    match: list[dict[str, Any]] = field(default_factory=list)
+    include: list[dict[str, Any]] = field(default_factory=list)
+    pages: int = 0
+
+    def included(self, reference: str) -> dict[str, Any] | None:
+        """The included (or matched) resource a ``Type/id`` reference points at."""
+        for resource in (*self.include, *self.match):
+            if f"{resource.get('resourceType')}/{resource.get('id')}" == reference:
+                return resource
+        return None
+
+
+def _issues(body: Any) -> tuple[OutcomeIssue, ...]:
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return ()
+    issues = []
+    for issue in body.get("issue") or []:
+        codes = [
+            str(c.get("code", ""))
+            for c in ((issue.get("details") or {}).get("coding") or [])
+            if isinstance(c, dict)
+        ]
+        issues.append(
+            OutcomeIssue(
+                severity=str(issue.get("severity", "")),
+                code=str(issue.get("code", "")),
+                details=",".join(c for c in codes if c),
+            )
+        )
+    return tuple(issues)
+
+
+def _describe(issues: tuple[OutcomeIssue, ...]) -> str:
+    return "; ".join(
+        f"{i.severity} {i.code}" + (f" ({i.details})" if i.details else "") for i in issues
+    )
+
+
+class FhirClient:
+    """Reads and searches one FHIR R4 server.
+
+    Args:
+        config: the ``fhir:`` configuration section.
+        transport: an httpx transport (tests may pass one; default: the network).
+
+    Raises:
+        AuthError: the configured private key cannot be read.
+    """
+
+    def __init__(self, config: FhirConfig, *, transport: httpx.BaseTransport | None = None):
+        self.config = config
+        self.base_url = config.base_url
+        verify = (
+            str(config.verify_tls)
+            if not isinstance(config.verify_tls, bool)
+            else (config.verify_tls)
+        )
+        self._http = httpx.Client(
+            timeout=config.timeout_s,
+            verify=verify,
+            transport=transport,
+            headers={"Accept": "application/fhir+json"},
+            follow_redirects=False,
+        )
+        self.auth: Auth = make_auth(config.auth, self._http)
+        self._origin = urlsplit(self.base_url)[:2]
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> FhirClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """``GET [base]/Type/id``.
+
+        Raises:
+            FhirError: not found (status 404/410) or refused; FhirUnavailable as above.
+        """
+        return self._get(f"{self.base_url}/{resource_type}/{resource_id}", None, resource_type)
+
+    def search(self, resource_type: str, params: Mapping[str, str | list[str]]) -> SearchResult:
+        """``GET [base]/Type?params`` and every ``next`` page (at most ``max_pages``).
+
+        ``_count`` defaults to the configured page size. ``next`` links must stay on the
+        server's own origin (the request carries the access token).
+
+        Raises:
+            FhirError: the server refused the search, answered with something other than a
+                searchset Bundle, sent a ``next`` link elsewhere, or had more pages than
+                ``max_pages``. FhirUnavailable as above.
+        """
+        query: dict[str, str | list[str]] = {"_count": str(self.config.page_size), **params}
+        url: str | None = f"{self.base_url}/{resource_type}"
+        result = SearchResult()
+        while url is not None:
+            if result.pages >= self.config.max_pages:
+                raise FhirError(
+                    f"{resource_type} search has more than {self.config.max_pages} pages"
+                )
+            bundle = self._get(url, query, resource_type)
+            result.pages += 1
+            query = {}  # a next link carries its own query
+            if bundle.get("resourceType") != "Bundle":
+                raise FhirError(f"{resource_type} search answered a {bundle.get('resourceType')}")
+            for entry in bundle.get("entry") or []:
+                resource = entry.get("resource")
+                if not isinstance(resource, dict):
+                    continue
+                mode = (entry.get("search") or {}).get("mode", "match")
+                if resource.get("resourceType") == "OperationOutcome":
+                    issues = _issues(resource)
+                    if issues:
+                        log.warning("FHIR %s search outcome: %s", resource_type, _describe(issues))
+                    continue
+                (result.include if mode == "include" else result.match).append(resource)
+            url = next(
+                (
+                    str(link.get("url"))
+                    for link in bundle.get("link") or []
+                    if link.get("relation") == "next" and link.get("url")
+                ),
+                None,
+            )
+            if url is not None and urlsplit(url)[:2] != self._origin:
+                raise FhirError(f"{resource_type} search: next link leaves the server's origin")
+        return result
+
+    def _get(self, url: str, params: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+        delays = self.config.retry.delays()
+        refreshed = False
+        attempt = 0
+        while True:
+            try:
+                response = self._http.get(url, params=params, headers=self.auth.headers())
+            except AuthError as err:
+                raise FhirUnavailable(f"FHIR server {self.base_url}: {err}") from None
+            except httpx.TransportError as err:  # refused, reset, timed out, TLS
+                problem, response = type(err).__name__, None
+            else:
+                if response.status_code == 401 and not refreshed:
+                    refreshed = True  # the token may have expired or been revoked: once more
+                    self.auth.invalidate()
+                    continue
+                if response.status_code < 400:
+                    return self._json(response, what)
+                if response.status_code not in _RETRY_STATUSES:
+                    raise self._refusal(response, what)
+                problem = f"HTTP {response.status_code}"
+            if attempt >= len(delays):
+                raise FhirUnavailable(
+                    f"FHIR server {self.base_url} unavailable for {what}: {problem} "
+                    f"(after {attempt + 1} attempts)",
+                    status=None if response is None else response.status_code,
+                )
+            log.warning(
+                "FHIR %s request failed (%s); retry %d of %d in %.1f s",
+                what,
+                problem,
+                attempt + 1,
+                len(delays),
+                delays[attempt],
+            )
+            time.sleep(delays[attempt])
+            attempt += 1
+
+    def _json(self, response: httpx.Response, what: str) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            raise FhirError(
+                f"FHIR server {self.base_url} answered {what} with something that is not JSON",
+                status=response.status_code,
+            ) from None
+        if not isinstance(body, dict):
+            raise FhirError(f"FHIR server {self.base_url} answered {what} with a non-object")
+        return body
+
+    def _refusal(self, response: httpx.Response, what: str) -> FhirError:
+        try:
+            issues = _issues(response.json())
+        except ValueError:
+            issues = ()
+        detail = f": {_describe(issues)}" if issues else ""
+        log.warning("FHIR %s request refused: HTTP %d%s", what, response.status_code, detail)
+        return FhirError(
+            f"FHIR server {self.base_url} refused {what}: HTTP {response.status_code}{detail}",
+            status=response.status_code,
+            outcome=issues,
+        )

@@ -1,0 +1,552 @@
+"""The patient context: what the fusion model may know about the patient at the study date.
+
+Built from FHIR R4 resources found by code, never by profile URL (servers drop or vary
+``meta.profile``):
+
+- demographics: age in whole years at the study date, administrative gender;
+- genomics (HL7 Genomics Reporting IG): genomic reports (LOINC 51969-4) with their results;
+  variant Observations (69548-6) with gene studied (48018-6, HGNC), c.HGVS (48004-6),
+  p.HGVS (48005-3), VAF (81258-6) and genomic source class (48002-0); region-studied
+  Observations (53041-0) listing the genes tested; TMB (94076-7) and MSI (81695-9). A gene is
+  ``present`` (a variant was found), ``absent`` (tested, no variant: wild type) or
+  ``not-tested``; "absent" needs evidence (a region studied that names the gene, or a variant
+  Observation whose value is LA9634-2 Absent), never the mere lack of a variant;
+- oncology (mCODE): the primary cancer Condition (code, histology, body site), the TNM stage
+  group, ECOG (89247-1) and Karnofsky (89243-0) performance status, tumour markers, and
+  smoking status (72166-2).
+
+Every value carries the resource and version it came from (:class:`Source`). A value that
+could not be established is ``None`` with the reason in :attr:`Fact.missing`; nothing is
+imputed. Only results dated up to the study date (plus ``fhir.results_after_study_days``) are
+used, so a later result never leaks into an earlier study; undated results, and results that
+are entered-in-error, cancelled or only preliminary, are left out and counted in
+:attr:`PatientContext.excluded`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from radfusion.config import FhirConfig
+from radfusion.integrations.fhir.client import FhirClient, SearchResult
+
+__all__ = [
+    "LUNG_PANEL",
+    "CancerCondition",
+    "Fact",
+    "GeneResult",
+    "PatientContext",
+    "Source",
+    "Variant",
+    "build_context",
+    "fetch_context",
+]
+
+T = TypeVar("T")
+
+LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+ICD10 = "http://hl7.org/fhir/sid/icd-10"
+
+LUNG_PANEL = ("EGFR", "KRAS", "ALK", "TP53", "STK11")
+"""Genes the lung context always reports (tested or not); others found are reported too."""
+
+VARIANT = "69548-6"
+REGION_STUDIED = "53041-0"
+GENOMIC_REPORT = "51969-4"
+GENE_STUDIED = "48018-6"
+HGVS_C = "48004-6"
+HGVS_P = "48005-3"
+VAF = "81258-6"
+GENOMIC_SOURCE_CLASS = "48002-0"
+TMB = "94076-7"
+MSI = "81695-9"
+ECOG = "89247-1"
+KARNOFSKY = "89243-0"
+SMOKING = "72166-2"
+STAGE_GROUP = {"21908-9", "21902-2", "21914-7"}  # LOINC clinical / pathologic / other
+STAGE_GROUP_SNOMED = {"1222593009", "1222592004", "399537006", "385356007"}
+TUMOUR_MARKERS = {"2039-6": "CEA", "19166-8": "CYFRA 21-1", "19123-9": "NSE"}
+PRESENT, ABSENT = "LA9633-4", "LA9634-2"
+SOURCE_CLASS = {"LA6684-0": "somatic", "LA6683-2": "germline", "LA18197-1": "unknown"}
+
+# Primary lung cancer (SNOMED CT) and ICD-10 C34.x; matched on code, as mCODE asks for.
+LUNG_CANCER_SNOMED = {
+    "363358000",  # malignant tumour of lung
+    "93880001",  # primary malignant neoplasm of lung
+    "254637007",  # non-small cell lung cancer
+    "254632001",  # small cell carcinoma of lung
+    "254626006",  # adenocarcinoma of lung
+    "254634000",  # squamous cell carcinoma of lung
+    "424132000",  # non-small cell carcinoma of lung, TNM stage 1
+    "187875007",  # malignant neoplasm of bronchus and lung
+}
+
+_OBSERVATION_CODES = (
+    VARIANT,
+    REGION_STUDIED,
+    TMB,
+    MSI,
+    ECOG,
+    KARNOFSKY,
+    SMOKING,
+    *sorted(STAGE_GROUP),
+    *sorted(TUMOUR_MARKERS),
+)
+_USABLE_STATUS = {"final", "amended", "corrected", "appended"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a value came from: ``Type/id`` and the version read (``meta.versionId``)."""
+
+    reference: str
+    version: str | None = None
+
+    @property
+    def versioned(self) -> str:
+        return f"{self.reference}/_history/{self.version}" if self.version else self.reference
+
+
+@dataclass(frozen=True)
+class Fact(Generic[T]):
+    """A value with its provenance, or ``None`` and why (``missing``)."""
+
+    value: T | None
+    sources: tuple[Source, ...] = ()
+    date: str | None = None
+    missing: str = ""
+
+    @classmethod
+    def unknown(cls, reason: str) -> Fact[T]:
+        return cls(None, missing=reason)
+
+
+@dataclass(frozen=True)
+class Variant:
+    gene: str
+    hgvs_c: str | None
+    hgvs_p: str | None
+    vaf: float | None
+    origin: str | None  # somatic | germline | unknown
+    source: Source
+
+
+@dataclass(frozen=True)
+class GeneResult:
+    """One gene: ``present`` (variants found), ``absent`` (tested, wild type) or
+    ``not-tested``; ``sources`` are the Observations that say so."""
+
+    gene: str
+    status: str
+    variants: tuple[Variant, ...] = ()
+    sources: tuple[Source, ...] = ()
+
+
+@dataclass(frozen=True)
+class CancerCondition:
+    code: str
+    system: str
+    display: str
+    histology: str | None
+    body_site: str | None
+
+
+@dataclass(frozen=True)
+class PatientContext:
+    """What is known of the patient at the study date. See the module docstring."""
+
+    patient: Source
+    study_date: dt.date
+    age_years: Fact[int]
+    sex: Fact[str]
+    genes: dict[str, GeneResult]
+    tmb: Fact[float]
+    msi: Fact[str]
+    cancer: Fact[CancerCondition]
+    stage_group: Fact[str]
+    ecog: Fact[int]
+    karnofsky: Fact[int]
+    smoking: Fact[str]
+    tumour_markers: dict[str, Fact[float]] = field(default_factory=dict)
+    excluded: dict[str, int] = field(default_factory=dict)  # reason → resources left out
+
+    def tested_genes(self) -> set[str]:
+        return {g for g, r in self.genes.items() if r.status in ("present", "absent")}
+
+
+# -- small readers -----------------------------------------------------------------------------
+
+
+def _source(resource: dict[str, Any]) -> Source:
+    version = (resource.get("meta") or {}).get("versionId")
+    return Source(f"{resource.get('resourceType')}/{resource.get('id')}", version)
+
+
+def _codings(concept: Any) -> list[dict[str, Any]]:
+    if not isinstance(concept, dict):
+        return []
+    return [c for c in concept.get("coding") or [] if isinstance(c, dict)]
+
+
+def _has_code(concept: Any, system: str, codes: Iterable[str]) -> bool:
+    wanted = set(codes)
+    return any(c.get("system") == system and c.get("code") in wanted for c in _codings(concept))
+
+
+def _code_of(concept: Any, system: str | None = None) -> str | None:
+    for c in _codings(concept):
+        if system is None or c.get("system") == system:
+            return str(c.get("code")) if c.get("code") is not None else None
+    return None
+
+
+def _text_of(concept: Any) -> str | None:
+    if not isinstance(concept, dict):
+        return None
+    for c in _codings(concept):
+        if c.get("display"):
+            return str(c["display"])
+    text = concept.get("text")
+    return str(text) if text else _code_of(concept)
+
+
+def _parse_date(value: Any) -> dt.date | None:
+    if not isinstance(value, str) or len(value) < 4:
+        return None
+    try:
+        if len(value) == 4:  # a year alone: its last day, so it never counts as earlier
+            return dt.date(int(value), 12, 31)
+        if len(value) == 7:
+            year, month = int(value[:4]), int(value[5:7])
+            following = dt.date(year + month // 12, month % 12 + 1, 1)
+            return following - dt.timedelta(days=1)
+        return dt.date.fromisoformat(value[:10])
+    except ValueError:
+        return None
+
+
+def _result_date(resource: dict[str, Any]) -> str | None:
+    """The clinically relevant date of a result: effective, else issued/recorded/onset."""
+    for key in ("effectiveDateTime", "effectiveInstant"):
+        if resource.get(key):
+            return str(resource[key])
+    period = resource.get("effectivePeriod") or {}
+    if period.get("start"):
+        return str(period["start"])
+    for key in ("issued", "recordedDate", "onsetDateTime"):
+        if resource.get(key):
+            return str(resource[key])
+    return None
+
+
+def _component(observation: dict[str, Any], code: str) -> list[dict[str, Any]]:
+    return [
+        c for c in observation.get("component") or [] if _has_code(c.get("code"), LOINC, [code])
+    ]
+
+
+def _gene_names(observation: dict[str, Any]) -> list[str]:
+    names = []
+    for c in _component(observation, GENE_STUDIED):
+        concept = c.get("valueCodeableConcept")
+        name = None
+        for coding in _codings(concept):
+            # HGNC codings carry the symbol as display (the code is HGNC:nnnn).
+            if coding.get("display"):
+                name = str(coding["display"]).upper()
+                break
+        name = name or (
+            str(concept.get("text")).upper() if concept and concept.get("text") else None
+        )
+        if name:
+            names.append(name)
+    return names
+
+
+class _Selector:
+    """Applies the date cut-off and status rules, counting what it leaves out."""
+
+    def __init__(self, cutoff: dt.date) -> None:
+        self.cutoff = cutoff
+        self.excluded: Counter[str] = Counter()
+
+    def keep(self, resource: dict[str, Any], *, status_rule: bool = True) -> bool:
+        status = str(resource.get("status", ""))
+        is_result = resource.get("resourceType") in ("Observation", "DiagnosticReport")
+        if status_rule and is_result and status not in _USABLE_STATUS:
+            self.excluded[f"status {status or 'missing'}"] += 1
+            return False
+        if resource.get("resourceType") == "Condition":
+            verification = _code_of(resource.get("verificationStatus"))
+            if verification in ("entered-in-error", "refuted"):
+                self.excluded[f"condition {verification}"] += 1
+                return False
+        when = _parse_date(_result_date(resource))
+        if when is None:
+            self.excluded["undated"] += 1
+            return False
+        if when > self.cutoff:
+            self.excluded["after the study date"] += 1
+            return False
+        return True
+
+
+def _latest(items: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(items, key=lambda r: _result_date(r) or "", default=None)
+
+
+def _single(
+    observations: list[dict[str, Any]], codes: set[str], system: str = LOINC
+) -> dict[str, Any] | None:
+    return _latest([o for o in observations if _has_code(o.get("code"), system, codes)])
+
+
+def _number(observation: dict[str, Any] | None) -> float | None:
+    if observation is None:
+        return None
+    quantity = observation.get("valueQuantity") or {}
+    if isinstance(quantity.get("value"), int | float):
+        return float(quantity["value"])
+    if isinstance(observation.get("valueInteger"), int):
+        return float(observation["valueInteger"])
+    concept = observation.get("valueCodeableConcept")
+    code = _code_of(concept, LOINC) or _code_of(concept)
+    # ECOG / Karnofsky answers are LOINC LA codes whose display starts with the grade.
+    text = _text_of(concept) or ""
+    head = text.split()[0] if text else ""
+    if head.isdigit():
+        return float(head)
+    return float(code) if code and code.isdigit() else None
+
+
+def _fact_number(observation: dict[str, Any] | None, what: str) -> Fact[float]:
+    value = _number(observation)
+    if observation is None:
+        return Fact.unknown(f"no {what} recorded up to the study date")
+    if value is None:
+        return Fact.unknown(f"{what} in {_source(observation).reference} has no numeric value")
+    return Fact(value, (_source(observation),), _result_date(observation))
+
+
+def _fact_concept(observation: dict[str, Any] | None, what: str) -> Fact[str]:
+    if observation is None:
+        return Fact.unknown(f"no {what} recorded up to the study date")
+    text = _text_of(observation.get("valueCodeableConcept"))
+    if text is None:
+        return Fact.unknown(f"{what} in {_source(observation).reference} has no coded value")
+    return Fact(text, (_source(observation),), _result_date(observation))
+
+
+# -- the parts -----------------------------------------------------------------------------------
+
+
+def _genes(observations: list[dict[str, Any]]) -> dict[str, GeneResult]:
+    found: dict[str, list[Variant]] = {}
+    absent: dict[str, list[Source]] = {}
+    present_sources: dict[str, list[Source]] = {}
+    for o in observations:
+        if _has_code(o.get("code"), LOINC, [REGION_STUDIED]):
+            for gene in _gene_names(o):
+                absent.setdefault(gene, []).append(_source(o))
+            continue
+        if not _has_code(o.get("code"), LOINC, [VARIANT]):
+            continue
+        genes = _gene_names(o)
+        if not genes:
+            continue
+        value = _code_of(o.get("valueCodeableConcept"), LOINC)
+        if value == ABSENT:
+            for gene in genes:
+                absent.setdefault(gene, []).append(_source(o))
+            continue
+        hgvs_c = _text_of((_component(o, HGVS_C) or [{}])[0].get("valueCodeableConcept"))
+        hgvs_p = _text_of((_component(o, HGVS_P) or [{}])[0].get("valueCodeableConcept"))
+        vaf_item = (_component(o, VAF) or [{}])[0].get("valueQuantity") or {}
+        vaf = vaf_item.get("value")
+        origin_code = _code_of(
+            (_component(o, GENOMIC_SOURCE_CLASS) or [{}])[0].get("valueCodeableConcept")
+        )
+        for gene in genes:
+            found.setdefault(gene, []).append(
+                Variant(
+                    gene=gene,
+                    hgvs_c=hgvs_c,
+                    hgvs_p=hgvs_p,
+                    vaf=float(vaf) if isinstance(vaf, int | float) else None,
+                    origin=SOURCE_CLASS.get(origin_code or ""),
+                    source=_source(o),
+                )
+            )
+            present_sources.setdefault(gene, []).append(_source(o))
+    results = {}
+    for gene in sorted({*LUNG_PANEL, *found, *absent}):
+        if gene in found:
+            results[gene] = GeneResult(
+                gene, "present", tuple(found[gene]), tuple(present_sources[gene])
+            )
+        elif gene in absent:
+            results[gene] = GeneResult(gene, "absent", (), tuple(dict.fromkeys(absent[gene])))
+        else:
+            results[gene] = GeneResult(gene, "not-tested")
+    return results
+
+
+def _cancer(conditions: list[dict[str, Any]]) -> Fact[CancerCondition]:
+    lung = [
+        c
+        for c in conditions
+        if _has_code(c.get("code"), SNOMED, LUNG_CANCER_SNOMED)
+        or any(
+            str(coding.get("code", "")).upper().startswith("C34")
+            for coding in _codings(c.get("code"))
+            if str(coding.get("system", "")).startswith(ICD10)
+        )
+    ]
+    condition = _latest(lung)
+    if condition is None:
+        return Fact.unknown("no primary lung cancer Condition up to the study date")
+    code = _codings(condition.get("code"))[0]
+    histology = None
+    for extension in condition.get("extension") or []:
+        if "histology" in str(extension.get("url", "")).lower():
+            histology = _text_of(extension.get("valueCodeableConcept"))
+    site = _text_of((condition.get("bodySite") or [None])[0])
+    return Fact(
+        CancerCondition(
+            code=str(code.get("code")),
+            system=str(code.get("system")),
+            display=str(code.get("display") or code.get("code")),
+            histology=histology,
+            body_site=site,
+        ),
+        (_source(condition),),
+        _result_date(condition),
+    )
+
+
+def _age(patient: dict[str, Any], study_date: dt.date) -> Fact[int]:
+    born = patient.get("birthDate")
+    birth = None
+    if isinstance(born, str) and len(born) == 10:
+        try:
+            birth = dt.date.fromisoformat(born)
+        except ValueError:
+            birth = None
+    if birth is None:
+        return Fact.unknown("the Patient has no full birth date")
+    years = (
+        study_date.year
+        - birth.year
+        - ((study_date.month, study_date.day) < (birth.month, birth.day))
+    )
+    return Fact(years, (_source(patient),))
+
+
+def build_context(
+    patient: dict[str, Any],
+    study_date: dt.date,
+    observations: SearchResult,
+    reports: SearchResult,
+    conditions: SearchResult,
+    *,
+    results_after_study_days: float = 0,
+) -> PatientContext:
+    """The context from already fetched resources (see :func:`fetch_context`)."""
+    cutoff = study_date + dt.timedelta(days=int(results_after_study_days))
+    select = _Selector(cutoff)
+    usable_reports = [r for r in reports.match if select.keep(r)]
+    by_reference = {
+        f"{r.get('resourceType')}/{r.get('id')}": r for r in (*observations.match, *reports.include)
+    }
+    # A report's results count when the report does; results reached through a report are
+    # merged with those found directly (each once).
+    chosen: dict[str, dict[str, Any]] = {}
+    for report in usable_reports:
+        for ref in report.get("result") or []:
+            resource = by_reference.get(str(ref.get("reference", "")))
+            if resource is not None:
+                chosen[str(ref.get("reference"))] = resource
+    for o in observations.match:
+        chosen.setdefault(f"Observation/{o.get('id')}", o)
+    kept = [o for o in chosen.values() if select.keep(o)]
+    conditions_kept = [c for c in conditions.match if select.keep(c, status_rule=False)]
+    sex = patient.get("gender")
+    return PatientContext(
+        patient=_source(patient),
+        study_date=study_date,
+        age_years=_age(patient, study_date),
+        sex=Fact(str(sex), (_source(patient),)) if sex else Fact.unknown("no gender recorded"),
+        genes=_genes(kept),
+        tmb=_fact_number(_single(kept, {TMB}), "tumour mutational burden"),
+        msi=_fact_concept(_single(kept, {MSI}), "microsatellite instability"),
+        cancer=_cancer(conditions_kept),
+        stage_group=_stage(kept),
+        ecog=_int_fact(_fact_number(_single(kept, {ECOG}), "ECOG performance status")),
+        karnofsky=_int_fact(_fact_number(_single(kept, {KARNOFSKY}), "Karnofsky score")),
+        smoking=_fact_concept(_single(kept, {SMOKING}), "smoking status"),
+        tumour_markers={
+            name: _fact_number(_single(kept, {code}), name)
+            for code, name in TUMOUR_MARKERS.items()
+            if _single(kept, {code}) is not None
+        },
+        excluded=dict(select.excluded),
+    )
+
+
+def _stage(observations: list[dict[str, Any]]) -> Fact[str]:
+    stage = _latest(
+        [
+            o
+            for o in observations
+            if _has_code(o.get("code"), LOINC, STAGE_GROUP)
+            or _has_code(o.get("code"), SNOMED, STAGE_GROUP_SNOMED)
+        ]
+    )
+    return _fact_concept(stage, "TNM stage group")
+
+
+def _int_fact(fact: Fact[float]) -> Fact[int]:
+    if fact.value is None:
+        return Fact.unknown(fact.missing)
+    return Fact(int(fact.value), fact.sources, fact.date)
+
+
+def fetch_context(
+    client: FhirClient, patient: dict[str, Any], study_date: dt.date, config: FhirConfig
+) -> PatientContext:
+    """Fetch and build the context of ``patient`` as of ``study_date``: three searches
+    (Observations by code, genomic reports with their results included, Conditions), each
+    following its pages.
+
+    Raises:
+        FhirUnavailable, FhirError: from the searches.
+    """
+    subject = f"Patient/{patient.get('id')}"
+    # No server-side date filter: undated and later results are dropped here, where they are
+    # counted (a server would drop undated ones silently).
+    observations = client.search(
+        "Observation",
+        {"subject": subject, "code": ",".join(f"{LOINC}|{c}" for c in _OBSERVATION_CODES)},
+    )
+    reports = client.search(
+        "DiagnosticReport",
+        {
+            "subject": subject,
+            "code": f"{LOINC}|{GENOMIC_REPORT}",
+            "_include": "DiagnosticReport:result",
+        },
+    )
+    conditions = client.search("Condition", {"subject": subject})
+    return build_context(
+        patient,
+        study_date,
+        observations,
+        reports,
+        conditions,
+        results_after_study_days=config.results_after_study_days,
+    )

@@ -1,0 +1,149 @@
+"""The patient context from FHIR resources: codes, not profiles; provenance on every value;
+tested-absent vs not tested; nothing after the study date."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from radfusion.config import FhirConfig
+from radfusion.integrations.fhir.client import SearchResult
+from radfusion.integrations.fhir.context import build_context
+from radfusion.integrations.fhir.patient import patient_identifier
+
+LOINC = "http://loinc.org"
+STUDY = dt.date(2026, 3, 10)
+
+
+def _concept(system: str, code: str, display: str = "") -> dict[str, Any]:
+    return {
+        "coding": [{"system": system, "code": code, **({"display": display} if display else {})}]
+    }
+
+
+def _gene(symbol: str, hgnc: str) -> dict[str, Any]:
+    return {
+        "code": _concept(LOINC, "48018-6"),
+        "valueCodeableConcept": _concept("http://www.genenames.org/geneId", hgnc, symbol),
+    }
+
+
+def _obs(oid: str, code: str, when: str | None = "2026-03-01", **extra: Any) -> dict[str, Any]:
+    resource = {
+        "resourceType": "Observation",
+        "id": oid,
+        "meta": {"versionId": "2"},
+        "status": "final",
+        "code": _concept(LOINC, code),
+        "subject": {"reference": "Patient/p1"},
+        **extra,
+    }
+    if when:
+        resource["effectiveDateTime"] = when
+    return resource
+
+
+PATIENT = {
+    "resourceType": "Patient",
+    "id": "p1",
+    "meta": {"versionId": "1"},
+    "gender": "female",
+    "birthDate": "1960-03-11",
+}
+
+
+def _context(observations: list[dict[str, Any]], **kw: Any) -> Any:
+    return build_context(
+        PATIENT,
+        STUDY,
+        SearchResult(match=observations),
+        SearchResult(),
+        SearchResult(),
+        **kw,
+    )
+
+
+def test_variant_region_studied_and_untested_genes_are_told_apart() -> None:
+    egfr = _obs(
+        "v1",
+        "69548-6",
+        valueCodeableConcept=_concept(LOINC, "LA9633-4", "Present"),
+        component=[
+            _gene("EGFR", "HGNC:3236"),
+            {"code": _concept(LOINC, "48005-3"), "valueCodeableConcept": _concept(
+                "http://varnomen.hgvs.org", "p.Leu858Arg", "p.Leu858Arg")},
+            {"code": _concept(LOINC, "81258-6"), "valueQuantity": {"value": 0.31}},
+            {"code": _concept(LOINC, "48002-0"), "valueCodeableConcept": _concept(
+                LOINC, "LA6684-0", "Somatic")},
+        ],
+    )  # fmt: skip
+    region = _obs(
+        "r1", "53041-0", component=[_gene("EGFR", "HGNC:3236"), _gene("KRAS", "HGNC:6407")]
+    )
+    context = _context([egfr, region])
+    assert context.genes["EGFR"].status == "present"
+    (variant,) = context.genes["EGFR"].variants
+    assert (variant.hgvs_p, variant.vaf, variant.origin) == ("p.Leu858Arg", 0.31, "somatic")
+    assert variant.source.versioned == "Observation/v1/_history/2"
+    assert context.genes["KRAS"].status == "absent"  # tested (region studied), no variant
+    assert context.genes["KRAS"].sources[0].reference == "Observation/r1"
+    assert context.genes["ALK"].status == "not-tested"
+    assert context.tested_genes() == {"EGFR", "KRAS"}
+
+
+def test_results_after_the_study_date_never_leak() -> None:
+    early = _obs("e1", "89247-1", "2026-02-01", valueInteger=1)
+    late = _obs("e2", "89247-1", "2026-03-11", valueInteger=3)
+    context = _context([early, late])
+    assert context.ecog.value == 1 and context.ecog.sources[0].reference == "Observation/e1"
+    assert context.excluded == {"after the study date": 1}
+    # A site may allow results taken shortly after the scan (e.g. the biopsy's pathology).
+    assert _context([early, late], results_after_study_days=2).ecog.value == 3
+
+
+def test_erroneous_preliminary_and_undated_results_are_left_out_and_counted() -> None:
+    context = _context(
+        [
+            _obs("x1", "72166-2", status="entered-in-error",
+                 valueCodeableConcept=_concept("http://snomed.info/sct", "77176002", "Smoker")),
+            _obs("x2", "94076-7", when=None, valueQuantity={"value": 12.0}),
+            _obs("x3", "81695-9", status="preliminary",
+                 valueCodeableConcept=_concept(LOINC, "LA14122-8", "MSI-H")),
+        ]
+    )  # fmt: skip
+    assert context.smoking.value is None and "no smoking status" in context.smoking.missing
+    assert context.tmb.value is None and context.msi.value is None
+    assert context.excluded == {"status entered-in-error": 1, "undated": 1, "status preliminary": 1}
+
+
+def test_age_at_the_study_date_and_missing_values_say_why() -> None:
+    context = _context([])
+    assert context.age_years.value == 65  # the birthday is the day after the study
+    assert context.sex.value == "female"
+    assert context.cancer.value is None and "lung cancer" in context.cancer.missing
+    assert context.stage_group.missing
+
+
+def test_identifier_from_the_issuer_qualifiers_sequence() -> None:
+    ds = Dataset()
+    ds.PatientID = "RF-0001"
+    item = Dataset()
+    item.UniversalEntityID = "1.2.826.0.1.3680043.10.1234.99"
+    item.UniversalEntityIDType = "ISO"
+    ds.IssuerOfPatientIDQualifiersSequence = [item]
+    ident = patient_identifier(ds, FhirConfig(base_url="http://x"))
+    assert ident.token == "urn:oid:1.2.826.0.1.3680043.10.1234.99|RF-0001"
+
+
+def test_identifier_through_the_site_issuer_map_or_not_at_all() -> None:
+    ds = Dataset()
+    ds.PatientID = "12345"
+    ds.IssuerOfPatientID = "HOSP_A"
+    mapped = FhirConfig(base_url="http://x", issuers={"HOSP_A": "http://hosp-a.example/mrn"})
+    assert patient_identifier(ds, mapped).token == "http://hosp-a.example/mrn|12345"
+    unmapped = patient_identifier(ds, FhirConfig(base_url="http://x"))
+    assert unmapped.system is None and "not mapped" in unmapped.reason
+    del ds.IssuerOfPatientID
+    assert "no issuer" in patient_identifier(ds, FhirConfig(base_url="http://x")).reason
