@@ -5,15 +5,25 @@ pointing at its segment in the SEG and holding the finding's volume (mm³ and mL
 axial diameter ("Long axis") and mean and SD of attenuation (HU), with the algorithm
 identified (TID 4019) on the group and on every measurement.
 
-Each finding also gets a TID 1410 Planar ROI group with the same tracking identifier: a
-SCOORD3D two-point POLYLINE from one end of the longest axial diameter to the other (a POINT
-when both ends coincide), and that diameter. A TID 1411 group can reference a segment or a
-region but not both, and viewers draw the coordinates, not the segment reference. OHIF
-(extensions/cornerstone-dicom-sr) merges measurement groups by Tracking Unique Identifier and
-lists the merged NUM items as the annotation's labels. OHIF 3.13 fails to open an SR in which
-any merged group lacks coordinates (it reads the first coordinate of every measurement), so no
-finding is left without its line; its stack SR viewport parses SCOORD3D lines but does not
-draw them (it draws 2D SCOORD, which names its image; see tests/viewer/).
+Each finding also gets a TID 1410 Planar ROI group with the same tracking identifier: its
+Image Region is a 2D SCOORD two-point POLYLINE from one end of the longest axial diameter to the
+other (a POINT when both ends coincide), and that diameter. The SCOORD is selected from the CT
+image the diameter lies in (for an Enhanced CT, the image and its frame number): the end points
+(LPS mm) are projected into the pixel grid of each source plane (Image Position/Orientation
+(Patient) and Pixel Spacing, per frame from the functional groups for a multi-frame image), the
+plane within a quarter of a slice gap is taken, and points on no plane or outside the image
+raise ``ValueError``. Coordinates are (column, row) with 0.0\\0.0 at the top left corner of the top
+left pixel (PS3.3 Table C.18.6-1), so a voxel centre (r, c) is (c + 0.5, r + 0.5).
+
+A TID 1411 group can reference a segment or a region but not both, and viewers draw the
+coordinates, not the segment reference. OHIF (extensions/cornerstone-dicom-sr) merges
+measurement groups by Tracking Unique Identifier and lists the merged NUM items as the
+annotation's labels. OHIF 3.13 fails to open an SR in which any merged group lacks coordinates
+(it reads the first coordinate of every measurement), so no finding is left without its line.
+Its stack SR viewport draws only 2D SCOORD, which names its image: with it, each line is drawn
+on its CT image with its labels and the viewport's arrows step through the findings; a SCOORD3D
+line (this writer's earlier form) was parsed but not drawn ("Unable to apply reference viewable
+… referencedImageId: null"). See tests/viewer/.
 
 A study the app could not measure (``result`` None, ``out_of_scope_reason`` given) gets an SR
 with no measurement groups at all: TID 1500's "Qualitative Evaluations" container holds the
@@ -26,6 +36,7 @@ from the clock (highdicom stamps it in a few places; they are replaced or droppe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
@@ -97,9 +108,9 @@ def build_sr(
 
     With ``result``: one TID 1411 group per finding referencing its segment in ``seg`` (the SEG
     written for the same result), plus one TID 1410 group per finding with the diameter as a
-    SCOORD3D line. Without (``result`` None): ``out_of_scope_reason`` is required, ``seg`` may
-    be None (it is ignored), and the report has no measurement groups, only the reason.
-    Sources without a Frame of Reference UID get no SCOORD3D (there is no space to place it in).
+    SCOORD line on the source image (and frame) it lies in. Without (``result`` None):
+    ``out_of_scope_reason`` is required, ``seg`` may be None (it is ignored), and the report
+    has no measurement groups, only the reason.
 
     ``source_images`` are the series' datasets (metadata suffices; a dataset repeated per frame,
     as in :attr:`Volume.source_images`, is referenced once). Same study as the sources, series
@@ -113,7 +124,9 @@ def build_sr(
             Instance/Class UIDs; both or neither of ``result`` and ``out_of_scope_reason``; a
             result without findings or without ``seg``; ``seg`` is not a Segmentation of the
             sources' study or lacks a finding's segment number; a finding of unknown kind or
-            side.
+            side; with a result, a source without image position, orientation, pixel spacing
+            or matrix size, or a diameter end point that lies on no source image (off every
+            plane by a quarter of a slice gap or more, or outside the image).
     """
     sources = _distinct(source_images)
     if (result is None) == (out_of_scope_reason is None):
@@ -130,7 +143,7 @@ def build_sr(
         if seg is None:
             raise ValueError("a result needs its SEG: the measurement groups reference segments")
         _check_seg(seg, study_uid, result)
-        frame_of_reference = str(sources[0].get("FrameOfReferenceUID") or "")
+        planes = _planes(sources)
         source_series = _source_series(str(sources[0].SeriesInstanceUID))
         groups: list[
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -139,8 +152,7 @@ def build_sr(
         for finding in result.findings:
             # The planar group first: OHIF labels the drawn line with the first NUM of the
             # merged groups, and for a line that should be its length.
-            if frame_of_reference:
-                groups.append(_diameter_group(finding, frame_of_reference, algorithm_id))
+            groups.append(_diameter_group(finding, planes, algorithm_id))
             groups.append(_volumetric_group(finding, seg, source_series, algorithm_id))
         report = hd.sr.MeasurementReport(
             observation_context=observation_context,
@@ -386,16 +398,16 @@ def _volumetric_group(
 
 
 def _diameter_group(
-    finding: Finding, frame_of_reference: str, algorithm_id: hd.sr.AlgorithmIdentification
+    finding: Finding, planes: Sequence[_Plane], algorithm_id: hd.sr.AlgorithmIdentification
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 for a finding: its longest axial diameter as a SCOORD3D line (a POINT when the
-    ends coincide), so viewers draw it."""
+    """TID 1410 for a finding: its longest axial diameter as a SCOORD line on the CT image it
+    lies in (a POINT when the ends coincide), so viewers draw it."""
     kind, category, site = _finding_codes(finding)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         # The same tracking identifier as the finding's volumetric group: both describe the
         # same finding, and OHIF merges groups with one Tracking UID into one annotation.
         tracking_identifier=_tracking(finding),
-        referenced_region=_diameter_region(finding, frame_of_reference),
+        referenced_region=_diameter_region(finding, planes),
         finding_type=kind,
         finding_category=category,
         finding_sites=[site],
@@ -404,20 +416,155 @@ def _diameter_group(
     )
 
 
-def _diameter_region(finding: Finding, frame_of_reference: str) -> hd.sr.ImageRegion3D:
-    """The longest axial diameter's ends (LPS mm) as a POLYLINE, or one POINT if they coincide."""
+def _diameter_region(finding: Finding, planes: Sequence[_Plane]) -> hd.sr.ImageRegion:
+    """The longest axial diameter's ends as a POLYLINE (or one POINT if they coincide) in pixel
+    coordinates of the source image (and frame) whose plane holds them."""
     ends = np.asarray(finding.diameter_endpoints_lps, dtype=float)
-    if np.allclose(ends[0], ends[1]):
-        return hd.sr.ImageRegion3D(
-            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-            graphic_data=ends[:1],
-            frame_of_reference_uid=frame_of_reference,
+    located = [_locate(end, planes, finding.tracking_id) for end in ends]
+    (plane, first), (other, second) = located
+    if plane is not other:
+        raise ValueError(
+            f"{finding.tracking_id}: the diameter's end points lie on different source images"
+            f" ({plane.describe()} and {other.describe()}); an axial diameter lies in one"
         )
-    return hd.sr.ImageRegion3D(
-        graphic_type=hd.sr.GraphicTypeValues3D.POLYLINE,
-        graphic_data=ends,
-        frame_of_reference_uid=frame_of_reference,
+    if np.allclose(ends[0], ends[1]):
+        graphic_type, graphic_data = hd.sr.GraphicTypeValues.POINT, first[None]
+    else:
+        graphic_type, graphic_data = hd.sr.GraphicTypeValues.POLYLINE, np.stack([first, second])
+    return hd.sr.ImageRegion(
+        graphic_type=graphic_type,
+        graphic_data=graphic_data,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=str(plane.dataset.SOPClassUID),
+            referenced_sop_instance_uid=str(plane.dataset.SOPInstanceUID),
+            referenced_frame_numbers=None if plane.frame is None else [plane.frame],
+        ),
     )
+
+
+# -- geometry -----------------------------------------------------------------------------------
+
+
+_ON_PLANE = 0.25  # a point within this share of the slice gap of a plane lies on it
+
+
+@dataclass(frozen=True, eq=False)
+class _Plane:
+    """One source image (or one frame of a multi-frame image) and its place in the patient."""
+
+    dataset: Dataset
+    frame: int | None  # 1-based frame number of a multi-frame image; None for single-frame
+    position: np.ndarray  # Image Position (Patient): the centre of the top left pixel, LPS mm
+    row_direction: np.ndarray  # along a row: increasing column index
+    column_direction: np.ndarray  # down a column: increasing row index
+    spacing: tuple[float, float]  # Pixel Spacing: (between rows, between columns), mm
+    rows: int
+    columns: int
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_direction, self.column_direction)
+
+    def describe(self) -> str:
+        uid = uid_tag(str(self.dataset.SOPInstanceUID))
+        return uid if self.frame is None else f"{uid} frame {self.frame}"
+
+
+def _planes(sources: Sequence[Dataset]) -> list[_Plane]:
+    """Every image plane of the sources: single-frame images from their Image Plane module,
+    multi-frame images (Enhanced CT) frame by frame from their functional groups.
+
+    Raises:
+        ValueError: an image or frame lacks position, orientation, pixel spacing or matrix size.
+    """
+    planes = []
+    for ds in sources:
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        multi_frame = "NumberOfFrames" in ds or per_frame is not None
+        frames = int(ds.get("NumberOfFrames") or 1)
+        if multi_frame and (per_frame is None or len(per_frame) != frames):
+            raise ValueError(
+                f"source {uid_tag(str(ds.SOPInstanceUID))}: {frames} frames but "
+                f"{len(per_frame or [])} per-frame functional group items"
+            )
+        for index in range(frames):
+            item = per_frame[index] if per_frame is not None else None
+            ipp = _geometry(ds, "ImagePositionPatient", "PlanePositionSequence", item)
+            iop = _geometry(ds, "ImageOrientationPatient", "PlaneOrientationSequence", item)
+            spacing = _geometry(ds, "PixelSpacing", "PixelMeasuresSequence", item)
+            rows, columns = ds.get("Rows"), ds.get("Columns")
+            if ipp is None or iop is None or spacing is None or not rows or not columns:
+                frame = f" frame {index + 1}" if multi_frame else ""
+                raise ValueError(
+                    f"source {uid_tag(str(ds.SOPInstanceUID))}{frame} lacks image position,"
+                    " orientation, pixel spacing or matrix size: the diameters cannot be placed"
+                    " on it"
+                )
+            orientation = np.asarray(iop, dtype=float)
+            planes.append(
+                _Plane(
+                    dataset=ds,
+                    frame=index + 1 if multi_frame else None,
+                    position=np.asarray(ipp, dtype=float),
+                    row_direction=orientation[:3],
+                    column_direction=orientation[3:],
+                    spacing=(float(spacing[0]), float(spacing[1])),
+                    rows=int(rows),
+                    columns=int(columns),
+                )
+            )
+    return planes
+
+
+def _geometry(ds: Dataset, keyword: str, sequence: str, frame: Dataset | None) -> object:
+    """An attribute from the top level, else the frame's or the shared functional groups."""
+    if keyword in ds:
+        return ds.get(keyword)
+    for groups in (frame, *(ds.get("SharedFunctionalGroupsSequence") or [])):
+        if groups is not None and sequence in groups and keyword in groups[sequence][0]:
+            return groups[sequence][0].get(keyword)
+    return None
+
+
+def _locate(point: np.ndarray, planes: Sequence[_Plane], name: str) -> tuple[_Plane, np.ndarray]:
+    """The plane holding ``point`` (LPS mm) and the point's SCOORD (column, row) on it.
+
+    SCOORD pixel coordinates (PS3.3 Table C.18.6-1, Graphic Data) put 0.0\\0.0 at the top left
+    corner of the top left pixel, so the centre of pixel (r, c) is (c + 0.5, r + 0.5); Image
+    Position (Patient) is the centre of pixel (0, 0). The measurement's end points are voxel
+    centres of the volume, which lie on a slice's plane up to the little irregularity in slice
+    positions that the volume tolerates; a point counts as on a plane when it is within a
+    quarter of the slice gap of it (a quarter of the slice thickness for a single plane), well
+    clear of the neighbouring slices, so no point between slices is put on a guessed one.
+
+    Raises:
+        ValueError: the point is a quarter of a slice gap or more from every plane, or outside
+            the image.
+    """
+    offsets = [point - plane.position for plane in planes]
+    distances = np.array([abs(float(d @ p.normal)) for d, p in zip(offsets, planes, strict=True)])
+    nearest = int(np.argmin(distances))  # the first of equals: deterministic
+    plane, offset = planes[nearest], offsets[nearest]
+    along = np.array(sorted({round(float(p.position @ plane.normal), 6) for p in planes}))
+    if len(along) > 1:
+        gap = float(np.diff(along).min())
+    else:
+        gap = float(plane.dataset.get("SliceThickness") or 1.0)
+    tolerance = _ON_PLANE * gap
+    where = "(" + ", ".join(f"{v:.2f}" for v in point) + ") mm"
+    if distances[nearest] >= tolerance:
+        raise ValueError(
+            f"{name}: the diameter end point {where} lies on no source image (nearest:"
+            f" {plane.describe()}, {distances[nearest]:.2f} mm off its plane)"
+        )
+    column = float(offset @ plane.row_direction) / plane.spacing[1] + 0.5
+    row = float(offset @ plane.column_direction) / plane.spacing[0] + 0.5
+    if not (0.0 <= column <= plane.columns and 0.0 <= row <= plane.rows):
+        raise ValueError(
+            f"{name}: the diameter end point {where} lies outside {plane.describe()}"
+            f" (column {column:.1f}, row {row:.1f} of {plane.columns} x {plane.rows})"
+        )
+    return plane, np.array([column, row])
 
 
 def _out_of_scope_report(

@@ -139,11 +139,42 @@ def dicom_files(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.iterdir()) if p.is_file() and pydicom.misc.is_dicom(p)]
 
 
+def sr_line_images(sr: Path, ct_files: list[Path]) -> list[str]:
+    """For each SCOORD Image Region in ``sr`` (the findings' diameter lines, in order), the CT
+    image it is selected from as OHIF's overlay names it ("I:<Instance Number>"), with the
+    frame for a multi-frame image."""
+    numbers = {}
+    for path in ct_files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        numbers[str(ds.SOPInstanceUID)] = ds.get("InstanceNumber")
+
+    def walk(items: Any) -> Iterator[Any]:
+        for item in items or []:
+            yield item
+            yield from walk(item.get("ContentSequence"))
+
+    out = []
+    for item in walk(pydicom.dcmread(sr).get("ContentSequence")):
+        if item.get("ValueType") == "SCOORD":
+            sop = item.ContentSequence[0].ReferencedSOPSequence[0]
+            label = f"I:{numbers.get(str(sop.ReferencedSOPInstanceUID), '?')}"
+            frame = sop.get("ReferencedFrameNumber")
+            out.append(f"{label} frame {frame}" if frame else label)
+    return out
+
+
 def summarise(report: dict[str, Any]) -> str:
     """A few lines for the terminal: what OHIF listed, loaded and drew."""
     lines = [f"series listed: {report['series']}", f"segments: {report['segments']}"]
     lines += [f"SR measurement parsed: {m}" for m in report["srMeasurements"]]
     lines += [f"step {s['name']}: {s['slice']} -> {s['file']}" for s in report["steps"]]
+    if "srLineImages" in report:
+        images = ", ".join(report["srLineImages"]) or "none (no 2D SCOORD Image Region)"
+        lines.append(f"SR lines are on: {images}")
+        shown = [s["slice"] for s in report["steps"] if s["name"].startswith("04-sr-")]
+        landed = [str(s or "").split(" ")[0] for s in shown]
+        lines.append(f"SR steps landed on: {', '.join(landed)}")
+    lines += [f"SR annotation not drawn: {u}" for u in report.get("undrawn", [])]
     lines += [f"console error: {e}" for e in report["errors"]]
     return "\n".join(lines)
 
@@ -175,8 +206,12 @@ def main() -> int:
                 cwd=node_dir, check=True, timeout=300,
             )  # fmt: skip
     report = json.loads((args.out / "report.json").read_text())
+    if (results / "sr.dcm").exists():
+        report["srLineImages"] = sr_line_images(results / "sr.dcm", dicom_files(args.ct))
+        (args.out / "report.json").write_text(json.dumps(report, indent=2))
     print(summarise(report))
-    return 1 if any(e.startswith("script:") for e in report["errors"]) else 0
+    failed = report.get("undrawn") or any(e.startswith("script:") for e in report["errors"])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

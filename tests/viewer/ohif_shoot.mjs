@@ -9,7 +9,8 @@
 //   03-seg-<label> the first tumour segment clicked (the viewport jumps to it)
 //   04-sr-<n>      SR opened; then each press of the SR viewport's "next" arrow
 // OUT_DIR/report.json: series, segment labels, the viewport's slice per step, the SR
-// measurements OHIF parsed (from its console), console errors and a viewer crash, if any.
+// measurements OHIF parsed (from its console), the SR annotations it could not place on an
+// image ("undrawn"), console errors and a viewer crash, if any.
 
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -25,7 +26,7 @@ if (!viewerUrl || !studyUid || !outDir) {
 }
 mkdirSync(outDir, { recursive: true });
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
-const report = { series: [], segments: [], steps: [], srMeasurements: [], errors: [] };
+const report = { series: [], segments: [], steps: [], srMeasurements: [], undrawn: [], errors: [] };
 
 const browser = await chromium.launch({
   executablePath: CHROMIUM,
@@ -42,6 +43,9 @@ page.on('console', message => {
   if (parsed) {
     report.srMeasurements.push({ tracking: parsed[1], labels: +parsed[2], coords: +parsed[3] });
   }
+  // An SR annotation the stack viewport cannot place on an image (OHIF 3.13 says so for
+  // SCOORD3D, which names no image) is parsed but never drawn.
+  if (text.includes('Unable to apply reference viewable')) report.undrawn.push(text.slice(0, 300));
 });
 page.on('pageerror', error => report.errors.push(`pageerror: ${error.message}`));
 

@@ -1,6 +1,7 @@
 """The SR writer: valid DICOM (dciodvfy, dsrdump), valid TID 1500 structure (PixelMed's
 DicomSRValidator), one TID 1411 group per finding resolving to its SEG segment, the finding's
-values, SCOORD3D diameters, the out-of-scope report, determinism and sparse source headers."""
+values, diameters as SCOORD lines on their CT image (and frame), the out-of-scope report,
+determinism and sparse source headers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import re
 import subprocess
 from collections.abc import Iterator
+from copy import deepcopy
 from pathlib import Path
 
 import highdicom as hd
@@ -176,17 +178,6 @@ PIXELMED_KNOWN = (
         " has no chest CT; PixelMed reports every code outside a context group as an error",
     ),
     KnownFinding(
-        r"^Error: Template 1411 VolumetricROIMeasurements/.*\[Row (5|7|10)\] "
-        r"(SCOORD|IMAGE|SCOORD3D) .*: Missing conditional content item$",
-        "PixelMed checks every Measurement Group of a report against TID 1411 once one group"
-        " references a segment, ignoring the groups' TID 1410 Content Template; its TID 1410"
-        " table also lacks the SCOORD3D Image Region row (checked below: only TID 1410 groups)",
-    ),
-    KnownFinding(
-        r'/SCOORD3D \(111030,DCM,"Image Region"\)' + _NOT_IN_TEMPLATE,
-        "the TID 1410 diameter line, checked against TID 1411 (see above)",
-    ),
-    KnownFinding(
         r'/CODE \(276214006,SCT,"Finding category"\)' + _NOT_IN_TEMPLATE,
         "Finding category joined TID 1410/1411/1501 with CP-2176, after PixelMed's tables",
     ),
@@ -234,14 +225,6 @@ def unexplained(messages: list[str]) -> list[str]:
     return [m for m in messages if not any(re.search(k.pattern, m) for k in PIXELMED_KNOWN)]
 
 
-def content_item(ds: Dataset, position: str) -> Dataset:
-    """The content item at a PixelMed position such as ``1.10.3`` (1-based, root first)."""
-    item = ds
-    for index in position.split(".")[1:]:
-        item = item.ContentSequence[int(index) - 1]
-    return item
-
-
 # -- validity -----------------------------------------------------------------------------------
 
 
@@ -255,21 +238,19 @@ def test_dsrdump_reads_the_measurements(sr_path: Path) -> None:
     assert '"Imaging Measurement Report"' in out
     for name in MEASUREMENT_NAMES:
         assert f'NUM:(,,"{name}")' in out, name
-    assert 'SCOORD3D:(,,"Image Region")=(POLYLINE' in out
+    assert 'SCOORD:(,,"Image Region")=(POLYLINE' in out
+    assert "SCOORD3D" not in out
     assert '"Referenced Segment"' in out
 
 
 def test_pixelmed_reports_nothing_of_ours(sr_path: Path) -> None:
     messages = pixelmed_messages(sr_path)
     assert unexplained(messages) == []
-    # The TID 1411 conditions PixelMed misses are all on TID 1410 groups (the diameter lines).
-    sr = pydicom.dcmread(sr_path)
-    for message in messages:
-        if "Missing conditional content item" in message:
-            position = re.search(r"within ([0-9.]+):", message)
-            assert position is not None, message
-            group = content_item(sr, position.group(1))
-            assert group.ContentTemplateSequence[0].TemplateIdentifier == "1410", message
+    # The TID 1410 groups' SCOORD Image Region (with its SELECTED FROM image) is a row of
+    # PixelMed's TID 1410 table: nothing about it, and no TID 1410/1411 condition missed. (The
+    # earlier SCOORD3D line was not in that table, and PixelMed then checked the groups against
+    # TID 1411.)
+    assert not [m for m in messages if "Image Region" in m or "Missing conditional" in m]
 
 
 def test_pixelmed_reports_nothing_of_ours_out_of_scope(out_of_scope_path: Path) -> None:
@@ -333,23 +314,100 @@ def test_measurements_are_the_findings_values(case: Case, sr_path: Path) -> None
             assert items["Algorithm Version"] == ALGORITHM.version
 
 
-def test_each_finding_has_its_diameter_as_scoord3d(case: Case, sr_path: Path) -> None:
-    sr = hd.sr.srread(sr_path)
+def _expected_scoord(volume: Volume, lps: np.ndarray) -> tuple[int, np.ndarray]:
+    """The volume's slice index of LPS points on one slice and their SCOORD (column, row): by
+    the volume's own affine, independently of the writer's search over the source planes. A
+    voxel centre (r, c) is (c + 0.5, r + 0.5): 0.0\\0.0 is the top left corner of the top left
+    pixel (PS3.3 Table C.18.6-1)."""
+    crk = (np.linalg.inv(volume.affine) @ np.c_[lps, np.ones(len(lps))].T).T[:, :3]
+    (k,) = set(np.rint(crk[:, 2]).astype(int).tolist())
+    return k, crk[:, :2] + 0.5
+
+
+def _source_plane(ds: Dataset, frame: int | None) -> tuple[list[float], list[float], list[float]]:
+    """Image Position, Image Orientation (Patient) and Pixel Spacing of an image or frame."""
+    if frame is None:
+        return ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing
+    item = ds.PerFrameFunctionalGroupsSequence[frame - 1]
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    groups = {
+        keyword: (item if keyword in item else shared)[keyword][0]
+        for keyword in (
+            "PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence",
+        )
+    }  # fmt: skip
+    return (
+        groups["PlanePositionSequence"].ImagePositionPatient,
+        groups["PlaneOrientationSequence"].ImageOrientationPatient,
+        groups["PixelMeasuresSequence"].PixelSpacing,
+    )
+
+
+def _check_diameter_lines(
+    path: Path, volume: Volume, result: SegmentationResult, *, multi_frame: bool
+) -> None:
+    """Each finding's TID 1410 Image Region is a SCOORD POLYLINE selected from the source image
+    (and frame) its diameter lies in, whose coordinates map back to the end points."""
+    sr = hd.sr.srread(path)
     planar = sr.content.get_planar_roi_measurement_groups()
-    findings = case.result.findings
     # Same tracking UID as the finding's volumetric group: the same finding (OHIF merges them).
     # Every finding has one: OHIF 3.13 cannot open an SR with a merged group lacking coordinates.
-    assert [g.tracking_uid for g in planar] == [f.tracking_uid for f in findings]
-    for group, finding in zip(planar, findings, strict=True):
+    assert [g.tracking_uid for g in planar] == [f.tracking_uid for f in result.findings]
+    sources = {str(ds.SOPInstanceUID): ds for ds in volume.source_images}
+    for group, finding in zip(planar, result.findings, strict=True):
         region = group.roi
-        assert region.value_type == hd.sr.ValueTypeValues.SCOORD3D
-        assert region.graphic_type == hd.sr.GraphicTypeValues3D.POLYLINE
-        assert region.frame_of_reference_uid == case.sources[0].FrameOfReferenceUID
-        np.testing.assert_allclose(
-            region.value, np.asarray(finding.diameter_endpoints_lps), atol=1e-4
+        assert region.value_type == hd.sr.ValueTypeValues.SCOORD
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        (image,) = region.ContentSequence  # SELECTED FROM the one image it lies in
+        assert image.RelationshipType == "SELECTED FROM" and image.ValueType == "IMAGE"
+        (sop,) = image.ReferencedSOPSequence
+        source = sources[sop.ReferencedSOPInstanceUID]  # an image of the CT series
+        assert sop.ReferencedSOPClassUID == source.SOPClassUID
+        frame = int(sop.ReferencedFrameNumber) if "ReferencedFrameNumber" in sop else None
+        assert (frame is not None) == multi_frame
+        ends = np.asarray(finding.diameter_endpoints_lps)
+        k, expected = _expected_scoord(volume, ends)
+        assert source is volume.source_images[k]
+        assert frame == (volume.frame_numbers[k] if multi_frame else None)
+        pixels = np.asarray(region.value, dtype=float)
+        np.testing.assert_allclose(pixels, expected, atol=1e-3)
+        # Back through the referenced image's own geometry: the end points, within 0.5 px.
+        position, orientation, spacing = _source_plane(source, frame)
+        to_patient = hd.spatial.ImageToReferenceTransformer(
+            image_position=position, image_orientation=orientation, pixel_spacing=spacing
         )
+        error_px = np.linalg.norm(to_patient(pixels) - ends, axis=1) / min(map(float, spacing))
+        assert error_px.max() < 0.5, error_px
         (long_axis,) = group.get_measurements(name=codes.SCT.LongAxis)
         assert long_axis.value == pytest.approx(finding.longest_axial_diameter_mm, rel=1e-12)
+
+
+def test_each_finding_has_its_diameter_as_a_line_on_its_ct_image(case: Case, sr_path: Path) -> None:
+    _check_diameter_lines(sr_path, case.volume, case.result, multi_frame=False)
+    # The end points are voxel centres: each coordinate is a whole number and a half.
+    for group in hd.sr.srread(sr_path).content.get_planar_roi_measurement_groups():
+        pixels = np.asarray(group.roi.value, dtype=float)
+        np.testing.assert_allclose(pixels % 1.0, 0.5, atol=1e-3)
+
+
+def test_enhanced_ct_source_gets_a_frame_number(case: Case, tmp_path: Path) -> None:
+    # The frames in reverse slice order, so frame number != slice index + 1.
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        list(reversed(case.volume.source_images)),
+        series_instance_uid="1.2.826.0.1.3680043.10.1234.9.80",
+        series_number=2,
+        sop_instance_uid="1.2.826.0.1.3680043.10.1234.9.81",
+        instance_number=1,
+    )
+    enhanced.save_as(tmp_path / "enhanced.dcm")
+    volume = assemble_volume([pydicom.dcmread(tmp_path / "enhanced.dcm")])
+    assert volume.frame_numbers != tuple(range(1, 25))
+    np.testing.assert_array_equal(volume.affine, case.volume.affine)  # the same findings fit
+    path = write_sr(
+        volume.source_images, case.seg, case.result, ALGORITHM, path=tmp_path / "sr.dcm", **UIDS
+    )
+    _check_diameter_lines(path, volume, case.result, multi_frame=True)
+    assert dciodvfy_errors(path) == []
 
 
 def test_a_diameter_of_one_point_is_a_point(case: Case, tmp_path: Path) -> None:
@@ -359,8 +417,37 @@ def test_a_diameter_of_one_point_is_a_point(case: Case, tmp_path: Path) -> None:
     result = dataclasses.replace(case.result, findings=(dot, *case.result.findings[1:]))
     path = write_sr(case.sources, case.seg, result, ALGORITHM, path=tmp_path / "sr.dcm", **UIDS)
     region = hd.sr.srread(path).content.get_planar_roi_measurement_groups()[0].roi
-    assert region.graphic_type == hd.sr.GraphicTypeValues3D.POINT
-    np.testing.assert_allclose(region.value, np.asarray([end]), atol=1e-4)
+    assert region.graphic_type == hd.sr.GraphicTypeValues.POINT
+    _, expected = _expected_scoord(case.volume, np.asarray([end]))
+    np.testing.assert_allclose(np.asarray(region.value, dtype=float), expected, atol=1e-3)
+
+
+def test_a_diameter_on_no_source_image_is_refused(case: Case) -> None:
+    """Never a line on a guessed image: end points off every slice or outside the image fail."""
+    tumour = case.result.findings[2]
+    a, b = (np.asarray(p) for p in tumour.diameter_endpoints_lps)
+    normal = case.volume.affine[:3, 2] / np.linalg.norm(case.volume.affine[:3, 2])
+    gap = case.volume.spacing_mm[0]
+
+    def build(ends: tuple[np.ndarray, np.ndarray]) -> None:
+        moved = dataclasses.replace(
+            tumour, diameter_endpoints_lps=tuple(tuple(map(float, e)) for e in ends)
+        )
+        findings = list(case.result.findings)
+        findings[2] = moved
+        result = dataclasses.replace(case.result, findings=tuple(findings))
+        build_sr(case.sources, case.seg, result, ALGORITHM, **UIDS)
+
+    build((a + 0.2 * gap * normal, b + 0.2 * gap * normal))  # slice positions may jitter a bit
+    with pytest.raises(ValueError, match=r"Tumour 1: .* lies on no source image .*1\.50 mm off"):
+        build((a + 0.3 * gap * normal, b + 0.3 * gap * normal))  # between two slices
+    with pytest.raises(ValueError, match=r"Tumour 1: .* lies on no source image \(nearest"):
+        build((a - 100 * gap * normal, b - 100 * gap * normal))  # beyond the series
+    with pytest.raises(ValueError, match="lie on different source images"):
+        build((a, b + gap * normal))
+    row = case.volume.affine[:3, 0]
+    with pytest.raises(ValueError, match=r"lies outside .* \(column -[0-9.]+, row"):
+        build((a - 200 * row, b))
 
 
 def test_header_identifies_study_series_and_algorithm(case: Case, sr_path: Path) -> None:
@@ -466,18 +553,26 @@ def test_refuses_inconsistent_input(case: Case) -> None:
         build_sr(s, None, r, a, **UIDS)
     with pytest.raises(ValueError, match="no source images"):
         build_sr([], seg, r, a, **UIDS)
-    fewer = Dataset()
-    fewer.update(seg)
+    # Copies: Dataset.update shares the (decoded) elements, and setting one would change the
+    # module's SEG for the tests after this one.
+    fewer = deepcopy(seg)
     fewer.SegmentSequence = seg.SegmentSequence[:2]
     with pytest.raises(ValueError, match=r"no segment\(s\) \[3, 4\]"):
         build_sr(s, fewer, r, a, **UIDS)
-    other = Dataset()
-    other.update(seg)
+    other = deepcopy(seg)
     other.StudyInstanceUID = "1.2.3"
     with pytest.raises(ValueError, match="another study"):
         build_sr(s, other, r, a, **UIDS)
     with pytest.raises(ValueError, match="no findings"):
         build_sr(s, seg, SegmentationResult(labels=r.labels * 0, findings=()), a, **UIDS)
+    unplaced = []
+    for ds in s:
+        sparse = Dataset()
+        sparse.update(ds)
+        del sparse.ImagePositionPatient  # removes it from the new dataset only
+        unplaced.append(sparse)
+    with pytest.raises(ValueError, match="lacks image position"):
+        build_sr(unplaced, seg, r, a, **UIDS)
 
 
 def test_references_resolve_to_the_seg_writers_seg(case: Case, tmp_path: Path) -> None:
