@@ -282,6 +282,43 @@ def synth_ct(
     click.echo(f"ground truth: {study.ground_truth}, {study.truth_json}")
 
 
+@synth.command("cohort")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--patients", default=10, show_default=True, type=click.IntRange(1, 100_000), help="How many."
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Same seed, same files.",
+)
+@click.option(
+    "--slices", default=64, show_default=True, type=click.IntRange(8, 2000), help="CT slices."
+)
+@click.option(
+    "--size", default=128, show_default=True, type=click.IntRange(32, 1024), help="CT rows/columns."
+)
+def synth_cohort(out: Path, patients: int, seed: int, slices: int, size: int) -> None:
+    """Write a synthetic lung-cancer cohort: per patient a chest CT, a FHIR R4 transaction
+    Bundle and ground truth (see radfusion.synth.cohort for the rules). Synthetic only."""
+    from radfusion.synth.cohort import CohortPatient
+    from radfusion.synth.cohort import synth_cohort as make
+
+    def report(patient: CohortPatient) -> None:
+        click.echo(
+            f"{patient.patient_id}: {len(patient.ct.files)} CT images, stage "
+            f"{patient.stage_group}, {patient.bundle.name}, {patient.ground_truth.name}"
+        )
+
+    try:
+        cohort = make(out, patients=patients, seed=seed, slices=slices, size=size, progress=report)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"wrote {len(cohort.patients)} patient(s) to {out}; index: {cohort.index}")
+
+
 # -- run ------------------------------------------------------------------------------------
 
 
