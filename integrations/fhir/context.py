@@ -37,6 +37,7 @@ from radfusion.integrations.fhir.client import FhirClient, SearchResult
 __all__ = [
     "LUNG_PANEL",
     "CancerCondition",
+    "Coded",
     "Fact",
     "GeneResult",
     "PatientContext",
@@ -127,11 +128,24 @@ class Fact(Generic[T]):
 
 
 @dataclass(frozen=True)
+class Coded:
+    """A coded answer: ``system|code`` and its display (or text)."""
+
+    system: str
+    code: str
+    display: str
+
+    @property
+    def token(self) -> str:
+        return f"{self.system}|{self.code}"
+
+
+@dataclass(frozen=True)
 class Variant:
     gene: str
     hgvs_c: str | None
     hgvs_p: str | None
-    vaf: float | None
+    vaf_percent: float | None  # allele frequency in %, whether sent as % or as a fraction
     origin: str | None  # somatic | germline | unknown
     source: Source
 
@@ -166,12 +180,12 @@ class PatientContext:
     sex: Fact[str]
     genes: dict[str, GeneResult]
     tmb: Fact[float]
-    msi: Fact[str]
+    msi: Fact[Coded]
     cancer: Fact[CancerCondition]
-    stage_group: Fact[str]
+    stage_group: Fact[Coded]
     ecog: Fact[int]
     karnofsky: Fact[int]
-    smoking: Fact[str]
+    smoking: Fact[Coded]
     tumour_markers: dict[str, Fact[float]] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)  # reason → resources left out
 
@@ -333,16 +347,36 @@ def _fact_number(observation: dict[str, Any] | None, what: str) -> Fact[float]:
     return Fact(value, (_source(observation),), _result_date(observation))
 
 
-def _fact_concept(observation: dict[str, Any] | None, what: str) -> Fact[str]:
+def _fact_concept(observation: dict[str, Any] | None, what: str) -> Fact[Coded]:
     if observation is None:
         return Fact.unknown(f"no {what} recorded up to the study date")
-    text = _text_of(observation.get("valueCodeableConcept"))
-    if text is None:
+    concept = observation.get("valueCodeableConcept")
+    codings = [c for c in _codings(concept) if c.get("code")]
+    if not codings:
         return Fact.unknown(f"{what} in {_source(observation).reference} has no coded value")
-    return Fact(text, (_source(observation),), _result_date(observation))
+    first = codings[0]
+    value = Coded(
+        str(first.get("system", "")),
+        str(first["code"]),
+        str(first.get("display") or (concept or {}).get("text") or first["code"]),
+    )
+    return Fact(value, (_source(observation),), _result_date(observation))
 
 
 # -- the parts -----------------------------------------------------------------------------------
+
+
+def _percent(quantity: dict[str, Any]) -> float | None:
+    """A VAF Quantity in percent: UCUM "%" as is; a unitless fraction (or UCUM "1") × 100."""
+    value = quantity.get("value")
+    if not isinstance(value, int | float):
+        return None
+    unit = str(quantity.get("code") or quantity.get("unit") or "")
+    if unit == "%":
+        return float(value)
+    if unit in ("", "1") and 0 <= value <= 1:
+        return float(value) * 100
+    return None  # an unknown unit: not guessed
 
 
 def _genes(observations: list[dict[str, Any]]) -> dict[str, GeneResult]:
@@ -366,8 +400,7 @@ def _genes(observations: list[dict[str, Any]]) -> dict[str, GeneResult]:
             continue
         hgvs_c = _text_of((_component(o, HGVS_C) or [{}])[0].get("valueCodeableConcept"))
         hgvs_p = _text_of((_component(o, HGVS_P) or [{}])[0].get("valueCodeableConcept"))
-        vaf_item = (_component(o, VAF) or [{}])[0].get("valueQuantity") or {}
-        vaf = vaf_item.get("value")
+        vaf = _percent((_component(o, VAF) or [{}])[0].get("valueQuantity") or {})
         origin_code = _code_of(
             (_component(o, GENOMIC_SOURCE_CLASS) or [{}])[0].get("valueCodeableConcept")
         )
@@ -377,7 +410,7 @@ def _genes(observations: list[dict[str, Any]]) -> dict[str, GeneResult]:
                     gene=gene,
                     hgvs_c=hgvs_c,
                     hgvs_p=hgvs_p,
-                    vaf=float(vaf) if isinstance(vaf, int | float) else None,
+                    vaf_percent=vaf,
                     origin=SOURCE_CLASS.get(origin_code or ""),
                     source=_source(o),
                 )
@@ -455,24 +488,40 @@ def build_context(
     conditions: SearchResult,
     *,
     results_after_study_days: float = 0,
+    genomics_withheld: str = "",
 ) -> PatientContext:
-    """The context from already fetched resources (see :func:`fetch_context`)."""
+    """The context from already fetched resources (see :func:`fetch_context`).
+    ``genomics_withheld``: why genomic data was not fetched (then no gene, TMB or MSI is
+    reported, not even as "not tested")."""
     cutoff = study_date + dt.timedelta(days=int(results_after_study_days))
     select = _Selector(cutoff)
-    usable_reports = [r for r in reports.match if select.keep(r)]
+    usable_reports, unused_reports = [], []
+    for report in reports.match:
+        (usable_reports if select.keep(report) else unused_reports).append(report)
     by_reference = {
         f"{r.get('resourceType')}/{r.get('id')}": r for r in (*observations.match, *reports.include)
     }
+
+    def results_of(items: list[dict[str, Any]]) -> set[str]:
+        return {str(ref.get("reference", "")) for r in items for ref in r.get("result") or []}
+
     # A report's results count when the report does; results reached through a report are
-    # merged with those found directly (each once).
+    # merged with those found directly (each once). Results only a report that is not used
+    # (preliminary, superseded, after the study date) speaks for are left out with it.
+    used, unused = (
+        results_of(usable_reports),
+        results_of(unused_reports) - results_of(usable_reports),
+    )
     chosen: dict[str, dict[str, Any]] = {}
-    for report in usable_reports:
-        for ref in report.get("result") or []:
-            resource = by_reference.get(str(ref.get("reference", "")))
-            if resource is not None:
-                chosen[str(ref.get("reference"))] = resource
+    for reference in sorted(used):
+        if reference in by_reference:
+            chosen[reference] = by_reference[reference]
     for o in observations.match:
-        chosen.setdefault(f"Observation/{o.get('id')}", o)
+        reference = f"Observation/{o.get('id')}"
+        if reference in unused:
+            select.excluded["in a report that is not used"] += 1
+            continue
+        chosen.setdefault(reference, o)
     kept = [o for o in chosen.values() if select.keep(o)]
     conditions_kept = [c for c in conditions.match if select.keep(c, status_rule=False)]
     sex = patient.get("gender")
@@ -481,9 +530,17 @@ def build_context(
         study_date=study_date,
         age_years=_age(patient, study_date),
         sex=Fact(str(sex), (_source(patient),)) if sex else Fact.unknown("no gender recorded"),
-        genes=_genes(kept),
-        tmb=_fact_number(_single(kept, {TMB}), "tumour mutational burden"),
-        msi=_fact_concept(_single(kept, {MSI}), "microsatellite instability"),
+        genes={} if genomics_withheld else _genes(kept),
+        tmb=(
+            Fact.unknown(genomics_withheld)
+            if genomics_withheld
+            else _fact_number(_single(kept, {TMB}), "tumour mutational burden")
+        ),
+        msi=(
+            Fact.unknown(genomics_withheld)
+            if genomics_withheld
+            else _fact_concept(_single(kept, {MSI}), "microsatellite instability")
+        ),
         cancer=_cancer(conditions_kept),
         stage_group=_stage(kept),
         ecog=_int_fact(_fact_number(_single(kept, {ECOG}), "ECOG performance status")),
@@ -517,30 +574,38 @@ def _int_fact(fact: Fact[float]) -> Fact[int]:
 
 
 def fetch_context(
-    client: FhirClient, patient: dict[str, Any], study_date: dt.date, config: FhirConfig
+    client: FhirClient,
+    patient: dict[str, Any],
+    study_date: dt.date,
+    config: FhirConfig,
+    *,
+    genomics_withheld: str = "",
 ) -> PatientContext:
     """Fetch and build the context of ``patient`` as of ``study_date``: three searches
     (Observations by code, genomic reports with their results included, Conditions), each
-    following its pages.
+    following its pages. With ``genomics_withheld`` (the reason), no genomic data is asked for.
 
     Raises:
         FhirUnavailable, FhirError: from the searches.
     """
     subject = f"Patient/{patient.get('id')}"
+    genomic = {VARIANT, REGION_STUDIED, TMB, MSI}
+    codes = [c for c in _OBSERVATION_CODES if not (genomics_withheld and c in genomic)]
     # No server-side date filter: undated and later results are dropped here, where they are
     # counted (a server would drop undated ones silently).
     observations = client.search(
-        "Observation",
-        {"subject": subject, "code": ",".join(f"{LOINC}|{c}" for c in _OBSERVATION_CODES)},
+        "Observation", {"subject": subject, "code": ",".join(f"{LOINC}|{c}" for c in codes)}
     )
-    reports = client.search(
-        "DiagnosticReport",
-        {
-            "subject": subject,
-            "code": f"{LOINC}|{GENOMIC_REPORT}",
-            "_include": "DiagnosticReport:result",
-        },
-    )
+    reports = SearchResult()
+    if not genomics_withheld:
+        reports = client.search(
+            "DiagnosticReport",
+            {
+                "subject": subject,
+                "code": f"{LOINC}|{GENOMIC_REPORT}",
+                "_include": "DiagnosticReport:result",
+            },
+        )
     conditions = client.search("Condition", {"subject": subject})
     return build_context(
         patient,
@@ -549,4 +614,5 @@ def fetch_context(
         reports,
         conditions,
         results_after_study_days=config.results_after_study_days,
+        genomics_withheld=genomics_withheld,
     )

@@ -85,7 +85,7 @@ def test_variant_region_studied_and_untested_genes_are_told_apart() -> None:
     context = _context([egfr, region])
     assert context.genes["EGFR"].status == "present"
     (variant,) = context.genes["EGFR"].variants
-    assert (variant.hgvs_p, variant.vaf, variant.origin) == ("p.Leu858Arg", 0.31, "somatic")
+    assert (variant.hgvs_p, variant.vaf_percent, variant.origin) == ("p.Leu858Arg", 31.0, "somatic")
     assert variant.source.versioned == "Observation/v1/_history/2"
     assert context.genes["KRAS"].status == "absent"  # tested (region studied), no variant
     assert context.genes["KRAS"].sources[0].reference == "Observation/r1"

@@ -1,0 +1,117 @@
+"""One call for apps: the patient context of a study, or why there is none.
+
+``PatientContextProvider(config)(header)`` finds the study's patient (identifier only), checks
+consent when the site requires it, and fetches the context as of the study date. Every way of
+not getting a context is an outcome with a reason, not an exception — except a FHIR server
+that is unavailable under ``on_unavailable: hold``, which raises :class:`ContextUnavailable`
+so the job fails and is retried later (from the dead letters). Nothing here logs PHI: reasons
+name resource types, counts and HTTP statuses, never identifiers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydicom.dataset import Dataset
+
+from radfusion.config import FhirConfig
+from radfusion.integrations.fhir.client import FhirClient, FhirError, FhirUnavailable
+from radfusion.integrations.fhir.context import PatientContext, fetch_context
+from radfusion.integrations.fhir.patient import find_patient
+
+__all__ = ["ContextOutcome", "ContextUnavailable", "PatientContextProvider"]
+
+log = logging.getLogger("radfusion.fhir")
+
+Status = Literal["available", "no-patient", "unavailable", "refused", "no-study-date"]
+
+
+class ContextUnavailable(RuntimeError):
+    """The FHIR server is unavailable and the site holds studies until it is back."""
+
+
+@dataclass(frozen=True)
+class ContextOutcome:
+    """The context (``status == "available"``), or None and why."""
+
+    status: Status
+    context: PatientContext | None = None
+    reason: str = ""
+
+
+def _study_date(ds: Dataset) -> dt.date | None:
+    value = str(ds.get("StudyDate", "") or "").strip()
+    try:
+        return dt.datetime.strptime(value, "%Y%m%d").date() if value else None
+    except ValueError:
+        return None
+
+
+def _consent_withheld(client: FhirClient, patient: dict[str, Any]) -> str:
+    """Why genomic data must not be fetched for ``patient`` ("" when a Consent permits it)."""
+    found = client.search(
+        "Consent", {"patient": f"Patient/{patient.get('id')}", "status": "active"}
+    ).match
+    decisions = [str((c.get("provision") or {}).get("type", "")) for c in found]
+    if "deny" in decisions:
+        return "genomic data withheld: the patient's Consent denies it"
+    if "permit" not in decisions:
+        return "genomic data withheld: no active Consent permits it"
+    return ""
+
+
+class PatientContextProvider:
+    """Patient context for studies, from the configured FHIR server.
+
+    Raises (from the constructor):
+        AuthError: the configured private key cannot be read.
+    """
+
+    def __init__(self, config: FhirConfig) -> None:
+        self.config = config
+        self.client = FhirClient(config)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __call__(self, header: Dataset) -> ContextOutcome:
+        """The context for the study ``header`` belongs to (any of its instances).
+
+        Raises:
+            ContextUnavailable: the server is unavailable and ``on_unavailable`` is ``hold``.
+        """
+        study_date = _study_date(header)
+        if study_date is None:
+            return ContextOutcome(
+                "no-study-date", reason="the study has no valid Study Date to limit results to"
+            )
+        try:
+            match = find_patient(self.client, header, self.config)
+            if match.patient is None:
+                log.info("no patient context: %s", match.reason)
+                return ContextOutcome("no-patient", reason=match.reason)
+            withheld = (
+                _consent_withheld(self.client, match.patient)
+                if self.config.consent_required
+                else ""
+            )
+            context = fetch_context(
+                self.client, match.patient, study_date, self.config, genomics_withheld=withheld
+            )
+        except FhirUnavailable as err:
+            if self.config.on_unavailable == "hold":
+                raise ContextUnavailable(str(err)) from err
+            log.warning("patient context unavailable, imaging only: %s", err)
+            return ContextOutcome("unavailable", reason=str(err))
+        except FhirError as err:
+            log.warning("patient context refused, imaging only: %s", err)
+            return ContextOutcome("refused", reason=str(err))
+        if context.excluded:
+            log.info(
+                "patient context: left out %s",
+                ", ".join(f"{n} ({why})" for why, n in sorted(context.excluded.items())),
+            )
+        return ContextOutcome("available", context)
