@@ -13,6 +13,9 @@ TORCH := torch==2.13.0
 TRITON := .triton
 PYTRITON := nvidia-pytriton==0.7.0
 
+# The test FHIR server (tests/fhir_server: Medplum's FHIR router on Node, pinned by its lock).
+FHIR_SERVER := tests/fhir_server
+
 .PHONY: demo test lint clean map map-smoke
 
 $(VENV)/.ready: pyproject.toml
@@ -30,6 +33,10 @@ $(TRITON)/.ready: $(VENV)/.ready
 
 .triton: $(TRITON)/.ready
 
+$(FHIR_SERVER)/node_modules/.ready: $(FHIR_SERVER)/package.json $(FHIR_SERVER)/package-lock.json
+	npm ci --prefix $(FHIR_SERVER) --no-audit --no-fund --loglevel=error
+	touch $@
+
 demo: $(VENV)/.ready
 	$(BIN)/radfusion demo
 
@@ -37,7 +44,7 @@ lint: $(VENV)/.ready
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(VENV)/.ready $(TRITON)/.ready lint
+test: $(VENV)/.ready $(TRITON)/.ready $(FHIR_SERVER)/node_modules/.ready lint
 	$(BIN)/pytest
 
 # Release artefact: lung-ct as a MONAI Application Package (packaging/map/README.md). Needs
@@ -52,4 +59,4 @@ map-smoke: map
 		--input build/map/ct --output build/map/smoke-out
 
 clean:
-	rm -rf $(VENV) $(TRITON) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON) $(FHIR_SERVER)/node_modules build *.egg-info .pytest_cache .ruff_cache

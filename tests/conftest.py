@@ -330,3 +330,60 @@ def triton(triton_repository: Path) -> Iterator[Any]:
     server = start_triton(triton_repository)
     yield server
     server.close()
+
+
+# --- FHIR: a real server (Medplum on Node), a fault-injecting proxy, a SMART token endpoint ---
+# The classes are in tests/fhir_support.py; `make test` installs the server's node_modules.
+from tests.fhir_support import FhirEndpoint, FhirProxy, FhirServer, SmartTokenEndpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FhirServer]:
+    """The real FHIR R4 server (``tests/fhir_server``), one per session: a
+    ``tests.fhir_support.FhirServer`` with ``base_url``, ``get``, ``post``, ``search`` and
+    ``tenant()`` (a fresh, empty server of its own; prefer it where a test counts matches)."""
+    node = require_tool("node")
+    message = ""
+    if FhirServer.node_major(node) < 20:
+        message = f"{node} is older than Node 20, which the test FHIR server needs"
+    elif not FhirServer.installed():
+        message = "tests/fhir_server/node_modules is missing: run `make test` (npm ci)"
+    if message and os.environ.get("CI"):
+        pytest.fail(message)
+    if message:
+        pytest.skip(message)
+    server = FhirServer(node, tmp_path_factory.mktemp("fhir") / "server.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fhir_tenant(fhir_server: FhirServer) -> FhirEndpoint:
+    """A fresh, empty FHIR server for one test (a tenant of the session's process)."""
+    return fhir_server.tenant()
+
+
+@pytest.fixture
+def fhir_proxy(fhir_server: FhirServer) -> Iterator[Callable[..., FhirProxy]]:
+    """Make fault-injecting proxies: ``fhir_proxy(upstream=None)`` → ``FhirProxy``
+    in front of ``upstream`` (an endpoint such as ``fhir_tenant``; default: the session's
+    server); all closed at teardown."""
+    proxies: list[FhirProxy] = []
+
+    def make(upstream: FhirEndpoint | str | None = None) -> FhirProxy:
+        proxy = FhirProxy(upstream if upstream is not None else fhir_server)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+@pytest.fixture
+def smart_token_endpoint() -> Iterator[SmartTokenEndpoint]:
+    """A SMART Backend Services token endpoint for one test (``tests.fhir_support.
+    SmartTokenEndpoint``: ``register_client``, ``token_url``, ``validate``, ``issued``, ...)."""
+    endpoint = SmartTokenEndpoint()
+    yield endpoint
+    endpoint.close()

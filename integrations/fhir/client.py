@@ -202,7 +202,8 @@ class FhirClient:
         attempt = 0
         while True:
             try:
-                response = self._http.get(url, params=params, headers=self.auth.headers())
+                # params=None keeps a next link's own query (an empty dict would replace it).
+                response = self._http.get(url, params=params or None, headers=self.auth.headers())
             except AuthError as err:
                 raise FhirUnavailable(f"FHIR server {self.base_url}: {err}") from None
             except httpx.TransportError as err:  # refused, reset, timed out, TLS
