@@ -32,3 +32,6 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # per-module copy chatter
+    # httpx logs request URLs at INFO; FHIR search URLs carry patient identifiers.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -30,6 +30,9 @@ from radfusion.integrations.fhir.auth import Auth, AuthError, make_auth
 __all__ = ["FhirClient", "FhirError", "FhirUnavailable", "OutcomeIssue", "SearchResult"]
 
 log = logging.getLogger("radfusion.fhir")
+# httpx logs every request URL at INFO, and search URLs carry patient identifiers.
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 _RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 

@@ -1,0 +1,259 @@
+"""Patient context from a real FHIR server (Medplum) loaded with the synthetic cohort: the
+context equals the cohort's ground truth, and every way of not getting one is a reason."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from radfusion.config import FhirConfig
+from radfusion.integrations.fhir.provider import (
+    ContextOutcome,
+    ContextUnavailable,
+    PatientContextProvider,
+)
+from radfusion.synth.cohort import synth_cohort
+from tests.fhir_support import generate_client_key, operation_outcome
+
+pytestmark = pytest.mark.integration
+
+GENE_STATUS = {"positive": "present", "wild-type": "absent", "untested": "not-tested"}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Four patients (one of each scenario): header, bundle and ground truth."""
+    root = tmp_path_factory.mktemp("cohort")
+    synth_cohort(root, patients=4, seed=11, slices=12, size=48)
+    patients = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        ct = sorted((folder / "ct").glob("*.dcm"))
+        patients.append(
+            {
+                "header": pydicom.dcmread(ct[0], stop_before_pixels=True),
+                "bundle": json.loads((folder / "bundle.json").read_text()),
+                "truth": json.loads((folder / "ground_truth.json").read_text()),
+            }
+        )
+    return patients
+
+
+@pytest.fixture
+def loaded(fhir_tenant: Any, cohort: list[dict[str, Any]]) -> Any:
+    for patient in cohort:
+        fhir_tenant.post(patient["bundle"])
+    return fhir_tenant
+
+
+def _context(base_url: str, header: Any, **config: Any) -> ContextOutcome:
+    settings = {"retry": {"attempts": 2, "initial_backoff_s": 0.05}, **config}
+    provider = PatientContextProvider(FhirConfig(base_url=base_url, **settings))
+    try:
+        return provider(header)
+    finally:
+        provider.close()
+
+
+def _key_of(endpoint: Any, reference: str, patient_id: str) -> str:
+    """The cohort key of a resource (its identifier ``<PatientID>/<key>``)."""
+    resource = endpoint.get(reference)
+    for identifier in resource.get("identifier") or []:
+        value = str(identifier.get("value", ""))
+        if value.startswith(f"{patient_id}/"):
+            return value.removeprefix(f"{patient_id}/")
+    raise AssertionError(f"{reference} has no cohort key")
+
+
+def test_context_equals_the_ground_truth(loaded: Any, cohort: list[dict[str, Any]]) -> None:
+    for patient in cohort:
+        truth, header = patient["truth"], patient["header"]
+        expected = truth["context"]
+        outcome = _context(loaded.base_url, header, page_size=3)  # several pages per search
+        assert outcome.status == "available", outcome.reason
+        context = outcome.context
+        assert context is not None
+        pid = truth["patient_id"]
+        assert context.sex.value == expected["sex"]
+        assert context.age_years.value == expected["age_at_study_years"]
+        assert context.smoking.value is not None
+        assert context.smoking.value.token == expected["smoking_status"]["code"]
+        assert (
+            _key_of(loaded, context.smoking.sources[0].reference, pid)
+            == (expected["smoking_status"]["source"]["key"])
+        )
+        assert context.ecog.value == expected["ecog"]["value"]
+        assert context.karnofsky.value == (expected.get("karnofsky") or {}).get("value")
+        assert context.cancer.value is not None
+        assert context.cancer.value.code == expected["primary_cancer"]["code"].split("|")[1]
+        assert context.stage_group.value is not None
+        assert context.stage_group.value.code == expected["stage"]["ajcc_code"]
+        genomics = expected["genomics"]
+        for gene, result in genomics["genes"].items():
+            got = context.genes[gene]
+            assert got.status == GENE_STATUS[result["status"]], (pid, gene)
+            assert sorted(v.hgvs_p or "" for v in got.variants) == sorted(
+                v["p_hgvs"] or "" for v in result["variants"]
+            ), (pid, gene)
+        if genomics.get("tmb"):
+            assert context.tmb.value == pytest.approx(genomics["tmb"]["value"])
+        else:
+            assert context.tmb.value is None and context.tmb.missing
+        # Nothing dated after the study leaks in, and each left-out result is counted.
+        used = {s.reference for fact in (context.ecog, context.smoking) for s in fact.sources}
+        used |= {s.reference for g in context.genes.values() for s in g.sources}
+        keys = {_key_of(loaded, r, pid) for r in used}
+        assert not keys & set(truth["excluded_after_study_date"]), pid
+        if truth["excluded_after_study_date"]:
+            assert context.excluded.get("after the study date", 0) >= 1
+
+
+def test_paging_follows_next_links(
+    loaded: Any, fhir_proxy: Any, cohort: list[dict[str, Any]]
+) -> None:
+    proxy = fhir_proxy(loaded)
+    outcome = _context(proxy.base_url, cohort[0]["header"], page_size=2)
+    assert outcome.status == "available"
+    pages = [r for r in proxy.requests if r.path.split("?")[0].endswith("/Observation")]
+    assert len(pages) >= 3
+    assert all("subject" in r.query or "_offset" in r.query for r in pages)
+
+
+def test_no_match_two_matches_and_unmapped_issuer(
+    loaded: Any, cohort: list[dict[str, Any]]
+) -> None:
+    header = cohort[0]["header"]
+    stranger = copy.deepcopy(header)  # Dataset.update would share (and change) the elements
+    stranger.PatientID = "NOT-A-PATIENT"
+    outcome = _context(loaded.base_url, stranger)
+    assert (outcome.status, outcome.reason) == (
+        "no-patient",
+        "no Patient has the study's identifier",
+    )
+
+    identifier = cohort[0]["truth"]["identifier"]
+    loaded.post(
+        {
+            "resourceType": "Patient",
+            "identifier": [{"system": identifier["system"], "value": identifier["value"]}],
+        }
+    )
+    twice = _context(loaded.base_url, header)
+    assert twice.status == "no-patient" and "2 Patients share" in twice.reason
+
+    unmapped = copy.deepcopy(cohort[1]["header"])
+    del unmapped.IssuerOfPatientIDQualifiersSequence
+    outcome = _context(loaded.base_url, unmapped)
+    assert outcome.status == "no-patient" and "not mapped" in outcome.reason
+    system = cohort[1]["truth"]["identifier"]["system"]
+    mapped = _context(loaded.base_url, unmapped, issuers={str(unmapped.IssuerOfPatientID): system})
+    assert mapped.status == "available"
+
+
+def test_server_down_gives_imaging_only_or_holds(
+    loaded: Any, fhir_proxy: Any, cohort: list[dict[str, Any]]
+) -> None:
+    proxy = fhir_proxy(loaded)
+    proxy.down = True
+    outcome = _context(proxy.base_url, cohort[0]["header"])
+    assert outcome.status == "unavailable" and "ConnectError" in outcome.reason
+    with pytest.raises(ContextUnavailable, match=proxy.base_url):
+        _context(proxy.base_url, cohort[0]["header"], on_unavailable="hold")
+
+
+def test_slow_server_times_out(loaded: Any, fhir_proxy: Any, cohort: list[dict[str, Any]]) -> None:
+    proxy = fhir_proxy(loaded)
+    proxy.delay_s = 2.0
+    outcome = _context(proxy.base_url, cohort[0]["header"], timeout_s=0.3)
+    assert outcome.status == "unavailable" and "Timeout" in outcome.reason
+
+
+def test_transient_failures_are_retried(
+    loaded: Any, fhir_proxy: Any, cohort: list[dict[str, Any]]
+) -> None:
+    proxy = fhir_proxy(loaded)
+    proxy.fail_next(2, status=503)
+    outcome = _context(
+        proxy.base_url, cohort[0]["header"], retry={"attempts": 3, "initial_backoff_s": 0.05}
+    )
+    assert outcome.status == "available"
+
+
+def test_operation_outcome_is_reported_without_its_text(
+    loaded: Any,
+    fhir_proxy: Any,
+    cohort: list[dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = fhir_proxy(loaded)
+    secret = "Patient Jane Example born 1961-02-03 is restricted"
+    proxy.fail_next(1, status=403, body=operation_outcome("forbidden", secret))
+    with caplog.at_level(logging.INFO):
+        outcome = _context(proxy.base_url, cohort[0]["header"])
+    assert outcome.status == "refused"
+    assert "HTTP 403" in outcome.reason and "error forbidden" in outcome.reason
+    assert "Jane" not in outcome.reason and "Jane" not in caplog.text
+    assert str(cohort[0]["header"].PatientID) not in caplog.text
+
+
+def test_smart_backend_services_token_is_refreshed_after_401(
+    loaded: Any,
+    fhir_proxy: Any,
+    smart_token_endpoint: Any,
+    cohort: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    key = generate_client_key("ES384", kid="radfusion-1")
+    smart_token_endpoint.register_client("radfusion", key)
+    (tmp_path / "key.pem").write_text(key.private_pem)
+    proxy = fhir_proxy(loaded)
+    proxy.require_bearer(smart_token_endpoint.validate)
+    auth = {
+        "type": "smart-backend",
+        "token_url": smart_token_endpoint.token_url,
+        "client_id": "radfusion",
+        "private_key": str(tmp_path / "key.pem"),
+        "algorithm": "ES384",
+        "key_id": "radfusion-1",
+    }
+    provider = PatientContextProvider(FhirConfig(base_url=proxy.base_url, auth=auth))
+    try:
+        assert provider(cohort[0]["header"]).status == "available"
+        assert len(smart_token_endpoint.issued) == 1  # cached across all the searches
+        smart_token_endpoint.revoke_all()  # the server forgets the token: 401, then a new one
+        assert provider(cohort[0]["header"]).status == "available"
+        assert len(smart_token_endpoint.issued) == 2
+        assert any(r.status == 401 for r in proxy.requests)
+    finally:
+        provider.close()
+
+
+def test_without_consent_no_genomics_are_fetched(
+    loaded: Any, fhir_proxy: Any, cohort: list[dict[str, Any]]
+) -> None:
+    proxy = fhir_proxy(loaded)
+    outcome = _context(proxy.base_url, cohort[0]["header"], consent_required=True)
+    assert outcome.context is not None and outcome.context.genes == {}
+    assert "no active Consent" in outcome.context.tmb.missing
+    assert not [r for r in proxy.requests if "DiagnosticReport" in r.path]
+    assert outcome.context.ecog.value is not None  # clinical data still comes
+    patient = outcome.context.patient.reference
+    loaded.post(
+        {
+            "resourceType": "Consent",
+            "status": "active",
+            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                  "code": "research"}]},
+            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+            "patient": {"reference": patient},
+            "policyRule": {"text": "genomic data may be used for decision support"},
+            "provision": {"type": "permit"},
+        }
+    )  # fmt: skip
+    permitted = _context(loaded.base_url, cohort[0]["header"], consent_required=True)
+    assert permitted.context is not None and permitted.context.tested_genes()
