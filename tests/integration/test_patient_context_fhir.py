@@ -257,3 +257,16 @@ def test_without_consent_no_genomics_are_fetched(
     )  # fmt: skip
     permitted = _context(loaded.base_url, cohort[0]["header"], consent_required=True)
     assert permitted.context is not None and permitted.context.tested_genes()
+
+
+def test_study_resolved_through_its_imaging_study(
+    loaded: Any, cohort: list[dict[str, Any]]
+) -> None:
+    # The header's Patient ID is of no use here; the ImagingStudy names the subject.
+    header = copy.deepcopy(cohort[2]["header"])
+    header.PatientID = "UNKNOWN-AT-THIS-SITE"
+    assert _context(loaded.base_url, header).status == "no-patient"
+    outcome = _context(loaded.base_url, header, resolve_through_imaging_study=True)
+    assert outcome.status == "available", outcome.reason
+    assert outcome.context is not None
+    assert outcome.context.sex.value == cohort[2]["truth"]["context"]["sex"]
