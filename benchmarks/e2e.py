@@ -11,8 +11,8 @@ The split comes from the node's log (millisecond timestamps, same machine clock)
 - completion wait: last ack → "study … complete, routed to lung-ct" (the configured quiet
   period plus the assembler's polling),
 - app: → "lung-ct stage seconds: …" (logged when the app returns), split into the app's own
-  stages (load, preprocess, inference, postprocess, seg_encode, sr_encode) and the rest (job
-  pickup, graph set-up, series selection; on the first study the model load),
+  stages (load, preprocess, inference, postprocess, measure, seg_encode, sr_encode) and the
+  rest (job pickup, graph set-up, series selection; on the first study the model load),
 - export: → "delivered … to pacs" (staging and the C-STORE of SEG and SR to storescp).
 
 Every round sends a different phantom (another seed, so another StudyInstanceUID) to the same
@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,7 @@ from radfusion.synth.ct import SynthStudy, synth_ct
 REPO = Path(__file__).resolve().parents[1]
 QUIET_PERIOD_S = 2.0
 ROUND_TIMEOUT_S = 900.0
-STAGES = ("load", "preprocess", "inference", "postprocess", "seg_encode", "sr_encode")
+STAGES = ("load", "preprocess", "inference", "postprocess", "measure", "seg_encode", "sr_encode")
 
 # Goals from the issue, on this project's 2-core machines.
 GOAL_TOTAL_S = 20.0  # end to end, excluding the quiet period
@@ -374,6 +375,25 @@ def report(rounds: list[Round], hwm_kb: int, peer_s: float, mb: float) -> None:
             print(f"  (last result file written at storescp {r.arrived_lag:.3f} s before ack)")
         for note in r.notes:
             print(f"  NOTE: {note}")
+
+    warm_rounds = rounds[1:]
+    if len(warm_rounds) > 1:
+        # Per-stage medians: on a shared machine each round has its own slow stage, and the
+        # median round alone hides which stage moved.
+        print(f"\nwarm rounds, median per stage ({len(warm_rounds)} rounds; min-max):")
+        rows = [(s, [r.stages.get(s, float("nan")) for r in warm_rounds]) for s in STAGES]
+        rows += [
+            ("app, not timed by the app", [r.app_other for r in warm_rounds]),
+            ("export", [r.export for r in warm_rounds]),
+            ("completion residual", [r.completion_wait - QUIET_PERIOD_S for r in warm_rounds]),
+            ("everything but inference", [r.non_inference for r in warm_rounds]),
+            ("total excluding quiet period", [r.excl_quiet for r in warm_rounds]),
+        ]
+        for name, values in rows:
+            print(
+                f"  {name:<36}{statistics.median(values):8.2f}"
+                f"   ({min(values):.2f}-{max(values):.2f})"
+            )
 
     # Judge the warm rounds (all but the first); with several, the median one (the slower of
     # the middle two for an even count).

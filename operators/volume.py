@@ -149,6 +149,9 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
         step = float(thickness) if thickness else 1.0
     row_spacing, col_spacing = (float(v) for v in spacings[0])
     hu = np.empty((len(slices), *matrices[0]), dtype=np.float32)
+    # Integer pixels are rescaled in float64 in one reused buffer: two fresh float64
+    # temporaries per slice (2 MB each at 512²) cost more than the arithmetic.
+    rescaled = np.empty(matrices[0], dtype=np.float64)
     decoded: dict[int, np.ndarray] = {}
     for k, idx in enumerate(order):
         ds, item, number = slices[idx]
@@ -161,7 +164,19 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
         frame = pixels[number - 1] if pixels.ndim == 3 else pixels
         slope = _attr(ds, "RescaleSlope", "PixelValueTransformationSequence", item)
         intercept = _attr(ds, "RescaleIntercept", "PixelValueTransformationSequence", item)
-        hu[k] = frame * float(slope if slope is not None else 1) + float(intercept or 0)
+        scale, offset = float(slope if slope is not None else 1), float(intercept or 0)
+        if frame.dtype.kind in "iu":  # stored integers: float64, as the expression below gives
+            np.multiply(frame, scale, out=rescaled)
+            np.add(rescaled, offset, out=rescaled)
+            hu[k] = rescaled
+        else:  # float pixel data keeps its own precision
+            hu[k] = frame * scale + offset
+        if pixels.ndim == 2:
+            # A single-frame image is done with: its decoded copy goes now, not after the
+            # series, so the next slice decodes into the same memory (fresh pages cost more
+            # than the decoding on these machines) and 150 MB less is held at 300 slices.
+            del decoded[id(ds)]
+            _forget_decoded(ds)
     affine = np.eye(4)
     affine[:3, 0] = row_dir * col_spacing  # column index c moves along the row direction
     affine[:3, 1] = col_dir * row_spacing
@@ -194,13 +209,18 @@ def read_series(files: Sequence[Path]) -> list[Dataset]:
     return datasets
 
 
+def _forget_decoded(ds: Dataset) -> None:
+    """Free pydicom's decoded copy of a dataset's pixels (it decodes again if asked)."""
+    ds._pixel_array = None
+    ds._pixel_id = {}
+
+
 def _drop_pixels(ds: Dataset) -> None:
     """Free a dataset's pixel data and pydicom's decoded copy (half the memory of a study)."""
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
             delattr(ds, keyword)
-    ds._pixel_array = None
-    ds._pixel_id = {}
+    _forget_decoded(ds)
 
 
 def _ascii(text: str) -> str:

@@ -459,3 +459,76 @@ def test_two_lungs_of_a_patient_off_the_table_centre_keep_their_sides() -> None:
     right, left = measured.result.findings
     assert (right.side, left.side) == ("right", "left")
     assert right.centroid_lps[0] < left.centroid_lps[0]
+
+
+def brute_force_diameter(volume: Volume, mask: np.ndarray) -> float:
+    """Longest in-plane distance between the centres of ``mask``'s voxels, slice by slice."""
+    best = 0.0
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        on_slice = np.zeros_like(mask)
+        on_slice[k] = mask[k]
+        points = lps(volume, on_slice)
+        best = max(best, float(np.linalg.norm(points[:, None] - points[None], axis=-1).max()))
+    return best
+
+
+def lungs_with_a_fragment_on_their_rows() -> np.ndarray:
+    """Two lungs, the right one with a detached 7.68 mL fragment beside it on the same slices
+    and rows, further out: the right lung's longest diameter runs from the fragment."""
+    classes = np.zeros(GRID, dtype=np.uint8)
+    k, r, c = np.indices(GRID)
+    classes[((k - 10) / 8) ** 2 + ((r - 20) / 15) ** 2 + ((c - 16) / 8) ** 2 <= 1] = LUNG
+    classes[2:18, 5:35, 36:56] = LUNG
+    classes[4:12, 5:35, 2:6] = LUNG  # 960 voxels; columns 6-7 stay empty
+    return classes
+
+
+def touching_lungs_with_a_fragment() -> np.ndarray:
+    """One block across x = 0 (split into right and left) and a fragment on its left rows."""
+    classes = np.zeros(GRID, dtype=np.uint8)
+    classes[2:18, 5:35, 8:50] = LUNG
+    classes[2:18, 5:12, 30:50] = 0  # a notch: the halves differ in shape
+    classes[6:14, 10:30, 54:58] = LUNG  # 640 voxels; columns 50-53 stay empty
+    return classes
+
+
+@pytest.mark.parametrize(
+    "layout", [lungs_with_a_fragment_on_their_rows, touching_lungs_with_a_fragment]
+)
+def test_lungs_in_pieces_are_measured_over_all_their_voxels(layout: object) -> None:
+    classes = layout()  # type: ignore[operator]
+    rng = np.random.default_rng(7)
+    volume = dataclasses.replace(grid_volume(), hu=rng.normal(-850, 40, GRID).astype(np.float32))
+    measured = measure(classes, volume, uid_root=UID_ROOT)
+    assert measured.result is not None
+    labels = measured.result.labels
+    np.testing.assert_array_equal(labels > 0, classes == LUNG)  # every piece is in a lung
+    for finding in measured.result.findings:
+        mask = labels == finding.segment_number
+        assert finding.volume_mm3 == pytest.approx(mask.sum() * GRID_VOXEL_MM3)
+        np.testing.assert_allclose(finding.centroid_lps, lps(volume, mask).mean(axis=0))
+        values = volume.hu[mask].astype(np.float64)
+        assert finding.mean_hu == pytest.approx(values.mean())
+        assert finding.sd_hu == pytest.approx(values.std())
+        d = finding.longest_axial_diameter_mm
+        assert d == pytest.approx(brute_force_diameter(volume, mask))
+        a, b = (np.asarray(p) for p in finding.diameter_endpoints_lps)
+        assert np.linalg.norm(a - b) == pytest.approx(d) and a[2] == pytest.approx(b[2])
+
+
+def test_hundreds_of_tumour_candidates_report_the_largest_only(case: Case) -> None:
+    """A speckled tumour map must not overflow the uint8 label map (it used to raise)."""
+    from radfusion.operators.measurement import MAX_TUMOURS
+
+    classes = case.classes.copy()
+    classes[classes == TUMOUR] = LUNG
+    # Isolated one-voxel tumours (61 mm3 each, above MIN_TUMOUR_MM3) on a sparse grid.
+    k, r, c = np.nonzero(classes == LUNG)
+    grid = (k % 2 == 0) & (r % 3 == 0) & (c % 3 == 0)
+    assert grid.sum() > 300  # more than a uint8 label map could number
+    classes[k[grid], r[grid], c[grid]] = TUMOUR
+    measured = measure(classes, case.volume, uid_root=UID_ROOT)
+    assert measured.result is not None
+    tumours = [f for f in measured.result.findings if f.kind == "tumour"]
+    assert len(tumours) == MAX_TUMOURS
+    assert int(measured.result.labels.max()) == MAX_TUMOURS + 2
