@@ -70,13 +70,18 @@ class Timed:
 
 
 def server_compute_s(http_url: str) -> float:
-    """Cumulative compute time (input + infer + output) of the model on the server."""
+    """Cumulative compute time (input + infer + output) of the model's executions on the
+    server. Taken from ``batch_stats`` (one entry per executed batch): the per-request
+    ``inference_stats`` charge every request in a dynamic batch the whole batch's time, which
+    would count concurrent requests twice."""
     with urllib.request.urlopen(f"http://{http_url}/v2/models/{MODEL}/stats", timeout=10) as r:
         stats = json.loads(r.read())["model_stats"]
     total_ns = 0
     for model in stats:
-        s = model["inference_stats"]
-        total_ns += sum(s[k]["ns"] for k in ("compute_input", "compute_infer", "compute_output"))
+        for batch in model.get("batch_stats") or []:
+            total_ns += sum(
+                int(batch[k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output")
+            )
     return total_ns / 1e9
 
 
@@ -149,6 +154,8 @@ def main() -> int:
     )
 
     server = None
+    if bool(args.grpc_url) != bool(args.http_url):
+        parser.error("--grpc-url and --http-url go together (the statistics come over HTTP)")
     if args.grpc_url and args.http_url:
         grpc_url, http_url = args.grpc_url, args.http_url
     else:

@@ -353,6 +353,18 @@ class FhirConfig(_Section):
             raise ValueError(f"{value!r} must be an http(s) URL")
         return value.rstrip("/")
 
+    @model_validator(mode="after")
+    def _tokens_over_tls(self) -> FhirConfig:
+        # Tokens and identifier-bearing queries must not cross a network in the clear; plain
+        # http is only for a server on this host.
+        if self.auth.type == "none":
+            return self
+        for url in (self.base_url, self.auth.token_url or ""):
+            match = re.match(r"^http://(\[[^\]]+\]|[^/:]+)", url)
+            if match and match.group(1) not in ("127.0.0.1", "localhost", "[::1]"):
+                raise ValueError(f"{url} is plain http: use https with auth {self.auth.type!r}")
+        return self
+
 
 class LungCTConfig(_Section):
     """The ``lung-ct`` app."""

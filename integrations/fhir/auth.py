@@ -29,7 +29,12 @@ _REFRESH_MARGIN_S = 30  # renew a cached token this long before it expires
 
 class AuthError(RuntimeError):
     """No access token could be obtained (the message says from where and why, never the
-    key or the token)."""
+    key or the token). ``transient``: the token endpoint was unreachable or failing (5xx),
+    so a later attempt may work; otherwise it refused us (a configuration problem)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class Auth(Protocol):
@@ -140,7 +145,9 @@ class SmartBackendServices:
         try:
             response = self._http.post(self.token_url, data=form)
         except httpx.HTTPError as err:
-            raise AuthError(f"token endpoint {self.token_url}: {type(err).__name__}") from None
+            raise AuthError(
+                f"token endpoint {self.token_url}: {type(err).__name__}", transient=True
+            ) from None
         if response.status_code != 200:
             # OAuth errors are {"error": ..., "error_description": ...}: no secrets in them.
             detail = ""
@@ -150,7 +157,8 @@ class SmartBackendServices:
             except ValueError:
                 pass
             raise AuthError(
-                f"token endpoint {self.token_url} answered {response.status_code}{detail}"
+                f"token endpoint {self.token_url} answered {response.status_code}{detail}",
+                transient=response.status_code >= 500 or response.status_code == 429,
             )
         try:
             body = response.json()

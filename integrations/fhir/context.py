@@ -8,17 +8,18 @@ Built from FHIR R4 resources found by code, never by profile URL (servers drop o
   variant Observations (69548-6) with gene studied (48018-6, HGNC), c.HGVS (48004-6),
   p.HGVS (48005-3), VAF (81258-6) and genomic source class (48002-0); region-studied
   Observations (53041-0) listing the genes tested; TMB (94076-7) and MSI (81695-9). A gene is
-  ``present`` (a variant was found), ``absent`` (tested, no variant: wild type) or
-  ``not-tested``; "absent" needs evidence (a region studied that names the gene, or a variant
-  Observation whose value is LA9634-2 Absent), never the mere lack of a variant;
+  ``present`` (a variant Observation valued LA9633-4 Present), ``absent`` (tested, wild type:
+  a region studied names it, or a variant Observation valued LA9634-2 Absent),
+  ``indeterminate`` (a variant Observation with any other value or none) or ``not-tested``;
+  never "absent" from the mere lack of a variant;
 - oncology (mCODE): the primary cancer Condition (code, histology, body site), the TNM stage
   group, ECOG (89247-1) and Karnofsky (89243-0) performance status, tumour markers, and
   smoking status (72166-2).
 
 Every value carries the resource and version it came from (:class:`Source`). A value that
 could not be established is ``None`` with the reason in :attr:`Fact.missing`; nothing is
-imputed. Only results dated up to the study date (plus ``fhir.results_after_study_days``) are
-used, so a later result never leaks into an earlier study; undated results, and results that
+imputed. Only results dated (and, when they say so, issued) up to the study date (plus
+``fhir.results_after_study_days``) are used, so a later result never leaks into an earlier study; undated results, and results that
 are entered-in-error, cancelled or only preliminary, are left out and counted in
 :attr:`PatientContext.excluded`.
 """
@@ -152,8 +153,9 @@ class Variant:
 
 @dataclass(frozen=True)
 class GeneResult:
-    """One gene: ``present`` (variants found), ``absent`` (tested, wild type) or
-    ``not-tested``; ``sources`` are the Observations that say so."""
+    """One gene: ``present`` (variants found), ``absent`` (tested, wild type),
+    ``indeterminate`` (tested, no usable call) or ``not-tested``; ``sources`` are the
+    Observations that say so."""
 
     gene: str
     status: str
@@ -304,10 +306,18 @@ class _Selector:
         if when is None:
             self.excluded["undated"] += 1
             return False
-        if when > self.cutoff:
+        # Taken before the study but issued after it: not known when the study was read.
+        issued = _parse_date(resource.get("issued"))
+        if when > self.cutoff or (issued is not None and issued > self.cutoff):
             self.excluded["after the study date"] += 1
             return False
         return True
+
+
+def _local(reference: str) -> str:
+    """``Type/id`` of a reference that may be absolute or versioned."""
+    parts = reference.split("/_history/")[0].rstrip("/").split("/")
+    return "/".join(parts[-2:])
 
 
 def _latest(items: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -320,7 +330,20 @@ def _single(
     return _latest([o for o in observations if _has_code(o.get("code"), system, codes)])
 
 
+# LOINC answer list LL529-9 (ECOG performance status): answer code → grade.
+_ECOG_ANSWERS = {
+    "LA9622-7": 0,
+    "LA9623-5": 1,
+    "LA9624-3": 2,
+    "LA9625-0": 3,
+    "LA9626-8": 4,
+    "LA9627-6": 5,
+}
+
+
 def _number(observation: dict[str, Any] | None) -> float | None:
+    """A numeric value: valueQuantity, valueInteger, or an ECOG answer code. Codes of other
+    systems are never read as numbers (a SNOMED concept id is not a grade)."""
     if observation is None:
         return None
     quantity = observation.get("valueQuantity") or {}
@@ -328,14 +351,10 @@ def _number(observation: dict[str, Any] | None) -> float | None:
         return float(quantity["value"])
     if isinstance(observation.get("valueInteger"), int):
         return float(observation["valueInteger"])
-    concept = observation.get("valueCodeableConcept")
-    code = _code_of(concept, LOINC) or _code_of(concept)
-    # ECOG / Karnofsky answers are LOINC LA codes whose display starts with the grade.
-    text = _text_of(concept) or ""
-    head = text.split()[0] if text else ""
-    if head.isdigit():
-        return float(head)
-    return float(code) if code and code.isdigit() else None
+    answer = _code_of(observation.get("valueCodeableConcept"), LOINC)
+    if answer in _ECOG_ANSWERS and _has_code(observation.get("code"), LOINC, [ECOG]):
+        return float(_ECOG_ANSWERS[answer])
+    return None
 
 
 def _fact_number(observation: dict[str, Any] | None, what: str) -> Fact[float]:
@@ -382,6 +401,7 @@ def _percent(quantity: dict[str, Any]) -> float | None:
 def _genes(observations: list[dict[str, Any]]) -> dict[str, GeneResult]:
     found: dict[str, list[Variant]] = {}
     absent: dict[str, list[Source]] = {}
+    indeterminate: dict[str, list[Source]] = {}
     present_sources: dict[str, list[Source]] = {}
     for o in observations:
         if _has_code(o.get("code"), LOINC, [REGION_STUDIED]):
@@ -397,6 +417,11 @@ def _genes(observations: list[dict[str, Any]]) -> dict[str, GeneResult]:
         if value == ABSENT:
             for gene in genes:
                 absent.setdefault(gene, []).append(_source(o))
+            continue
+        if value != PRESENT:
+            # Unknown, no call, or no value at all: neither a finding nor a wild type.
+            for gene in genes:
+                indeterminate.setdefault(gene, []).append(_source(o))
             continue
         hgvs_c = _text_of((_component(o, HGVS_C) or [{}])[0].get("valueCodeableConcept"))
         hgvs_p = _text_of((_component(o, HGVS_P) or [{}])[0].get("valueCodeableConcept"))
@@ -417,10 +442,16 @@ def _genes(observations: list[dict[str, Any]]) -> dict[str, GeneResult]:
             )
             present_sources.setdefault(gene, []).append(_source(o))
     results = {}
-    for gene in sorted({*LUNG_PANEL, *found, *absent}):
+    for gene in sorted({*LUNG_PANEL, *found, *absent, *indeterminate}):
         if gene in found:
             results[gene] = GeneResult(
                 gene, "present", tuple(found[gene]), tuple(present_sources[gene])
+            )
+        elif gene in indeterminate:
+            # A failed or unknown call outweighs a region studied: the gene was tested but
+            # its status is not known.
+            results[gene] = GeneResult(
+                gene, "indeterminate", (), tuple(dict.fromkeys(indeterminate[gene]))
             )
         elif gene in absent:
             results[gene] = GeneResult(gene, "absent", (), tuple(dict.fromkeys(absent[gene])))
@@ -503,7 +534,9 @@ def build_context(
     }
 
     def results_of(items: list[dict[str, Any]]) -> set[str]:
-        return {str(ref.get("reference", "")) for r in items for ref in r.get("result") or []}
+        return {
+            _local(str(ref.get("reference", ""))) for r in items for ref in r.get("result") or []
+        }
 
     # A report's results count when the report does; results reached through a report are
     # merged with those found directly (each once). Results only a report that is not used

@@ -37,7 +37,17 @@ class PatientIdentifier:
 
     @property
     def token(self) -> str:
-        return f"{self.system}|{self.value}"
+        """The search token ``system|value``, with FHIR's search escapes (a comma would
+        otherwise mean "or", a bar a new system)."""
+        return f"{_escape(self.system or '')}|{_escape(self.value or '')}"
+
+    def held_by(self, patient: dict[str, Any]) -> bool:
+        """True when ``patient`` carries exactly this identifier (servers may match loosely,
+        e.g. case-insensitively)."""
+        return any(
+            i.get("system") == self.system and i.get("value") == self.value
+            for i in patient.get("identifier") or []
+        )
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,13 @@ class PatientMatch:
         if self.patient is None:
             return None
         return f"Patient/{self.patient.get('id')}"
+
+
+def _escape(text: str) -> str:
+    """FHIR search escaping (3.2.1.5.7): backslash before \\ , $ and |."""
+    for char in ("\\", ",", "$", "|"):
+        text = text.replace(char, "\\" + char)
+    return text
 
 
 def _issuer_system(item: Dataset) -> str | None:
@@ -98,7 +115,8 @@ def _by_identifier(client: FhirClient, identifier: PatientIdentifier) -> Patient
     live = [
         p
         for p in found
-        if p.get("active", True) is not False
+        if identifier.held_by(p)
+        and p.get("active", True) is not False
         and not any(link.get("type") == "replaced-by" for link in p.get("link") or [])
     ]
     if len(live) == 1:

@@ -50,16 +50,45 @@ def _study_date(ds: Dataset) -> dt.date | None:
         return None
 
 
+def _in_period(period: Any, today: dt.date) -> bool:
+    """True when ``today`` lies in a FHIR Period (open ends count as open)."""
+    if not isinstance(period, dict):
+        return True
+    start, end = str(period.get("start", ""))[:10], str(period.get("end", ""))[:10]
+    try:
+        return (not start or dt.date.fromisoformat(start) <= today) and (
+            not end or today <= dt.date.fromisoformat(end)
+        )
+    except ValueError:
+        return False  # a period that cannot be read grants nothing
+
+
+def _denies(provision: dict[str, Any], today: dt.date) -> bool:
+    """True when the provision or any nested one in force is a deny: without coding the
+    data classes a nested deny could cover, any deny withholds genomic data."""
+    if not _in_period(provision.get("period"), today):
+        return False
+    if provision.get("type") == "deny":
+        return True
+    return any(_denies(p, today) for p in provision.get("provision") or [] if isinstance(p, dict))
+
+
 def _consent_withheld(client: FhirClient, patient: dict[str, Any]) -> str:
-    """Why genomic data must not be fetched for ``patient`` ("" when a Consent permits it)."""
+    """Why genomic data must not be fetched for ``patient`` ("" when an active Consent in
+    force permits it and none denies any part of it)."""
+    today = dt.date.today()
     found = client.search(
         "Consent", {"patient": f"Patient/{patient.get('id')}", "status": "active"}
     ).match
-    decisions = [str((c.get("provision") or {}).get("type", "")) for c in found]
-    if "deny" in decisions:
-        return "genomic data withheld: the patient's Consent denies it"
-    if "permit" not in decisions:
-        return "genomic data withheld: no active Consent permits it"
+    permitted = False
+    for consent in found:
+        provision = consent.get("provision") or {}
+        if _denies(provision, today):
+            return "genomic data withheld: the patient's Consent denies it (or part of it)"
+        if provision.get("type") == "permit" and _in_period(provision.get("period"), today):
+            permitted = True
+    if not permitted:
+        return "genomic data withheld: no active Consent in force permits it"
     return ""
 
 

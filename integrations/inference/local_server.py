@@ -188,10 +188,9 @@ class LocalTritonServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"tritonserver exited with status {self._process.returncode}:\n"
-                    + self.log_tail()
-                )
+                status = self._process.returncode
+                self.stop(kill=True)  # its Python stubs may outlive it
+                raise RuntimeError(f"tritonserver exited with status {status}:\n{self.log_tail()}")
             if self.ready():
                 return self
             time.sleep(0.1)

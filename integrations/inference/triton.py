@@ -54,7 +54,6 @@ _TRANSIENT = {
     "StatusCode.RESOURCE_EXHAUSTED",
     "StatusCode.ABORTED",
     "StatusCode.CANCELLED",
-    "StatusCode.UNKNOWN",
     "502",
     "503",
     "504",
@@ -62,8 +61,9 @@ _TRANSIENT = {
 # The Python backend answers INTERNAL when its stub process died (e.g. killed for memory);
 # a server operator must reload the model, which may happen while we back off.
 _DEAD_STUB = "is not healthy"
-# Errors when a registered shared-memory region is gone (the server restarted).
-_SHM_LOST = ("shared memory", "shared_memory")
+# The server no longer knows a region we registered (it restarted): register again and retry.
+# Other shared-memory errors (cannot open, too small, /dev/shm full) are configuration errors.
+_SHM_LOST = "unable to find system shared memory region"
 
 
 class TritonError(RuntimeError):
@@ -109,10 +109,19 @@ class _Slot:
     """One request in flight: a client connection and, with shared memory, its regions."""
 
     def __init__(self, owner: TritonPredictor, index: int) -> None:
-        self.owner = owner
+        # Weak: the predictor's finalizer holds the slots, and a strong reference back would
+        # keep the predictor (its threads, connections and regions) alive until exit.
+        self._owner = weakref.ref(owner)
         self.index = index
         self.client: Any = None
         self.regions: dict[str, tuple[str, Any, int]] = {}  # role → (name, handle, bytes)
+
+    @property
+    def owner(self) -> TritonPredictor:
+        owner = self._owner()
+        if owner is None:
+            raise TritonError("the predictor was closed")
+        return owner
 
     def connect(self) -> Any:
         if self.client is None:
@@ -130,16 +139,23 @@ class _Slot:
         import tritonclient.utils.shared_memory as shm
 
         self.drop_region(role)
-        name = f"radfusion-{self.owner._token}-{self.index}-{role}"
-        handle = shm.create_shared_memory_region(name, f"/{name}", nbytes)
+        owner = self.owner
+        name = f"radfusion-{owner._token}-{self.index}-{role}"
+        handle = None
         try:
+            handle = shm.create_shared_memory_region(name, f"/{name}", nbytes)
             self.connect().register_system_shared_memory(name, f"/{name}", nbytes)
         except Exception as err:
-            shm.destroy_shared_memory_region(handle)
-            if self.owner._shm_mode == "auto" and not _is_transient(err):
-                self.owner._shm_unusable(err)
+            if handle is not None:
+                shm.destroy_shared_memory_region(handle)
+            if _is_transient(err):
+                raise
+            if owner._shm_mode == "auto":
+                owner._shm_unusable(err)
                 return None
-            raise
+            raise TritonError(
+                f"{owner._where()}: system shared memory is configured but unusable: {err}"
+            ) from err
         self.regions[role] = (name, handle, nbytes)
         return name
 
@@ -224,7 +240,7 @@ class TritonPredictor:
 
             return httpclient.InferenceServerClient(
                 c.url,
-                connection_timeout=c.timeout_s,
+                connection_timeout=max(1.0, c.connect_timeout_s),
                 network_timeout=c.timeout_s,
                 ssl=c.tls is not None,
                 ssl_options=(
@@ -247,12 +263,15 @@ class TritonPredictor:
         )
 
     def _check_ready(self) -> TritonIdentity:
-        client = self._new_client()
+        try:
+            client = self._new_client()
+        except (OSError, ValueError) as err:  # e.g. a TLS file that cannot be read
+            raise TritonError(f"{self._where()}: cannot set up the client: {err}") from err
         try:
             deadline = time.monotonic() + self.config.connect_timeout_s
             while True:
                 try:
-                    if client.is_server_ready():
+                    if client.is_server_ready(**self._timeout()):
                         break
                     problem = "the server is not ready"
                 except Exception as err:
@@ -262,15 +281,30 @@ class TritonPredictor:
                 if time.monotonic() >= deadline:
                     raise TritonUnavailable(f"{self._where()}: {problem}")
                 time.sleep(0.5)
-            server_version = str(self._server_metadata(client).get("version", "unknown"))
-            if not client.is_model_ready(self.model_name, self.model_version):
-                raise TritonModelNotReady(
-                    f"{self._where()} is not ready; the server has: {self._inventory(client)}"
+            try:
+                server_version = str(self._server_metadata(client).get("version", "unknown"))
+                ready = client.is_model_ready(
+                    self.model_name, self.model_version, **self._timeout()
                 )
-            metadata = self._model_metadata(client)
+                if not ready:
+                    raise TritonModelNotReady(
+                        f"{self._where()} is not ready; the server has: {self._inventory(client)}"
+                    )
+                metadata = self._model_metadata(client)
+                max_batch = self._max_batch_size(client)
+            except TritonError:
+                raise
+            except Exception as err:
+                kind = TritonUnavailable if _is_transient(err) else TritonError
+                raise kind(f"{self._where()}: {err}") from err
         finally:
             with contextlib.suppress(Exception):
                 client.close()
+        if max_batch and self.config.batch_size > max_batch:
+            raise TritonError(
+                f"{self._where()} takes at most {max_batch} patches per request; "
+                f"triton.batch_size is {self.config.batch_size}"
+            )
         inputs, outputs = metadata.get("inputs", []), metadata.get("outputs", [])
         if len(inputs) != 1 or len(outputs) != 1:
             raise TritonError(
@@ -298,17 +332,37 @@ class TritonPredictor:
         log.info("inference on %s (%s)", identity.describe(), self.config.protocol)
         return identity
 
+    def _timeout(self) -> dict[str, float]:
+        """Keyword arguments bounding one start-up call (the HTTP client is bounded by its
+        connection timeout instead)."""
+        if self.config.protocol == "grpc":
+            return {"client_timeout": max(1.0, self.config.connect_timeout_s)}
+        return {}
+
     def _server_metadata(self, client: Any) -> dict[str, Any]:
         if self.config.protocol == "grpc":
-            return dict(client.get_server_metadata(as_json=True))
+            return dict(client.get_server_metadata(as_json=True, **self._timeout()))
         return dict(client.get_server_metadata())
 
     def _model_metadata(self, client: Any) -> dict[str, Any]:
         if self.config.protocol == "grpc":
             return dict(
-                client.get_model_metadata(self.model_name, self.model_version, as_json=True)
+                client.get_model_metadata(
+                    self.model_name, self.model_version, as_json=True, **self._timeout()
+                )
             )
         return dict(client.get_model_metadata(self.model_name, self.model_version))
+
+    def _max_batch_size(self, client: Any) -> int:
+        """The model's max_batch_size (0: unknown or no batching dimension)."""
+        if self.config.protocol == "grpc":
+            config = client.get_model_config(
+                self.model_name, self.model_version, as_json=True, **self._timeout()
+            )
+            config = config.get("config", config)
+        else:
+            config = client.get_model_config(self.model_name, self.model_version)
+        return int(config.get("max_batch_size", 0) or 0)
 
     def _inventory(self, client: Any) -> str:
         try:
@@ -339,6 +393,8 @@ class TritonPredictor:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits for ``batch`` ``[B, 1, D, H, W]``, as ``[B, C, D, H, W]`` float32 on CPU."""
         x = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
+        if x.shape[0] == 0:
+            raise ValueError("an empty batch has nothing to infer")
         size = self.config.batch_size
         parts = [x[i : i + size] for i in range(0, x.shape[0], size)]
         results = list(self._pool.map(self._infer_with_retries, parts))
@@ -361,9 +417,12 @@ class TritonPredictor:
             for attempt in range(len(delays) + 1):
                 try:
                     return self._infer(slot, x)
+                except TritonError:
+                    slot.reset()
+                    raise
                 except Exception as err:
                     slot.reset()
-                    lost_shm = any(s in str(err).lower() for s in _SHM_LOST)
+                    lost_shm = _SHM_LOST in str(err).lower()
                     if not (_is_transient(err) or lost_shm):
                         raise TritonError(f"{self._where()}: {err}") from err
                     if attempt == len(delays):

@@ -121,7 +121,11 @@ def test_paging_follows_next_links(
     assert outcome.status == "available"
     pages = [r for r in proxy.requests if r.path.split("?")[0].endswith("/Observation")]
     assert len(pages) >= 3
-    assert all("subject" in r.query or "_offset" in r.query for r in pages)
+    # Every page asks for this patient's Observations (a next link keeps the query), and the
+    # pages after the first move on.
+    subject = pages[0].query["subject"]
+    assert all(r.query.get("subject") == subject for r in pages)
+    assert len({tuple(r.query.get("_offset", ["0"])) for r in pages}) == len(pages)
 
 
 def test_no_match_two_matches_and_unmapped_issuer(
@@ -241,6 +245,9 @@ def test_without_consent_no_genomics_are_fetched(
     assert outcome.context is not None and outcome.context.genes == {}
     assert "no active Consent" in outcome.context.tmb.missing
     assert not [r for r in proxy.requests if "DiagnosticReport" in r.path]
+    (observations,) = [r for r in proxy.requests if r.path.split("?")[0].endswith("Observation")]
+    asked = observations.query["code"][0]
+    assert not any(code in asked for code in ("69548-6", "53041-0", "94076-7", "81695-9"))
     assert outcome.context.ecog.value is not None  # clinical data still comes
     patient = outcome.context.patient.reference
     loaded.post(
@@ -257,6 +264,22 @@ def test_without_consent_no_genomics_are_fetched(
     )  # fmt: skip
     permitted = _context(loaded.base_url, cohort[0]["header"], consent_required=True)
     assert permitted.context is not None and permitted.context.tested_genes()
+    # A permit with a nested deny (e.g. of genetic data) withholds genomics.
+    loaded.post(
+        {
+            "resourceType": "Consent",
+            "status": "active",
+            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                  "code": "research"}]},
+            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+            "patient": {"reference": patient},
+            "policyRule": {"text": "all but genetic data"},
+            "provision": {"type": "permit", "provision": [{"type": "deny"}]},
+        }
+    )  # fmt: skip
+    nested = _context(loaded.base_url, cohort[0]["header"], consent_required=True)
+    assert nested.context is not None and nested.context.genes == {}
+    assert "denies" in nested.context.tmb.missing
 
 
 def test_study_resolved_through_its_imaging_study(

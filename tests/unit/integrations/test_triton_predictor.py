@@ -4,6 +4,7 @@ tests/integration/test_triton.py."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -31,23 +32,31 @@ class ScriptedClient:
     """Answers like a Triton gRPC client; ``failures`` are raised by the next infer calls."""
 
     def __init__(self, server: Scripted) -> None:
-        self.server = server
+        # Weak, as a real client has no reference back to the predictor.
+        self.server = weakref.proxy(server)
 
-    def is_server_ready(self) -> bool:
+    def is_server_ready(self, **kw: Any) -> bool:
         return True
 
-    def is_model_ready(self, name: str, version: str = "") -> bool:
+    def is_model_ready(self, name: str, version: str = "", **kw: Any) -> bool:
         return name == "m"
 
-    def get_server_metadata(self, as_json: bool = False) -> dict[str, Any]:
+    def get_server_metadata(self, as_json: bool = False, **kw: Any) -> dict[str, Any]:
         return {"name": "triton", "version": "9.9.9"}
 
-    def get_model_metadata(self, name: str, version: str = "", as_json: bool = False) -> Any:
+    def get_model_metadata(
+        self, name: str, version: str = "", as_json: bool = False, **kw: Any
+    ) -> Any:
         return {
             "versions": ["1", "2"],
             "inputs": [{"name": "IN", "datatype": "FP32", "shape": ["-1", "1", "-1", "-1", "-1"]}],
             "outputs": [{"name": "OUT", "datatype": "FP32", "shape": ["-1", "2", "-1", "-1"]}],
         }
+
+    def get_model_config(
+        self, name: str, version: str = "", as_json: bool = False, **kw: Any
+    ) -> Any:
+        return {"config": {"name": name, "max_batch_size": self.server.max_batch}}
 
     def register_system_shared_memory(self, name: str, key: str, size: int) -> None:
         self.server.registrations += 1
@@ -73,6 +82,7 @@ class ScriptedClient:
 
 class Scripted(TritonPredictor):
     remote = False
+    max_batch = 4
 
     def __init__(self, config: TritonConfig, failures: list[BaseException] = ()) -> None:  # type: ignore[assignment]
         self.failures = list(failures)
@@ -122,8 +132,26 @@ def test_shared_memory_required_but_unusable_is_an_error() -> None:
         remote = True
 
     p = Remote(_config(shared_memory="system"))
-    with pytest.raises(TritonError, match="Unable to open shared memory region"):
+    with pytest.raises(TritonError, match="Unable to open shared memory region") as err:
         p(torch.ones(1, 1, 2, 2, 2))
+    # A configuration error: not retried, not reported as a passing outage.
+    assert not isinstance(err.value, TritonUnavailable) and p.registrations == 1
+
+
+def test_batch_size_above_the_models_limit_is_refused_at_start() -> None:
+    with pytest.raises(TritonError, match="at most 4 patches per request"):
+        Scripted(_config(shared_memory="off", batch_size=8))
+
+
+def test_an_unclosed_predictor_is_collected() -> None:
+    import gc
+
+    p = Scripted(_config(shared_memory="off"))
+    p(torch.ones(1, 1, 2, 2, 2))
+    ref = weakref.ref(p)
+    del p
+    gc.collect()
+    assert ref() is None  # its threads and connections go with it
 
 
 def test_transient_errors_are_retried() -> None:
