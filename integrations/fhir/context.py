@@ -19,9 +19,9 @@ Built from FHIR R4 resources found by code, never by profile URL (servers drop o
 Every value carries the resource and version it came from (:class:`Source`). A value that
 could not be established is ``None`` with the reason in :attr:`Fact.missing`; nothing is
 imputed. Only results dated (and, when they say so, issued) up to the study date (plus
-``fhir.results_after_study_days``) are used, so a later result never leaks into an earlier study; undated results, and results that
-are entered-in-error, cancelled or only preliminary, are left out and counted in
-:attr:`PatientContext.excluded`.
+``fhir.results_after_study_days``) are used, so a later result never leaks into an earlier
+study; undated results, and results that are entered-in-error, cancelled or only
+preliminary, are left out and counted in :attr:`PatientContext.excluded`.
 """
 
 from __future__ import annotations
