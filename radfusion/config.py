@@ -229,6 +229,12 @@ class TritonTLS(_Section):
         default=None, description="PEM client certificate chain (mutual TLS)."
     )
 
+    @model_validator(mode="after")
+    def _pair(self) -> TritonTLS:
+        if (self.private_key is None) != (self.certificate_chain is None):
+            raise ValueError("mutual TLS needs both private_key and certificate_chain")
+        return self
+
 
 class TritonConfig(_Section):
     """A Triton Inference Server the apps run their models on. Without this section, models
@@ -258,6 +264,12 @@ class TritonConfig(_Section):
         description="Retries of a request on transient errors (unreachable, timed out).",
     )
     tls: TritonTLS | None = None
+
+    @model_validator(mode="after")
+    def _tls_protocol(self) -> TritonConfig:
+        if self.protocol == "http" and self.tls is not None and self.tls.private_key:
+            raise ValueError("client certificates (mutual TLS) are supported with gRPC only")
+        return self
 
     @field_validator("url")
     @classmethod

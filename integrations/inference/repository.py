@@ -134,9 +134,13 @@ def write_repository(
         card = model.model_path.parent / "MODEL_CARD.md"
         if card.is_file():
             shutil.copy2(card, staging / "MODEL_CARD.md")
-        # Replace the model folder in one step, so a server polling the repository never
-        # sees half a model.
-        shutil.rmtree(target, ignore_errors=True)
+        # Swap by renames, so a server polling the repository sees the old model or the new
+        # one, never half of one (and the old one is gone only once the new one is in place).
+        retired = out / f".{name}.old"
+        shutil.rmtree(retired, ignore_errors=True)
+        if target.exists():
+            target.rename(retired)
         staging.rename(target)
+        shutil.rmtree(retired, ignore_errors=True)
         written.append(WrittenModel(name, target / "config.pbtxt", target / "1" / weights.name))
     return written

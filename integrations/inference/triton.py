@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -105,6 +106,19 @@ def _is_transient(err: BaseException) -> bool:
     }
 
 
+class _ShmFull(OSError):
+    """/dev/shm has too little room for a region."""
+
+
+def _check_shm_space(nbytes: int) -> None:
+    """Refuse a region /dev/shm cannot hold: tmpfs allocates on write, and a full tmpfs kills
+    the writing process with SIGBUS instead of raising (Docker's default /dev/shm is 64 MiB)."""
+    stat = os.statvfs("/dev/shm")
+    free = stat.f_bavail * stat.f_frsize
+    if free < nbytes + (64 << 20):
+        raise _ShmFull(f"/dev/shm has {free >> 20} MiB free, a region needs {nbytes >> 20} MiB")
+
+
 class _Slot:
     """One request in flight: a client connection and, with shared memory, its regions."""
 
@@ -143,12 +157,13 @@ class _Slot:
         name = f"radfusion-{owner._token}-{self.index}-{role}"
         handle = None
         try:
+            _check_shm_space(nbytes)
             handle = shm.create_shared_memory_region(name, f"/{name}", nbytes)
             self.connect().register_system_shared_memory(name, f"/{name}", nbytes)
         except Exception as err:
             if handle is not None:
                 shm.destroy_shared_memory_region(handle)
-            if _is_transient(err):
+            if _is_transient(err) and not isinstance(err, _ShmFull):
                 raise
             if owner._shm_mode == "auto":
                 owner._shm_unusable(err)

@@ -100,3 +100,16 @@ def test_allowed_caller_addresses() -> None:
     assert ct.permits("10.1.2.3") and ct.permits("192.168.1.5")
     assert not ct.permits("10.2.0.1") and not ct.permits("127.0.0.1")
     assert anyone.permits("203.0.113.9")
+
+
+def test_triton_tls_needs_key_and_chain_together() -> None:
+    with pytest.raises(ConfigError, match="both private_key and certificate_chain"):
+        parse_config({"triton": {"url": "t:8001", "tls": {"private_key": "/k.pem"}}})
+
+
+def test_fhir_tokens_only_over_https_or_loopback() -> None:
+    bearer = {"type": "bearer", "token": "secret"}
+    with pytest.raises(ConfigError, match="plain http"):
+        parse_config({"fhir": {"base_url": "http://fhir.example/R4", "auth": bearer}})
+    local = parse_config({"fhir": {"base_url": "http://127.0.0.1:8080/R4", "auth": bearer}})
+    assert local.fhir is not None and local.fhir.base_url == "http://127.0.0.1:8080/R4"

@@ -192,3 +192,16 @@ def test_model_with_two_inputs_is_refused() -> None:
 
     with pytest.raises(TritonError, match="2 input"):
         P(_config())
+
+
+def test_a_full_dev_shm_falls_back_to_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    class Tiny:
+        f_bavail, f_frsize = 16, 4096  # 64 KiB free
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Tiny())
+    p = Scripted(_config(shared_memory="auto"))
+    x = torch.ones(1, 1, 2, 2, 2)
+    torch.testing.assert_close(p(x)[:, :1], x)
+    assert p._use_shm is False and p.registrations == 0  # nothing was written to /dev/shm
