@@ -108,17 +108,19 @@ def patient_identifier(ds: Dataset, config: FhirConfig) -> PatientIdentifier:
     )
 
 
+def _live(patient: dict[str, Any]) -> bool:
+    """False for inactive records and records merged into another ('replaced-by' link):
+    servers still return both, and neither is the patient any more."""
+    return patient.get("active", True) is not False and not any(
+        link.get("type") == "replaced-by" for link in patient.get("link") or []
+    )
+
+
 def _by_identifier(client: FhirClient, identifier: PatientIdentifier) -> PatientMatch:
     found = client.search("Patient", {"identifier": identifier.token}).match
     # Servers may return inactive or merged-away records; a 'replaced-by' link means the
     # record was merged into another and is not the patient any more.
-    live = [
-        p
-        for p in found
-        if identifier.held_by(p)
-        and p.get("active", True) is not False
-        and not any(link.get("type") == "replaced-by" for link in p.get("link") or [])
-    ]
+    live = [p for p in found if identifier.held_by(p) and _live(p)]
     if len(live) == 1:
         return PatientMatch(live[0], via="identifier")
     if not live:
@@ -143,7 +145,7 @@ def _by_imaging_study(client: FhirClient, study_instance_uid: str) -> PatientMat
     patient = result.included(reference)
     if patient is None and reference.startswith("Patient/"):
         patient = client.read("Patient", reference.removeprefix("Patient/"))
-    if patient is None or patient.get("resourceType") != "Patient":
+    if patient is None or patient.get("resourceType") != "Patient" or not _live(patient):
         return None
     return PatientMatch(patient, via="ImagingStudy")
 
