@@ -62,13 +62,15 @@ def model_config(settings: LungCTConfig) -> SegmentationModelConfig:
 
 def algorithm_info(model: SegmentationModelConfig, predictor: object = None) -> AlgorithmInfo:
     """The algorithm as the results name it; a model marked ``demonstration`` says so. On a
-    Triton server, the served model and the server's version are named instead of the local
-    weights' digest (the server's weights cannot be checked from here)."""
+    Triton server, the served model and the server's version are named too; the weights'
+    digest only when the server's config states it (``radfusion triton repo`` writes it and
+    :func:`make_predictor` checks it)."""
     identity = getattr(predictor, "identity", None)
+    parameters = []
+    if identity is None or identity.weights_sha256:  # weights known: in process, or checked
+        parameters.append(("model_sha256", model.sha256[:16]))
     if identity is not None:
-        parameters = [("inference", identity.describe())]
-    else:
-        parameters = [("model_sha256", model.sha256[:16])]
+        parameters.append(("inference", identity.describe()))
     return AlgorithmInfo(
         name=model.name,
         version=model.version,
@@ -87,9 +89,20 @@ def make_predictor(config: RadfusionConfig, model: SegmentationModelConfig) -> P
     """
     settings = config.apps.lung_ct
     if config.triton is not None:
-        from radfusion.integrations.inference.triton import TritonPredictor
+        from radfusion.integrations.inference.triton import TritonError, TritonPredictor
 
-        return TritonPredictor(config.triton, settings.triton_model, settings.triton_model_version)
+        predictor = TritonPredictor(
+            config.triton, settings.triton_model, settings.triton_model_version
+        )
+        served = predictor.identity.weights_sha256
+        if served and served != model.sha256:
+            predictor.close()
+            # The model.yaml's preprocessing and labels would be applied to other weights.
+            raise TritonError(
+                f"{predictor.identity.describe()} serves weights {served[:16]}, but "
+                f"{settings.model or 'the reference model.yaml'} describes {model.sha256[:16]}"
+            )
+        return predictor
     return load_torchscript(model.model_path, settings.threads)
 
 

@@ -56,8 +56,10 @@ class WrittenModel:
     weights: Path
 
 
-def model_config_text(name: str, *, cpu: bool, backend: Backend) -> str:
+def model_config_text(name: str, *, cpu: bool, backend: Backend, sha256: str = "") -> str:
     """The ``config.pbtxt`` for ``name``: the template, adapted to the backend and device.
+    ``sha256`` (of the weights) goes into parameter ``model_sha256``, so a client can check
+    that the server runs the weights its model.yaml describes.
 
     Raises:
         RepositoryError: no template, or it does not parse as a Triton ``ModelConfig``.
@@ -81,6 +83,8 @@ def model_config_text(name: str, *, cpu: bool, backend: Backend) -> str:
         for key in ("model_file", "torch_threads"):
             config.parameters.pop(key, None)
         config.parameters["INFERENCE_MODE"].string_value = "true"
+    if sha256:
+        config.parameters["model_sha256"].string_value = sha256
     kind = mc.ModelInstanceGroup.KIND_CPU if cpu else mc.ModelInstanceGroup.KIND_GPU
     for group in config.instance_group:
         group.kind = kind
@@ -121,7 +125,7 @@ def write_repository(
             model = SegmentationModelConfig.from_yaml(yaml_path)
         except ValueError as err:
             raise RepositoryError(str(err)) from None
-        text = model_config_text(name, cpu=cpu, backend=backend)
+        text = model_config_text(name, cpu=cpu, backend=backend, sha256=model.sha256)
         target = out / name
         staging = out / f".{name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)

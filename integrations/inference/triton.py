@@ -88,6 +88,7 @@ class TritonIdentity:
     server_version: str
     model_name: str
     model_version: str
+    weights_sha256: str | None = None  # config parameter model_sha256, when the repo has it
 
     def describe(self) -> str:
         return f"{self.model_name}/{self.model_version} on Triton {self.server_version}"
@@ -306,7 +307,7 @@ class TritonPredictor:
                         f"{self._where()} is not ready; the server has: {self._inventory(client)}"
                     )
                 metadata = self._model_metadata(client)
-                max_batch = self._max_batch_size(client)
+                model_config = self._model_config(client)
             except TritonError:
                 raise
             except Exception as err:
@@ -315,6 +316,7 @@ class TritonPredictor:
         finally:
             with contextlib.suppress(Exception):
                 client.close()
+        max_batch = int(model_config.get("max_batch_size", 0) or 0)
         if max_batch and self.config.batch_size > max_batch:
             raise TritonError(
                 f"{self._where()} takes at most {max_batch} patches per request; "
@@ -343,6 +345,10 @@ class TritonPredictor:
             server_version=server_version,
             model_name=self.model_name,
             model_version=self.model_version or (max(versions, key=int) if versions else "?"),
+            weights_sha256=(
+                (model_config.get("parameters") or {}).get("model_sha256", {}).get("string_value")
+                or None
+            ),
         )
         log.info("inference on %s (%s)", identity.describe(), self.config.protocol)
         return identity
@@ -368,16 +374,14 @@ class TritonPredictor:
             )
         return dict(client.get_model_metadata(self.model_name, self.model_version))
 
-    def _max_batch_size(self, client: Any) -> int:
-        """The model's max_batch_size (0: unknown or no batching dimension)."""
+    def _model_config(self, client: Any) -> dict[str, Any]:
+        """The served model's configuration (as JSON)."""
         if self.config.protocol == "grpc":
             config = client.get_model_config(
                 self.model_name, self.model_version, as_json=True, **self._timeout()
             )
-            config = config.get("config", config)
-        else:
-            config = client.get_model_config(self.model_name, self.model_version)
-        return int(config.get("max_batch_size", 0) or 0)
+            return dict(config.get("config", config))
+        return dict(client.get_model_config(self.model_name, self.model_version))
 
     def _inventory(self, client: Any) -> str:
         try:

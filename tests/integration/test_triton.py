@@ -309,3 +309,25 @@ def test_grpc_over_tls(triton_repository: Path, tmp_path: Path) -> None:
             TritonPredictor(plain, "lung_ct_seg")
     finally:
         server.close()
+
+
+def test_served_weights_other_than_the_model_yaml_are_refused(
+    triton_repository: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from radfusion.apps.lung_ct.app import make_predictor, model_config
+    from radfusion.integrations.inference.triton import TritonError
+
+    repo = tmp_path / "repo"
+    shutil.copytree(triton_repository, repo)
+    config_file = repo / "lung_ct_seg" / "config.pbtxt"
+    model = model_config(RadfusionConfig().apps.lung_ct)
+    config_file.write_text(config_file.read_text().replace(model.sha256, "0" * 64))
+    server = start_triton(repo)
+    try:
+        config = parse_config({"triton": {"url": server.grpc_url}})
+        with pytest.raises(TritonError, match="serves weights 0000000000000000, but"):
+            make_predictor(config, model)
+    finally:
+        server.close()

@@ -40,6 +40,8 @@ def test_default_repository_is_libtorch_on_gpu(tmp_path: Path) -> None:
     assert config.max_batch_size >= 1 and config.dynamic_batching.preferred_batch_size
     reference = SegmentationModelConfig.from_yaml(default_model_config_path())
     assert _sha(written.weights) == reference.sha256
+    # The digest travels with the config, so a client can check what the server runs.
+    assert config.parameters["model_sha256"].string_value == reference.sha256
     assert (tmp_path / "lung_ct_seg" / "MODEL_CARD.md").is_file()
     assert not (tmp_path / "lung_ct_seg" / "1" / "model.py").exists()
 
