@@ -15,7 +15,6 @@ from radfusion.operators.segmentation_model import (
     Predictor,
     SegmentationModelConfig,
     default_model_config_path,
-    load_torchscript,
     segment,
 )
 from radfusion.operators.volume import Volume
@@ -34,6 +33,7 @@ class SegmentationOperator(Operator):
     """Input ``volume`` (:class:`Volume`, or a ``VolumeError`` passed through) → output
     ``classes`` (uint8 class map, or ``None`` when there was no volume).
 
+    ``predictor`` runs the network (in process, or on Triton); the app chooses it.
     ``timings`` (optional dict) receives seconds per stage for the benchmark.
     """
 
@@ -42,13 +42,12 @@ class SegmentationOperator(Operator):
         fragment: Fragment,
         *args: object,
         config: SegmentationModelConfig,
-        predictor: Predictor | None = None,
-        threads: int = 0,
+        predictor: Predictor,
         timings: dict[str, float] | None = None,
         **kw: object,
     ) -> None:
         self.config = config
-        self.predictor = predictor or load_torchscript(config.model_path, threads)
+        self.predictor = predictor
         self.timings = timings
         super().__init__(fragment, *args, **kw)
 

@@ -580,9 +580,9 @@ def build_context(
         karnofsky=_int_fact(_fact_number(_single(kept, {KARNOFSKY}), "Karnofsky score")),
         smoking=_fact_concept(_single(kept, {SMOKING}), "smoking status"),
         tumour_markers={
-            name: _fact_number(_single(kept, {code}), name)
+            name: _fact_number(marker, name)
             for code, name in TUMOUR_MARKERS.items()
-            if _single(kept, {code}) is not None
+            if (marker := _single(kept, {code})) is not None
         },
         excluded=dict(select.excluded),
     )

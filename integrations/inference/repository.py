@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from radfusion.operators.segmentation_model import SegmentationModelConfig
+from radfusion.operators.segmentation_model import (
+    SegmentationModelConfig,
+    default_model_config_path,
+)
 
 __all__ = ["REFERENCE_MODELS", "RepositoryError", "template_dir", "write_repository"]
 
@@ -41,12 +44,6 @@ def template_dir() -> Path:
     root = Path(__file__).resolve().parents[2]
     installed = root / "triton"
     return installed if (installed / "lung_ct_seg").is_dir() else root / "packaging" / "triton"
-
-
-def _models_dir() -> Path:
-    root = Path(__file__).resolve().parents[2]
-    installed = root / "models"
-    return installed if (installed / "lung_ct_seg").is_dir() else root / "packaging" / "models"
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,8 @@ def write_repository(
         RepositoryError: a template, model.yaml or TorchScript file is missing or malformed.
     """
     if models is None:
-        models = {n: _models_dir() / rel for n, rel in REFERENCE_MODELS.items()}
+        models_dir = default_model_config_path().parents[1]  # installed or source tree
+        models = {n: models_dir / rel for n, rel in REFERENCE_MODELS.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

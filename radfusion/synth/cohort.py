@@ -134,7 +134,8 @@ import numpy as np
 import pydicom
 from fhir.resources.R4B.bundle import Bundle
 
-from radfusion.synth.ct import Phantom, SynthStudy, make_phantom, write_ct_series
+# The same argument checks as `synth ct`, so both commands word their errors alike.
+from radfusion.synth.ct import Phantom, SynthStudy, _int_arg, make_phantom, write_ct_series
 
 __all__ = [
     "DECOY_SYSTEM",
@@ -682,16 +683,6 @@ class SynthCohort:
 
 
 # -- argument checks -----------------------------------------------------------------------------
-
-
-def _int_arg(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name}: must be an int, not {type(value).__name__}")
-    v = int(value)
-    if v < minimum or (maximum is not None and v > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-        raise ValueError(f"{name}: must be {bound}, got {v}")
-    return v
 
 
 def _check_out_dir(out: Path) -> dict[str, Any] | None:

@@ -237,6 +237,23 @@ def test_smart_backend_services_token_is_refreshed_after_401(
         provider.close()
 
 
+def _consent(patient: str, provision: dict[str, Any], policy: str) -> dict[str, Any]:
+    """An active research Consent of ``patient`` with ``provision``."""
+    return {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}
+            ]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": patient},
+        "policyRule": {"text": policy},
+        "provision": provision,
+    }
+
+
 def test_without_consent_no_genomics_are_fetched(
     loaded: Any, fhir_proxy: Any, cohort: list[dict[str, Any]]
 ) -> None:
@@ -250,33 +267,13 @@ def test_without_consent_no_genomics_are_fetched(
     assert not any(code in asked for code in ("69548-6", "53041-0", "94076-7", "81695-9"))
     assert outcome.context.ecog.value is not None  # clinical data still comes
     patient = outcome.context.patient.reference
-    loaded.post(
-        {
-            "resourceType": "Consent",
-            "status": "active",
-            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                                  "code": "research"}]},
-            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-            "patient": {"reference": patient},
-            "policyRule": {"text": "genomic data may be used for decision support"},
-            "provision": {"type": "permit"},
-        }
-    )  # fmt: skip
+    loaded.post(_consent(patient, {"type": "permit"}, "genomic data for decision support"))
     permitted = _context(loaded.base_url, cohort[0]["header"], consent_required=True)
     assert permitted.context is not None and permitted.context.tested_genes()
     # A permit with a nested deny (e.g. of genetic data) withholds genomics.
     loaded.post(
-        {
-            "resourceType": "Consent",
-            "status": "active",
-            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                                  "code": "research"}]},
-            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-            "patient": {"reference": patient},
-            "policyRule": {"text": "all but genetic data"},
-            "provision": {"type": "permit", "provision": [{"type": "deny"}]},
-        }
-    )  # fmt: skip
+        _consent(patient, {"type": "permit", "provision": [{"type": "deny"}]}, "no genetic data")
+    )
     nested = _context(loaded.base_url, cohort[0]["header"], consent_required=True)
     assert nested.context is not None and nested.context.genes == {}
     assert "denies" in nested.context.tmb.missing
