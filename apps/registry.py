@@ -8,7 +8,7 @@ exports what they return.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,11 +20,16 @@ __all__ = ["App", "StudyInput", "get_app", "known_apps"]
 
 @dataclass(frozen=True)
 class StudyInput:
-    """A complete study as handed to an app."""
+    """A complete study as handed to an app.
+
+    ``notes``: what the app wants the site to see about this study without failing it (e.g.
+    "clinical data unavailable, and why"); shown by ``radfusion status``. No PHI.
+    """
 
     StudyInstanceUID: str
     files: tuple[Path, ...]
     calling_ae_title: str
+    notes: list[str] = field(default_factory=list)
 
 
 class App(Protocol):

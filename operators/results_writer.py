@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
@@ -55,10 +56,12 @@ def write_results(
     uid_root: str,
     labelmap: bool = False,
     timings: dict[str, float] | None = None,
+    statements: Sequence[str] = (),
 ) -> list[Path]:
     """Write SEG and SR for the outcome of one study; returns the files written.
 
-    No CT series selected: nothing is written (there are no images to reference).
+    ``statements`` are added to the SR as text (see :func:`build_sr`). No CT series selected:
+    nothing is written (there are no images to reference).
     """
     if selection is None:
         log.warning("no usable CT series in the study: no results written")
@@ -117,6 +120,7 @@ def write_results(
         series_instance_uid=uid("sr-series"),
         sop_instance_uid=uid("sr"),
         out_of_scope_reason=reason,
+        statements=statements,
         path=sr_path,
     )
     written.append(sr_path)
@@ -132,8 +136,13 @@ def write_results(
 
 
 class ResultsWriterOperator(Operator):
-    """Inputs ``selection``, ``volume``, ``measured`` → files in ``output_dir``; output
-    ``files`` (list of paths written)."""
+    """Inputs ``selection``, ``volume``, ``measured`` → files in ``output_dir``; the paths
+    written are appended to ``written``.
+
+    ``statements`` is called when the results are written, not before, so that a slower source
+    of them (the patient context, fetched while the images are processed) is waited for only
+    then; whatever it raises fails the graph before anything is written.
+    """
 
     def __init__(
         self,
@@ -145,8 +154,10 @@ class ResultsWriterOperator(Operator):
         labelmap: bool = False,
         timings: dict[str, float] | None = None,
         written: list[Path] | None = None,
+        statements: Callable[[], Sequence[str]] | None = None,
         **kw: object,
     ) -> None:
+        self.statements = statements
         self.timings = timings
         self.written = written
         self.algorithm = algorithm
@@ -162,15 +173,17 @@ class ResultsWriterOperator(Operator):
 
     def compute(self, op_input: object, op_output: object, context: object) -> None:
         receive = op_input.receive  # type: ignore[attr-defined]
+        selection, volume, measured = receive("selection"), receive("volume"), receive("measured")
         paths = write_results(
-            receive("selection"),
-            receive("volume"),
-            receive("measured"),
+            selection,
+            volume,
+            measured,
             self.algorithm,
             self.output_dir,
             uid_root=self.uid_root,
             labelmap=self.labelmap,
             timings=self.timings,
+            statements=self.statements() if self.statements is not None else (),
         )
         if self.written is not None:
             self.written.extend(paths)

@@ -29,6 +29,10 @@ A study the app could not measure (``result`` None, ``out_of_scope_reason`` give
 with no measurement groups at all: TID 1500's "Qualitative Evaluations" container holds the
 reason as text. No finding is ever invented for it.
 
+``statements`` (e.g. whether the patient's clinical and genomic data could be fetched, and why
+not) go into the same "Qualitative Evaluations" container (TID 1500 row 12, after the
+measurements), each a TEXT "Comment" (row 14), with the algorithm (row 12b).
+
 The output is deterministic: the same inputs give byte-identical files. Nothing in it comes
 from the clock (highdicom stamps it in a few places; they are replaced or dropped here).
 """
@@ -103,6 +107,7 @@ def build_sr(
     series_instance_uid: str,
     sop_instance_uid: str,
     out_of_scope_reason: str | None = None,
+    statements: Sequence[str] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report for one processed CT series (not written).
 
@@ -110,7 +115,8 @@ def build_sr(
     written for the same result), plus one TID 1410 group per finding with the diameter as a
     SCOORD line on the source image (and frame) it lies in. Without (``result`` None):
     ``out_of_scope_reason`` is required, ``seg`` may be None (it is ignored), and the report
-    has no measurement groups, only the reason.
+    has no measurement groups, only the reason. ``statements`` are added as text to the
+    report's Qualitative Evaluations.
 
     ``source_images`` are the series' datasets (metadata suffices; a dataset repeated per frame,
     as in :attr:`Volume.source_images`, is referenced once). Same study as the sources, series
@@ -121,7 +127,8 @@ def build_sr(
 
     Raises:
         ValueError: no source images, or sources from several studies or without SOP
-            Instance/Class UIDs; both or neither of ``result`` and ``out_of_scope_reason``; a
+            Instance/Class UIDs; both or neither of ``result`` and ``out_of_scope_reason``; an
+            empty statement; a
             result without findings or without ``seg``; ``seg`` is not a Segmentation of the
             sources' study or lacks a finding's segment number; a finding of unknown kind or
             side; with a result, a source without image position, orientation, pixel spacing
@@ -131,6 +138,8 @@ def build_sr(
     sources = _distinct(source_images)
     if (result is None) == (out_of_scope_reason is None):
         raise ValueError("give exactly one of result and out_of_scope_reason")
+    if not all(text.strip() for text in statements):
+        raise ValueError("a statement must have text")
     study_uid = str(sources[0].StudyInstanceUID)
     first = with_type2_attributes(sources[0])
     evidence: list[Dataset] = [first, *sources[1:]]
@@ -162,11 +171,16 @@ def build_sr(
         # The image library belongs before the measurements (TID 1500 row 5 precedes row 6).
         root = report[0]
         root.ContentSequence.insert(len(root.ContentSequence) - 1, library)
+        if statements:
+            root.ContentSequence.append(_qualitative_evaluations(algorithm_id, statements))
         content = report
         evidence.append(seg)
     else:
         content = _out_of_scope_report(
-            observation_context, algorithm_id, library, str(out_of_scope_reason)
+            observation_context,
+            algorithm_id,
+            library,
+            [f"No findings reported: {out_of_scope_reason}", *statements],
         )
     date, time = content_datetime(first)
     sr = hd.sr.Comprehensive3DSR(
@@ -198,6 +212,7 @@ def write_sr(
     series_instance_uid: str,
     sop_instance_uid: str,
     out_of_scope_reason: str | None = None,
+    statements: Sequence[str] = (),
     path: Path,
 ) -> Path:
     """Build the SR (see :func:`build_sr`) and write it to ``path`` as a DICOM file.
@@ -217,6 +232,7 @@ def write_sr(
         series_instance_uid=series_instance_uid,
         sop_instance_uid=sop_instance_uid,
         out_of_scope_reason=out_of_scope_reason,
+        statements=statements,
     )
     return save_atomically(sr, path)
 
@@ -567,15 +583,11 @@ def _locate(point: np.ndarray, planes: Sequence[_Plane], name: str) -> tuple[_Pl
     return plane, np.array([column, row])
 
 
-def _out_of_scope_report(
-    observation_context: hd.sr.ObservationContext,
-    algorithm_id: hd.sr.AlgorithmIdentification,
-    library: hd.sr.ContainerContentItem,
-    reason: str,
-) -> hd.sr.ContentSequence:
-    """TID 1500 without measurement groups (highdicom's MeasurementReport requires one): rows
-    1-5, then row 12 "Qualitative Evaluations" with the algorithm (row 12b) and the reason as
-    text (row 14)."""
+def _qualitative_evaluations(
+    algorithm_id: hd.sr.AlgorithmIdentification, statements: Sequence[str]
+) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12 "Qualitative Evaluations": the algorithm (row 12b) and each statement as
+    a TEXT "Comment" (row 14)."""
     evaluations = hd.sr.ContainerContentItem(
         name=_QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
@@ -583,13 +595,27 @@ def _out_of_scope_report(
     evaluations.ContentSequence = hd.sr.ContentSequence(
         [
             *algorithm_id,
-            hd.sr.TextContentItem(
-                name=_COMMENT,
-                value=f"No findings reported: {reason}",
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            *(
+                hd.sr.TextContentItem(
+                    name=_COMMENT,
+                    value=text,
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+                for text in statements
             ),
         ]
     )
+    return evaluations
+
+
+def _out_of_scope_report(
+    observation_context: hd.sr.ObservationContext,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    library: hd.sr.ContainerContentItem,
+    statements: Sequence[str],
+) -> hd.sr.ContentSequence:
+    """TID 1500 without measurement groups (highdicom's MeasurementReport requires one): rows
+    1-5, then row 12 "Qualitative Evaluations" with the reason and other statements."""
     root = hd.sr.ContainerContentItem(
         name=codes.cid7021.ImagingMeasurementReport,
         template_id="1500",
@@ -605,7 +631,7 @@ def _out_of_scope_report(
                 relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
             ),
             library,
-            evaluations,
+            _qualitative_evaluations(algorithm_id, statements),
         ]
     )
     return hd.sr.ContentSequence([root], is_root=True)

@@ -203,7 +203,7 @@ class Service:
             shutil.rmtree(work_dir, ignore_errors=True)
         failed = [r for r in results if not r.delivered]
         error = "; ".join(f"{r.destination}: dead letter #{r.dead_letter_id}" for r in failed)
-        self.catalog.finish_job(job.id, ok=not failed, error=error)
+        self.catalog.finish_job(job.id, ok=not failed, error=error, note="; ".join(study.notes))
         log.info(
             "job %d (%s) on study %s %s in %.1f s",
             job.id,

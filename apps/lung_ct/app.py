@@ -9,6 +9,12 @@ A MONAI Deploy application (Holoscan graph)::
 Run once over a folder like any MONAI Deploy app (``HOLOSCAN_INPUT_PATH`` →
 ``HOLOSCAN_OUTPUT_PATH``, or ``radfusion run lung-ct --input DIR --output DIR``), or from the
 service, which hands it each study the router assigns to ``lung-ct``.
+
+With a ``fhir:`` section, the patient's clinical and genomic data are looked up while the images
+are processed, and the SR says whether they were found and, if not, why. The segmentation itself
+uses imaging only (the SR says that too); the context is there for fusion models. Under
+``fhir.on_unavailable: hold`` an unreachable FHIR server fails the study before anything is
+written, so that it is retried later.
 """
 
 from __future__ import annotations
@@ -16,15 +22,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import pydicom
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application, Fragment, Operator, OperatorSpec
 
 from radfusion import __version__
 from radfusion.apps.registry import StudyInput
 from radfusion.config import LungCTConfig, RadfusionConfig
+from radfusion.integrations.fhir.provider import ContextOutcome, PatientContextProvider
 from radfusion.operators.measurement import MeasurementOperator
 from radfusion.operators.results import AlgorithmInfo
 from radfusion.operators.results_writer import ResultsWriterOperator
@@ -37,9 +46,11 @@ from radfusion.operators.segmentation_model import Predictor, load_torchscript
 from radfusion.operators.series_selector import SeriesSelectorOperator
 from radfusion.operators.volume import VolumeOperator
 
-__all__ = ["LungCT", "LungCTApp", "make_predictor", "run_folder"]
+__all__ = ["LungCT", "LungCTApp", "PatientContextLookup", "make_predictor", "run_folder"]
 
 log = logging.getLogger("radfusion.apps.lung_ct")
+
+IMAGING_ONLY = "This algorithm uses imaging only."
 
 
 class StudyFilesOperator(Operator):
@@ -106,8 +117,49 @@ def make_predictor(config: RadfusionConfig, model: SegmentationModelConfig) -> P
     return load_torchscript(model.model_path, settings.threads)
 
 
+class PatientContextLookup:
+    """The patient context of one study, looked up in a thread while the images are processed.
+
+    :meth:`statements` waits for it and gives the SR's sentences; :attr:`outcome` is then set.
+    Nothing is looked up (and the SR says nothing of it) without a ``fhir:`` section.
+
+    Raises (from :meth:`statements`):
+        ContextUnavailable: the FHIR server is unavailable and the site holds such studies.
+    """
+
+    def __init__(
+        self,
+        provider: PatientContextProvider | None,
+        files: Sequence[Path],
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        self.outcome: ContextOutcome | None = None
+        self._future: Future[ContextOutcome] | None = None
+        if provider is not None and files:
+            self._future = pool.submit(_lookup, provider, files[0])
+
+    def statements(self) -> list[str]:
+        if self._future is None:
+            return []
+        self.outcome = self._future.result()
+        return [self.outcome.describe(), IMAGING_ONLY]
+
+
+def _lookup(provider: PatientContextProvider, path: Path) -> ContextOutcome:
+    # Any instance of the study names its patient; the pixels are not needed.
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError) as err:
+        return ContextOutcome("no-patient", reason=f"the study's header cannot be read: {err}")
+    return provider(header)
+
+
 class LungCTApp(Application):
-    """The graph for one study: ``files`` in, SEG and SR written to ``output_dir``."""
+    """The graph for one study: ``files`` in, SEG and SR written to ``output_dir``.
+
+    ``statements``, when given, is called as the results are written and its sentences go into
+    the SR (see :class:`ResultsWriterOperator`).
+    """
 
     def __init__(
         self,
@@ -119,9 +171,11 @@ class LungCTApp(Application):
         timings: dict[str, float] | None = None,
         model: SegmentationModelConfig | None = None,
         predictor: Predictor | None = None,
+        statements: Callable[[], Sequence[str]] | None = None,
         **kw: object,
     ) -> None:
         self.timings: dict[str, float] = {} if timings is None else timings
+        self._statements = statements
         self.written: list[Path] = []  # filled by the results writer when the graph runs
         self._model = model
         self._predictor = predictor
@@ -159,6 +213,7 @@ class LungCTApp(Application):
             labelmap=self._settings.seg_type == "labelmap",
             timings=self.timings,
             written=self.written,
+            statements=self._statements,
             name="write_results",
         )
         self.add_flow(study, select, {("files", "files")})
@@ -176,27 +231,34 @@ def run_folder(input_dir: Path, output_dir: Path, config: RadfusionConfig) -> li
     files = sorted(p for p in Path(input_dir).rglob("*") if p.is_file())
     model = model_config(config.apps.lung_ct)
     predictor = make_predictor(config, model)
+    provider = PatientContextProvider(config.fhir) if config.fhir is not None else None
     try:
-        app = LungCTApp(
-            files=files,
-            output_dir=Path(output_dir),
-            settings=config.apps.lung_ct,
-            uid_root=config.uid_root,
-            model=model,
-            predictor=predictor,
-        )
-        app.run()
+        with ThreadPoolExecutor(1, thread_name_prefix="fhir") as pool:
+            lookup = PatientContextLookup(provider, files, pool)
+            app = LungCTApp(
+                files=files,
+                output_dir=Path(output_dir),
+                settings=config.apps.lung_ct,
+                uid_root=config.uid_root,
+                model=model,
+                predictor=predictor,
+                statements=lookup.statements,
+            )
+            app.run()
     finally:
-        close = getattr(predictor, "close", None)
-        if close is not None:
-            close()
+        for resource in (predictor, provider):
+            close = getattr(resource, "close", None)
+            if close is not None:
+                close()
     return list(app.written)
 
 
 class LungCT:
     """The registry entry: runs the app on each study the service hands over.
 
-    The model is loaded once, on the first study, and kept for the next ones.
+    The model is loaded once, on the first study, and kept for the next ones; so is the FHIR
+    client (and its token). When the patient context is not available, the study's
+    ``notes`` say why, for ``radfusion status``.
     """
 
     name = "lung-ct"
@@ -205,12 +267,17 @@ class LungCT:
         self.config = config
         self._model: SegmentationModelConfig | None = None
         self._predictor: Predictor | None = None
+        self._provider: PatientContextProvider | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fhir")
 
     def run(self, study: StudyInput, work_dir: Path) -> list[Path]:
         settings = self.config.apps.lung_ct
         if self._predictor is None:
             self._model = model_config(settings)
             self._predictor = make_predictor(self.config, self._model)
+        if self._provider is None and self.config.fhir is not None:
+            self._provider = PatientContextProvider(self.config.fhir)
+        lookup = PatientContextLookup(self._provider, study.files, self._pool)
         app = LungCTApp(
             files=study.files,
             output_dir=Path(work_dir) / "output",
@@ -218,8 +285,11 @@ class LungCT:
             uid_root=self.config.uid_root,
             model=self._model,
             predictor=self._predictor,
+            statements=lookup.statements,
         )
         app.run()
+        if lookup.outcome is not None and lookup.outcome.status != "available":
+            study.notes.append(lookup.outcome.describe())
         log.info(
             "lung-ct stage seconds: %s",
             " ".join(f"{k}={v:.2f}" for k, v in app.timings.items()),

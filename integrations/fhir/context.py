@@ -190,6 +190,7 @@ class PatientContext:
     smoking: Fact[Coded]
     tumour_markers: dict[str, Fact[float]] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)  # reason → resources left out
+    genomics_withheld: str = ""  # why no genomic data was fetched (consent), else ""
 
     def tested_genes(self) -> set[str]:
         return {g for g, r in self.genes.items() if r.status in ("present", "absent")}
@@ -585,6 +586,7 @@ def build_context(
             if (marker := _single(kept, {code})) is not None
         },
         excluded=dict(select.excluded),
+        genomics_withheld=genomics_withheld,
     )
 
 

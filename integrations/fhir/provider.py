@@ -41,6 +41,33 @@ class ContextOutcome:
     context: PatientContext | None = None
     reason: str = ""
 
+    def describe(self) -> str:
+        """One sentence for reports and ``radfusion status``: whether clinical and genomic
+        data were found and, when not or only in part, why. No PHI: resource types, counts,
+        HTTP statuses and OperationOutcome codes only."""
+        subject = "Clinical and genomic data (FHIR)"
+        if self.context is None:
+            return f"{subject}: {_STATUS_WORDS[self.status]} ({self.reason})"
+        context = self.context
+        parts = [f"{subject}: available as of the study date {context.study_date.isoformat()}"]
+        if context.genomics_withheld:
+            parts.append(context.genomics_withheld)
+        else:
+            tested = sorted(context.tested_genes())
+            parts.append(f"genes tested: {', '.join(tested)}" if tested else "no gene tested")
+        if context.excluded:
+            left_out = ", ".join(f"{n} {why}" for why, n in sorted(context.excluded.items()))
+            parts.append(f"results left out: {left_out}")
+        return "; ".join(parts)
+
+
+_STATUS_WORDS: dict[str, str] = {
+    "no-patient": "none, the patient was not identified",
+    "unavailable": "unavailable, the FHIR server could not be reached",
+    "refused": "unavailable, the FHIR server refused the request",
+    "no-study-date": "not looked up",
+}
+
 
 def _study_date(ds: Dataset) -> dt.date | None:
     value = str(ds.get("StudyDate", "") or "").strip()

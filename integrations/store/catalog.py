@@ -481,8 +481,11 @@ class Catalog:
                 "",
             )
 
-    def finish_job(self, job_id: int, *, ok: bool, error: str = "") -> None:
-        """Record a job's end; the study is done when all its current jobs are."""
+    def finish_job(self, job_id: int, *, ok: bool, error: str = "", note: str = "") -> None:
+        """Record a job's end; the study is done when all its current jobs are.
+
+        ``note``: what the app said of the study (no PHI); with ``error``, the study's detail.
+        """
         now = time.time()
         with self._tx() as db:
             db.execute(
@@ -498,13 +501,14 @@ class Catalog:
                     (uid, generation),
                 )
             ]
-            self._event(db, uid, f"job-{'done' if ok else 'failed'}", f"{job['app']} {error}")
+            detail = "; ".join(part for part in (error, note) if part)
+            self._event(db, uid, f"job-{'done' if ok else 'failed'}", f"{job['app']} {detail}")
             if all(s in ("done", "failed") for s in states):
                 final = StudyState.DONE if all(s == "done" for s in states) else StudyState.FAILED
                 db.execute(
                     "UPDATE studies SET state=?, detail=? WHERE StudyInstanceUID=? AND "
                     "generation=? AND state=?",
-                    (final, error, uid, generation, StudyState.ROUTED),
+                    (final, detail, uid, generation, StudyState.ROUTED),
                 )
 
     def requeue_job(self, job_id: int) -> None:

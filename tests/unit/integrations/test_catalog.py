@@ -117,3 +117,14 @@ def test_dead_letters(tmp_path: Path) -> None:
     assert cat.dead_letter(dl).error == "still down" and cat.dead_letter(dl).attempts == 6
     cat.update_dead_letter(dl, resolved=True)
     assert cat.dead_letters() == [] and len(cat.dead_letters(include_resolved=True)) == 1
+
+
+def test_an_apps_note_becomes_the_studys_detail(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite")
+    cat.record_instance(rec("1"), quiet_period_s=0, late_arrival="rerun")
+    [job] = cat.hand_on("1.2.3", route_ct) or []
+    cat.claim_job()
+    cat.finish_job(job.id, ok=True, note="clinical data unavailable")
+    study = cat.study("1.2.3")
+    assert (study.state, study.detail) == ("done", "clinical data unavailable")
+    assert ("job-done", "forward clinical data unavailable") in cat.events_of("1.2.3")

@@ -12,6 +12,7 @@ from radfusion.config import FhirConfig
 from radfusion.integrations.fhir.client import SearchResult
 from radfusion.integrations.fhir.context import build_context
 from radfusion.integrations.fhir.patient import patient_identifier
+from radfusion.integrations.fhir.provider import ContextOutcome
 
 LOINC = "http://loinc.org"
 STUDY = dt.date(2026, 3, 10)
@@ -147,3 +148,29 @@ def test_identifier_through_the_site_issuer_map_or_not_at_all() -> None:
     assert unmapped.system is None and "not mapped" in unmapped.reason
     del ds.IssuerOfPatientID
     assert "no issuer" in patient_identifier(ds, FhirConfig(base_url="http://x")).reason
+
+
+def test_outcome_describes_what_was_found_or_why_not() -> None:
+    region = _obs("r1", "53041-0", component=[_gene("KRAS", "HGNC:6407"), _gene("EGFR", "x")])
+    late = _obs("e2", "89247-1", "2026-03-11", valueInteger=3)
+    assert ContextOutcome("available", _context([region, late])).describe() == (
+        "Clinical and genomic data (FHIR): available as of the study date 2026-03-10; "
+        "genes tested: EGFR, KRAS; results left out: 1 after the study date"
+    )
+    withheld = _context([region], genomics_withheld="genomic data withheld: no Consent")
+    assert ContextOutcome("available", withheld).describe() == (
+        "Clinical and genomic data (FHIR): available as of the study date 2026-03-10; "
+        "genomic data withheld: no Consent"
+    )
+    assert withheld.genes == {}
+    assert ContextOutcome("available", _context([])).describe().endswith("; no gene tested")
+    assert ContextOutcome("no-patient", reason="no Patient matches").describe() == (
+        "Clinical and genomic data (FHIR): none, the patient was not identified "
+        "(no Patient matches)"
+    )
+    for status, words in (
+        ("unavailable", "could not be reached"),
+        ("refused", "refused the request"),
+        ("no-study-date", "not looked up"),
+    ):
+        assert words in ContextOutcome(status, reason="x").describe()  # type: ignore[arg-type]

@@ -40,6 +40,12 @@ REASON = (
     "chest CT"
 )
 MEASUREMENT_NAMES = ("Volume", "Long axis", "Attenuation Coefficient")
+# What the lung CT app adds when the site has a FHIR server (apps/lung_ct).
+STATEMENTS = (
+    "Clinical and genomic data (FHIR): unavailable, the FHIR server could not be reached "
+    "(FHIR server https://fhir.example.org/R4 unavailable for Patient: ConnectError)",
+    "This algorithm uses imaging only.",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +129,9 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
 @pytest.fixture(scope="module")
 def sr_path(case: Case, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sr") / "sr.dcm"
-    return write_sr(case.sources, case.seg, case.result, ALGORITHM, path=path, **UIDS)
+    return write_sr(
+        case.sources, case.seg, case.result, ALGORITHM, statements=STATEMENTS, path=path, **UIDS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -497,6 +505,40 @@ def test_out_of_scope_sr_says_why_and_reports_no_finding(
     assert evidence == {ds.SOPInstanceUID for ds in case.sources}
 
 
+def _comments(path: Path) -> list[str]:
+    return [
+        item.TextValue
+        for item in _walk(pydicom.dcmread(path))
+        if item.get("ValueType") == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121106"
+    ]
+
+
+def test_statements_follow_the_measurements_as_qualitative_evaluations(
+    case: Case, sr_path: Path, tmp_path: Path
+) -> None:
+    root = pydicom.dcmread(sr_path).ContentSequence
+    names = [item.ConceptNameCodeSequence[0].CodeMeaning for item in root]
+    assert names[-2:] == ["Imaging Measurements", "Qualitative Evaluations"]
+    assert _comments(sr_path) == list(STATEMENTS)
+    # highdicom still reads every finding's groups with the statements beside them.
+    sr = hd.sr.srread(sr_path)
+    assert len(sr.content.get_volumetric_roi_measurement_groups()) == len(case.result.findings)
+    # Out of scope: the reason first, then the statements, in the one container.
+    path = write_sr(
+        case.sources, None, None, ALGORITHM, out_of_scope_reason=REASON,
+        statements=STATEMENTS, path=tmp_path / "sr.dcm", **UIDS,
+    )  # fmt: skip
+    assert _comments(path) == [f"No findings reported: {REASON}", *STATEMENTS]
+    assert dciodvfy_errors(path) == []
+    # Without statements there is no Qualitative Evaluations container at all.
+    plain = write_sr(
+        case.sources, case.seg, case.result, ALGORITHM, path=tmp_path / "plain.dcm", **UIDS
+    )
+    assert _comments(plain) == []
+    with pytest.raises(ValueError, match="statement must have text"):
+        build_sr(case.sources, case.seg, case.result, ALGORITHM, statements=[" "], **UIDS)
+
+
 def _walk(ds: Dataset) -> Iterator[Dataset]:
     for item in ds.get("ContentSequence") or []:
         yield item
@@ -508,14 +550,14 @@ def _walk(ds: Dataset) -> Iterator[Dataset]:
 
 def test_same_input_gives_the_same_bytes(case: Case, sr_path: Path, tmp_path: Path) -> None:
     again = write_sr(
-        case.sources, case.seg, case.result, ALGORITHM, path=tmp_path / "a.dcm", **UIDS
-    )
+        case.sources, case.seg, case.result, ALGORITHM, statements=STATEMENTS,
+        path=tmp_path / "a.dcm", **UIDS,
+    )  # fmt: skip
     assert again.read_bytes() == sr_path.read_bytes()
     # A dataset repeated per frame (as Volume.source_images holds an Enhanced CT) counts once.
     doubled = [ds for ds in case.sources for _ in range(2)]
-    assert _encode(build_sr(doubled, case.seg, case.result, ALGORITHM, **UIDS)) == (
-        sr_path.read_bytes()
-    )
+    rebuilt = build_sr(doubled, case.seg, case.result, ALGORITHM, statements=STATEMENTS, **UIDS)
+    assert _encode(rebuilt) == sr_path.read_bytes()
 
 
 def test_sources_without_optional_attributes(case: Case, tmp_path: Path) -> None:

@@ -1,0 +1,186 @@
+"""The lung CT service with a real FHIR server (Medplum) behind a fault proxy: the SR says
+whether the patient's clinical and genomic data were found and, when not, why; ``radfusion
+status`` shows why too (without PHI); under ``on_unavailable: hold`` the study waits in the dead
+letters until the server is back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from radfusion.config import parse_config
+from radfusion.logs import uid_tag
+from radfusion.synth.cohort import synth_cohort
+from tests.conftest import storescu, wait_for
+from tests.fhir_support import operation_outcome
+
+pytestmark = pytest.mark.integration
+
+COMMENT = ("121106", "DCM")
+
+
+@pytest.fixture(scope="module")
+def patients(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("cohort")
+    synth_cohort(root, patients=3, seed=23, slices=60, size=128)
+    out = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted((folder / "ct").glob("*.dcm"))
+        header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        out.append(
+            {
+                "files": files,
+                "StudyInstanceUID": str(header.StudyInstanceUID),
+                "PatientID": str(header.PatientID),
+                "bundle": json.loads((folder / "bundle.json").read_text()),
+                "truth": json.loads((folder / "ground_truth.json").read_text()),
+            }
+        )
+    return out
+
+
+def _config(base_url: str, results: Path, **fhir: Any) -> dict[str, Any]:
+    return {
+        "routing": {"rules": [{"name": "chest", "when": {"Modality": "CT"}, "apps": ["lung-ct"]}]},
+        "export": {"destinations": [{"name": "results", "type": "folder", "path": str(results)}]},
+        "fhir": {
+            "base_url": base_url,
+            "timeout_s": 5,
+            "retry": {"attempts": 2, "initial_backoff_s": 0.05},
+            **fhir,
+        },
+    }
+
+
+def _sr(folder: Path, study_uid: str) -> pydicom.Dataset | None:
+    for path in folder.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        if ds.StudyInstanceUID == study_uid and ds.Modality == "SR":
+            return ds
+    return None
+
+
+def _comments(sr: pydicom.Dataset) -> list[str]:
+    """The TEXT "Comment" items of the report's Qualitative Evaluations."""
+    found = []
+    for item in sr.ContentSequence:
+        for child in item.get("ContentSequence", []):
+            name = child.ConceptNameCodeSequence[0]
+            if (name.CodeValue, name.CodingSchemeDesignator) == COMMENT:
+                found.append(str(child.TextValue))
+    return found
+
+
+def _status(node: Any) -> dict[str, dict[str, Any]]:
+    """``radfusion status --json`` by study tag."""
+    out = node.cli("status", "--json")
+    assert out.returncode == 0, out.stderr
+    return {row["study"]: row for row in json.loads(out.stdout)}
+
+
+def test_sr_and_status_say_whether_patient_context_was_found(
+    node_factory: Any,
+    fhir_tenant: Any,
+    fhir_proxy: Any,
+    patients: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    for patient in patients:
+        fhir_tenant.post(patient["bundle"])
+    proxy = fhir_proxy(fhir_tenant)
+    results = tmp_path / "results"
+    node = node_factory(_config(proxy.base_url, results))
+    found, down, refused = patients
+
+    # Found: the SR says so, names the tested genes, and that the model uses imaging only.
+    storescu(node.port, found["files"])
+    wait_for(lambda: _sr(results, found["StudyInstanceUID"]) is not None, 180, "the first SR")
+    sr = _sr(results, found["StudyInstanceUID"])
+    assert sr is not None
+    context, imaging_only = _comments(sr)
+    study_date = found["truth"]["study_date"]
+    assert context.startswith(
+        f"Clinical and genomic data (FHIR): available as of the study date {study_date}"
+    ), context
+    tested = sorted(
+        gene
+        for gene, result in found["truth"]["context"]["genomics"]["genes"].items()
+        if result["status"] != "untested"
+    )
+    assert f"genes tested: {', '.join(tested)}" in context
+    assert imaging_only == "This algorithm uses imaging only."
+    assert len(list(results.rglob("*.dcm"))) == 2  # SEG and SR: findings are not held back
+
+    # Down: imaging-only results, and the SR and status say why.
+    proxy.down = True
+    storescu(node.port, down["files"])
+    wait_for(lambda: _sr(results, down["StudyInstanceUID"]) is not None, 180, "the second SR")
+    sr = _sr(results, down["StudyInstanceUID"])
+    assert sr is not None
+    (context, _) = _comments(sr)
+    assert context.startswith(
+        "Clinical and genomic data (FHIR): unavailable, the FHIR server could not be reached"
+    ), context
+    assert proxy.base_url in context
+
+    # Refused with an OperationOutcome: its codes, never its text, reach the SR and status.
+    proxy.down = False
+    secret = f"Patient {refused['PatientID']} is restricted"
+    proxy.fail_next(1, status=403, body=operation_outcome("forbidden", secret))
+    storescu(node.port, refused["files"])
+    wait_for(lambda: _sr(results, refused["StudyInstanceUID"]) is not None, 180, "the third SR")
+    sr = _sr(results, refused["StudyInstanceUID"])
+    assert sr is not None
+    (context, _) = _comments(sr)
+    assert "refused the request" in context and "forbidden" in context, context
+    assert secret not in context
+
+    status = _status(node)
+    assert status[uid_tag(found["StudyInstanceUID"])]["detail"] == ""
+    assert {row["state"] for row in status.values()} == {"done"}
+    assert "could not be reached" in status[uid_tag(down["StudyInstanceUID"])]["detail"]
+    assert "forbidden" in status[uid_tag(refused["StudyInstanceUID"])]["detail"]
+    for patient in patients:
+        assert patient["PatientID"] not in json.dumps(status, default=str)
+    assert secret not in node.log()
+    assert found["PatientID"] not in node.log()
+
+
+def test_hold_keeps_the_study_until_the_fhir_server_is_back(
+    node_factory: Any,
+    fhir_tenant: Any,
+    fhir_proxy: Any,
+    patients: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    patient = patients[0]
+    fhir_tenant.post(patient["bundle"])
+    proxy = fhir_proxy(fhir_tenant)
+    proxy.down = True
+    results = tmp_path / "results"
+    node = node_factory(_config(proxy.base_url, results, on_unavailable="hold"))
+    from radfusion.service import open_catalog
+
+    catalog = open_catalog(parse_config(node.config))
+
+    def dead_letters() -> list[Any]:
+        return [
+            d for d in catalog.dead_letters() if d.StudyInstanceUID == patient["StudyInstanceUID"]
+        ]
+
+    storescu(node.port, patient["files"])
+    wait_for(lambda: bool(dead_letters()), 180, "a dead letter")
+    (letter,) = dead_letters()
+    assert "ContextUnavailable" in letter.error and proxy.base_url in letter.error
+    assert not results.exists() or not list(results.rglob("*.dcm"))  # nothing written, nothing sent
+
+    proxy.down = False
+    assert node.cli("deadletter", "retry", str(letter.id)).returncode == 0
+    wait_for(lambda: _sr(results, patient["StudyInstanceUID"]) is not None, 180, "the SR")
+    sr = _sr(results, patient["StudyInstanceUID"])
+    assert sr is not None
+    assert "available as of the study date" in _comments(sr)[0]
