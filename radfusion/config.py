@@ -171,6 +171,17 @@ class RetryPolicy(_Section):
         ]
 
 
+class JobsConfig(_Section):
+    """How the service runs the apps' jobs."""
+
+    retry: RetryPolicy = Field(
+        default=RetryPolicy(attempts=4, initial_backoff_s=60.0, max_backoff_s=900.0),
+        description="A job that failed because a server it needs is unavailable (Triton; FHIR "
+        "under on_unavailable: hold) is queued again after these waits; after the last "
+        "attempt it goes to the dead letters. Other failures go there at once.",
+    )
+
+
 class DicomDestination(_Section):
     """A DICOM peer that accepts C-STORE (a PACS, a viewer, another router)."""
 
@@ -350,7 +361,8 @@ class FhirConfig(_Section):
     )
     consent_required: bool = Field(
         default=False,
-        description="Fetch genomics only for patients with an active permitting Consent.",
+        description="Fetch genomics only for patients with an active permitting privacy or "
+        "treatment Consent (research consents do not count; any deny in force withholds).",
     )
     on_unavailable: Literal["imaging-only", "hold"] = Field(
         default="imaging-only",
@@ -411,6 +423,7 @@ class RadfusionConfig(_Section):
     completion: CompletionConfig = CompletionConfig()
     routing: RoutingConfig = RoutingConfig()
     export: ExportConfig = ExportConfig()
+    jobs: JobsConfig = JobsConfig()
     apps: AppsConfig = AppsConfig()
     triton: TritonConfig | None = Field(
         default=None, description="Run the apps' models on this Triton server."

@@ -189,6 +189,15 @@ class Service:
             results = self.exporter.export(outputs, study_instance_uid=job.StudyInstanceUID)
         except Exception as err:
             error = f"{type(err).__name__}: {err}"
+            delays = self.config.jobs.retry.delays()
+            if getattr(err, "transient", False) and job.attempts <= len(delays):
+                delay = delays[job.attempts - 1]
+                log.warning(
+                    "job %d (%s) on study %s failed (attempt %d of %d), again in %g s: %s",
+                    job.id, job.app, tag, job.attempts, len(delays) + 1, delay, error,
+                )  # fmt: skip
+                self.catalog.retry_job_later(job.id, delay_s=delay, error=error)
+                return False
             log.error("job %d (%s) on study %s failed: %s", job.id, job.app, tag, error)
             self.catalog.finish_job(job.id, ok=False, error=error)
             self.catalog.add_dead_letter(

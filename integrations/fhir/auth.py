@@ -42,15 +42,18 @@ class Auth(Protocol):
 
     def headers(self) -> dict[str, str]: ...
 
-    def invalidate(self) -> None: ...
+    def invalidate(self) -> bool:
+        """Drop the credentials a 401 rejected; True when asking again may give others
+        (worth one more request), False when they cannot change."""
+        ...
 
 
 class NoAuth:
     def headers(self) -> dict[str, str]:
         return {}
 
-    def invalidate(self) -> None:
-        pass
+    def invalidate(self) -> bool:
+        return False
 
 
 class BearerToken:
@@ -62,8 +65,8 @@ class BearerToken:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._token}"}
 
-    def invalidate(self) -> None:
-        pass
+    def invalidate(self) -> bool:
+        return False
 
 
 class SmartBackendServices:
@@ -131,9 +134,10 @@ class SmartBackendServices:
                 self._token, self._expires_at = self._fetch()
             return {"Authorization": f"Bearer {self._token}"}
 
-    def invalidate(self) -> None:
+    def invalidate(self) -> bool:
         with self._lock:
             self._token = None
+        return True
 
     def _fetch(self) -> tuple[str, float]:
         form = {

@@ -15,12 +15,13 @@ OperationOutcome diagnostics text (servers echo patient data into it).
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
@@ -104,6 +105,21 @@ def _describe(issues: tuple[OutcomeIssue, ...]) -> str:
     )
 
 
+def _retry_after(response: httpx.Response | None) -> float | None:
+    """The seconds a 429/503 answer's ``Retry-After`` asks for (delta-seconds or HTTP-date),
+    or None when it has none that can be read."""
+    value = response.headers.get("Retry-After", "").strip() if response is not None else ""
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
 class FhirClient:
     """Reads and searches one FHIR R4 server.
 
@@ -156,7 +172,8 @@ class FhirClient:
         """``GET [base]/Type?params`` and every ``next`` page (at most ``max_pages``).
 
         ``_count`` defaults to the configured page size. ``next`` links must stay on the
-        server's own origin (the request carries the access token).
+        server's own origin (the request carries the access token); a relative one (some
+        servers behind proxies send them) is taken relative to the base URL.
 
         Raises:
             FhirError: the server refused the search, answered with something other than a
@@ -189,7 +206,7 @@ class FhirClient:
                 (result.include if mode == "include" else result.match).append(resource)
             url = next(
                 (
-                    str(link.get("url"))
+                    urljoin(f"{self.base_url}/", str(link.get("url")))
                     for link in bundle.get("link") or []
                     if link.get("relation") == "next" and link.get("url")
                 ),
@@ -214,28 +231,43 @@ class FhirClient:
             else:
                 if response.status_code == 401 and not refreshed:
                     refreshed = True  # the token may have expired or been revoked: once more
-                    self.auth.invalidate()
-                    continue
+                    if self.auth.invalidate():
+                        continue
                 if response.status_code < 400:
                     return self._json(response, what)
                 if response.status_code not in _RETRY_STATUSES:
                     raise self._refusal(response, what)
                 problem = f"HTTP {response.status_code}"
+            status = None if response is None else response.status_code
             if attempt >= len(delays):
                 raise FhirUnavailable(
                     f"FHIR server {self.base_url} unavailable for {what}: {problem} "
                     f"(after {attempt + 1} attempts)",
-                    status=None if response is None else response.status_code,
+                    status=status,
                 )
+            delay = delays[attempt]
+            asked = _retry_after(response)
+            longest = self.config.retry.max_backoff_s
+            if asked is not None:
+                if asked > longest:
+                    # Asking sooner than the server said only adds to its load; a study is
+                    # not held up that long (imaging-only or hold takes over).
+                    raise FhirUnavailable(
+                        f"FHIR server {self.base_url} unavailable for {what}: {problem}, "
+                        f"asked to retry after {asked:.0f} s (radfusion waits {longest:.0f} s "
+                        "at most)",
+                        status=status,
+                    )
+                delay = max(delay, asked)
             log.warning(
                 "FHIR %s request failed (%s); retry %d of %d in %.1f s",
                 what,
                 problem,
                 attempt + 1,
                 len(delays),
-                delays[attempt],
+                delay,
             )
-            time.sleep(delays[attempt])
+            time.sleep(delay)
             attempt += 1
 
     def _json(self, response: httpx.Response, what: str) -> dict[str, Any]:

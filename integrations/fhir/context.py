@@ -170,6 +170,7 @@ class CancerCondition:
     display: str
     histology: str | None
     body_site: str | None
+    clinical_status: str | None = None  # active, recurrence, remission, resolved, …
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,9 @@ def _gene_names(observation: dict[str, Any]) -> list[str]:
     return names
 
 
+_NOT_A_DIAGNOSIS = {"entered-in-error", "refuted", "unconfirmed", "provisional", "differential"}
+
+
 class _Selector:
     """Applies the date cut-off and status rules, counting what it leaves out."""
 
@@ -300,7 +304,9 @@ class _Selector:
             return False
         if resource.get("resourceType") == "Condition":
             verification = _code_of(resource.get("verificationStatus"))
-            if verification in ("entered-in-error", "refuted"):
+            # Only a confirmed diagnosis (or one without verification status, which R4 allows)
+            # may stand as the patient's cancer; a suspicion is not a diagnosis.
+            if verification in _NOT_A_DIAGNOSIS:
                 self.excluded[f"condition {verification}"] += 1
                 return False
         when = _parse_date(_result_date(resource))
@@ -488,6 +494,7 @@ def _cancer(conditions: list[dict[str, Any]]) -> Fact[CancerCondition]:
             display=str(code.get("display") or code.get("code")),
             histology=histology,
             body_site=site,
+            clinical_status=_code_of(condition.get("clinicalStatus")),
         ),
         (_source(condition),),
         _result_date(condition),

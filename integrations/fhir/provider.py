@@ -32,6 +32,8 @@ Status = Literal["available", "no-patient", "unavailable", "refused", "no-study-
 class ContextUnavailable(RuntimeError):
     """The FHIR server is unavailable and the site holds studies until it is back."""
 
+    transient = True  # the service queues the job again later (jobs.retry)
+
 
 @dataclass(frozen=True)
 class ContextOutcome:
@@ -100,22 +102,40 @@ def _denies(provision: dict[str, Any], today: dt.date) -> bool:
     return any(_denies(p, today) for p in provision.get("provision") or [] if isinstance(p, dict))
 
 
+# Consent.scope (R4, http://terminology.hl7.org/CodeSystem/consentscope) codes that govern
+# using a patient's data in their care: privacy consents and treatment consents. Research and
+# advance-directive consents say nothing about it, either way.
+_CONSENT_SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
+_APPLICABLE_SCOPES = {"patient-privacy", "treatment"}
+
+
+def _applies(consent: dict[str, Any]) -> bool:
+    """True when the Consent's scope governs clinical use (or it names no coded scope: R4
+    requires one, and a Consent we cannot place is taken to apply)."""
+    codings = [
+        c
+        for c in (consent.get("scope") or {}).get("coding") or []
+        if isinstance(c, dict) and c.get("system") == _CONSENT_SCOPE_SYSTEM
+    ]
+    return not codings or any(c.get("code") in _APPLICABLE_SCOPES for c in codings)
+
+
 def _consent_withheld(client: FhirClient, patient: dict[str, Any]) -> str:
-    """Why genomic data must not be fetched for ``patient`` ("" when an active Consent in
-    force permits it and none denies any part of it)."""
+    """Why genomic data must not be fetched for ``patient`` ("" when an active privacy or
+    treatment Consent in force permits it and none denies any part of it)."""
     today = dt.date.today()
     found = client.search(
         "Consent", {"patient": f"Patient/{patient.get('id')}", "status": "active"}
     ).match
     permitted = False
-    for consent in found:
+    for consent in filter(_applies, found):
         provision = consent.get("provision") or {}
         if _denies(provision, today):
             return "genomic data withheld: the patient's Consent denies it (or part of it)"
         if provision.get("type") == "permit" and _in_period(provision.get("period"), today):
             permitted = True
     if not permitted:
-        return "genomic data withheld: no active Consent in force permits it"
+        return "genomic data withheld: no active privacy or treatment Consent in force permits it"
     return ""
 
 

@@ -10,7 +10,8 @@ sends the patches to a Triton Inference Server:
 - the batch split into requests of ``batch_size`` patches, up to ``max_in_flight`` of them at
   once, each with its own connection and shared-memory regions;
 - a readiness check when it is created, and errors that name the server, model and version;
-- retries with backoff on transient errors (server unreachable, restarted, timed out).
+- retries with backoff on transient errors (server unreachable, restarted, overloaded); a
+  request that timed out is not sent again at once (it may still be running on the server).
 
 Raises from calls: :class:`TritonUnavailable` when the server could not be reached after the
 retries (a transient condition: the job may succeed later), :class:`TritonError` for
@@ -62,6 +63,10 @@ _TRANSIENT = {
 # The Python backend answers INTERNAL when its stub process died (e.g. killed for memory);
 # a server operator must reload the model, which may happen while we back off.
 _DEAD_STUB = "is not healthy"
+# A request that ran past its timeout may still be computing on the server: sending it again at
+# once doubles the load on a server that is already too slow. It fails the job as unavailable
+# (transient: the dead-letter retry runs it later) without an immediate retry.
+_TIMED_OUT = {"StatusCode.DEADLINE_EXCEEDED", "504"}
 # The server no longer knows a region we registered (it restarted): register again and retry.
 # Other shared-memory errors (cannot open, too small, /dev/shm full) are configuration errors.
 _SHM_LOST = "unable to find system shared memory region"
@@ -74,6 +79,8 @@ class TritonError(RuntimeError):
 
 class TritonUnavailable(TritonError):
     """The Triton server could not be reached or did not answer in time, after all retries."""
+
+    transient = True  # the service queues the job again later (jobs.retry)
 
 
 class TritonModelNotReady(TritonError):
@@ -105,6 +112,14 @@ def _is_transient(err: BaseException) -> bool:
         "HTTPConnectionClosed",
         "Timeout",
     }
+
+
+def _timed_out(err: BaseException) -> bool:
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(err, InferenceServerException):
+        return (err.status() or "") in _TIMED_OUT
+    return type(err).__name__ == "Timeout" or isinstance(err, TimeoutError)
 
 
 class _ShmFull(OSError):
@@ -444,6 +459,12 @@ class TritonPredictor:
                     lost_shm = _SHM_LOST in str(err).lower()
                     if not (_is_transient(err) or lost_shm):
                         raise TritonError(f"{self._where()}: {err}") from err
+                    if _timed_out(err):
+                        raise TritonUnavailable(
+                            f"{self._where()}: no answer within {self.config.timeout_s:g} s "
+                            f"({err}); not sent again now, as the server may still be "
+                            "computing it"
+                        ) from err
                     if attempt == len(delays):
                         raise TritonUnavailable(
                             f"{self._where()}: {err} (after {attempt + 1} attempts)"

@@ -85,6 +85,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     error TEXT NOT NULL DEFAULT '',
+    not_before REAL NOT NULL DEFAULT 0,
     UNIQUE (StudyInstanceUID, generation, app)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
@@ -211,7 +212,11 @@ class Catalog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._durable = durable
         self._local = threading.local()
-        self._connection().executescript(_SCHEMA)
+        db = self._connection()
+        db.executescript(_SCHEMA)
+        # Catalogs made before jobs could wait for a retry lack the column.
+        if "not_before" not in {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}:
+            db.execute("ALTER TABLE jobs ADD COLUMN not_before REAL NOT NULL DEFAULT 0")
 
     def _connection(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -457,10 +462,11 @@ class Catalog:
             ).rowcount
 
     def claim_job(self, apps: Sequence[str] | None = None) -> Job | None:
-        """Take the oldest queued job (for one of ``apps``, if given) and mark it running."""
+        """Take the oldest queued job that is due (for one of ``apps``, if given) and mark it
+        running."""
         with self._tx() as db:
-            query = "SELECT * FROM jobs WHERE state='queued'"
-            args: list[object] = []
+            query = "SELECT * FROM jobs WHERE state='queued' AND not_before <= ?"
+            args: list[object] = [time.time()]
             if apps is not None:
                 query += f" AND app IN ({','.join('?' * len(apps))})"
                 args.extend(apps)
@@ -511,6 +517,27 @@ class Catalog:
                     (final, detail, uid, generation, StudyState.ROUTED),
                 )
 
+    def retry_job_later(self, job_id: int, *, delay_s: float, error: str) -> None:
+        """Queue a running job again, to be claimed no sooner than ``delay_s`` from now (a
+        server it needs was unavailable); the study stays 'routed' and its detail says why."""
+        now = time.time()
+        with self._tx() as db:
+            job = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if job is None:
+                raise KeyError(f"no job #{job_id}")
+            db.execute(
+                "UPDATE jobs SET state='queued', error=?, not_before=?, updated=? WHERE id=?",
+                (error, now + delay_s, now, job_id),
+            )
+            detail = (
+                f"{job['app']}: attempt {job['attempts']} failed, retry in {delay_s:g} s: {error}"
+            )
+            db.execute(
+                "UPDATE studies SET detail=? WHERE StudyInstanceUID=? AND generation=?",
+                (detail, job["StudyInstanceUID"], job["generation"]),
+            )
+            self._event(db, job["StudyInstanceUID"], "job-retry-scheduled", detail)
+
     def requeue_job(self, job_id: int) -> None:
         """Put a failed job back in the queue (its study returns to 'routed')."""
         now = time.time()
@@ -519,7 +546,8 @@ class Catalog:
             if job is None:
                 raise KeyError(f"no job #{job_id}")
             db.execute(
-                "UPDATE jobs SET state='queued', error='', updated=? WHERE id=?", (now, job_id)
+                "UPDATE jobs SET state='queued', error='', not_before=0, updated=? WHERE id=?",
+                (now, job_id),
             )
             db.execute(
                 "UPDATE studies SET state=?, detail='' WHERE StudyInstanceUID=? AND generation=?",

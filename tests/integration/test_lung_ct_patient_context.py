@@ -158,29 +158,35 @@ def test_hold_keeps_the_study_until_the_fhir_server_is_back(
     tmp_path: Path,
 ) -> None:
     patient = patients[0]
+    uid = patient["StudyInstanceUID"]
     fhir_tenant.post(patient["bundle"])
     proxy = fhir_proxy(fhir_tenant)
     proxy.down = True
     results = tmp_path / "results"
-    node = node_factory(_config(proxy.base_url, results, on_unavailable="hold"))
+    config = _config(proxy.base_url, results, on_unavailable="hold")
+    config["jobs"] = {"retry": {"attempts": 50, "initial_backoff_s": 0.5, "max_backoff_s": 1}}
+    node = node_factory(config)
     from radfusion.service import open_catalog
 
     catalog = open_catalog(parse_config(node.config))
 
-    def dead_letters() -> list[Any]:
-        return [
-            d for d in catalog.dead_letters() if d.StudyInstanceUID == patient["StudyInstanceUID"]
-        ]
+    def retries() -> list[str]:
+        return [d for e, d in catalog.events_of(uid) if e == "job-retry-scheduled"]
 
+    # The job is queued again while the server is down; nothing is written or sent meanwhile.
     storescu(node.port, patient["files"])
-    wait_for(lambda: bool(dead_letters()), 180, "a dead letter")
-    (letter,) = dead_letters()
-    assert "ContextUnavailable" in letter.error and proxy.base_url in letter.error
-    assert not results.exists() or not list(results.rglob("*.dcm"))  # nothing written, nothing sent
+    wait_for(lambda: len(retries()) >= 2, 180, "two scheduled retries")
+    assert "ContextUnavailable" in retries()[0] and proxy.base_url in retries()[0]
+    assert not results.exists() or not list(results.rglob("*.dcm"))
+    row = _status(node)[uid_tag(uid)]
+    assert row["state"] == "routed" and "retry in" in row["detail"]
+    assert patient["PatientID"] not in row["detail"]
 
+    # The server is back: the next attempt produces the results, with the context; no dead letter.
     proxy.down = False
-    assert node.cli("deadletter", "retry", str(letter.id)).returncode == 0
-    wait_for(lambda: _sr(results, patient["StudyInstanceUID"]) is not None, 180, "the SR")
-    sr = _sr(results, patient["StudyInstanceUID"])
+    wait_for(lambda: _sr(results, uid) is not None, 180, "the SR")
+    sr = _sr(results, uid)
     assert sr is not None
     assert "available as of the study date" in _comments(sr)[0]
+    assert not [d for d in catalog.dead_letters() if d.StudyInstanceUID == uid]
+    wait_for(lambda: _status(node)[uid_tag(uid)]["state"] == "done", 30, "the study done")

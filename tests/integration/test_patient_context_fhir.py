@@ -237,14 +237,16 @@ def test_smart_backend_services_token_is_refreshed_after_401(
         provider.close()
 
 
-def _consent(patient: str, provision: dict[str, Any], policy: str) -> dict[str, Any]:
-    """An active research Consent of ``patient`` with ``provision``."""
+def _consent(
+    patient: str, provision: dict[str, Any], policy: str, scope: str = "patient-privacy"
+) -> dict[str, Any]:
+    """An active Consent of ``patient`` with ``provision``."""
     return {
         "resourceType": "Consent",
         "status": "active",
         "scope": {
             "coding": [
-                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}
+                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": scope}
             ]
         },
         "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
@@ -260,13 +262,19 @@ def test_without_consent_no_genomics_are_fetched(
     proxy = fhir_proxy(loaded)
     outcome = _context(proxy.base_url, cohort[0]["header"], consent_required=True)
     assert outcome.context is not None and outcome.context.genes == {}
-    assert "no active Consent" in outcome.context.tmb.missing
+    assert "no active privacy or treatment Consent" in outcome.context.tmb.missing
     assert not [r for r in proxy.requests if "DiagnosticReport" in r.path]
     (observations,) = [r for r in proxy.requests if r.path.split("?")[0].endswith("Observation")]
     asked = observations.query["code"][0]
     assert not any(code in asked for code in ("69548-6", "53041-0", "94076-7", "81695-9"))
     assert outcome.context.ecog.value is not None  # clinical data still comes
     patient = outcome.context.patient.reference
+    # A research consent, permit or deny, does not govern clinical use.
+    loaded.post(_consent(patient, {"type": "permit"}, "biobank", scope="research"))
+    loaded.post(_consent(patient, {"type": "deny"}, "no registry", scope="research"))
+    research_only = _context(loaded.base_url, cohort[0]["header"], consent_required=True)
+    assert research_only.context is not None and research_only.context.genes == {}
+    assert "no active privacy or treatment Consent" in research_only.context.tmb.missing
     loaded.post(_consent(patient, {"type": "permit"}, "genomic data for decision support"))
     permitted = _context(loaded.base_url, cohort[0]["header"], consent_required=True)
     assert permitted.context is not None and permitted.context.tested_genes()

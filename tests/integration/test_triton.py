@@ -153,6 +153,7 @@ def _job_config(triton_url: str, results: Path) -> dict[str, Any]:
             "connect_timeout_s": 1,
             "retry": {"attempts": 2, "initial_backoff_s": 0.2},
         },
+        "jobs": {"retry": {"attempts": 2, "initial_backoff_s": 0.5}},  # queued again once
     }
 
 
@@ -194,6 +195,9 @@ def test_studies_survive_triton_down_at_start_and_killed_later(
     wait_for(lambda: dead_letter_for(first.StudyInstanceUID) is not None, 120, "a dead letter")
     letter = catalog.dead_letter(dead_letter_for(first.StudyInstanceUID) or 0)
     assert letter is not None and "TritonUnavailable" in letter.error
+    assert letter.attempts == 2  # queued again by jobs.retry, then dead-lettered
+    events = [e for e, _ in catalog.events_of(first.StudyInstanceUID)]
+    assert events.count("job-retry-scheduled") == 1
     assert f"127.0.0.1:{grpc_port}" in letter.error
     server = start_triton(triton_repository, grpc_port=grpc_port, http_port=http_port)
     try:

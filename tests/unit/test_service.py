@@ -22,7 +22,18 @@ class _Boom:
         raise RuntimeError("model server unavailable")
 
 
-def _service(tmp_path: Path) -> Service:
+class _Unavailable(RuntimeError):
+    transient = True
+
+
+class _Flaky(_Boom):
+    name = "flaky"
+
+    def run(self, study: Any, work_dir: Path) -> list[Path]:
+        raise _Unavailable("FHIR server down")
+
+
+def _service(tmp_path: Path, **extra: Any) -> Service:
     return Service(
         parse_config(
             {
@@ -30,6 +41,7 @@ def _service(tmp_path: Path) -> Service:
                 "export": {
                     "destinations": [{"name": "f", "type": "folder", "path": str(tmp_path / "out")}]
                 },
+                **extra,
             }
         )
     )
@@ -74,6 +86,32 @@ def test_failed_job_becomes_a_dead_letter_and_retry_requeues(
     service.catalog.requeue_job(job.id)
     assert service.catalog.study("1.2.3").state == "routed"
     assert service.catalog.claim_job(["boom"]).attempts == 2
+
+
+def test_a_transient_failure_is_queued_again_later_then_dead_lettered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(registry._APPS, "flaky", f"{__name__}:_Flaky")
+    service = _service(tmp_path, jobs={"retry": {"attempts": 3, "initial_backoff_s": 30}})
+    _record(service)
+    [job] = service.catalog.hand_on("1.2.3", lambda series: ["flaky"]) or []
+    clock = [time.time()]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    for attempt, wait in ((1, 30), (2, 60)):
+        claimed = service.catalog.claim_job(["flaky"])
+        assert claimed is not None and claimed.attempts == attempt
+        assert service.run_job(claimed) is False
+        assert service.catalog.dead_letters() == []
+        study = service.catalog.study("1.2.3")
+        assert study.state == "routed" and f"retry in {wait} s" in study.detail
+        assert service.catalog.claim_job(["flaky"]) is None  # not due yet
+        clock[0] += wait + 1
+    claimed = service.catalog.claim_job(["flaky"])
+    assert claimed is not None and claimed.attempts == 3
+    assert service.run_job(claimed) is False
+    [letter] = service.catalog.dead_letters()
+    assert (letter.job_id, letter.attempts) == (job.id, 3) and "FHIR server down" in letter.error
+    assert service.catalog.study("1.2.3").state == "failed"
 
 
 def test_retention_purges_finished_studies_only(tmp_path: Path) -> None:

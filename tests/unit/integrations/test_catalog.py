@@ -128,3 +128,22 @@ def test_an_apps_note_becomes_the_studys_detail(tmp_path: Path) -> None:
     study = cat.study("1.2.3")
     assert (study.state, study.detail) == ("done", "clinical data unavailable")
     assert ("job-done", "forward clinical data unavailable") in cat.events_of("1.2.3")
+
+
+def test_a_catalog_from_before_job_retries_gains_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    Catalog(path).close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE jobs DROP COLUMN not_before")
+    db.commit()
+    db.close()
+    cat = Catalog(path)
+    cat.record_instance(rec("1"), quiet_period_s=0, late_arrival="rerun")
+    [job] = cat.hand_on("1.2.3", route_ct) or []
+    assert cat.claim_job() is not None
+    cat.retry_job_later(job.id, delay_s=3600, error="TritonUnavailable: down")
+    assert cat.claim_job() is None  # not due for an hour
+    cat.requeue_job(job.id)  # by hand: due at once
+    assert cat.claim_job() is not None

@@ -174,3 +174,37 @@ def test_outcome_describes_what_was_found_or_why_not() -> None:
         ("no-study-date", "not looked up"),
     ):
         assert words in ContextOutcome(status, reason="x").describe()  # type: ignore[arg-type]
+
+
+def _condition(cid: str, verification: str | None, clinical: str = "active") -> dict[str, Any]:
+    condition: dict[str, Any] = {
+        "resourceType": "Condition",
+        "id": cid,
+        "subject": {"reference": "Patient/p1"},
+        "code": _concept("http://snomed.info/sct", "254626006", "Adenocarcinoma of lung"),
+        "clinicalStatus": _concept(
+            "http://terminology.hl7.org/CodeSystem/condition-clinical", clinical
+        ),
+        "recordedDate": "2026-01-05" if cid == "c1" else "2026-02-05",
+    }
+    if verification:
+        condition["verificationStatus"] = _concept(
+            "http://terminology.hl7.org/CodeSystem/condition-ver-status", verification
+        )
+    return condition
+
+
+def test_only_a_confirmed_diagnosis_is_the_cancer() -> None:
+    def cancer_of(*conditions: dict[str, Any]) -> Any:
+        return build_context(
+            PATIENT, STUDY, SearchResult(), SearchResult(), SearchResult(match=list(conditions))
+        )
+
+    # The later record is a suspicion only: the confirmed earlier one stands.
+    context = cancer_of(_condition("c1", "confirmed", "remission"), _condition("c2", "provisional"))
+    assert context.cancer.sources[0].reference == "Condition/c1"
+    assert context.cancer.value.clinical_status == "remission"
+    assert context.excluded == {"condition provisional": 1}
+    for status in ("unconfirmed", "differential", "refuted", "entered-in-error"):
+        assert cancer_of(_condition("c2", status)).cancer.value is None, status
+    assert cancer_of(_condition("c2", None)).cancer.value is not None  # R4 allows no status

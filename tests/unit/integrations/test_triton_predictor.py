@@ -157,11 +157,25 @@ def test_an_unclosed_predictor_is_collected() -> None:
 def test_transient_errors_are_retried() -> None:
     failures = [
         InferenceServerException("Socket closed", status="StatusCode.UNAVAILABLE"),
-        InferenceServerException("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED"),
+        InferenceServerException("overloaded", status="StatusCode.RESOURCE_EXHAUSTED"),
     ]
     p = Scripted(_config(shared_memory="off"), failures)
     p(torch.ones(1, 1, 2, 2, 2))
     assert p.calls == 3
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        InferenceServerException("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED"),
+        TimeoutError("timed out"),
+    ],
+)
+def test_a_timed_out_request_is_not_sent_again_at_once(failure: Exception) -> None:
+    p = Scripted(_config(shared_memory="off"), [failure])
+    with pytest.raises(TritonUnavailable, match="may still be computing it"):
+        p(torch.ones(1, 1, 2, 2, 2))
+    assert p.calls == 1  # the job fails as transient; the dead-letter retry runs it later
 
 
 def test_retries_run_out_as_unavailable_naming_the_server() -> None:
