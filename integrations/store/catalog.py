@@ -520,6 +520,13 @@ class Catalog:
     def retry_job_later(self, job_id: int, *, delay_s: float, error: str) -> None:
         """Queue a running job again, to be claimed no sooner than ``delay_s`` from now (a
         server it needs was unavailable); the study stays 'routed' and its detail says why."""
+        self._queue_again(job_id, delay_s=delay_s, error=error)
+
+    def requeue_job(self, job_id: int) -> None:
+        """Put a failed job back in the queue (its study returns to 'routed')."""
+        self._queue_again(job_id)
+
+    def _queue_again(self, job_id: int, *, delay_s: float = 0, error: str = "") -> None:
         now = time.time()
         with self._tx() as db:
             job = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -527,33 +534,19 @@ class Catalog:
                 raise KeyError(f"no job #{job_id}")
             db.execute(
                 "UPDATE jobs SET state='queued', error=?, not_before=?, updated=? WHERE id=?",
-                (error, now + delay_s, now, job_id),
+                (error, now + delay_s if delay_s else 0, now, job_id),
             )
-            detail = (
-                f"{job['app']}: attempt {job['attempts']} failed, retry in {delay_s:g} s: {error}"
-            )
+            if error:
+                event = "job-retry-scheduled"
+                attempt = job["attempts"]
+                detail = f"{job['app']}: attempt {attempt} failed, retry in {delay_s:g} s: {error}"
+            else:
+                event, detail = "job-requeued", ""
             db.execute(
-                "UPDATE studies SET detail=? WHERE StudyInstanceUID=? AND generation=?",
-                (detail, job["StudyInstanceUID"], job["generation"]),
+                "UPDATE studies SET state=?, detail=? WHERE StudyInstanceUID=? AND generation=?",
+                (StudyState.ROUTED, detail, job["StudyInstanceUID"], job["generation"]),
             )
-            self._event(db, job["StudyInstanceUID"], "job-retry-scheduled", detail)
-
-    def requeue_job(self, job_id: int) -> None:
-        """Put a failed job back in the queue (its study returns to 'routed')."""
-        now = time.time()
-        with self._tx() as db:
-            job = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if job is None:
-                raise KeyError(f"no job #{job_id}")
-            db.execute(
-                "UPDATE jobs SET state='queued', error='', not_before=0, updated=? WHERE id=?",
-                (now, job_id),
-            )
-            db.execute(
-                "UPDATE studies SET state=?, detail='' WHERE StudyInstanceUID=? AND generation=?",
-                (StudyState.ROUTED, job["StudyInstanceUID"], job["generation"]),
-            )
-            self._event(db, job["StudyInstanceUID"], "job-requeued", job["app"])
+            self._event(db, job["StudyInstanceUID"], event, detail or job["app"])
 
     def jobs_of(self, study_instance_uid: str) -> list[Job]:
         return [
