@@ -183,7 +183,9 @@ class ResultsWriterOperator(Operator):
             uid_root=self.uid_root,
             labelmap=self.labelmap,
             timings=self.timings,
-            statements=self.statements() if self.statements is not None else (),
+            # Nothing is written without a selected series: no reason to wait for (or fail on)
+            # the statements then.
+            statements=self.statements() if self.statements and selection is not None else (),
         )
         if self.written is not None:
             self.written.extend(paths)

@@ -375,6 +375,9 @@ class FhirConfig(_Section):
     def _check_base(cls, value: str) -> str:
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError(f"{value!r} must be an http(s) URL")
+        if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            # The URL appears in logs, status and reports: credentials go in fhir.auth.
+            raise ValueError("must not hold credentials (user:password@); use fhir.auth")
         return value.rstrip("/")
 
     @model_validator(mode="after")

@@ -86,6 +86,10 @@ class Service:
         self.assembler.stop()
         for t in self._threads:
             t.join(timeout=30)
+        for app in self._apps.values():
+            close = getattr(app, "close", None)
+            if close is not None:
+                close()
 
     def run_forever(self) -> None:
         """Start and block until stop() (e.g. from a signal handler)."""

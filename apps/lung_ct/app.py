@@ -29,11 +29,16 @@ from pathlib import Path
 import pydicom
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application, Fragment, Operator, OperatorSpec
+from pydicom.dataset import Dataset
 
 from radfusion import __version__
 from radfusion.apps.registry import StudyInput
 from radfusion.config import LungCTConfig, RadfusionConfig
-from radfusion.integrations.fhir.provider import ContextOutcome, PatientContextProvider
+from radfusion.integrations.fhir.provider import (
+    ContextOutcome,
+    ContextUnavailable,
+    PatientContextProvider,
+)
 from radfusion.operators.measurement import MeasurementOperator
 from radfusion.operators.results import AlgorithmInfo
 from radfusion.operators.results_writer import ResultsWriterOperator
@@ -136,7 +141,7 @@ class PatientContextLookup:
         self.outcome: ContextOutcome | None = None
         self._future: Future[ContextOutcome] | None = None
         if provider is not None and files:
-            self._future = pool.submit(_lookup, provider, files[0])
+            self._future = pool.submit(_lookup, provider, list(files))
 
     def statements(self) -> list[str]:
         if self._future is None:
@@ -144,14 +149,42 @@ class PatientContextLookup:
         self.outcome = self._future.result()
         return [self.outcome.describe(), IMAGING_ONLY]
 
+    def abandon(self) -> None:
+        """The study failed before its results were written: drop the lookup if it has not
+        started (one that has runs to its end in the background; its outcome is unused)."""
+        if self._future is not None:
+            self._future.cancel()
 
-def _lookup(provider: PatientContextProvider, path: Path) -> ContextOutcome:
-    # Any instance of the study names its patient; the pixels are not needed.
+
+_DICOMDIR = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: names no one patient
+
+
+def _header(files: Sequence[Path]) -> Dataset | None:
+    """The first file that is a DICOM instance of a study (any of them names its patient)."""
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # not DICOM, unreadable: another file will do
+            continue
+        if "StudyInstanceUID" in ds and ds.get("SOPClassUID") != _DICOMDIR:
+            return ds
+    return None
+
+
+def _lookup(provider: PatientContextProvider, files: Sequence[Path]) -> ContextOutcome:
+    """The provider's outcome; under ``imaging-only`` nothing in the lookup may fail the study,
+    so an unexpected error is an outcome too (named by its type: its text may hold paths or
+    patient data)."""
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-    except (OSError, pydicom.errors.InvalidDicomError) as err:
-        return ContextOutcome("no-patient", reason=f"the study's header cannot be read: {err}")
-    return provider(header)
+        header = _header(files)
+        if header is None:
+            return ContextOutcome("no-patient", reason="no instance of the study could be read")
+        return provider(header)
+    except ContextUnavailable:
+        raise
+    except Exception as err:
+        log.warning("patient context lookup failed (%s); imaging only", type(err).__name__)
+        return ContextOutcome("refused", reason=f"the lookup failed ({type(err).__name__})")
 
 
 class LungCTApp(Application):
@@ -232,25 +265,31 @@ def run_folder(input_dir: Path, output_dir: Path, config: RadfusionConfig) -> li
     model = model_config(config.apps.lung_ct)
     predictor = make_predictor(config, model)
     provider = PatientContextProvider(config.fhir) if config.fhir is not None else None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fhir")
+    lookup = PatientContextLookup(provider, files, pool)
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="fhir") as pool:
-            lookup = PatientContextLookup(provider, files, pool)
-            app = LungCTApp(
-                files=files,
-                output_dir=Path(output_dir),
-                settings=config.apps.lung_ct,
-                uid_root=config.uid_root,
-                model=model,
-                predictor=predictor,
-                statements=lookup.statements,
-            )
-            app.run()
+        app = LungCTApp(
+            files=files,
+            output_dir=Path(output_dir),
+            settings=config.apps.lung_ct,
+            uid_root=config.uid_root,
+            model=model,
+            predictor=predictor,
+            statements=lookup.statements,
+        )
+        app.run()
     finally:
-        for resource in (predictor, provider):
-            close = getattr(resource, "close", None)
-            if close is not None:
-                close()
+        lookup.abandon()
+        pool.shutdown(wait=False, cancel_futures=True)
+        _close(predictor, provider)
     return list(app.written)
+
+
+def _close(*resources: object) -> None:
+    for resource in resources:
+        close = getattr(resource, "close", None)
+        if close is not None:
+            close()
 
 
 class LungCT:
@@ -268,7 +307,15 @@ class LungCT:
         self._model: SegmentationModelConfig | None = None
         self._predictor: Predictor | None = None
         self._provider: PatientContextProvider | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fhir")
+        # Two workers: a lookup left running by a failed study does not delay the next one's.
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="fhir")
+
+    def close(self) -> None:
+        """Stop looking up (pending lookups are dropped) and close the FHIR and Triton
+        clients; the service calls this when it stops."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        _close(self._predictor, self._provider)
+        self._predictor = self._provider = None
 
     def run(self, study: StudyInput, work_dir: Path) -> list[Path]:
         settings = self.config.apps.lung_ct
@@ -287,7 +334,10 @@ class LungCT:
             predictor=self._predictor,
             statements=lookup.statements,
         )
-        app.run()
+        try:
+            app.run()
+        finally:
+            lookup.abandon()
         if lookup.outcome is not None and lookup.outcome.status != "available":
             study.notes.append(lookup.outcome.describe())
         log.info(

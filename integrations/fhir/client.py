@@ -15,6 +15,7 @@ OperationOutcome diagnostics text (servers echo patient data into it).
 
 from __future__ import annotations
 
+import datetime as dt
 import email.utils
 import logging
 import time
@@ -111,12 +112,14 @@ def _retry_after(response: httpx.Response | None) -> float | None:
     value = response.headers.get("Retry-After", "").strip() if response is not None else ""
     if not value:
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are GMT, never local time
+        when = when.replace(tzinfo=dt.UTC)
     return max(0.0, when.timestamp() - time.time())
 
 
@@ -173,7 +176,7 @@ class FhirClient:
 
         ``_count`` defaults to the configured page size. ``next`` links must stay on the
         server's own origin (the request carries the access token); a relative one (some
-        servers behind proxies send them) is taken relative to the base URL.
+        servers behind proxies send them) is resolved against the page it came on.
 
         Raises:
             FhirError: the server refused the search, answered with something other than a
@@ -189,6 +192,7 @@ class FhirClient:
                     f"{resource_type} search has more than {self.config.max_pages} pages"
                 )
             bundle = self._get(url, query, resource_type)
+            page_url = url
             result.pages += 1
             query = {}  # a next link carries its own query
             if bundle.get("resourceType") != "Bundle":
@@ -206,7 +210,7 @@ class FhirClient:
                 (result.include if mode == "include" else result.match).append(resource)
             url = next(
                 (
-                    urljoin(f"{self.base_url}/", str(link.get("url")))
+                    urljoin(page_url, str(link.get("url")))
                     for link in bundle.get("link") or []
                     if link.get("relation") == "next" and link.get("url")
                 ),
@@ -225,7 +229,10 @@ class FhirClient:
                 # params=None keeps a next link's own query (an empty dict would replace it).
                 response = self._http.get(url, params=params or None, headers=self.auth.headers())
             except AuthError as err:
-                raise FhirUnavailable(f"FHIR server {self.base_url}: {err}") from None
+                # Only an unreachable or failing token endpoint may pass; a refusal (say,
+                # invalid_client) is configuration, and waiting will not cure it.
+                kind = FhirUnavailable if err.transient else FhirError
+                raise kind(f"FHIR server {self.base_url}: {err}") from None
             except httpx.TransportError as err:  # refused, reset, timed out, TLS
                 problem, response = type(err).__name__, None
             else:

@@ -65,7 +65,7 @@ _TRANSIENT = {
 _DEAD_STUB = "is not healthy"
 # A request that ran past its timeout may still be computing on the server: sending it again at
 # once doubles the load on a server that is already too slow. It fails the job as unavailable
-# (transient: the dead-letter retry runs it later) without an immediate retry.
+# (transient: the service queues the job again later, jobs.retry) without an immediate retry.
 _TIMED_OUT = {"StatusCode.DEADLINE_EXCEEDED", "504"}
 # The server no longer knows a region we registered (it restarted): register again and retry.
 # Other shared-memory errors (cannot open, too small, /dev/shm full) are configuration errors.
@@ -119,7 +119,9 @@ def _timed_out(err: BaseException) -> bool:
 
     if isinstance(err, InferenceServerException):
         return (err.status() or "") in _TIMED_OUT
-    return type(err).__name__ == "Timeout" or isinstance(err, TimeoutError)
+    # The HTTP client's network timeout (geventhttpclient); a socket TimeoutError may be a
+    # connect timeout, before anything was sent, and is retried like any connection error.
+    return type(err).__name__ == "Timeout"
 
 
 class _ShmFull(OSError):

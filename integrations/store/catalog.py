@@ -214,9 +214,11 @@ class Catalog:
         self._local = threading.local()
         db = self._connection()
         db.executescript(_SCHEMA)
-        # Catalogs made before jobs could wait for a retry lack the column.
-        if "not_before" not in {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}:
-            db.execute("ALTER TABLE jobs ADD COLUMN not_before REAL NOT NULL DEFAULT 0")
+        # Catalogs made before jobs could wait for a retry lack the column (checked again in
+        # the transaction: another process may be opening the same catalog).
+        with self._tx() as tx:
+            if "not_before" not in {r["name"] for r in tx.execute("PRAGMA table_info(jobs)")}:
+                tx.execute("ALTER TABLE jobs ADD COLUMN not_before REAL NOT NULL DEFAULT 0")
 
     def _connection(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -465,6 +467,14 @@ class Catalog:
         """Take the oldest queued job that is due (for one of ``apps``, if given) and mark it
         running."""
         with self._tx() as db:
+            # A job of an earlier generation (the study was reopened by late arrivals while it
+            # waited) would process a study that is no longer the one it was made for.
+            db.execute(
+                "UPDATE jobs SET state='superseded', updated=? WHERE state='queued' AND "
+                "generation < (SELECT generation FROM studies s WHERE "
+                "s.StudyInstanceUID=jobs.StudyInstanceUID)",
+                (time.time(),),
+            )
             query = "SELECT * FROM jobs WHERE state='queued' AND not_before <= ?"
             args: list[object] = [time.time()]
             if apps is not None:
@@ -523,7 +533,8 @@ class Catalog:
         self._queue_again(job_id, delay_s=delay_s, error=error)
 
     def requeue_job(self, job_id: int) -> None:
-        """Put a failed job back in the queue (its study returns to 'routed')."""
+        """Put a failed job back in the queue (its study returns to 'routed'), with a fresh
+        count of attempts: retried by hand, it gets the whole ``jobs.retry`` policy again."""
         self._queue_again(job_id)
 
     def _queue_again(self, job_id: int, *, delay_s: float = 0, error: str = "") -> None:
@@ -533,8 +544,15 @@ class Catalog:
             if job is None:
                 raise KeyError(f"no job #{job_id}")
             db.execute(
-                "UPDATE jobs SET state='queued', error=?, not_before=?, updated=? WHERE id=?",
-                (error, now + delay_s if delay_s else 0, now, job_id),
+                "UPDATE jobs SET state='queued', error=?, not_before=?, updated=?, "
+                "attempts=? WHERE id=?",
+                (
+                    error,
+                    now + delay_s if delay_s else 0,
+                    now,
+                    job["attempts"] if error else 0,
+                    job_id,
+                ),
             )
             if error:
                 event = "job-retry-scheduled"

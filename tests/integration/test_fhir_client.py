@@ -58,7 +58,11 @@ def test_a_relative_next_link_is_followed_on_the_server(
 ) -> None:
     proxy = fhir_proxy(patients)
     base_path = proxy.base_url.split("://", 1)[1].split("/", 1)[1]
-    for relative in (f"Patient?identifier={SYSTEM}|", f"/{base_path}/Patient?identifier={SYSTEM}|"):
+    for relative in (
+        f"Patient?identifier={SYSTEM}|",
+        f"/{base_path}/Patient?identifier={SYSTEM}|",
+        f"?identifier={SYSTEM}|",  # relative to the page it came on, not to the base
+    ):
         proxy.clear_log()
         proxy.fail_next(1, status=200, body=_page(relative))
         with _client(proxy) as client:
@@ -113,3 +117,57 @@ def test_a_rejected_static_token_is_refused_not_resent(
     assert "a-revoked-one" not in str(raised.value)
     with _client(proxy, auth={"type": "bearer", "token": "the-right-one"}) as client:
         assert len(client.search("Patient", {"identifier": f"{SYSTEM}|"}).match) == 3
+
+
+def test_retry_after_dates_are_gmt_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import email.utils
+    import time
+
+    import httpx
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        soon = email.utils.formatdate(time.time() + 10, usegmt=True)
+        for value in (soon, soon.replace("GMT", "-0000")):
+            wait = client_module._retry_after(httpx.Response(503, headers={"Retry-After": value}))
+            assert wait is not None and 5 <= wait <= 11, (value, wait)
+        for odd in (b"\xb2", b"-5", b""):  # a superscript two (Latin-1) passes str.isdigit
+            response = httpx.Response(503, headers=[(b"Retry-After", odd)])
+            assert client_module._retry_after(response) is None, odd
+    finally:
+        monkeypatch.undo()  # the zone as it was, then re-read
+        time.tzset()
+
+
+def test_a_refusing_token_endpoint_is_a_refusal_not_unavailability(
+    patients: FhirEndpoint,
+    fhir_proxy: Callable[..., FhirProxy],
+    smart_token_endpoint: Any,
+    tmp_path: Any,
+) -> None:
+    from tests.fhir_support import generate_client_key
+
+    key = generate_client_key("RS384", kid="k1")
+    smart_token_endpoint.register_client("radfusion", key)
+    (tmp_path / "key.pem").write_text(key.private_pem)
+    proxy = fhir_proxy(patients)
+    auth = {
+        "type": "smart-backend",
+        "token_url": smart_token_endpoint.token_url,
+        "client_id": "radfusion",
+        "private_key": str(tmp_path / "key.pem"),
+        "algorithm": "RS384",
+        "key_id": "k1",
+    }
+    for status, expected in ((400, FhirError), (503, FhirUnavailable)):
+        smart_token_endpoint.fail_next(1, status=status)
+        with (
+            _client(proxy, auth=auth, retry={"attempts": 1}) as client,
+            pytest.raises(FhirError) as raised,
+        ):
+            client.search("Patient", {"identifier": f"{SYSTEM}|"})
+        assert type(raised.value) is expected, status
+    assert proxy.requests == []  # no request without a token

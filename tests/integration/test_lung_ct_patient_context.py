@@ -1,7 +1,7 @@
 """The lung CT service with a real FHIR server (Medplum) behind a fault proxy: the SR says
 whether the patient's clinical and genomic data were found and, when not, why; ``radfusion
-status`` shows why too (without PHI); under ``on_unavailable: hold`` the study waits in the dead
-letters until the server is back."""
+status`` shows why too (without PHI); under ``on_unavailable: hold`` the study's job is queued
+again (``jobs.retry``) until the server is back, and nothing is written meanwhile."""
 
 from __future__ import annotations
 

@@ -113,3 +113,8 @@ def test_fhir_tokens_only_over_https_or_loopback() -> None:
         parse_config({"fhir": {"base_url": "http://fhir.example/R4", "auth": bearer}})
     local = parse_config({"fhir": {"base_url": "http://127.0.0.1:8080/R4", "auth": bearer}})
     assert local.fhir is not None and local.fhir.base_url == "http://127.0.0.1:8080/R4"
+
+
+def test_fhir_base_url_must_not_hold_credentials() -> None:
+    with pytest.raises(ConfigError, match="must not hold credentials"):
+        parse_config({"fhir": {"base_url": "https://radfusion:s3cret@fhir.example.org/R4"}})

@@ -85,7 +85,7 @@ def test_failed_job_becomes_a_dead_letter_and_retry_requeues(
     assert service.catalog.study("1.2.3").state == "failed"
     service.catalog.requeue_job(job.id)
     assert service.catalog.study("1.2.3").state == "routed"
-    assert service.catalog.claim_job(["boom"]).attempts == 2
+    assert service.catalog.claim_job(["boom"]).attempts == 1  # by hand: a fresh count
 
 
 def test_a_transient_failure_is_queued_again_later_then_dead_lettered(

@@ -382,3 +382,32 @@ def test_missing_optional_attributes_still_give_results(
     assert [g.tracking_identifier for g in after] == [g.tracking_identifier for g in before]
     for a, b in zip(before, after, strict=True):
         assert b.get_measurements()[0].value == pytest.approx(a.get_measurements()[0].value)
+
+
+def test_a_failing_patient_context_lookup_never_fails_the_study(tmp_path: Path) -> None:
+    from radfusion.apps.lung_ct.app import _lookup
+    from radfusion.integrations.fhir.provider import ContextOutcome, ContextUnavailable
+
+    study = synth_ct(tmp_path / "ct", slices=16, rows=64, columns=64, seed=5, tumours=0)
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    dicomdir = pydicom.Dataset()
+    dicomdir.SOPClassUID = "1.2.840.10008.1.3.10"
+    dicomdir.StudyInstanceUID = "1.2.3"
+    dicomdir.save_as(tmp_path / "DICOMDIR", implicit_vr=True, little_endian=True)
+    files = [tmp_path / "notes.txt", tmp_path / "DICOMDIR", *study.files]
+    seen: list[str] = []
+
+    def provider(header: pydicom.Dataset) -> ContextOutcome:
+        seen.append(str(header.SOPInstanceUID))
+        raise ValueError(f"bad data for {header.PatientID}")
+
+    outcome = _lookup(provider, files)  # type: ignore[arg-type]
+    assert seen == [str(pydicom.dcmread(study.files[0]).SOPInstanceUID)]  # the first CT image
+    assert (outcome.status, outcome.reason) == ("refused", "the lookup failed (ValueError)")
+
+    def holding(header: pydicom.Dataset) -> ContextOutcome:
+        raise ContextUnavailable("FHIR server down")
+
+    with pytest.raises(ContextUnavailable):  # hold: the study waits for the server
+        _lookup(holding, files)  # type: ignore[arg-type]
+    assert _lookup(provider, [tmp_path / "notes.txt"]).status == "no-patient"  # type: ignore[arg-type]
