@@ -843,5 +843,24 @@ __all__ = [
     "TokenRequest",
     "generate_client_key",
     "operation_outcome",
+    "registered_smart_client",
     "sign_assertion",
 ]
+
+
+def registered_smart_client(
+    endpoint: SmartTokenEndpoint, folder: Path, algorithm: str = "RS384", kid: str = "radfusion-1"
+) -> dict[str, Any]:
+    """Register a fresh client key at ``endpoint`` (client id ``radfusion``), write its private
+    key into ``folder`` and return the ``fhir.auth`` section that uses it."""
+    key = generate_client_key(algorithm, kid=kid)
+    endpoint.register_client("radfusion", key)
+    (folder / "key.pem").write_text(key.private_pem)
+    return {
+        "type": "smart-backend",
+        "token_url": endpoint.token_url,
+        "client_id": "radfusion",
+        "private_key": str(folder / "key.pem"),
+        "algorithm": algorithm,
+        "key_id": kid,
+    }

@@ -148,20 +148,10 @@ def test_a_refusing_token_endpoint_is_a_refusal_not_unavailability(
     smart_token_endpoint: Any,
     tmp_path: Any,
 ) -> None:
-    from tests.fhir_support import generate_client_key
+    from tests.fhir_support import registered_smart_client
 
-    key = generate_client_key("RS384", kid="k1")
-    smart_token_endpoint.register_client("radfusion", key)
-    (tmp_path / "key.pem").write_text(key.private_pem)
+    auth = registered_smart_client(smart_token_endpoint, tmp_path)
     proxy = fhir_proxy(patients)
-    auth = {
-        "type": "smart-backend",
-        "token_url": smart_token_endpoint.token_url,
-        "client_id": "radfusion",
-        "private_key": str(tmp_path / "key.pem"),
-        "algorithm": "RS384",
-        "key_id": "k1",
-    }
     for status, expected in ((400, FhirError), (503, FhirUnavailable)):
         smart_token_endpoint.fail_next(1, status=status)
         with (

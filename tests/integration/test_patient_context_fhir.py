@@ -19,7 +19,7 @@ from radfusion.integrations.fhir.provider import (
     PatientContextProvider,
 )
 from radfusion.synth.cohort import synth_cohort
-from tests.fhir_support import generate_client_key, operation_outcome
+from tests.fhir_support import operation_outcome, registered_smart_client
 
 pytestmark = pytest.mark.integration
 
@@ -212,19 +212,9 @@ def test_smart_backend_services_token_is_refreshed_after_401(
     cohort: list[dict[str, Any]],
     tmp_path: Path,
 ) -> None:
-    key = generate_client_key("ES384", kid="radfusion-1")
-    smart_token_endpoint.register_client("radfusion", key)
-    (tmp_path / "key.pem").write_text(key.private_pem)
+    auth = registered_smart_client(smart_token_endpoint, tmp_path, "ES384")
     proxy = fhir_proxy(loaded)
     proxy.require_bearer(smart_token_endpoint.validate)
-    auth = {
-        "type": "smart-backend",
-        "token_url": smart_token_endpoint.token_url,
-        "client_id": "radfusion",
-        "private_key": str(tmp_path / "key.pem"),
-        "algorithm": "ES384",
-        "key_id": "radfusion-1",
-    }
     provider = PatientContextProvider(FhirConfig(base_url=proxy.base_url, auth=auth))
     try:
         assert provider(cohort[0]["header"]).status == "available"
