@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,6 +280,25 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     server = Orthanc(tmp_path_factory.mktemp("orthanc"), free_port(), free_port()).start()
     yield server
     server.stop()
+
+
+def reversed_enhanced_ct(images: Sequence[Any], folder: Path) -> tuple[Any, Any]:
+    """A Legacy Converted Enhanced CT of ``images`` with its frames in reverse slice order (so
+    frame number != slice index + 1), written into ``folder``; returns it and its Volume."""
+    import highdicom as hd
+    import pydicom
+
+    from radfusion.operators.volume import assemble_volume
+
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        list(reversed(images)),
+        series_instance_uid="1.2.826.0.1.3680043.10.1234.9.80",
+        series_number=2,
+        sop_instance_uid="1.2.826.0.1.3680043.10.1234.9.81",
+        instance_number=1,
+    )
+    enhanced.save_as(folder / "enhanced.dcm")
+    return enhanced, assemble_volume([pydicom.dcmread(folder / "enhanced.dcm")])
 
 
 @pytest.fixture(scope="session")

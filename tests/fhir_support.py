@@ -841,6 +841,7 @@ __all__ = [
     "SmartTokenEndpoint",
     "TokenRejected",
     "TokenRequest",
+    "cohort_patients",
     "generate_client_key",
     "operation_outcome",
     "registered_smart_client",
@@ -864,3 +865,29 @@ def registered_smart_client(
         "algorithm": algorithm,
         "key_id": kid,
     }
+
+
+def cohort_patients(root: Path, **cohort: Any) -> list[dict[str, Any]]:
+    """Write a synthetic cohort into ``root`` (``synth_cohort`` arguments) and return each
+    patient: CT ``files``, the first one's ``header`` (no pixels), its ``StudyInstanceUID`` and
+    ``PatientID``, the FHIR ``bundle`` and the ``truth``."""
+    import pydicom
+
+    from radfusion.synth.cohort import synth_cohort
+
+    synth_cohort(root, **cohort)
+    patients = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted((folder / "ct").glob("*.dcm"))
+        header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        patients.append(
+            {
+                "files": files,
+                "header": header,
+                "StudyInstanceUID": str(header.StudyInstanceUID),
+                "PatientID": str(header.PatientID),
+                "bundle": json.loads((folder / "bundle.json").read_text()),
+                "truth": json.loads((folder / "ground_truth.json").read_text()),
+            }
+        )
+    return patients

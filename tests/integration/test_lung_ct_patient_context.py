@@ -14,9 +14,8 @@ import pytest
 
 from radfusion.config import parse_config
 from radfusion.logs import uid_tag
-from radfusion.synth.cohort import synth_cohort
 from tests.conftest import storescu, wait_for
-from tests.fhir_support import operation_outcome
+from tests.fhir_support import cohort_patients, operation_outcome
 
 pytestmark = pytest.mark.integration
 
@@ -25,22 +24,9 @@ COMMENT = ("121106", "DCM")
 
 @pytest.fixture(scope="module")
 def patients(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("cohort")
-    synth_cohort(root, patients=3, seed=23, slices=60, size=128)
-    out = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted((folder / "ct").glob("*.dcm"))
-        header = pydicom.dcmread(files[0], stop_before_pixels=True)
-        out.append(
-            {
-                "files": files,
-                "StudyInstanceUID": str(header.StudyInstanceUID),
-                "PatientID": str(header.PatientID),
-                "bundle": json.loads((folder / "bundle.json").read_text()),
-                "truth": json.loads((folder / "ground_truth.json").read_text()),
-            }
-        )
-    return out
+    return cohort_patients(
+        tmp_path_factory.mktemp("cohort"), patients=3, seed=23, slices=60, size=128
+    )
 
 
 def _config(base_url: str, results: Path, **fhir: Any) -> dict[str, Any]:

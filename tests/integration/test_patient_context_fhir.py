@@ -4,12 +4,10 @@ context equals the cohort's ground truth, and every way of not getting one is a 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
 
 from radfusion.config import FhirConfig
@@ -18,8 +16,7 @@ from radfusion.integrations.fhir.provider import (
     ContextUnavailable,
     PatientContextProvider,
 )
-from radfusion.synth.cohort import synth_cohort
-from tests.fhir_support import operation_outcome, registered_smart_client
+from tests.fhir_support import cohort_patients, operation_outcome, registered_smart_client
 
 pytestmark = pytest.mark.integration
 
@@ -29,19 +26,9 @@ GENE_STATUS = {"positive": "present", "wild-type": "absent", "untested": "not-te
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Four patients (one of each scenario): header, bundle and ground truth."""
-    root = tmp_path_factory.mktemp("cohort")
-    synth_cohort(root, patients=4, seed=11, slices=12, size=48)
-    patients = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        ct = sorted((folder / "ct").glob("*.dcm"))
-        patients.append(
-            {
-                "header": pydicom.dcmread(ct[0], stop_before_pixels=True),
-                "bundle": json.loads((folder / "bundle.json").read_text()),
-                "truth": json.loads((folder / "ground_truth.json").read_text()),
-            }
-        )
-    return patients
+    return cohort_patients(
+        tmp_path_factory.mktemp("cohort"), patients=4, seed=11, slices=12, size=48
+    )
 
 
 @pytest.fixture

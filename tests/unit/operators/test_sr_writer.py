@@ -26,7 +26,7 @@ from radfusion.operators.results import AlgorithmInfo, SegmentationResult
 from radfusion.operators.sr_writer import SERIES_NUMBER, build_sr, write_sr
 from radfusion.operators.volume import Volume, assemble_volume
 from radfusion.synth.ct import LABELS, TUMOUR_LABEL_BASE, make_phantom, write_ct_series
-from tests.conftest import require_tool
+from tests.conftest import require_tool, reversed_enhanced_ct
 
 ALGORITHM = AlgorithmInfo(
     name="radfusion-lung-ct", version="0.1.0", parameters=(("inference", "in-process"),)
@@ -399,16 +399,7 @@ def test_each_finding_has_its_diameter_as_a_line_on_its_ct_image(case: Case, sr_
 
 
 def test_enhanced_ct_source_gets_a_frame_number(case: Case, tmp_path: Path) -> None:
-    # The frames in reverse slice order, so frame number != slice index + 1.
-    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
-        list(reversed(case.volume.source_images)),
-        series_instance_uid="1.2.826.0.1.3680043.10.1234.9.80",
-        series_number=2,
-        sop_instance_uid="1.2.826.0.1.3680043.10.1234.9.81",
-        instance_number=1,
-    )
-    enhanced.save_as(tmp_path / "enhanced.dcm")
-    volume = assemble_volume([pydicom.dcmread(tmp_path / "enhanced.dcm")])
+    _, volume = reversed_enhanced_ct(case.volume.source_images, tmp_path)
     assert volume.frame_numbers != tuple(range(1, 25))
     np.testing.assert_array_equal(volume.affine, case.volume.affine)  # the same findings fit
     path = write_sr(
