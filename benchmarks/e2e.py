@@ -26,6 +26,13 @@ on a shared 2-core machine are noisy (inference alone has varied 2-11 s between 
 ``--rounds 4`` or more for a steadier median.
 
     .venv/bin/python benchmarks/e2e.py [--slices 300] [--rounds 2] [--keep DIR]
+
+Real-case mode, ``--real DIR`` (e.g. /work/shared/data/lidc-idri-0001/dicom): the lung-ct app
+alone, in this process (no node, no C-STORE, no export), on the real series under DIR,
+``--rounds`` times with the model loaded once (timed on its own, outside the rounds).
+Per round: the app's stages, the rest of the app's wall time,
+everything but inference, and the total; the last line is ``real-case app seconds: X.X`` (the
+median round).
 """
 
 from __future__ import annotations
@@ -443,14 +450,65 @@ def report(rounds: list[Round], hwm_kb: int, peer_s: float, mb: float) -> None:
     print(f"e2e seconds: {warm.excl_quiet:.1f}")
 
 
+def real_case(input_dir: Path, rounds: int) -> None:
+    """Time the lung-ct app on the real series under ``input_dir`` (see the module's notes)."""
+    from radfusion.apps.lung_ct.app import LungCTApp, make_predictor, model_config
+    from radfusion.config import load_config
+
+    config = load_config(None)
+    files = sorted(p for p in input_dir.rglob("*") if p.is_file())
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    t = time.perf_counter()
+    model = model_config(config.apps.lung_ct)
+    predictor = make_predictor(config, model)
+    load_s = time.perf_counter() - t
+    print(f"real case: {len(files)} files ({mb:.0f} MB) under {input_dir}; {os.cpu_count()} CPUs")
+    print(f"model load (once, not in the rounds): {load_s:.2f} s")
+    totals = []
+    with tempfile.TemporaryDirectory(prefix="radfusion-e2e-real-") as tmp:
+        for i in range(1, rounds + 1):
+            app = LungCTApp(
+                files=files,
+                output_dir=Path(tmp) / f"round{i}",
+                settings=config.apps.lung_ct,
+                uid_root=config.uid_root,
+                model=model,
+                predictor=predictor,
+            )
+            t = time.perf_counter()
+            app.run()
+            total = time.perf_counter() - t
+            totals.append(total)
+            stages = dict(app.timings)
+            print(f"\nround {i}: wrote {', '.join(p.name for p in app.written) or 'nothing'}")
+            print(f"  {'stage':<36}{'seconds':>8}")
+            for name in (*STAGES, *(s for s in stages if s not in STAGES)):
+                print(f"  {name:<36}{stages.get(name, float('nan')):8.2f}")
+            print(f"  {'app, not timed by the app':<36}{total - sum(stages.values()):8.2f}")
+            print(f"  {'everything but inference':<36}{total - stages.get('inference', 0.0):8.2f}")
+            print(f"  {'total':<36}{total:8.2f}")
+    close = getattr(predictor, "close", None)
+    if close is not None:
+        close()
+    print(f"real-case app seconds: {statistics.median(totals):.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="work here and keep it (logs, spool, PACS)")
+    parser.add_argument(
+        "--real", type=Path, metavar="DIR", help="time the app alone on the real series in DIR"
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.real is not None:
+        if not args.real.is_dir():
+            parser.error(f"--real {args.real}: not a folder")
+        real_case(args.real, args.rounds)
+        return
     if shutil.which("storescu") is None or shutil.which("storescp") is None:
         sys.exit("dcmtk (storescu, storescp) is required: apt-get install dcmtk")
 

@@ -1,9 +1,9 @@
-"""Measurement: a class map (background / lung / tumour) → findings with measurements.
+"""Measurement: what the detection found (lungs, nodules) → findings with measurements.
 
-Lungs are split into left and right by connected components and the patient's x axis;
-tumours become one finding each (connected components). Each finding gets its volume,
-longest axial diameter (with the end points, for viewers), mean and SD of HU and centroid.
-A study with no lungs found is out of scope: no findings are invented for it.
+Each finding gets its volume, longest axial diameter (with the end points, for viewers), mean
+and SD of HU and centroid; a nodule also its detection score. Lungs are measured without the
+nodules inside them. A study with no lungs is out of scope, and one whose lungs failed the
+plausibility checks is reported as not reliably analysable: no findings are invented for it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 from pydicom.uid import generate_uid
-from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from radfusion.operators.detection import Anatomy
 from radfusion.operators.results import Finding, SegmentationResult
 from radfusion.operators.volume import Volume
 
@@ -26,15 +26,7 @@ log = logging.getLogger("radfusion.operators.measurement")
 
 __all__ = ["Measured", "MeasurementOperator", "measure"]
 
-LUNG, TUMOUR = 1, 2
 MIN_LUNG_ML = 50.0  # below this in total, the input is not a chest CT with lungs
-MIN_LUNG_COMPONENT_ML = 5.0  # lung fragments smaller than this are segmentation noise
-MIN_TUMOUR_MM3 = 30.0  # a 4 mm sphere; smaller blobs are noise, not findings
-# The largest tumours reported; a segment number must fit the uint8 label map (2 lungs +
-# tumours <= 255), and hundreds of candidates mean a failed segmentation, not findings.
-MAX_TUMOURS = 100
-_LUNG_SHARE = 0.2  # a part of the lung volume at least this large is a lung, not a fragment
-_SLAB = 16  # slices per step of a whole-volume pass: a few MB of buffer at 512²
 
 
 @dataclass(frozen=True)
@@ -43,6 +35,7 @@ class Measured:
 
     result: SegmentationResult | None
     out_of_scope_reason: str | None
+    statements: tuple[str, ...] = ()  # for the SR: what was decided and why
 
 
 Box = tuple[slice, slice, slice]
@@ -159,6 +152,8 @@ def _finding(
     pieces: list[_Region],
     volume: Volume,
     uid_root: str,
+    *,
+    detection_score: float | None = None,
 ) -> Finding:
     """The finding made of ``pieces`` (a lung and its fragments, or one tumour) with its
     measurements on ``volume``."""
@@ -183,123 +178,100 @@ def _finding(
             (float(a[0]), float(a[1]), float(a[2])),
             (float(b[0]), float(b[1]), float(b[2])),
         ),
+        detection_score=detection_score,
     )
 
 
-def _extent(classes: np.ndarray, value: int) -> tuple[int, Box | None]:
-    """Voxels of class ``value`` in ``classes``: how many, and the smallest box holding them
-    (None when there are none).
-
-    A few slices at a time into one small buffer rather than a full-volume mask: at 512² a mask
-    is 75 MB of fresh pages per class, and fresh pages are slow on these machines (touching
-    300 MB for the first time has taken 0.02-1.1 s).
-    """
-    slices = np.zeros(len(classes), dtype=bool)  # any voxel on slice k
-    plane = np.zeros(classes.shape[1:], dtype=bool)  # any voxel at (r, c) on any slice
-    buffer = np.empty((_SLAB, *classes.shape[1:]), dtype=bool)
-    count = 0
-    for start in range(0, len(classes), _SLAB):
-        part = classes[start : start + _SLAB]
-        found = np.equal(part, value, out=buffer[: len(part)])
-        count += int(np.count_nonzero(found))
-        slices[start : start + len(part)] = found.reshape(len(part), -1).any(axis=1)
-        plane |= np.logical_or.reduce(found, axis=0)
-    if not count:
-        return 0, None
-    ks, rs, cs = (np.flatnonzero(x) for x in (slices, plane.any(axis=1), plane.any(axis=0)))
-    return count, (
+def _region(mask: np.ndarray, offset: tuple[int, int, int] = (0, 0, 0)) -> _Region | None:
+    """The voxels of ``mask`` (placed at ``offset`` in the volume) as a region cropped to its
+    bounding box; None when empty."""
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    if not len(ks):
+        return None
+    plane = mask.any(axis=0)
+    rs, cs = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    inner = (
         slice(int(ks[0]), int(ks[-1]) + 1),
         slice(int(rs[0]), int(rs[-1]) + 1),
         slice(int(cs[0]), int(cs[-1]) + 1),
     )
+    piece = mask[inner]
+    box = tuple(slice(o + i.start, o + i.stop) for o, i in zip(offset, inner, strict=True))
+    return _Region(box, piece.copy(), int(np.count_nonzero(piece)))  # type: ignore[arg-type]
 
 
-def _components(
-    classes: np.ndarray, value: int, box: Box | None, min_voxels: float
-) -> list[_Region]:
-    """Connected components of class ``value`` (all inside ``box``, see :func:`_extent`) with
-    at least ``min_voxels`` voxels, largest first (equal sizes in the order of their first
-    voxel)."""
-    if box is None:
-        return []
-    # Label only the class's box: tumours fill a few slices, both lungs a quarter of the volume.
-    components, _ = ndimage.label(classes[box] == value)
-    out = []
-    for number, found in enumerate(ndimage.find_objects(components), 1):
-        if found is None or np.prod([s.stop - s.start for s in found]) < min_voxels:
-            continue  # too small to count even if it filled its box: speckle, skip cheaply
-        piece = components[found] == number
-        count = int(np.count_nonzero(piece))
-        if count >= min_voxels:
-            at = tuple(
-                slice(outer.start + inner.start, outer.start + inner.stop)
-                for outer, inner in zip(box, found, strict=True)
-            )
-            out.append(_Region(at, piece, count))  # type: ignore[arg-type]
-    out.sort(key=lambda region: -region.count)
-    return out
+def measure(anatomy: Anatomy, volume: Volume, *, uid_root: str) -> Measured:
+    """Turn what the detection found into findings with measurements.
 
-
-def measure(classes: np.ndarray, volume: Volume, *, uid_root: str) -> Measured:
-    """Turn the model's class map (0 background, 1 lung, 2 tumour) into findings.
-
-    Segment numbers: 1 right lung, 2 left lung (only those found), then tumours, largest first.
+    Segment numbers: 1 right lung, 2 left lung (only those found), then the reported nodules,
+    best detection score first. Lung volumes exclude the nodules. Lungs that failed the
+    plausibility checks give no findings, only the reason.
 
     Raises:
-        ValueError: ``classes`` does not have the volume's shape.
+        ValueError: the anatomy's masks do not have the volume's shape.
     """
-    if classes.shape != volume.hu.shape:
-        raise ValueError(f"class map shape {classes.shape} != volume shape {volume.hu.shape}")
+    fields = anatomy.fields
+    if fields.right.shape != volume.hu.shape:
+        raise ValueError(f"lung masks shape {fields.right.shape} != volume {volume.hu.shape}")
     voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
-    lung_count, lung_box = _extent(classes, LUNG)
-    lung_ml = float(lung_count) * voxel_ml
+    lung_ml = float(np.count_nonzero(fields.right) + np.count_nonzero(fields.left)) * voxel_ml
     if lung_ml < MIN_LUNG_ML:
         return Measured(
             None,
-            f"no lungs found (segmented lung volume {lung_ml:.0f} mL < "
-            f"{MIN_LUNG_ML:.0f} mL): the input does not appear to be a chest CT",
+            f"no lungs found (lung volume {lung_ml:.0f} mL < {MIN_LUNG_ML:.0f} mL): the input "
+            "does not appear to be a chest CT",
         )
-    pieces = _split_lungs(
-        _components(classes, LUNG, lung_box, MIN_LUNG_COMPONENT_ML / voxel_ml), volume
-    )
-    labels = np.zeros(classes.shape, dtype=np.uint8)
+    if fields.problems:
+        return Measured(
+            None,
+            "the lungs could not be segmented reliably ("
+            + "; ".join(fields.problems)
+            + "), so no measurements are reported",
+        )
+    labels = np.zeros(volume.hu.shape, dtype=np.uint8)
+    nodules: list[tuple[_Region, float]] = []
+    for candidate in anatomy.nodules:
+        own = candidate.mask & (labels[candidate.box] == 0)  # overlaps: the better one keeps it
+        region = _region(own, tuple(s.start for s in candidate.box))  # type: ignore[arg-type]
+        if region is None:
+            continue
+        _paint(labels, [region], 255)
+        nodules.append((region, candidate.score))
     findings = []
     number = 0
     lung_x = {}
-    for side in ("right", "left"):
-        if not pieces[side]:
+    for side, mask in (("right", fields.right), ("left", fields.left)):
+        lung = _region(mask & (labels == 0))
+        if lung is None:
             continue
         number += 1
-        _paint(labels, pieces[side], number)
-        lung_x[side] = float(_centroid(pieces[side], volume.affine)[0])
+        _paint(labels, [lung], number)
+        lung_x[side] = float(_centroid([lung], volume.affine)[0])
+        findings.append(
+            _finding("lung", side, number, f"{side.capitalize()} lung", [lung], volume, uid_root)
+        )
+    for rank, (region, score) in enumerate(nodules, 1):
+        number += 1
+        x = float(_centroid([region], volume.affine)[0])
+        side = min(lung_x, key=lambda s: abs(lung_x[s] - x))
+        _paint(labels, [region], number)
         findings.append(
             _finding(
-                "lung", side, number, f"{side.capitalize()} lung", pieces[side], volume, uid_root
+                "tumour",
+                side,
+                number,
+                f"Tumour {rank}",
+                [region],
+                volume,
+                uid_root,
+                detection_score=score,
             )
         )
-    if not findings:
-        return Measured(
-            None,
-            f"no lungs found (segmented lung volume {lung_ml:.0f} mL, all in fragments under "
-            f"{MIN_LUNG_COMPONENT_ML:.0f} mL): the input does not appear to be a chest CT",
-        )
-    tumours = _components(
-        classes, TUMOUR, _extent(classes, TUMOUR)[1], MIN_TUMOUR_MM3 / (voxel_ml * 1000)
+    return Measured(
+        SegmentationResult(labels=labels, findings=tuple(findings)),
+        None,
+        statements=anatomy.statements,
     )
-    if len(tumours) > MAX_TUMOURS:
-        log.warning(
-            "%d tumour candidates; only the %d largest are reported", len(tumours), MAX_TUMOURS
-        )
-        tumours = tumours[:MAX_TUMOURS]
-    for rank, tumour in enumerate(tumours, 1):
-        number += 1
-        x = float(_centroid([tumour], volume.affine)[0])
-        side = min(lung_x, key=lambda s: abs(lung_x[s] - x))
-        _paint(labels, [tumour], number)
-        findings.append(
-            _finding("tumour", side, number, f"Tumour {rank}", [tumour], volume, uid_root)
-        )
-    return Measured(SegmentationResult(labels=labels, findings=tuple(findings)), None)
 
 
 def _paint(labels: np.ndarray, pieces: list[_Region], number: int) -> None:
@@ -308,64 +280,9 @@ def _paint(labels: np.ndarray, pieces: list[_Region], number: int) -> None:
         labels[piece.box][piece.mask] = number
 
 
-def _split_lungs(components: list[_Region], volume: Volume) -> dict[str, list[_Region]]:
-    """Assign lung components (largest first) to the patient's right and left lung.
-
-    Two large components are the two lungs, told apart by their relative x (+x is the patient's
-    left in LPS), so a patient off the table centre is still right. One dominant component is
-    split at x = 0 (the isocentre: patients lie centred on the table) only when a substantial
-    part lies on each side, as when the lungs touch in front of the mediastinum; otherwise it is
-    one lung, on the side its centroid lies (a one-lung field of view, a pneumonectomy).
-    Fragments go to the nearer lung.
-    """
-    pieces: dict[str, list[_Region]] = {"right": [], "left": []}
-    if not components:
-        return pieces
-    total = sum(c.count for c in components)
-    large = [c for c in components[:2] if c.count >= _LUNG_SHARE * total]
-    if len(large) == 2:
-        a, b = sorted(large, key=lambda c: float(_centroid([c], volume.affine)[0]))
-        pieces["right"].append(a)
-        pieces["left"].append(b)
-    else:
-        main = components[0]
-        right = main.mask & _right_of_isocentre(volume, main.box)
-        share = np.count_nonzero(right) / main.count
-        if _LUNG_SHARE <= share <= 1 - _LUNG_SHARE:
-            left = main.mask & ~right
-            pieces["right"].append(_Region(main.box, right, int(np.count_nonzero(right))))
-            pieces["left"].append(_Region(main.box, left, int(np.count_nonzero(left))))
-        else:
-            pieces["right" if share > 0.5 else "left"].append(main)
-    placed = {
-        side: float(_centroid(parts[:1], volume.affine)[0])
-        for side, parts in pieces.items()
-        if parts
-    }
-    for fragment in components[len(large) if len(large) == 2 else 1 :]:
-        x = float(_centroid([fragment], volume.affine)[0])
-        pieces[min(placed, key=lambda side: abs(placed[side] - x))].append(fragment)
-    return pieces
-
-
-def _right_of_isocentre(volume: Volume, box: Box) -> np.ndarray:
-    """For each voxel of ``box``: does its centre lie at patient x < 0 (LPS), the patient's
-    right of the isocentre? Evaluated as a0,3 + a0,0 c + a0,1 r + a0,2 k in that order, slab by
-    slab (a whole box of float64 x would cost a quarter GB on 512² images)."""
-    a = volume.affine
-    k = np.arange(box[0].start, box[0].stop)
-    r = np.arange(box[1].start, box[1].stop)
-    c = np.arange(box[2].start, box[2].stop)
-    plane = (a[0, 3] + a[0, 0] * c)[None, :] + (a[0, 1] * r)[:, None]  # [r, c]
-    out = np.empty((len(k), len(r), len(c)), dtype=bool)
-    for start in range(0, len(k), _SLAB):
-        ks = k[start : start + _SLAB]
-        np.less(plane[None] + (a[0, 2] * ks)[:, None, None], 0, out=out[start : start + _SLAB])
-    return out
-
-
 class MeasurementOperator(Operator):
-    """Inputs ``volume`` (``Volume``) and ``classes`` (class map) → output ``measured``."""
+    """Inputs ``volume`` (``Volume``) and ``anatomy`` (:class:`Anatomy`) → output
+    ``measured``."""
 
     def __init__(
         self,
@@ -381,17 +298,17 @@ class MeasurementOperator(Operator):
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
-        spec.input("classes")
+        spec.input("anatomy")
         spec.output("measured")
 
     def compute(self, op_input: object, op_output: object, context: object) -> None:
         volume = op_input.receive("volume")  # type: ignore[attr-defined]
-        classes = op_input.receive("classes")  # type: ignore[attr-defined]
-        if classes is None or not isinstance(volume, Volume):  # nothing was segmented
+        anatomy = op_input.receive("anatomy")  # type: ignore[attr-defined]
+        if anatomy is None or not isinstance(volume, Volume):  # nothing was analysed
             op_output.emit(None, "measured")  # type: ignore[attr-defined]
             return
         started = time.perf_counter()
-        measured = measure(classes, volume, uid_root=self.uid_root)
+        measured = measure(anatomy, volume, uid_root=self.uid_root)
         if self.timings is not None:
             self.timings["measure"] = time.perf_counter() - started
         op_output.emit(measured, "measured")  # type: ignore[attr-defined]

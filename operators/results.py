@@ -56,6 +56,7 @@ class Finding:
     sd_hu: float
     centroid_lps: tuple[float, float, float]
     diameter_endpoints_lps: tuple[tuple[float, float, float], tuple[float, float, float]]
+    detection_score: float | None = None  # nodules: the detector's score in [0, 1]
 
     @property
     def volume_ml(self) -> float:

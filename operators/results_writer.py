@@ -5,6 +5,12 @@ out of scope or could not be processed — and a SEG only when there are finding
 describe the series the volume was made from (not necessarily the selector's first choice);
 when no candidate could be assembled, the SR references the preferred one. UIDs are derived
 from that series, its images and the algorithm, so the same input gives the same objects.
+
+When no series of the study qualifies (a refusal: a selection without candidates), the SR says
+that the study was received and not analysed, with every series' reason, and references the
+images of the series that came closest; no SEG, no measurements. Its UIDs differ from those of
+any analysis of the same images (say, after the site relaxes the selection rule). Whether
+refusals are reported at all is the selector's choice (``report_refusals``: else no selection).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from radfusion.logs import uid_tag
@@ -60,25 +67,21 @@ def write_results(
 ) -> list[Path]:
     """Write SEG and SR for the outcome of one study; returns the files written.
 
-    ``statements`` are added to the SR as text (see :func:`build_sr`). No CT series selected:
-    nothing is written (there are no images to reference).
+    ``statements`` are added to the SR as text (see :func:`build_sr`). No selection: nothing is
+    written. A refusal (no candidates): only an SR saying why (see the module's docstring).
+
+    Raises:
+        ValueError, OSError: as :func:`write_sr` (and, for a SEG, :func:`build_seg`).
     """
     if selection is None:
         log.warning("no usable CT series in the study: no results written")
         return []
     output_dir.mkdir(parents=True, exist_ok=True)
+    if selection.refused:
+        return [_write_refusal(selection, algorithm, output_dir, uid_root, timings, statements)]
     series = source_series(selection, volume)
     source = series.SeriesInstanceUID
-    # The same input and model give the same UIDs; other instances (a re-run after late
-    # arrivals) or other weights give new ones, so a PACS never sees one UID for two contents.
-    # Only the images used count: a stray scout left out of the series changes nothing.
-    instances = hashlib.sha256(
-        "\\".join(sorted(str(ds.get("SOPInstanceUID", "")) for ds in series.headers)).encode()
-    ).hexdigest()
-    key = [source, algorithm.name, algorithm.version, instances, *map(str, algorithm.parameters)]
-
-    def uid(kind: str) -> str:
-        return str(generate_uid(prefix=uid_root, entropy_srcs=[*key, kind]))
+    uid = _uids(source, series.headers, algorithm, uid_root)
 
     frame_numbers = None
     if isinstance(volume, Volume):
@@ -120,7 +123,13 @@ def write_results(
         series_instance_uid=uid("sr-series"),
         sop_instance_uid=uid("sr"),
         out_of_scope_reason=reason,
-        statements=statements,
+        statements=[
+            # Which series was analysed and why, then the detection's own decisions
+            # (operating point, resolution limit), then the caller's.
+            *_analysed(selection, series),
+            *(measured.statements if measured is not None else ()),
+            *statements,
+        ],
         path=sr_path,
     )
     written.append(sr_path)
@@ -133,6 +142,82 @@ def write_results(
         f" (out of scope: {reason})" if reason else "",
     )
     return written
+
+
+def _analysed(selection: SeriesSelection, series: SeriesCandidate) -> list[str]:
+    """The SR's sentence on which series was analysed: the selector's reason when it is the
+    preferred one, else that the series preferred to it could not be assembled."""
+    if series.SeriesInstanceUID == selection.preferred.SeriesInstanceUID:
+        return [f"Series analysed: {selection.choice}"] if selection.choice else []
+    before = selection.candidates.index(series)
+    return [
+        f"Series analysed: {series.describe()}: {before} series preferred to it could not be "
+        "assembled into a volume"
+    ]
+
+
+def _uids(
+    series_uid: str, images: Sequence[Dataset], algorithm: AlgorithmInfo, uid_root: str
+) -> Callable[[str], str]:
+    """UIDs of the results about ``images`` of one series, by kind (``"sr"``, ...).
+
+    The same input and model give the same UIDs; other instances (a re-run after late arrivals)
+    or other weights give new ones, so a PACS never sees one UID for two contents. Only the
+    images used count: a stray scout left out of the series changes nothing.
+    """
+    instances = hashlib.sha256(
+        "\\".join(sorted(str(ds.get("SOPInstanceUID", "")) for ds in images)).encode()
+    ).hexdigest()
+    key = [series_uid, algorithm.name, algorithm.version, instances]
+    key += map(str, algorithm.parameters)
+
+    def uid(kind: str) -> str:
+        return str(generate_uid(prefix=uid_root, entropy_srcs=[*key, kind]))
+
+    return uid
+
+
+def _write_refusal(
+    selection: SeriesSelection,
+    algorithm: AlgorithmInfo,
+    output_dir: Path,
+    uid_root: str,
+    timings: dict[str, float] | None,
+    statements: Sequence[str],
+) -> Path:
+    """The SR of a study that is not analysed: the reason, then each series' reason as text;
+    it references the selection's evidence (the images of the series that came closest)."""
+    images = list(selection.evidence)
+    series_uid = str(images[0].SeriesInstanceUID)
+    uid = _uids(series_uid, images, algorithm, uid_root)
+    count = len(selection.skipped)
+    reason = "the study was received and not analysed: " + (
+        f"none of its {count} series qualifies" if count else "no series qualifies"
+    )
+    sr_path = output_dir / "sr.dcm"
+    started = time.perf_counter()
+    write_sr(
+        images,
+        None,
+        None,
+        algorithm,
+        # Not the UIDs an analysis of the same images would get: a refusal is other content.
+        series_instance_uid=uid("refusal-sr-series"),
+        sop_instance_uid=uid("refusal-sr"),
+        out_of_scope_reason=reason,
+        statements=[*selection.reasons(), *statements],
+        path=sr_path,
+    )
+    if timings is not None:
+        timings["sr_encode"] = time.perf_counter() - started
+    log.warning(
+        "study not analysed: wrote %s referencing series %s (%d image(s)); %s",
+        sr_path.name,
+        uid_tag(series_uid),
+        len(images),
+        "; ".join(selection.reasons()),
+    )
+    return sr_path
 
 
 class ResultsWriterOperator(Operator):
@@ -183,9 +268,13 @@ class ResultsWriterOperator(Operator):
             uid_root=self.uid_root,
             labelmap=self.labelmap,
             timings=self.timings,
-            # Nothing is written without a selected series: no reason to wait for (or fail on)
-            # the statements then.
-            statements=self.statements() if self.statements and selection is not None else (),
+            # Nothing is analysed without a candidate series: no reason to wait for (or fail
+            # on) the statements then; a refusal's SR gives the series' reasons only.
+            statements=(
+                self.statements()
+                if self.statements and selection is not None and not selection.refused
+                else ()
+            ),
         )
         if self.written is not None:
             self.written.extend(paths)

@@ -2,27 +2,42 @@
 
 Scanners send more than the series an app wants: localizers (scouts, topograms), secondary
 captures, dose reports, reformats in other planes, thick and thin reconstructions. The
-selector keeps CT image series with enough axial slices, skips the rest with a reason each,
-and orders the ones it keeps by preference: most slices (the thinnest reconstruction) first.
-The volume stage tries them in that order, so a preferred series that cannot be assembled
-does not cost the study its results.
+selector keeps CT image series that cover enough of the patient along the long axis with slices
+close enough together (:class:`SelectionRule`; a count of slices would refuse a 30 x 8 mm chest
+and accept 60 x 1 mm of it), and skips every other series with a reason that names it and the
+values (``series 3 (ThoraxRoutine B70f): z coverage 90 mm < 150 mm ...``).
+
+Several reconstructions of one acquisition (the same Frame of Reference and overlapping slice
+positions, but another Convolution Kernel or Slice Thickness) are one choice, not several: the
+rule's ``reconstruction_preference`` (default: thinnest slices, then a soft kernel, see
+:func:`kernel_class`) picks one and the others are skipped, each saying which was chosen and
+why; :attr:`SeriesSelection.choice` says why the preferred series was. Series that remain are
+ordered by the same preference, then z coverage, then number of slices. The volume stage tries
+them in that order, so a preferred series that cannot be assembled does not cost the study its
+results (copies that differ in neither kernel nor thickness stay such fallbacks).
+
+When nothing qualifies, the selection holds no candidates, only the reasons and the images of
+the series that came closest, which a refusal SR references (see
+:mod:`radfusion.operators.results_writer`).
 
 Real series are not always clean: a scanner may put a scout, a stray reformat or a screen
 capture under the same Series Instance UID as the axial images. Such images are left out of
 the series (counted, with the reason) rather than the whole series being skipped, as long as
 what remains still qualifies. Leaving an image out never hides a gap: the volume stage refuses
-irregular slice spacing, so a dropped image that was really a slice of the stack still stops
-that series.
+irregular slice spacing (naming the gaps in mm), so a dropped image that was really a slice of
+the stack still stops that series.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 import pydicom
@@ -34,11 +49,19 @@ from radfusion.logs import uid_tag
 __all__ = [
     "CT_IMAGE_STORAGE",
     "ENHANCED_CT_IMAGE_STORAGE",
+    "PREFERENCES",
+    "KernelClass",
+    "NoSeriesQualifies",
+    "Preference",
+    "SelectionRule",
     "SeriesCandidate",
     "SeriesSelection",
     "SeriesSelectorOperator",
+    "SkippedSeries",
+    "kernel_class",
     "read_headers",
     "select_series",
+    "series_name",
 ]
 
 log = logging.getLogger("radfusion.operators.series_selector")
@@ -58,13 +81,83 @@ NOT_CT_STORAGE = "not CT image storage (e.g. secondary capture, dose report)"
 LOCALIZER = "localizer (scout/topogram)"
 DUPLICATE = "duplicate SOP Instance UID (the same image twice)"
 
+KernelClass = Literal["soft", "sharp", "unknown"]
+Preference = Literal["thinnest", "thickest", "soft_kernel", "sharp_kernel"]
+PREFERENCES: tuple[Preference, ...] = get_args(Preference)
+
+
+class _RuleSettings(Protocol):
+    """What :meth:`SelectionRule.from_settings` reads (``apps.lung_ct`` in the configuration)."""
+
+    min_z_coverage_mm: float
+    max_slice_spacing_mm: float
+    reconstruction_preference: Sequence[str]
+    fallback_to_other_reconstructions: bool
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """Which series qualify for analysis, and which of several reconstructions of one
+    acquisition is analysed.
+
+    A series qualifies when its slices cover at least ``min_z_coverage_mm`` along the slice
+    normal (first to last slice position plus one slice spacing: 30 slices 8 mm apart cover
+    240 mm) and lie at most ``max_slice_spacing_mm`` apart (the median spacing; irregular
+    spacing is refused by the volume stage). ``reconstruction_preference`` orders the
+    reconstructions of one acquisition, first criterion first: ``thinnest`` / ``thickest``
+    (Slice Thickness, else the slice spacing), ``soft_kernel`` / ``sharp_kernel`` (see
+    :func:`kernel_class`; an unknown kernel ranks between the two). The one it prefers is
+    analysed; the others are skipped, or, with ``fallback_to_other_reconstructions``, kept as
+    candidates to try when the preferred one cannot be assembled.
+
+    Raises:
+        ValueError: a limit that is not a positive number, or a preference list that is empty,
+            repeats a criterion or names an unknown one.
+    """
+
+    min_z_coverage_mm: float = 150.0
+    max_slice_spacing_mm: float = 10.0
+    reconstruction_preference: tuple[Preference, ...] = ("thinnest", "soft_kernel")
+    fallback_to_other_reconstructions: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("min_z_coverage_mm", "max_slice_spacing_mm"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: must be a positive number of mm, not {value!r}")
+        preference = tuple(self.reconstruction_preference)
+        object.__setattr__(self, "reconstruction_preference", preference)
+        unknown = [p for p in preference if p not in PREFERENCES]
+        if not preference or unknown or len(set(preference)) != len(preference):
+            raise ValueError(
+                f"reconstruction_preference: {list(preference)!r} must list some of "
+                f"{', '.join(PREFERENCES)}, each at most once"
+            )
+
+    @classmethod
+    def from_settings(cls, settings: _RuleSettings) -> SelectionRule:
+        """The rule of the ``apps.lung_ct`` configuration section (fields of the same names).
+
+        Raises:
+            ValueError: as the constructor.
+        """
+        return cls(
+            min_z_coverage_mm=settings.min_z_coverage_mm,
+            max_slice_spacing_mm=settings.max_slice_spacing_mm,
+            reconstruction_preference=tuple(settings.reconstruction_preference),  # type: ignore[arg-type]
+            fallback_to_other_reconstructions=settings.fallback_to_other_reconstructions,
+        )
+
 
 @dataclass(frozen=True)
 class SeriesCandidate:
     """A series that qualifies for processing, with the images to use.
 
     ``files`` and ``headers`` hold only the images kept (in the order they came); ``dropped``
-    counts the images left out of the series, by reason.
+    counts the images left out of the series, by reason. ``z_coverage_mm`` and
+    ``slice_spacing_mm`` are the stack's coverage and median slice spacing (see
+    :class:`SelectionRule`; None for a candidate made elsewhere), ``z_extent_mm`` the lowest
+    and highest patient z of its slice centres (to tell reconstructions of one acquisition).
     """
 
     SeriesInstanceUID: str
@@ -73,6 +166,9 @@ class SeriesCandidate:
     slices: int
     dropped: tuple[tuple[str, int], ...] = ()  # (reason, number of images)
     SeriesNumber: int | None = None
+    z_coverage_mm: float | None = None
+    slice_spacing_mm: float | None = None
+    z_extent_mm: tuple[float, float] | None = None
 
     @property
     def label(self) -> str:
@@ -82,26 +178,90 @@ class SeriesCandidate:
         name = number if number is not None else uid_tag(self.SeriesInstanceUID)
         return f"series {name} ({self.slices} slices)"
 
+    @property
+    def name(self) -> str:
+        """The series by number, description and kernel (see :func:`series_name`)."""
+        return series_name(self.headers[0], self.SeriesInstanceUID)
+
+    @property
+    def ConvolutionKernel(self) -> str:
+        """The kernel the images were reconstructed with (the first value); "" if not stated."""
+        return _kernel(self.headers[0])
+
+    @property
+    def SliceThickness(self) -> float | None:
+        """Slice Thickness (mm) of the images; None when not stated or not a positive number."""
+        value = _numbers(_functional(self.headers[0], "SliceThickness", "PixelMeasuresSequence"), 1)
+        return float(value[0]) if value is not None and value[0] > 0 else None
+
+    @property
+    def FrameOfReferenceUID(self) -> str:
+        return str(self.headers[0].get("FrameOfReferenceUID", "") or "")
+
+    def describe(self) -> str:
+        """The series with what the reconstruction preference looks at:
+        ``series 2 (1.25 mm, STANDARD, soft kernel)``."""
+        thickness = _thickness(self)
+        parts = [f"{_mm(thickness)} mm"] if thickness is not None else []
+        kernel = self.ConvolutionKernel
+        parts += [kernel, f"{kernel_class(self.headers[0])} kernel"] if kernel else ["no kernel"]
+        return f"{_number_name(self.SeriesNumber, self.SeriesInstanceUID)} ({', '.join(parts)})"
+
+
+@dataclass(frozen=True)
+class SkippedSeries:
+    """A series that is not analysed: ``name`` (:func:`series_name`, never the UID in clear)
+    and ``reason``, with values (``z coverage 90 mm < 150 mm ...``)."""
+
+    SeriesInstanceUID: str
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
+
 
 @dataclass(frozen=True)
 class SeriesSelection:
     """The series of a study the app could use, in preference order, and why every other
     series was not.
 
+    ``choice`` says in a sentence why the preferred series comes first (for logs and reports).
+    With no ``candidates`` the study is refused: ``skipped`` says why for every series and
+    ``evidence`` holds the images of the series that came closest to qualifying (one study),
+    for a refusal report to reference.
+
     Raises:
-        ValueError: ``candidates`` is empty (no selection is ``None``, not an empty one).
+        ValueError: neither candidates nor evidence, or both (a study with no images has no
+            selection: ``None``).
     """
 
-    candidates: tuple[SeriesCandidate, ...]  # best first
-    skipped: tuple[tuple[str, str], ...]  # (SeriesInstanceUID, reason)
+    candidates: tuple[SeriesCandidate, ...]  # best first; empty: nothing qualifies
+    skipped: tuple[SkippedSeries, ...] = ()
+    choice: str = ""
+    evidence: tuple[Dataset, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
-        if not self.candidates:
-            raise ValueError("candidates: a selection needs at least one series")
+        if bool(self.candidates) == bool(self.evidence):
+            raise ValueError(
+                "candidates: a selection needs at least one series, or (a refusal) none and "
+                "evidence images to reference"
+            )
+
+    @property
+    def refused(self) -> bool:
+        """True when no series qualifies (the study is not analysed)."""
+        return not self.candidates
 
     @property
     def preferred(self) -> SeriesCandidate:
-        """The series to try first."""
+        """The series to try first.
+
+        Raises:
+            ValueError: the selection is a refusal (no candidates).
+        """
+        if not self.candidates:
+            raise ValueError("no series qualifies: the selection has no preferred series")
         return self.candidates[0]
 
     def candidate(self, series_instance_uid: str) -> SeriesCandidate:
@@ -114,6 +274,22 @@ class SeriesSelection:
             if candidate.SeriesInstanceUID == series_instance_uid:
                 return candidate
         raise KeyError(f"no candidate series {uid_tag(series_instance_uid)}")
+
+    def reasons(self) -> list[str]:
+        """Each skipped series with its reason, ``series 3 (...): ...``, in the order seen."""
+        return [str(s) for s in self.skipped]
+
+
+class NoSeriesQualifies(Exception):
+    """No series of a study qualifies for analysis. ``reasons`` names each series and why
+    (empty when there were no images at all); ``written`` holds the refusal report, if one was
+    written."""
+
+    def __init__(self, selection: SeriesSelection | None, written: Sequence[Path] = ()) -> None:
+        self.reasons: tuple[str, ...] = tuple(selection.reasons()) if selection else ()
+        self.written: tuple[Path, ...] = tuple(written)
+        lines = self.reasons or ("no DICOM image could be read",)
+        super().__init__("no series qualifies for analysis: " + "; ".join(lines))
 
 
 def read_headers(files: Iterable[Path]) -> list[tuple[Path, Dataset]]:
@@ -303,13 +479,154 @@ def _series_number(ds: Dataset) -> int | None:
         return None
 
 
+# -- names and kernels -----------------------------------------------------------------------
+
+
+def _text(value: object, limit: int = 64) -> str:
+    """A header string as logs and reports may show it: ASCII, one line, at most ``limit``."""
+    text = " ".join(str(value or "").encode("ascii", "replace").decode("ascii").split())
+    return text[:limit]
+
+
+def _kernel(ds: Dataset) -> str:
+    """Convolution Kernel (Enhanced CT: CT Reconstruction functional group; Legacy Converted:
+    the unassigned converted attributes); the first value (Siemens adds e.g. a strength:
+    ``Br40d\\3``); "" when not stated."""
+    value = _functional(ds, "ConvolutionKernel", "CTReconstructionSequence")
+    if value is None:
+        value = _functional(ds, "ConvolutionKernel", "UnassignedSharedConvertedAttributesSequence")
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        value = value[0] if len(value) else ""
+    return _text(value)
+
+
+def _number_name(number: int | None, series_instance_uid: str) -> str:
+    if number is not None:
+        return f"series {number}"
+    if series_instance_uid:
+        return f"series {uid_tag(series_instance_uid)}"
+    return "images without a Series Instance UID"
+
+
+def series_name(ds: Dataset, series_instance_uid: str = "") -> str:
+    """A series as logs and reports name it, from one of its images: Series Number (else a
+    hashed tag of ``series_instance_uid``, never the UID in clear) with Series Description and
+    Convolution Kernel when present, e.g. ``series 3 (ThoraxRoutine B70f)``."""
+    head = _number_name(_series_number(ds), series_instance_uid)
+    description, kernel = _text(ds.get("SeriesDescription")), _kernel(ds)
+    details = [description] if description else []
+    if kernel and kernel.casefold() not in description.casefold().split():
+        details.append(kernel)
+    return f"{head} ({' '.join(details)})" if details else head
+
+
+# Vendors' kernel names. GE names them; Siemens gives a letter or two and a sharpness number
+# (B30f, Br40d, I31f; Bl57d is a lung kernel); Canon/Toshiba FC and a number (body and head
+# below 30, bone FC3x, lung FC5x and up); Philips letters (A-C soft, D/E sharp, L lung, Y* for
+# the iDose/IMR body range). Sharp means edge-enhancing: lung, bone, high resolution.
+_GE_SOFT = {"SOFT", "STANDARD", "STND", "SMOOTH"}
+_GE_SHARP = {"LUNG", "BONE", "BONEPLUS", "BONE PLUS", "EDGE", "CHEST", "HD LUNG"}
+_PHILIPS_SOFT = {"A", "B", "C", "YA", "YB", "YC"}
+_PHILIPS_SHARP = {"D", "E", "EC", "L", "LA", "YD", "YE", "YF"}
+_CANON = re.compile(r"^FC(\d{2})$")
+_SIEMENS = re.compile(r"^[A-Z]{1,2}(\d{2})[A-Z]?$")
+_SIEMENS_SHARP_FROM = 50  # B50f and up: B6x-B8x body/bone sharp, Bl57 lung
+_CANON_SHARP_FROM = 30  # FC30 and up: bone and lung
+
+
+def kernel_class(kernel: Dataset | str) -> KernelClass:
+    """Whether a reconstruction kernel is ``soft`` (soft tissue, standard body: GE SOFT and
+    STANDARD, Siemens B30f/Br40/I31f, Philips A/B/C/YA-YC, Canon FC0x-FC2x) or ``sharp`` (lung,
+    bone, high resolution: GE LUNG/BONE/BONEPLUS/EDGE/CHEST, Siemens B50 and up such as B70f
+    and Bl57, Philips D/E/L/YD-YF, Canon FC30 and up); ``unknown`` when not stated or not
+    recognised. ``kernel`` is an image (its Convolution Kernel) or the kernel's name.
+
+    A heuristic over vendors' naming, for choosing among reconstructions; it never decides
+    whether a series qualifies.
+    """
+    name = (_kernel(kernel) if isinstance(kernel, Dataset) else _text(kernel)).upper()
+    if not name:
+        return "unknown"
+    if name in _GE_SOFT or name in _PHILIPS_SOFT:
+        return "soft"
+    if name in _GE_SHARP or name in _PHILIPS_SHARP:
+        return "sharp"
+    for pattern, sharp_from in ((_CANON, _CANON_SHARP_FROM), (_SIEMENS, _SIEMENS_SHARP_FROM)):
+        match = pattern.match(name)
+        if match:
+            return "sharp" if int(match.group(1)) >= sharp_from else "soft"
+    return "unknown"
+
+
+def _mm(value: float) -> str:
+    """A length as reasons give it: ``240``, ``1.25`` (at most two decimals)."""
+    return f"{round(value, 2):g}"
+
+
+# -- one series ------------------------------------------------------------------------------
+
+
 def _counted(reasons: Iterable[str]) -> tuple[tuple[str, int], ...]:
     """Reasons with their number of images, most frequent first."""
     return tuple(Counter(reasons).most_common())
 
 
-def _candidate(uid: str, items: Sequence[Item], min_slices: int) -> SeriesCandidate | str:
-    """The usable part of one series, or the reason the series is skipped."""
+@dataclass(frozen=True)
+class _Refusal:
+    """Why a series does not qualify, how close it came (stage reached, slices) and the images
+    a refusal report may reference from it."""
+
+    reason: str
+    closeness: tuple[int, int]
+    images: tuple[Dataset, ...]
+
+
+def _slice_positions(ds: Dataset) -> list[np.ndarray] | None:
+    """Image Position (Patient) of each slice an image contributes (Enhanced CT: per frame);
+    None when one is missing."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame:
+        positions = []
+        for item in per_frame:
+            plane = item.get("PlanePositionSequence")
+            position = _numbers(plane[0].get("ImagePositionPatient") if plane else None, 3)
+            if position is None:
+                return None
+            positions.append(position)
+        return positions
+    if _frames(ds) > 1:
+        return None  # several frames, one position: the volume stage could not place them
+    position = _numbers(ds.get("ImagePositionPatient"), 3)
+    return None if position is None else [position]
+
+
+def _extent(kept: Sequence[Item]) -> tuple[float, float | None, tuple[float, float]] | str:
+    """z coverage and median slice spacing (mm, along the slice normal; spacing None for one
+    slice) and the patient z range of the slice centres; or why they cannot be known."""
+    orientation = _orientation(kept[0][1])
+    assert orientation is not None  # checked by _image_problem
+    normal = np.cross(orientation[:3], orientation[3:])
+    normal /= np.linalg.norm(normal)
+    positions: list[np.ndarray] = []
+    for _, ds in kept:
+        found = _slice_positions(ds)
+        if found is None:
+            return "no valid Image Position (Patient) for every frame"
+        positions.extend(found)
+    # Distinct positions: a slice sent twice under two SOP Instance UIDs covers nothing more
+    # (the volume stage refuses the duplicate).
+    along = np.unique(np.round([float(p @ normal) for p in positions], 3))
+    z = [float(p[2]) for p in positions]
+    if len(along) < 2:
+        thickness = _numbers(_functional(kept[0][1], "SliceThickness", "PixelMeasuresSequence"), 1)
+        covered = float(thickness[0]) if thickness is not None and thickness[0] > 0 else 0.0
+        return covered, None, (min(z), max(z))
+    spacing = float(np.median(np.diff(along)))
+    return float(along[-1] - along[0]) + spacing, spacing, (min(z), max(z))
+
+
+def _candidate(uid: str, items: Sequence[Item], rule: SelectionRule) -> SeriesCandidate | _Refusal:
+    """The usable part of one series, or why the series is skipped."""
     dropped: list[str] = []
     usable: list[Item] = []
     seen: set[str] = set()
@@ -323,17 +640,33 @@ def _candidate(uid: str, items: Sequence[Item], min_slices: int) -> SeriesCandid
             dropped.append(problem)
     if not usable:
         # Nothing to keep: the series is what most of its images are (a localizer series,
-        # a dose report, a sagittal reformat ...).
-        return _counted(dropped)[0][0]
+        # a dose report, a sagittal reformat ...); of such series, one with more CT images
+        # came closer (a refusal report references it rather than a dose report).
+        ct = sum(str(ds.get("SOPClassUID", "")) in _CT_CLASSES for _, ds in items)
+        return _Refusal(_counted(dropped)[0][0], (0, ct), tuple(ds for _, ds in items))
     stack = _main_stack(usable)
     if isinstance(stack, str):
-        return stack
+        return _Refusal(stack, (1, len(usable)), tuple(ds for _, ds in usable))
     kept, strays = stack
     dropped.extend(strays)
     slices = sum(_frames(ds) for _, ds in kept)
     left_out = f" after leaving out {len(dropped)} image(s)" if dropped else ""
-    if slices < min_slices:
-        return f"{slices} slice(s), fewer than the {min_slices} required{left_out}"
+    extent = _extent(kept)
+    if isinstance(extent, str):
+        return _Refusal(extent + left_out, (1, slices), tuple(ds for _, ds in kept))
+    coverage, spacing, z_range = extent
+    problems = []
+    # Within the geometry tolerance: 60 slices 2.5 mm apart cover 150 mm, rounding or not.
+    if coverage < rule.min_z_coverage_mm - _GEOMETRY_TOLERANCE:
+        apart = f" {_mm(spacing)} mm apart" if spacing is not None else ""
+        problems.append(
+            f"z coverage {_mm(coverage)} mm < {_mm(rule.min_z_coverage_mm)} mm "
+            f"({slices} slice(s){apart})"
+        )
+    if spacing is not None and spacing > rule.max_slice_spacing_mm + _GEOMETRY_TOLERANCE:
+        problems.append(f"slice spacing {_mm(spacing)} mm > {_mm(rule.max_slice_spacing_mm)} mm")
+    if problems:
+        return _Refusal("; ".join(problems) + left_out, (2, slices), tuple(ds for _, ds in kept))
     candidate = SeriesCandidate(
         uid,
         tuple(p for p, _ in kept),
@@ -341,6 +674,9 @@ def _candidate(uid: str, items: Sequence[Item], min_slices: int) -> SeriesCandid
         slices,
         _counted(dropped),
         _series_number(kept[0][1]),
+        z_coverage_mm=coverage,
+        slice_spacing_mm=spacing,
+        z_extent_mm=z_range,
     )
     if dropped:
         log.info(
@@ -353,39 +689,257 @@ def _candidate(uid: str, items: Sequence[Item], min_slices: int) -> SeriesCandid
     return candidate
 
 
-def select_series(
-    files: Iterable[tuple[Path, Dataset]], *, min_slices: int = 50
-) -> SeriesSelection | None:
-    """The CT series the app could process, best first; None when no series qualifies.
+# -- several series --------------------------------------------------------------------------
 
-    Candidates are ordered by number of slices (most first), then by Series Instance UID, so
-    the order does not depend on the order the files came in. The reason each series was
-    skipped is logged and returned with the selection.
+_KERNEL_SCORE = {"soft": 1, "unknown": 0, "sharp": -1}
+_SUPERLATIVE = {
+    "thinnest": "thinnest",
+    "thickest": "thickest",
+    "soft_kernel": "softest-kernel",
+    "sharp_kernel": "sharpest-kernel",
+    "z_coverage": "widest-coverage",
+    "slices": "most-sliced",
+    "uid": "first by Series Instance UID",
+}
+
+
+def _thickness(candidate: SeriesCandidate) -> float | None:
+    """Slice Thickness, else the slice spacing (thin and thick are about the reconstruction)."""
+    thickness = candidate.SliceThickness
+    return thickness if thickness is not None else candidate.slice_spacing_mm
+
+
+def _score(candidate: SeriesCandidate, criterion: str) -> float:
+    """How well a candidate meets a criterion: higher is preferred."""
+    if criterion in ("thinnest", "thickest"):
+        thickness = _thickness(candidate)
+        if thickness is None:
+            return -math.inf  # unknown thickness: last either way
+        return round(-thickness if criterion == "thinnest" else thickness, 2)
+    if criterion in ("soft_kernel", "sharp_kernel"):
+        score = _KERNEL_SCORE[kernel_class(candidate.headers[0])]
+        return score if criterion == "soft_kernel" else -score
+    if criterion == "z_coverage":
+        return round(candidate.z_coverage_mm or 0.0, 1)
+    return candidate.slices
+
+
+def _rank(candidate: SeriesCandidate, rule: SelectionRule) -> tuple[object, ...]:
+    """Sort key, higher first: the rule's criteria, then z coverage, slices, UID."""
+    criteria = (*rule.reconstruction_preference, "z_coverage", "slices")
+    return (*(_score(candidate, c) for c in criteria), candidate.SeriesInstanceUID)
+
+
+def _decided_by(a: SeriesCandidate, b: SeriesCandidate, rule: SelectionRule) -> str:
+    """The first criterion that puts ``a`` before ``b``."""
+    for criterion in (*rule.reconstruction_preference, "z_coverage", "slices"):
+        if _score(a, criterion) != _score(b, criterion):
+            return criterion
+    return "uid"
+
+
+def _why(a: SeriesCandidate, b: SeriesCandidate, criterion: str) -> str:
+    """Why ``a`` comes before ``b``, with the values: ``thinner slices, 1.25 mm vs 5 mm``."""
+
+    def thickness(c: SeriesCandidate) -> str:
+        value = _thickness(c)
+        return f"{_mm(value)} mm" if value is not None else "not stated"
+
+    def kernel(c: SeriesCandidate) -> str:
+        name = c.ConvolutionKernel or "no kernel"
+        return f"{name} ({kernel_class(c.headers[0])})"
+
+    if criterion in ("thinnest", "thickest"):
+        which = "thinner" if criterion == "thinnest" else "thicker"
+        return f"{which} slices, {thickness(a)} vs {thickness(b)}"
+    if criterion in ("soft_kernel", "sharp_kernel"):
+        which = "softer" if criterion == "soft_kernel" else "sharper"
+        return f"{which} kernel, {kernel(a)} vs {kernel(b)}"
+    if criterion == "z_coverage":
+        return f"more z coverage, {_mm(a.z_coverage_mm or 0)} mm vs {_mm(b.z_coverage_mm or 0)} mm"
+    if criterion == "slices":
+        return f"more slices, {a.slices} vs {b.slices}"
+    return "equally preferred, first by Series Instance UID"
+
+
+def _other_reconstruction(a: SeriesCandidate, b: SeriesCandidate) -> bool:
+    """Whether two series are reconstructions of one acquisition: the same Frame of Reference,
+    slice centres overlapping along z for at least half the shorter series, and another kernel
+    or slice thickness (copies alike in both stay separate candidates: fallbacks)."""
+    if not a.FrameOfReferenceUID or a.FrameOfReferenceUID != b.FrameOfReferenceUID:
+        return False
+    if a.z_extent_mm is None or b.z_extent_mm is None:
+        return False
+    (a_low, a_high), (b_low, b_high) = a.z_extent_mm, b.z_extent_mm
+    overlap = min(a_high, b_high) - max(a_low, b_low)
+    if overlap < 0.5 * min(a_high - a_low, b_high - b_low):
+        return False
+    # A kernel not stated is no evidence of another reconstruction.
+    kernels = {c.ConvolutionKernel.casefold() for c in (a, b) if c.ConvolutionKernel}
+    return _score(a, "thinnest") != _score(b, "thinnest") or len(kernels) == 2
+
+
+def _one_per_acquisition(
+    ordered: Sequence[SeriesCandidate], rule: SelectionRule
+) -> tuple[list[SeriesCandidate], list[SkippedSeries], dict[str, list[str]]]:
+    """The candidates to keep (in order), the other reconstructions skipped, and for each kept
+    series the criteria that put it before its other reconstructions."""
+    kept: list[SeriesCandidate] = []
+    skipped: list[SkippedSeries] = []
+    beaten: dict[str, list[str]] = {}
+    for candidate in ordered:
+        chosen = next((k for k in kept if _other_reconstruction(k, candidate)), None)
+        if chosen is None:
+            kept.append(candidate)
+            continue
+        criterion = _decided_by(chosen, candidate, rule)
+        beaten.setdefault(chosen.SeriesInstanceUID, []).append(criterion)
+        if rule.fallback_to_other_reconstructions:
+            kept.append(candidate)
+            continue
+        skipped.append(
+            SkippedSeries(
+                candidate.SeriesInstanceUID,
+                candidate.name,
+                "another reconstruction of the same acquisition was chosen ("
+                f"{_number_name(chosen.SeriesNumber, chosen.SeriesInstanceUID)}: "
+                f"{_why(chosen, candidate, criterion)})",
+            )
+        )
+    return kept, skipped, beaten
+
+
+def _choice(
+    kept: Sequence[SeriesCandidate], beaten: dict[str, list[str]], rule: SelectionRule
+) -> str:
+    """Why the first candidate is preferred, in a sentence."""
+    first = kept[0]
+    parts = []
+    order = [*rule.reconstruction_preference, "z_coverage", "slices", "uid"]
+    criteria = sorted(set(beaten.get(first.SeriesInstanceUID, [])), key=order.index)
+    if criteria:
+        adjectives = ", then ".join(_SUPERLATIVE[c] for c in criteria)
+        count = len(beaten[first.SeriesInstanceUID]) + 1
+        parts.append(f"{adjectives} of {count} reconstructions of one acquisition")
+    if len(kept) > 1:
+        parts.append(
+            f"first of {len(kept)} qualifying series in preference order (the others are "
+            "tried if it cannot be assembled)"
+        )
+    if not parts:
+        parts.append("the only series that qualifies")
+    spacing = first.slice_spacing_mm
+    apart = f", slices {_mm(spacing)} mm apart" if spacing is not None else ""
+    coverage = f"z coverage {_mm(first.z_coverage_mm or 0)} mm{apart}"
+    return f"{first.describe()}: {'; '.join(parts)} ({coverage})"
+
+
+def _evidence(refusals: Sequence[_Refusal]) -> tuple[Dataset, ...]:
+    """The images of the series that came closest to qualifying, one study's, that a report
+    can reference (Study, Series and SOP Instance UIDs and a SOP Class); () when none can be."""
+    keys = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+    def closeness(refusal: _Refusal) -> tuple[tuple[int, int], str]:
+        first = refusal.images[0] if refusal.images else Dataset()
+        return refusal.closeness, str(first.get("SeriesInstanceUID", ""))  # ties: by UID
+
+    for refusal in sorted(refusals, key=closeness, reverse=True):
+        images = [ds for ds in refusal.images if all(ds.get(k) for k in keys)]
+        if images:
+            # The same images give the same report, whatever order the files came in.
+            images.sort(key=lambda ds: (str(ds.StudyInstanceUID), _instance_order(ds)))
+            study = images[0].StudyInstanceUID
+            return tuple(ds for ds in images if ds.StudyInstanceUID == study)
+    return ()
+
+
+def _instance_order(ds: Dataset) -> tuple[int, str]:
+    try:
+        number = int(ds.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        number = 0
+    return number, str(ds.SOPInstanceUID)
+
+
+def select_series(
+    files: Iterable[tuple[Path, Dataset]], *, rule: SelectionRule | None = None
+) -> SeriesSelection | None:
+    """The CT series the app could process, best first, by ``rule`` (default
+    :class:`SelectionRule()`); None when there is no image at all (or none a report could
+    reference).
+
+    Other reconstructions of a chosen acquisition are skipped (see :class:`SelectionRule`).
+    Candidates are ordered by the rule's reconstruction preference, then z coverage, then number
+    of slices, then Series Instance UID, so the order does not depend on the order the files
+    came in. Every series not kept is logged and returned in ``skipped`` with its reason; when
+    none qualifies, the selection has no candidates (a refusal) and references the images of
+    the series that came closest.
     """
+    rule = rule or SelectionRule()
     by_series: dict[str, list[Item]] = {}
     for path, ds in files:
         by_series.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append((path, ds))
     candidates: list[SeriesCandidate] = []
-    skipped: list[tuple[str, str]] = []
+    skipped: list[SkippedSeries] = []
+    refusals: list[_Refusal] = []
+    numbers = {uid: _series_number(items[0][1]) for uid, items in by_series.items()}
     for uid, items in by_series.items():
-        outcome = _candidate(uid, items, min_slices) if uid else "no Series Instance UID"
+        outcome = (
+            _candidate(uid, items, rule)
+            if uid
+            else _Refusal("no Series Instance UID", (-1, len(items)), ())
+        )
         if isinstance(outcome, SeriesCandidate):
             candidates.append(outcome)
         else:
-            skipped.append((uid, outcome))
-            log.info("series %s skipped: %s", uid_tag(uid), outcome)
-    if not candidates:
+            skipped.append(SkippedSeries(uid, series_name(items[0][1], uid), outcome.reason))
+            refusals.append(outcome)
+    candidates.sort(key=lambda c: _rank(c, rule), reverse=True)
+    kept, reconstructions, beaten = _one_per_acquisition(candidates, rule)
+    skipped.extend(reconstructions)
+    # By Series Number (as a viewer lists them), not by the order the files came in.
+    skipped.sort(
+        key=lambda s: (
+            numbers[s.SeriesInstanceUID] is None,
+            numbers[s.SeriesInstanceUID] or 0,
+            s.SeriesInstanceUID,
+        )
+    )
+    for series in skipped:
+        log.info(
+            "%s [%s] skipped: %s", series.name, uid_tag(series.SeriesInstanceUID), series.reason
+        )
+    if kept:
+        choice = _choice(kept, beaten, rule)
+        log.info("chosen: %s", choice)
+        return SeriesSelection(tuple(kept), tuple(skipped), choice)
+    evidence = _evidence(refusals)
+    if not evidence:
+        if by_series:
+            log.warning("no series qualifies, and no image could be referenced")
         return None
-    candidates.sort(key=lambda c: (c.slices, c.SeriesInstanceUID), reverse=True)
-    return SeriesSelection(tuple(candidates), tuple(skipped))
+    log.warning("no series qualifies: %s", "; ".join(str(s) for s in skipped))
+    return SeriesSelection((), tuple(skipped), evidence=evidence)
 
 
 class SeriesSelectorOperator(Operator):
     """Input ``files`` (list of paths of one study) → output ``selection``
-    (``SeriesSelection``, or ``None`` when the study has no usable CT series)."""
+    (``SeriesSelection``; None when the study has no image, or when no series qualifies and
+    ``report_refusals`` is False, so that nothing is written).
 
-    def __init__(self, fragment: Fragment, *args: object, min_slices: int = 50, **kw: object):
-        self.min_slices = min_slices
+    ``rule`` is the :class:`SelectionRule` (default: its defaults).
+    """
+
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: object,
+        rule: SelectionRule | None = None,
+        report_refusals: bool = True,
+        **kw: object,
+    ) -> None:
+        self.rule = rule or SelectionRule()
+        self.report_refusals = report_refusals
         super().__init__(fragment, *args, **kw)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -394,5 +948,7 @@ class SeriesSelectorOperator(Operator):
 
     def compute(self, op_input: object, op_output: object, context: object) -> None:
         files = op_input.receive("files")  # type: ignore[attr-defined]
-        selection = select_series(read_headers(files), min_slices=self.min_slices)
+        selection = select_series(read_headers(files), rule=self.rule)
+        if selection is not None and selection.refused and not self.report_refusals:
+            selection = None
         op_output.emit(selection, "selection")  # type: ignore[attr-defined]

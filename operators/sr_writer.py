@@ -85,6 +85,9 @@ _MM3 = codes.UCUM.CubicMillimeter
 _ML = Code("ml", "UCUM", "milliliter")
 _MM = codes.UCUM.Millimeter
 _HU = codes.UCUM.HounsfieldUnit  # [hnsf'U]
+# The detector's score for a nodule, in [0, 1]: a ranking score, not a calibrated probability.
+_DETECTION_SCORE = codes.DCM.CertaintyOfFinding  # 111012
+_NO_UNITS = Code("1", "UCUM", "no units")
 _SOURCE_SERIES_FOR_SEGMENTATION = codes.DCM.SourceSeriesForSegmentation  # 121232
 
 # TID 1500 rows 12 and 14: with no measurement groups the report holds this container instead.
@@ -402,6 +405,15 @@ def _volumetric_group(
             algorithm_id=algorithm_id,
         ),
     ]
+    if finding.detection_score is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=_DETECTION_SCORE,
+                value=round(finding.detection_score, 3),
+                unit=_NO_UNITS,
+                algorithm_id=algorithm_id,
+            )
+        )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(finding),
         referenced_segment=segment,

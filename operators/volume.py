@@ -7,6 +7,11 @@ positions, gantry tilt (slice positions not along the normal) and irregular slic
 (e.g. missing slices). Single-frame CT and Enhanced CT (multi-frame, per-frame positions)
 are both read; compressed transfer syntaxes decode through pydicom's pixel handlers.
 
+Pixels matching Pixel Padding Value (or the range it spans with Pixel Padding Range Limit),
+which scanners write outside the scan circle, become air (-1024 HU): the match is on the stored
+value before the rescale (PS3.3 C.7.5.1.1.2), so padding never decodes to a made-up HU such as
+-3024 or +62512.
+
 The series selector hands over every qualifying series, best first; the first one that makes
 a regular volume is used, and when none does, the refusal names each series and its reason.
 """
@@ -28,6 +33,7 @@ from radfusion.logs import uid_tag
 from radfusion.operators.series_selector import SeriesCandidate
 
 __all__ = [
+    "PADDING_HU",
     "Volume",
     "VolumeError",
     "VolumeOperator",
@@ -40,6 +46,7 @@ log = logging.getLogger("radfusion.operators.volume")
 
 _SPACING_TOLERANCE = 0.1  # relative deviation of a slice gap from the median gap
 _TILT_TOLERANCE_MM = 0.5  # in-plane drift of slice positions allowed over the series
+PADDING_HU = -1024.0  # what padded pixels (outside the scan circle) become: air
 
 
 class VolumeError(ValueError):
@@ -81,6 +88,55 @@ def _frames(ds: Dataset) -> list[tuple[Dataset | None, int]]:
     if n > 1 and per_frame is None:
         raise VolumeError("multi-frame image without per-frame functional groups")
     return [(per_frame[i] if per_frame is not None else None, i + 1) for i in range(n)]
+
+
+def _stored_value(value: object, bits: int, signed: bool) -> int | None:
+    """A padding attribute as the decoded pixels represent it: its stored bit pattern cut to
+    ``bits`` (Bits Stored), read as signed or unsigned like the pixels (pydicom decodes them so,
+    masking the unused high bits). The pattern, not the number, counts, so a value written with
+    the wrong sign (0xF830 given as -2000 in an SS element for unsigned pixels, or the
+    reverse) still matches. None: the value is not an integer."""
+    if isinstance(value, bytes | bytearray):  # an ambiguous VR left undecoded: little endian
+        value = int.from_bytes(bytes(value)[:2], "little") if value else None
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        value = value[0] if len(value) else None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    pattern = value & ((1 << bits) - 1)
+    if signed and pattern >> (bits - 1):
+        pattern -= 1 << bits
+    return pattern
+
+
+def _padding_range(ds: Dataset, pixels: np.ndarray) -> tuple[int, int] | None:
+    """The inclusive range of decoded stored values that are padding in ``ds``'s pixels, or
+    None when there is none (no Pixel Padding Value, float pixels or an unusable value).
+
+    Pixel Padding Value lives in the General Equipment and Image Pixel modules, so at the top
+    level for Enhanced CT too; Pixel Padding Range Limit, when present, is the range's other
+    end (in either order); without it the value alone is padding."""
+    if pixels.dtype.kind not in "iu" or "PixelPaddingValue" not in ds:
+        return None
+    width = pixels.dtype.itemsize * 8
+    bits = ds.get("BitsStored")
+    bits = min(int(bits), width) if isinstance(bits, int) and bits > 0 else width
+    representation = ds.get("PixelRepresentation")
+    signed = representation == 1 if representation in (0, 1) else pixels.dtype.kind == "i"
+    value = _stored_value(ds.get("PixelPaddingValue"), bits, signed)
+    if value is None:
+        return None
+    limit = value
+    if "PixelPaddingRangeLimit" in ds:
+        limit = _stored_value(ds.get("PixelPaddingRangeLimit"), bits, signed)
+        if limit is None:
+            limit = value
+    low, high = min(value, limit), max(value, limit)
+    info = np.iinfo(pixels.dtype)
+    if high < info.min or low > info.max:  # no decoded pixel can hold it
+        return None
+    return max(low, int(info.min)), min(high, int(info.max))
 
 
 def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
@@ -152,7 +208,10 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
     # Integer pixels are rescaled in float64 in one reused buffer: two fresh float64
     # temporaries per slice (2 MB each at 512²) cost more than the arithmetic.
     rescaled = np.empty(matrices[0], dtype=np.float64)
+    padded = np.empty(matrices[0], dtype=bool)  # reused: which pixels of a frame are padding
+    in_range = np.empty(matrices[0], dtype=bool)
     decoded: dict[int, np.ndarray] = {}
+    padding: dict[int, tuple[int, int] | None] = {}
     for k, idx in enumerate(order):
         ds, item, number = slices[idx]
         try:
@@ -171,6 +230,19 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
             hu[k] = rescaled
         else:  # float pixel data keeps its own precision
             hu[k] = frame * scale + offset
+        if id(ds) not in padding:
+            padding[id(ds)] = _padding_range(ds, pixels)
+        if (pad := padding[id(ds)]) is not None:
+            # Matched on the stored values, before the rescale: one or two vectorised
+            # compares per frame.
+            low, high = pad
+            if low == high:
+                np.equal(frame, low, out=padded)
+            else:
+                np.greater_equal(frame, low, out=padded)
+                np.less_equal(frame, high, out=in_range)
+                np.logical_and(padded, in_range, out=padded)
+            np.copyto(hu[k], PADDING_HU, where=padded)
         if pixels.ndim == 2:
             # A single-frame image is done with: its decoded copy goes now, not after the
             # series, so the next slice decodes into the same memory (fresh pages cost more

@@ -259,12 +259,56 @@ def synth() -> None:
     help="Rows and columns.",
 )
 @click.option("--no-chest", is_flag=True, help="An abdomen-like body without lungs.")
+@click.option(
+    "--style",
+    type=click.Choice(["simple", "realistic"]),
+    default="realistic",
+    show_default=True,
+    help="realistic: vessels, airways, ribs, nodule types, kernels, partial volume.",
+)
+@click.option(
+    "--vendor",
+    type=click.Choice(["generic", "ge", "siemens", "philips", "canon"]),
+    default="generic",
+    show_default=True,
+    help="Header style, transfer syntax, rescale and padding of that vendor.",
+)
+@click.option(
+    "--kernel",
+    type=click.Choice(["soft", "sharp"]),
+    default=None,
+    help="Reconstruction kernel (realistic; default: by seed).",
+)
+@click.option("--slice-thickness", default=2.5, show_default=True, type=click.FloatRange(0.5, 10))
+@click.option(
+    "--slice-spacing",
+    default=None,
+    type=click.FloatRange(0.3, 10),
+    help="Between slice centres (realistic; default: the thickness).",
+)
+@click.option("--emphysema", is_flag=True, help="Emphysema patches (realistic).")
+@click.option("--effusion", is_flag=True, help="Pleural effusion (realistic).")
 def synth_ct(
-    out: Path, slices: int, seed: int, patient_id: str, tumours: int, size: int, no_chest: bool
+    out: Path,
+    slices: int,
+    seed: int,
+    patient_id: str,
+    tumours: int,
+    size: int,
+    no_chest: bool,
+    style: str,
+    vendor: str,
+    kernel: str | None,
+    slice_thickness: float,
+    slice_spacing: float | None,
+    emphysema: bool,
+    effusion: bool,
 ) -> None:
     """Write a synthetic chest CT series with ground truth (labels.npz, truth.json)."""
     from radfusion.synth.ct import synth_ct as make
 
+    if no_chest:
+        style = "simple"  # the abdomen exists in the simple style only
     try:
         study = make(
             out,
@@ -275,6 +319,13 @@ def synth_ct(
             rows=size,
             columns=size,
             chest=not no_chest,
+            style=style,
+            vendor=vendor,
+            kernel=kernel,
+            slice_thickness=slice_thickness,
+            slice_spacing=slice_spacing,
+            emphysema=emphysema,
+            effusion=effusion,
         )
     except ValueError as err:
         raise click.ClickException(str(err)) from None
@@ -343,20 +394,121 @@ def run_app(app: str, input_dir: Path, output_dir: Path, config_path: Path | Non
     """Run an app once over a folder, like a MONAI Deploy app (no network, no spool).
 
     The same as the MAP's HOLOSCAN_INPUT_PATH → HOLOSCAN_OUTPUT_PATH convention. Writes SEG and
-    SR into --output; prints the files written. Exit status 1 when nothing could be written.
+    SR into --output; prints the files written. Exit status 1 when no series could be analysed
+    (the error names every series and why; the refusal SR, if written, is printed first) or
+    nothing could be written.
     """
     settings = _load(config_path)
     configure_logging("INFO")
     from radfusion.apps.lung_ct.app import run_folder
+    from radfusion.operators.series_selector import NoSeriesQualifies
 
     try:
         written = run_folder(input_dir, output_dir, settings)
+    except NoSeriesQualifies as err:
+        for path in err.written:
+            click.echo(str(path))
+        outcome = "a refusal SR was written" if err.written else "nothing written"
+        reasons = err.reasons or ("no DICOM image could be read",)
+        raise click.ClickException(
+            f"{app}: no usable CT series in {input_dir} ({outcome}):\n"
+            + "\n".join(f"  {reason}" for reason in reasons)
+        ) from None
     except Exception as err:  # any app failure becomes a CLI error, not a traceback
         raise click.ClickException(f"{app} failed: {err}") from None
     for path in written:
         click.echo(str(path))
     if not written:
         raise click.ClickException(f"{app}: no usable CT series in {input_dir}: nothing written")
+
+
+# -- eval -------------------------------------------------------------------------------------
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """Evaluate an app against reference annotations (LIDC XML, DICOM SEG)."""
+
+
+@eval_group.command("lung-ct")
+@click.option(
+    "--input",
+    "input_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder with the CT series (searched recursively).",
+)
+@click.option(
+    "--reference",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="A LIDC reader XML or reference DICOM SEG, or a folder of them.",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the results as JSON here.",
+)
+@click.option(
+    "--min-diameter-mm",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Reference nodules smaller than this (longest axial diameter) do not count.",
+)
+@click.option(
+    "--min-readers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="LIDC nodules marked by fewer readers do not count.",
+)
+@_CONFIG_OPTION
+def eval_lung_ct(
+    input_dir: Path,
+    reference: Path,
+    json_out: Path | None,
+    min_diameter_mm: float,
+    min_readers: int,
+    config_path: Path | None,
+) -> None:
+    """Run lung-ct on each referenced series and score it: nodules found, false positives per
+    scan, Dice and volume error per nodule, lung volumes; overall and per kernel class.
+
+    Exit status 1 when a reference matches no series under --input, or a case failed.
+    """
+    settings = _load(config_path)
+    configure_logging("WARNING")
+    from radfusion.evaluation.lidc import LidcFormatError
+    from radfusion.evaluation.lung_ct import (
+        CaseResult,
+        UnmatchedReferenceError,
+        evaluate_lung_ct,
+        format_report,
+    )
+
+    def progress(case: CaseResult) -> None:
+        click.echo(f"evaluated {case.case}", err=True)
+
+    try:
+        evaluation = evaluate_lung_ct(
+            input_dir,
+            reference,
+            settings,
+            min_diameter_mm=min_diameter_mm,
+            min_readers=min_readers,
+            progress=progress,
+        )
+    except (UnmatchedReferenceError, LidcFormatError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(format_report(evaluation))
+    if json_out is not None:
+        json_out.write_text(json.dumps(evaluation.to_json(), indent=2) + "\n")
+        click.echo(f"JSON: {json_out}")
+    failed = sum(1 for c in evaluation.cases if c.error is not None)
+    if failed:
+        raise click.ClickException(f"{failed} of {len(evaluation.cases)} case(s) failed")
 
 
 # -- triton -----------------------------------------------------------------------------------

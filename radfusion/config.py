@@ -402,8 +402,78 @@ class LungCTConfig(_Section):
         "Default: the reference model shipped in packaging/models/lung_ct_seg/ (a "
         "demonstration, not for clinical use).",
     )
-    min_slices: int = Field(default=50, ge=1, description="Fewer axial slices: not processed.")
+    # Which series qualify, and which reconstruction is analysed: operators/series_selector.py
+    # (SelectionRule), with the same names.
+    min_z_coverage_mm: float = Field(
+        default=150.0,
+        gt=0,
+        description="An axial CT series must cover at least this along the patient's long axis "
+        "(first to last slice plus one spacing; a chest is about 250-300 mm).",
+    )
+    max_slice_spacing_mm: float = Field(
+        default=10.0, gt=0, description="Slices further apart: the series is not analysed."
+    )
+    reconstruction_preference: list[
+        Literal["thinnest", "thickest", "soft_kernel", "sharp_kernel"]
+    ] = Field(
+        default=["thinnest", "soft_kernel"],
+        min_length=1,
+        description="Which of several reconstructions of one acquisition (same frame of "
+        "reference, overlapping slices, another kernel or slice thickness) is analysed: the "
+        "criteria in order; the others are skipped, each with the reason.",
+    )
+    fallback_to_other_reconstructions: bool = Field(
+        default=False,
+        description="Keep the other reconstructions as fallbacks, tried in preference order when "
+        "the chosen one cannot be assembled (one series per study is analysed either way).",
+    )
+    report_refusals: bool = Field(
+        default=True,
+        description="When no series qualifies, write an SR saying the study was received and "
+        "not analysed and why (each series' reason), referencing its images; no SEG.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "min_slices" in data:
+            raise ValueError(
+                "min_slices was replaced by min_z_coverage_mm (default 150) and "
+                "max_slice_spacing_mm (default 10): the coverage of a series decides, not its "
+                "number of slices; remove min_slices"
+            )
+        return data
+
+    @field_validator("reconstruction_preference")
+    @classmethod
+    def _each_criterion_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value!r} names a criterion twice")
+        return value
+
     seg_type: Literal["binary", "labelmap"] = "binary"
+    # The operating point of the nodule detector (operators/detection.py, DetectionSettings).
+    detection_threshold: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Nodule candidates with a lower detection score are not reported. Lower "
+        "finds more and reports more false positives.",
+    )
+    nodule_scorer: Path | None = Field(
+        default=None,
+        description="scorer.json of the nodules' false-positive stage. Default: the one shipped "
+        "in packaging/models/lung_nodule_fp/ (fitted on synthetic phantoms only).",
+    )
+    max_findings: int = Field(
+        default=10, ge=0, le=250, description="At most this many nodules, best score first."
+    )
+    min_nodule_diameter_mm: float = Field(
+        default=4.0,
+        ge=0.0,
+        description="Smaller nodules are not reported; the series raises it to twice its slice "
+        "thickness (what the slices can resolve), and the SR says so.",
+    )
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores.")
     triton_model: str = Field(
         default="lung_ct_seg",

@@ -2,9 +2,15 @@
 
 A MONAI Deploy application (Holoscan graph)::
 
-    study ─▶ select_series ─▶ volume ─▶ segment ─▶ measure ─▶ write_results
-                  │              └────────────────────┴──────────▲
-                  └──────────────────────────────────────────────┘
+    study ─▶ select_series ─▶ volume ─▶ segment ─▶ detect ─▶ measure ─▶ write_results
+                  │              ├──────────────────────▲          ▲          ▲
+                  │              └─────────────────────────────────┴──────────┤
+                  └───────────────────────────────────────────────────────────┘
+
+``segment`` runs the learned model; ``detect`` finds the lungs (classical, checked for
+plausibility) and the nodules (shape and density, the model's tumour class as one piece of
+evidence) and applies the operating point (``apps.lung_ct.detection_threshold``,
+``max_findings``, ``min_nodule_diameter_mm``).
 
 Run once over a folder like any MONAI Deploy app (``HOLOSCAN_INPUT_PATH`` →
 ``HOLOSCAN_OUTPUT_PATH``, or ``radfusion run lung-ct --input DIR --output DIR``), or from the
@@ -19,6 +25,7 @@ written, so that it is retried later.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -39,7 +46,9 @@ from radfusion.integrations.fhir.provider import (
     ContextUnavailable,
     PatientContextProvider,
 )
+from radfusion.operators.detection import DetectionOperator, DetectionSettings
 from radfusion.operators.measurement import MeasurementOperator
+from radfusion.operators.nodules import NoduleScorer, default_scorer_path
 from radfusion.operators.results import AlgorithmInfo
 from radfusion.operators.results_writer import ResultsWriterOperator
 from radfusion.operators.segmentation import (
@@ -48,7 +57,13 @@ from radfusion.operators.segmentation import (
     default_model_config_path,
 )
 from radfusion.operators.segmentation_model import Predictor, load_torchscript
-from radfusion.operators.series_selector import SeriesSelectorOperator
+from radfusion.operators.series_selector import (
+    NoSeriesQualifies,
+    SelectionRule,
+    SeriesSelectorOperator,
+    read_headers,
+    select_series,
+)
 from radfusion.operators.volume import VolumeOperator
 
 __all__ = ["LungCT", "LungCTApp", "PatientContextLookup", "make_predictor", "run_folder"]
@@ -76,8 +91,20 @@ def model_config(settings: LungCTConfig) -> SegmentationModelConfig:
     return SegmentationModelConfig.from_yaml(settings.model or default_model_config_path())
 
 
-def algorithm_info(model: SegmentationModelConfig, predictor: object = None) -> AlgorithmInfo:
-    """The algorithm as the results name it; a model marked ``demonstration`` says so. On a
+def detection_settings(settings: LungCTConfig) -> DetectionSettings:
+    """The nodule detector's operating point from the app's configuration."""
+    return DetectionSettings(
+        min_score=settings.detection_threshold,
+        max_findings=settings.max_findings,
+        min_diameter_mm=settings.min_nodule_diameter_mm,
+    )
+
+
+def algorithm_info(
+    model: SegmentationModelConfig, predictor: object = None, scorer: Path | None = None
+) -> AlgorithmInfo:
+    """The algorithm as the results name it; a model marked ``demonstration`` says so. The
+    nodule scorer's digest is named when given (it decides what is reported). On a
     Triton server, the served model and the server's version are named too; the weights'
     digest only when the server's config states it (``radfusion triton repo`` writes it and
     :func:`make_predictor` checks it)."""
@@ -87,6 +114,9 @@ def algorithm_info(model: SegmentationModelConfig, predictor: object = None) -> 
         parameters.append(("model_sha256", model.sha256[:16]))
     if identity is not None:
         parameters.append(("inference", identity.describe()))
+    if scorer is not None:  # the nodules' false-positive stage decides what is reported
+        digest = hashlib.sha256(Path(scorer).read_bytes()).hexdigest()
+        parameters.append(("nodule_scorer_sha256", digest[:16]))
     return AlgorithmInfo(
         name=model.name,
         version=model.version,
@@ -225,7 +255,10 @@ class LungCTApp(Application):
         predictor = self._predictor or load_torchscript(model.model_path, self._settings.threads)
         study = StudyFilesOperator(self, CountCondition(self, 1), files=self._files, name="study")
         select = SeriesSelectorOperator(
-            self, min_slices=self._settings.min_slices, name="select_series"
+            self,
+            rule=SelectionRule.from_settings(self._settings),
+            report_refusals=self._settings.report_refusals,
+            name="select_series",
         )
         volume = VolumeOperator(self, timings=self.timings, name="volume")
         segment = SegmentationOperator(
@@ -235,12 +268,20 @@ class LungCTApp(Application):
             timings=self.timings,
             name="segment",
         )
+        scorer_path = self._settings.nodule_scorer or default_scorer_path()
+        detect = DetectionOperator(
+            self,
+            settings=detection_settings(self._settings),
+            scorer=NoduleScorer.from_json(scorer_path),
+            timings=self.timings,
+            name="detect",
+        )
         measure = MeasurementOperator(
             self, uid_root=self._uid_root, timings=self.timings, name="measure"
         )
         write = ResultsWriterOperator(
             self,
-            algorithm=algorithm_info(model, predictor),
+            algorithm=algorithm_info(model, predictor, scorer_path),
             output_dir=self._output_dir,
             uid_root=self._uid_root,
             labelmap=self._settings.seg_type == "labelmap",
@@ -252,16 +293,31 @@ class LungCTApp(Application):
         self.add_flow(study, select, {("files", "files")})
         self.add_flow(select, volume, {("selection", "selection")})
         self.add_flow(volume, segment, {("volume", "volume")})
+        self.add_flow(volume, detect, {("volume", "volume")})
+        self.add_flow(segment, detect, {("classes", "classes")})
         self.add_flow(volume, measure, {("volume", "volume")})
-        self.add_flow(segment, measure, {("classes", "classes")})
+        self.add_flow(detect, measure, {("anatomy", "anatomy")})
         self.add_flow(select, write, {("selection", "selection")})
         self.add_flow(volume, write, {("volume", "volume")})
         self.add_flow(measure, write, {("measured", "measured")})
 
 
 def run_folder(input_dir: Path, output_dir: Path, config: RadfusionConfig) -> list[Path]:
-    """Run the app once over every file under ``input_dir``; returns the files written."""
+    """Run the app once over every file under ``input_dir``; returns the files written.
+
+    Raises:
+        NoSeriesQualifies: no series can be analysed; it names each series and why, and holds
+            the refusal SR written (``apps.lung_ct.report_refusals``).
+    """
     files = sorted(p for p in Path(input_dir).rglob("*") if p.is_file())
+    # Headers only, before the model loads: a study the app cannot analyse fails with every
+    # series' reason (the graph selects again, and writes the refusal SR if the site wants it).
+    selection = select_series(
+        read_headers(files), rule=SelectionRule.from_settings(config.apps.lung_ct)
+    )
+    refused = selection is None or selection.refused
+    if selection is None or (refused and not config.apps.lung_ct.report_refusals):
+        raise NoSeriesQualifies(selection)
     model = model_config(config.apps.lung_ct)
     predictor = make_predictor(config, model)
     provider = PatientContextProvider(config.fhir) if config.fhir is not None else None
@@ -282,6 +338,8 @@ def run_folder(input_dir: Path, output_dir: Path, config: RadfusionConfig) -> li
         lookup.abandon()
         pool.shutdown(wait=False, cancel_futures=True)
         _close(predictor, provider)
+    if refused:
+        raise NoSeriesQualifies(selection, app.written)
     return list(app.written)
 
 
@@ -355,7 +413,13 @@ def main() -> None:
     config = load_config(Path(config_path) if config_path else None)
     input_dir = Path(os.environ.get("HOLOSCAN_INPUT_PATH", "input"))
     output_dir = Path(os.environ.get("HOLOSCAN_OUTPUT_PATH", "output"))
-    written = run_folder(input_dir, output_dir, config)
+    try:
+        written = run_folder(input_dir, output_dir, config)
+    except NoSeriesQualifies as err:
+        # A refusal is an outcome, not a crash: say why per series (the SR, when configured,
+        # has been written) and exit non-zero for the orchestrator.
+        log.error("lung-ct %s: %s", __version__, err)
+        raise SystemExit(1) from None
     log.info("lung-ct %s wrote %d file(s) to %s", __version__, len(written), output_dir)
 
 

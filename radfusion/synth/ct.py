@@ -20,6 +20,14 @@ slice is at z = -50 mm.
 Pixel data are written signed (PixelRepresentation 1) with RescaleIntercept 0 and slope 1, so a
 stored value is the HU value; values are clipped to [-1024, 3071] as a scanner would.
 
+``style="realistic"`` gives instead a chest that looks like clinical CT (see
+:mod:`radfusion.synth.anatomy`, :mod:`radfusion.synth.nodules` and
+:mod:`radfusion.synth.acquisition`): vessel trees, airways with walls, ribs, domed diaphragm,
+fissures, optional emphysema and effusion; solid, part-solid, ground-glass, juxta-pleural,
+juxta-vascular nodules and masses; partial volume of thick slices, kernel noise and texture,
+and a scan circle. ``write_ct_series(..., vendor=...)`` writes GE, Siemens, Philips or Canon
+style headers and pixel encodings (:mod:`radfusion.synth.vendors`).
+
 Everything is deterministic: the same arguments give byte-identical arrays and files.
 """
 
@@ -32,19 +40,27 @@ import math
 import os
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
+
+from radfusion.synth import acquisition, anatomy, nodules, vendors
+from radfusion.synth.shapes import Grid
 
 __all__ = [
+    "KERNELS",
     "LABELS",
     "MAX_TUMOURS",
     "NOISE_SIGMA_HU",
+    "STRUCTURES",
+    "STYLES",
     "TUMOUR_LABEL_BASE",
+    "TUMOUR_TYPES",
     "UID_ROOT",
+    "VENDORS",
     "Phantom",
     "SynthStudy",
     "Tumour",
@@ -67,6 +83,14 @@ Airways, heart, fat and the abdominal organs are all ``body``."""
 TUMOUR_LABEL_BASE = 10
 MAX_TUMOURS = 32
 NOISE_SIGMA_HU = 20.0
+STYLES = ("simple", "realistic")
+KERNELS = acquisition.KERNELS
+VENDORS = vendors.VENDORS
+TUMOUR_TYPES = nodules.TUMOUR_TYPES
+STRUCTURES = anatomy.STRUCTURES
+"""Codes of the ``structures`` array of labels.npz (realistic phantoms): vessels, airways and
+the rest a detector must not call a nodule. Labels stay as :data:`LABELS`: intrapulmonary
+vessels and airways are lung there, as in clinical lung masks."""
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1234.9."
 """Root of every UID of synthetic data: arc 9 under radfusion's example root, kept apart from the
@@ -108,19 +132,33 @@ _TISSUE: dict[int, tuple[int, float]] = {  # tissue -> (label, nominal HU)
 
 @dataclass(frozen=True)
 class Tumour:
-    """One spherical tumour of a phantom: what a segmentation model should find.
+    """One tumour of a phantom: what a segmentation model or a nodule detector should find.
 
-    The label map holds exactly the voxels whose centres lie within ``radius_mm`` of
-    ``centre_mm``; ``volume_mm3`` counts those voxels (voxels × voxel volume), so it is the
-    volume a perfect segmentation reports, not 4/3·π·r³.
+    Simple style: a sphere; the label map holds exactly the voxels whose centres lie within
+    ``radius_mm`` of ``centre_mm``. Realistic style: any of :data:`TUMOUR_TYPES`;
+    ``centre_mm`` is the centroid and ``diameter_mm`` the largest extent along x, y or z of its
+    voxels on the fine (≤ 1 mm) grid, and ``radius_mm`` is half of it. Either way
+    ``volume_mm3`` counts the label voxels (voxels × voxel volume), so it is the volume a
+    perfect segmentation reports, not 4/3·π·r³.
     """
 
     label: int  # TUMOUR_LABEL_BASE + index
     centre_mm: tuple[float, float, float]  # patient LPS (x, y, z), mm
     radius_mm: float
-    hu: float  # nominal HU before noise
+    hu: float  # nominal HU before noise (a part-solid nodule's ground-glass halo)
     side: str  # patient side of the lung that holds it: "left" or "right"
     volume_mm3: float
+    type: str = "solid"  # one of TUMOUR_TYPES
+    density: str = "solid"  # solid | part_solid | ground_glass
+    shape: str = "sphere"  # sphere | lobulated | irregular
+    location: str = "intraparenchymal"  # or juxta_pleural, juxta_vascular, hilar, ...
+    diameter_mm: float = 0.0  # 0: 2 × radius_mm
+    core_hu: float | None = None  # a part-solid nodule's solid core, a mass's necrotic centre
+    core_diameter_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.diameter_mm:
+            object.__setattr__(self, "diameter_mm", round(2.0 * self.radius_mm, 2))
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,9 +176,16 @@ class Phantom:
     hu: np.ndarray
     labels: np.ndarray
     pixel_spacing: tuple[float, float]  # (row spacing = along y, column spacing = along x), mm
-    slice_thickness: float  # mm; also the spacing between slice centres
+    slice_thickness: float  # mm; also the spacing between slice centres unless slice_spacing
     origin: tuple[float, float, float]  # ImagePositionPatient of slice 0 (LPS mm)
     tumours: tuple[Tumour, ...]
+    slice_spacing: float | None = None  # between slice centres when not slice_thickness
+    style: str = "simple"
+    kernel: str = "soft"  # reconstruction kernel class: soft | sharp
+    noise_sigma_hu: float = NOISE_SIGMA_HU
+    scan_diameter_mm: float | None = None  # pixels outside this circle are padding
+    structures: np.ndarray | None = None  # uint8 [k, r, c] of STRUCTURES codes (realistic)
+    anatomy: dict[str, object] = field(default_factory=dict)  # realistic: variants, sizes
 
     def __post_init__(self) -> None:
         if not isinstance(self.hu, np.ndarray) or self.hu.ndim != 3 or self.hu.dtype != np.int16:
@@ -153,13 +198,24 @@ class Phantom:
             raise ValueError("pixel_spacing: must be two positive finite numbers")
         if not _positive(self.slice_thickness):
             raise ValueError("slice_thickness: must be a positive finite number")
+        if self.slice_spacing is not None and not _positive(self.slice_spacing):
+            raise ValueError("slice_spacing: must be a positive finite number or None")
+        if self.structures is not None and (
+            not isinstance(self.structures, np.ndarray) or self.structures.shape != self.hu.shape
+        ):
+            raise ValueError("structures: must be None or an array shaped like hu")
         if len(self.origin) != 3 or not all(math.isfinite(v) for v in self.origin):
             raise ValueError("origin: must be three finite numbers")
 
     @property
+    def spacing_z(self) -> float:
+        """Distance between slice centres, mm (the thickness unless ``slice_spacing``)."""
+        return self.slice_spacing if self.slice_spacing is not None else self.slice_thickness
+
+    @property
     def voxel_volume_mm3(self) -> float:
-        """Volume of one voxel in mm³."""
-        return self.pixel_spacing[0] * self.pixel_spacing[1] * self.slice_thickness
+        """Volume of one voxel of the label map in mm³ (in-plane area × slice spacing)."""
+        return self.pixel_spacing[0] * self.pixel_spacing[1] * self.spacing_z
 
     def affine(self) -> np.ndarray:
         """The 4×4 float64 matrix mapping a voxel index to patient LPS mm.
@@ -172,7 +228,7 @@ class Phantom:
         a = np.eye(4)
         a[0, 0] = self.pixel_spacing[1]  # column index -> x uses the column spacing
         a[1, 1] = self.pixel_spacing[0]
-        a[2, 2] = self.slice_thickness
+        a[2, 2] = self.spacing_z
         a[:3, 3] = self.origin
         return a
 
@@ -480,8 +536,23 @@ def make_phantom(
     pixel_spacing: float = 0.7,
     slice_thickness: float = 2.5,
     chest: bool = True,
+    style: str = "simple",
+    kernel: str | None = None,
+    slice_spacing: float | None = None,
+    emphysema: bool = False,
+    effusion: bool = False,
+    tumour_types: tuple[str, ...] | list[str] | None = None,
 ) -> Phantom:
     """Build a phantom in memory: HU volume, label map, geometry and tumour truth.
+
+    ``style="realistic"`` (chest only) draws clinical-looking anatomy and tumours of
+    :data:`TUMOUR_TYPES` (``tumour_types[i % len]`` for tumour ``i``, else drawn at random),
+    renders slices of ``slice_thickness`` every ``slice_spacing`` mm (default: the thickness)
+    from ≤ 1 mm planes with partial volume, with the noise texture of ``kernel`` ("soft" σ
+    10-20 HU, "sharp" σ 40-90 HU with edge enhancement; default drawn by seed), a scan circle,
+    and optional ``emphysema`` and pleural ``effusion``; body size varies by seed. Its
+    ``structures`` map says which voxels are vessels, airways, fissures, ... Tumours there may
+    touch the pleura, a vessel or the mediastinum (by type), never each other.
 
     Anatomy scales with the field of view (the smaller of ``rows`` and ``columns`` times
     ``pixel_spacing``), so a 128×128 phantom at 2.8 mm still looks like a chest. Lungs span the
@@ -494,7 +565,9 @@ def make_phantom(
         TypeError: an argument has the wrong type.
         ValueError: an argument is out of range (the message names it: ``slices`` >= 1,
             ``rows``/``columns`` 32..4096, ``seed`` >= 0, ``tumours`` 0..MAX_TUMOURS, positive
-            spacings), or the tumours do not fit in the lungs (names ``tumours``).
+            spacings, ``style``, ``kernel``, ``tumour_types``; the realistic-only arguments
+            with ``style="simple"`` or ``chest=False``), or the tumours do not fit in the
+            lungs (names ``tumours``).
     """
     slices = _int_arg("slices", slices, 1, 9999)  # 9999: file names are CT%04d.dcm
     rows = _int_arg("rows", rows, 32, 4096)
@@ -505,6 +578,46 @@ def make_phantom(
     st = _canon(_float_arg("slice_thickness", slice_thickness))
     if not isinstance(chest, bool):
         raise TypeError(f"chest: must be a bool, not {type(chest).__name__}")
+    if style not in STYLES:
+        raise ValueError(f"style: must be one of {', '.join(STYLES)}, got {style!r}")
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel: must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    realistic_only = {
+        "kernel": kernel is not None,
+        "slice_spacing": slice_spacing is not None,
+        "emphysema": bool(emphysema),
+        "effusion": bool(effusion),
+        "tumour_types": tumour_types is not None,
+    }
+    if style == "simple" or not chest:
+        given = [name for name, used in realistic_only.items() if used]
+        if given:
+            raise ValueError(f"{given[0]}: only for style='realistic' chest phantoms")
+    else:
+        spacing = (
+            st if slice_spacing is None else _canon(_float_arg("slice_spacing", slice_spacing))
+        )
+        types = None
+        if tumour_types is not None:
+            types = tuple(tumour_types)
+            if not types or any(t not in TUMOUR_TYPES for t in types):
+                raise ValueError(
+                    f"tumour_types: must be a non-empty sequence of {TUMOUR_TYPES}, got {types!r}"
+                )
+        return _realistic_phantom(
+            slices=slices,
+            rows=rows,
+            columns=columns,
+            seed=seed,
+            tumours=tumours,
+            ps=ps,
+            thickness=st,
+            spacing=spacing,
+            kernel=kernel,
+            emphysema=bool(emphysema),
+            effusion=bool(effusion),
+            types=types,
+        )
 
     rng = np.random.default_rng(seed)
     # The image centre is at x = y = 0; the top slice at z = -50 mm, so every z is negative.
@@ -558,6 +671,140 @@ def make_phantom(
         slice_thickness=st,
         origin=origin,
         tumours=tuple(t for t, _ in placed),
+    )
+
+
+def _realistic_phantom(
+    *,
+    slices: int,
+    rows: int,
+    columns: int,
+    seed: int,
+    tumours: int,
+    ps: float,
+    thickness: float,
+    spacing: float,
+    kernel: str | None,
+    emphysema: bool,
+    effusion: bool,
+    types: tuple[str, ...] | None,
+) -> Phantom:
+    """The realistic style of :func:`make_phantom` (arguments already checked).
+
+    Raises:
+        ValueError: the tumours do not fit (names ``tumours``).
+    """
+    rng = np.random.default_rng([seed, 2])  # its own stream: the simple style's stays as it was
+    origin = (
+        _canon(-(columns - 1) / 2 * ps),
+        _canon(-(rows - 1) / 2 * ps),
+        _canon(-50.0 - (slices - 1) * spacing),
+    )
+    xs = origin[0] + np.arange(columns) * ps
+    ys = origin[1] + np.arange(rows) * ps
+    sampling = acquisition.plan_sampling(origin[2], slices, spacing, thickness)
+    grid = Grid(xs, ys, sampling.zs, np.empty((len(sampling.zs), rows, columns), np.uint8))
+    chest = anatomy.build_chest(rng, grid, emphysema=emphysema, effusion=effusion)
+    centre_planes = sampling.first + np.arange(slices) * sampling.step
+    label_planes = np.zeros(len(sampling.zs), dtype=bool)
+    label_planes[centre_planes] = True
+    placed = nodules.place_tumours(rng, grid, chest, tumours, types, label_planes)
+
+    label_lut = np.zeros(256, dtype=np.uint8)
+    hu_lut = np.zeros(256, dtype=np.float32)
+    structure_lut = np.zeros(256, dtype=np.uint8)
+    for t, (label_name, value, structure) in anatomy.TISSUES.items():
+        label_lut[t], hu_lut[t] = LABELS[label_name], value
+        structure_lut[t] = STRUCTURES[structure]
+    for side in anatomy.SIDES:
+        hu_lut[anatomy.VESSEL[side]] = chest.vessel_hu
+    for p in placed:
+        for t, value in (
+            (anatomy.TUMOUR_CLASS_BASE + 2 * p.index, p.hu),
+            (
+                anatomy.TUMOUR_CLASS_BASE + 2 * p.index + 1,
+                p.core_hu if p.core_hu is not None else p.hu,
+            ),
+        ):
+            label_lut[t], hu_lut[t] = TUMOUR_LABEL_BASE + p.index, value
+            structure_lut[t] = STRUCTURES["tumour"]
+    labels = label_lut[grid.tissue[centre_planes]]
+    structures = structure_lut[grid.tissue[centre_planes]]
+
+    kernel = kernel or ("sharp" if rng.random() < 0.4 else "soft")
+    sigma = round(float(rng.uniform(*acquisition.NOISE_RANGE_HU[kernel])), 1)
+    lung_classes = np.zeros(256, dtype=np.float32)
+    for side in anatomy.SIDES:
+        lung_classes[[anatomy.LUNG[side], anatomy.FISSURE[side], anatomy.EMPHYSEMA[side]]] = 1
+    # Dependent lung is denser: about -890 HU anteriorly to -830 HU posteriorly (supine).
+    w, d = chest.body_semi
+    lung_offset = np.broadcast_to(
+        np.clip(30.0 * ys / d, -30.0, 30.0).astype(np.float32)[:, None], (rows, columns)
+    ).copy()
+    scan_diameter = _canon(min(rows, columns) * ps)
+    outside = acquisition.outside_scan_circle(rows, columns, (ps, ps), scan_diameter)
+    hu = acquisition.render_slices(
+        rng,
+        grid.tissue,
+        sampling,
+        slices,
+        hu_lut,
+        lung_classes,
+        lung_offset,
+        kernel,
+        sigma,
+        ps,
+        outside,
+    )
+    del grid
+    voxel = ps * ps * spacing
+    counts = np.zeros(256, dtype=np.int64)
+    for label_slice in labels:
+        counts += np.bincount(label_slice.ravel(), minlength=256)
+    found = tuple(
+        Tumour(
+            label=TUMOUR_LABEL_BASE + p.index,
+            centre_mm=p.centre_mm,
+            radius_mm=round(p.diameter_mm / 2.0, 3),
+            hu=p.hu,
+            side=p.side,
+            volume_mm3=int(counts[TUMOUR_LABEL_BASE + p.index]) * voxel,
+            type=p.type,
+            density=p.density,
+            shape=p.shape,
+            location=p.location,
+            diameter_mm=p.diameter_mm,
+            core_hu=p.core_hu,
+            core_diameter_mm=p.core_diameter_mm,
+        )
+        for p in placed
+    )
+    for a in (hu, labels, structures):
+        a.setflags(write=False)
+    return Phantom(
+        hu=hu,
+        labels=labels,
+        pixel_spacing=(ps, ps),
+        slice_thickness=thickness,
+        origin=origin,
+        tumours=found,
+        slice_spacing=None if spacing == thickness else spacing,
+        style="realistic",
+        kernel=kernel,
+        noise_sigma_hu=sigma,
+        scan_diameter_mm=scan_diameter,
+        structures=structures,
+        anatomy={
+            "body_width_mm": round(2 * w, 1),
+            "body_depth_mm": round(2 * d, 1),
+            "vessel_hu": round(chest.vessel_hu, 1),
+            "vessel_segments": len(chest.vessels),
+            "emphysema": emphysema,
+            "effusion": effusion,
+            "fine_plane_spacing_mm": round(float(sampling.zs[1] - sampling.zs[0]), 4)
+            if len(sampling.zs) > 1
+            else thickness,
+        },
     )
 
 
@@ -647,8 +894,13 @@ def write_ct_series(
     study_date: str = "20260101",
     accession_number: str | None = None,
     body_part: str = "CHEST",
+    vendor: str = "generic",
 ) -> SynthStudy:
     """Write ``phantom`` as a single-frame CT Image series plus ground truth into ``out_dir``.
+
+    ``vendor`` ("generic", "ge", "siemens", "philips", "canon") sets the header style, transfer
+    syntax, rescale and padding (see :mod:`radfusion.synth.vendors`); "generic" is the layout
+    described below. Pixels outside a phantom's scan circle get the vendor's PixelPaddingValue.
 
     Files are ``CT0001.dcm``… (InstanceNumber k + 1 for slice k, Explicit VR Little Endian,
     signed pixels with RescaleIntercept 0), ``labels.npz`` and ``truth.json``. Higher-numbered
@@ -668,6 +920,7 @@ def write_ct_series(
     patient_id = _text_arg("patient_id", patient_id, 64)
     patient_name = _text_arg("patient_name", patient_name, 64)
     seed = _int_arg("seed", seed, 0)
+    style = vendors.vendor_style(vendor, phantom.kernel, phantom.slice_thickness, seed)
     if not isinstance(uid_root, str) or not _UID_ROOT.fullmatch(uid_root) or len(uid_root) > 40:
         raise ValueError(
             f"uid_root: must be a dotted numeric prefix ending in '.', at most 40 "
@@ -725,14 +978,18 @@ def write_ct_series(
     ds.PatientSex = "O"
     ds.BodyPartExamined = body_part
     ds.SliceThickness = _ds(phantom.slice_thickness)
+    if phantom.slice_spacing is not None:
+        ds.SpacingBetweenSlices = _ds(phantom.spacing_z)
     ds.KVP = "120"
     ds.DataCollectionDiameter = "500"
     ds.SoftwareVersions = "radfusion synth 1"
-    ds.ReconstructionDiameter = _ds(max(n_rows * ps_row, n_cols * ps_col))
+    ds.ReconstructionDiameter = _ds(
+        phantom.scan_diameter_mm or max(n_rows * ps_row, n_cols * ps_col)
+    )
     ds.GantryDetectorTilt = "0"
     ds.TableHeight = "150"
     ds.RotationDirection = "CW"
-    ds.ConvolutionKernel = "STANDARD"
+    ds.ConvolutionKernel = style.kernel[0]
     ds.PatientPosition = "HFS"
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
@@ -759,21 +1016,31 @@ def write_ct_series(
     ds.RescaleType = "HU"
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
+    if vendor != "generic":
+        vendors.apply_headers(ds, style)
+        if phantom.kernel == "soft":
+            ds.WindowCenter, ds.WindowWidth = "40", "400"
+            ds.WindowCenterWidthExplanation = "MEDIASTINUM"
+    outside = None
+    if phantom.scan_diameter_mm is not None:
+        outside = acquisition.outside_scan_circle(
+            n_rows, n_cols, phantom.pixel_spacing, phantom.scan_diameter_mm
+        )
 
     files: list[Path] = []
     instances: list[dict[str, object]] = []
     for k in range(n_slices):
         sop_uid = _uid(uid_root, patient_id, seed, digest, "image", k)
-        z = _ds(phantom.origin[2] + k * phantom.slice_thickness)
+        z = _ds(phantom.origin[2] + k * phantom.spacing_z)
         ds.SOPInstanceUID = sop_uid
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [_ds(phantom.origin[0]), _ds(phantom.origin[1]), z]
         ds.SliceLocation = z
-        ds.PixelData = phantom.hu[k].astype("<i2", copy=False).tobytes()
+        ds.PixelData = vendors.encode_slice(phantom.hu[k], style, outside)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.TransferSyntaxUID = style.transfer_syntax
         meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         ds.file_meta = meta
@@ -790,11 +1057,16 @@ def write_ct_series(
 
     affine = phantom.affine()
     gt = out / "labels.npz"
-    _write_npz(gt, {"labels": phantom.labels, "affine": affine})
+    arrays = {"labels": phantom.labels, "affine": affine}
+    if phantom.structures is not None:
+        arrays["structures"] = phantom.structures
+    _write_npz(gt, arrays)
     truth_path = out / "truth.json"
     truth_path.write_text(
         json.dumps(
-            _truth(phantom, study_uid, series_uid, for_uid, patient_id, body_part, instances),
+            _truth(
+                phantom, study_uid, series_uid, for_uid, patient_id, body_part, instances, style
+            ),
             indent=2,
         )
         + "\n"
@@ -818,6 +1090,7 @@ def _truth(
     patient_id: str,
     body_part: str,
     instances: list[dict[str, object]],
+    style: vendors.VendorStyle,
 ) -> dict[str, object]:
     voxel = phantom.voxel_volume_mm3
     # Slice by slice: bincount casts to int64, and a whole-volume cast is ~8x the volume.
@@ -852,8 +1125,25 @@ def _truth(
         "spacing_mm": {
             "row": phantom.pixel_spacing[0],
             "column": phantom.pixel_spacing[1],
-            "slice": phantom.slice_thickness,
+            "slice": phantom.spacing_z,
         },
+        "slice_thickness_mm": phantom.slice_thickness,
+        "style": phantom.style,
+        "acquisition": {
+            "kernel": phantom.kernel,
+            "ConvolutionKernel": style.kernel,
+            "vendor": style.name,
+            "Manufacturer": style.manufacturer,
+            "ManufacturerModelName": style.model,
+            "TransferSyntaxUID": str(style.transfer_syntax),
+            "PixelRepresentation": style.pixel_representation,
+            "BitsStored": style.bits_stored,
+            "RescaleIntercept": style.intercept,
+            "RescaleSlope": style.slope,
+            "PixelPaddingValue": style.padding if phantom.scan_diameter_mm else None,
+            "scan_diameter_mm": phantom.scan_diameter_mm,
+        },
+        "anatomy": dict(phantom.anatomy),
         "origin_mm": list(phantom.origin),
         "affine": phantom.affine().tolist(),
         "voxel_volume_mm3": voxel,
@@ -863,13 +1153,21 @@ def _truth(
             **{f"tumour_{t.label - TUMOUR_LABEL_BASE}": t.label for t in phantom.tumours},
         },
         "lungs": lungs,
+        "structures": _structures_truth(phantom, voxel),
         "tumours": [
             {
                 "name": f"tumour_{t.label - TUMOUR_LABEL_BASE}",
                 "label": t.label,
                 "centre_mm": list(t.centre_mm),
                 "radius_mm": t.radius_mm,
+                "diameter_mm": t.diameter_mm,
+                "type": t.type,
+                "density": t.density,
+                "shape": t.shape,
+                "location": t.location,
                 "hu": t.hu,
+                "core_hu": t.core_hu,
+                "core_diameter_mm": t.core_diameter_mm,
                 "side": t.side,
                 "voxels": int(counts[t.label]),
                 "volume_mm3": t.volume_mm3,
@@ -878,6 +1176,21 @@ def _truth(
             for t in phantom.tumours
         ],
         "instances": instances,
+    }
+
+
+def _structures_truth(phantom: Phantom, voxel: float) -> dict[str, object] | None:
+    """Legend and voxel counts of the ``structures`` array of labels.npz (None without one)."""
+    if phantom.structures is None:
+        return None
+    counts = np.zeros(256, dtype=np.int64)
+    for s in phantom.structures:
+        counts += np.bincount(s.ravel(), minlength=256)
+    return {
+        "codes": dict(STRUCTURES),
+        "volume_mm3": {
+            name: int(counts[code]) * voxel for name, code in STRUCTURES.items() if name != "none"
+        },
     }
 
 
@@ -893,11 +1206,20 @@ def synth_ct(
     pixel_spacing: float | None = None,
     slice_thickness: float = 2.5,
     chest: bool = True,
+    style: str = "simple",
+    vendor: str = "generic",
+    kernel: str | None = None,
+    slice_spacing: float | None = None,
+    emphysema: bool = False,
+    effusion: bool = False,
+    tumour_types: tuple[str, ...] | list[str] | None = None,
 ) -> SynthStudy:
     """Make a phantom and write it: :func:`make_phantom` then :func:`write_ct_series`.
 
-    ``pixel_spacing`` defaults to a 360 mm field of view (360 / max(rows, columns)). A
-    ``chest=False`` phantom is written with BodyPartExamined ABDOMEN.
+    ``pixel_spacing`` defaults to a 360 mm field of view (360 / max(rows, columns)); for the
+    realistic style to a field of view of 330-430 mm drawn by seed. A ``chest=False`` phantom
+    is written with BodyPartExamined ABDOMEN. ``vendor`` goes to :func:`write_ct_series`, the
+    other arguments to :func:`make_phantom`.
 
     Raises:
         TypeError, ValueError: as :func:`make_phantom` and :func:`write_ct_series`.
@@ -905,7 +1227,12 @@ def synth_ct(
     if pixel_spacing is None:
         rows_ = _int_arg("rows", rows, 32, 4096)
         columns_ = _int_arg("columns", columns, 32, 4096)
-        pixel_spacing = 360.0 / max(rows_, columns_)
+        fov = 360.0
+        if style == "realistic":
+            fov = round(
+                float(np.random.default_rng([_int_arg("seed", seed, 0), 7]).uniform(330, 430))
+            )
+        pixel_spacing = fov / max(rows_, columns_)
     phantom = make_phantom(
         slices=slices,
         rows=rows,
@@ -915,6 +1242,12 @@ def synth_ct(
         pixel_spacing=pixel_spacing,
         slice_thickness=slice_thickness,
         chest=chest,
+        style=style,
+        kernel=kernel,
+        slice_spacing=slice_spacing,
+        emphysema=emphysema,
+        effusion=effusion,
+        tumour_types=tumour_types,
     )
     return write_ct_series(
         phantom,
@@ -923,4 +1256,5 @@ def synth_ct(
         seed=seed,
         patient_name="Phantom^Chest" if chest else "Phantom^Abdomen",
         body_part="CHEST" if chest else "ABDOMEN",
+        vendor=vendor,
     )

@@ -17,6 +17,7 @@ import pytest
 from radfusion.apps.lung_ct.app import run_folder
 from radfusion.config import parse_config
 from radfusion.evaluation import compare_with_truth, seg_label_volume
+from radfusion.operators.series_selector import NoSeriesQualifies
 from radfusion.synth.ct import synth_ct
 from tests.conftest import REPO, require_tool
 
@@ -129,9 +130,26 @@ def test_irregular_series_is_reported_not_processed(tmp_path: Path) -> None:
     assert dciodvfy_errors(sr_path) == []
 
 
-def test_too_few_slices_writes_nothing(tmp_path: Path) -> None:
+def test_too_short_a_series_is_refused_with_its_values_and_a_refusal_sr(tmp_path: Path) -> None:
     chest(tmp_path / "in", seed=5203, slices=20)
-    assert run_folder(tmp_path / "in", tmp_path / "out", CONFIG) == []
+    with pytest.raises(NoSeriesQualifies) as err:
+        run_folder(tmp_path / "in", tmp_path / "out", CONFIG)
+    assert err.value.reasons == (
+        "series 2 (Chest 5mm STANDARD): z coverage 100 mm < 150 mm (20 slice(s) 5 mm apart)",
+    )
+    assert [p.name for p in err.value.written] == ["sr.dcm"]
+    texts = [str(item.TextValue) for item in _items(pydicom.dcmread(err.value.written[0]))]
+    assert any("z coverage 100 mm < 150 mm" in text for text in texts), texts
+
+
+def _items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """Every TEXT content item of an SR, depth first."""
+    out = []
+    for item in ds.get("ContentSequence", []):
+        if "TextValue" in item:
+            out.append(item)
+        out.extend(_items(item))
+    return out
 
 
 def test_cli_run_and_the_monai_deploy_entry_point(
@@ -288,8 +306,8 @@ def copy_series(
 def test_a_larger_broken_series_falls_back_to_the_good_one(
     processed: tuple[Any, list[Path]], tmp_path: Path
 ) -> None:
-    """The preferred series (more slices) cannot be assembled; the results are those of the
-    other series, byte for byte as if it had come alone."""
+    """The preferred series (more slices) cannot be assembled; the SEG is that of the other
+    series, byte for byte as if it had come alone, and the SR says why that series was used."""
     study, written = processed
     copy_series(study.files, tmp_path / "in")
     # 65 images: the 64 slices again plus one re-sent under a new SOP Instance UID.
@@ -300,7 +318,10 @@ def test_a_larger_broken_series_falls_back_to_the_good_one(
     assert [p.name for p in again] == ["seg.dcm", "sr.dcm"]
     seg = hd.seg.segread(again[0])
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == study.SeriesInstanceUID
-    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in written]
+    assert again[0].read_bytes() == written[0].read_bytes()
+    text = "\n".join(str(item.TextValue) for item in _items(pydicom.dcmread(again[1])))
+    assert "1 series preferred to it could not be assembled" in text
+    assert "Series analysed: series 3" not in text
 
 
 def test_a_localizer_and_a_screen_capture_inside_the_series_are_left_out(

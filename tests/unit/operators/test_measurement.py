@@ -1,7 +1,13 @@
-"""Measurement: a class map from the synthetic truth gives right and left lungs on the patient's
-sides and one finding per tumour whose volume, side, diameter, HU and centroid match the truth;
-deterministic tracking UIDs; no lungs means out of scope; small blobs are ignored; lungs that
-touch at the midline are still split."""
+"""Measurement: what the detection found (lung fields, nodule candidates) → findings.
+
+The anatomy is built by hand from a phantom's truth labels (the lungs as the lung finder gives
+them: nodules inside count as lung; one candidate per tumour), so every expected value is
+exact: lungs are measured without the nodules, each nodule is one finding numbered in the
+detection's order with its score, diameters are the true maxima, HU and centroids the voxels'.
+Tracking UIDs are deterministic and depend on the series and the root. No lungs means out of
+scope; lungs with problems give no findings, only the reason. Where left and right come from
+is :mod:`tests.unit.operators.test_lungs`'s business, not this file's.
+"""
 
 from __future__ import annotations
 
@@ -12,24 +18,18 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from scipy import ndimage
 
-from radfusion.operators.measurement import (
-    LUNG,
-    MIN_LUNG_COMPONENT_ML,
-    MIN_LUNG_ML,
-    MIN_TUMOUR_MM3,
-    TUMOUR,
-    Measured,
-    measure,
-)
+from radfusion.operators.detection import Anatomy
+from radfusion.operators.lungs import LungFields
+from radfusion.operators.measurement import MIN_LUNG_ML, Measured, measure
+from radfusion.operators.nodules import FEATURES, NoduleCandidate
 from radfusion.operators.results import Finding, SegmentationResult
 from radfusion.operators.volume import Volume, assemble_volume
 from radfusion.synth.ct import (
     LABELS,
     NOISE_SIGMA_HU,
-    TUMOUR_LABEL_BASE,
     Phantom,
+    Tumour,
     make_phantom,
     write_ct_series,
 )
@@ -38,13 +38,74 @@ UID_ROOT = "1.2.826.0.1.3680043.10.1234.9."
 PIXEL_SPACING, SLICE_THICKNESS = 3.5, 5.0
 VOXEL_MM3 = PIXEL_SPACING * PIXEL_SPACING * SLICE_THICKNESS
 VOXEL_DIAGONAL_MM = float(np.sqrt(2 * PIXEL_SPACING**2 + SLICE_THICKNESS**2))
+# Detection scores given to the phantom's tumours 0, 1, 2: not in the order of their sizes or
+# labels, so that numbering by score is told apart from numbering by anything else.
+SCORES = (0.71, 0.93, 0.55)
+
+
+def box_of(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """The bounding box of a non-empty mask."""
+    k, r, c = np.nonzero(mask)
+    return (
+        slice(int(k.min()), int(k.max()) + 1),
+        slice(int(r.min()), int(r.max()) + 1),
+        slice(int(c.min()), int(c.max()) + 1),
+    )
+
+
+def candidate(mask: np.ndarray, score: float, *, core_hu: float = 30.0) -> NoduleCandidate:
+    """A nodule candidate of the voxels of ``mask`` (volume-shaped)."""
+    box = box_of(mask)
+    voxels = int(np.count_nonzero(mask))
+    diameter = float((6.0 * voxels * VOXEL_MM3 / np.pi) ** (1.0 / 3.0))
+    return NoduleCandidate(
+        box=box,
+        mask=mask[box].copy(),
+        score=score,
+        diameter_mm=diameter,
+        core_hu=core_hu,
+        texture="solid",
+        features=(0.0,) * len(FEATURES),
+    )
+
+
+def fields_from_truth(
+    labels: np.ndarray, problems: tuple[str, ...] = (), tumours: tuple[Tumour, ...] = ()
+) -> LungFields:
+    """Lung fields as the lung finder gives them: each lung with the tumours inside it."""
+    masks = {}
+    for side in ("right", "left"):
+        mask = labels == LABELS[f"{side}_lung"]
+        for tumour in tumours:
+            if tumour.side == side:
+                mask |= labels == tumour.label
+        masks[side] = mask
+    lungs = masks["right"] | masks["left"]
+    return LungFields(
+        right=masks["right"],
+        left=masks["left"],
+        search=lungs,
+        body=labels != LABELS["background"],
+        problems=problems,
+    )
+
+
+def anatomy_from_truth(
+    phantom: Phantom, scores: tuple[float, ...] = SCORES, statements: tuple[str, ...] = ()
+) -> tuple[Anatomy, list[Tumour]]:
+    """The anatomy a perfect detector gives; also the tumours in reporting (score) order."""
+    ranked = sorted(zip(scores, phantom.tumours, strict=True), key=lambda st: -st[0])
+    nodules = tuple(candidate(phantom.labels == t.label, s, core_hu=t.hu) for s, t in ranked)
+    fields = fields_from_truth(phantom.labels, tumours=phantom.tumours)
+    return Anatomy(fields, nodules, statements, len(nodules)), [t for _, t in ranked]
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     phantom: Phantom
     volume: Volume
-    classes: np.ndarray
+    anatomy: Anatomy
+    ranked: list[Tumour]  # the phantom's tumours, best detection score first
     measured: Measured
 
     @property
@@ -59,17 +120,17 @@ class Case:
         return [f for f in self.result.findings if f.kind == "tumour"]
 
 
-def class_map(labels: np.ndarray) -> np.ndarray:
-    """What a perfect model outputs: 1 for lung, 2 for tumour."""
-    classes = np.zeros(labels.shape, dtype=np.uint8)
-    classes[(labels == LABELS["right_lung"]) | (labels == LABELS["left_lung"])] = LUNG
-    classes[labels >= TUMOUR_LABEL_BASE] = TUMOUR
-    return classes
-
-
 def phantom_volume(phantom: Phantom, tmp_path_factory: pytest.TempPathFactory) -> Volume:
     study = write_ct_series(phantom, tmp_path_factory.mktemp("ct"))
-    return assemble_volume([pydicom.dcmread(f) for f in study.files])
+    volume = assemble_volume([pydicom.dcmread(f) for f in study.files])
+    # Written in slice order, so the truth is in the volume's k order.
+    assert [int(ds.InstanceNumber) for ds in volume.source_images] == list(
+        range(1, phantom.hu.shape[0] + 1)
+    )
+    return volume
+
+
+STATEMENTS = ("No nodule under 10 mm is reported.",)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +147,9 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
     )
     assert sorted(t.side for t in phantom.tumours) == ["left", "right", "right"]
     volume = phantom_volume(phantom, tmp_path_factory)
-    classes = class_map(phantom.labels)
-    return Case(phantom, volume, classes, measure(classes, volume, uid_root=UID_ROOT))
+    anatomy, ranked = anatomy_from_truth(phantom, statements=STATEMENTS)
+    measured = measure(anatomy, volume, uid_root=UID_ROOT)
+    return Case(phantom, volume, anatomy, ranked, measured)
 
 
 def lps(volume: Volume, mask: np.ndarray) -> np.ndarray:
@@ -96,29 +158,47 @@ def lps(volume: Volume, mask: np.ndarray) -> np.ndarray:
     return (volume.affine @ np.stack([c, r, k, np.ones_like(k)]))[:3].T
 
 
-def voxel_x(volume: Volume) -> np.ndarray:
-    """LPS x of every voxel, [k, r, c]."""
-    k, r, c = np.indices(volume.shape)
-    a = volume.affine
-    return a[0, 0] * c + a[0, 1] * r + a[0, 2] * k + a[0, 3]
+def brute_force_diameter(volume: Volume, mask: np.ndarray) -> float:
+    """Longest in-plane distance between the centres of ``mask``'s voxels, slice by slice."""
+    best = 0.0
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        on_slice = np.zeros_like(mask)
+        on_slice[k] = mask[k]
+        points = lps(volume, on_slice)
+        best = max(best, float(np.linalg.norm(points[:, None] - points[None], axis=-1).max()))
+    return best
 
 
 # -- lungs -----------------------------------------------------------------------------------
 
 
-def test_right_and_left_lungs_are_on_the_patients_sides(case: Case) -> None:
+def test_lungs_are_the_fields_without_the_nodules(case: Case) -> None:
     right, left = case.lungs()
     assert (right.side, right.segment_number, right.tracking_id) == ("right", 1, "Right lung")
     assert (left.side, left.segment_number, left.tracking_id) == ("left", 2, "Left lung")
-    assert right.centroid_lps[0] < -30 and left.centroid_lps[0] > 30  # LPS: +x is left
+    assert right.detection_score is None and left.detection_score is None
     labels = case.result.labels
     truth = case.phantom.labels
+    # The fields hold the tumours (holes filled); the lung segments do not.
+    fields = case.anatomy.fields
+    assert np.count_nonzero(fields.right) > np.count_nonzero(truth == LABELS["right_lung"])
     np.testing.assert_array_equal(labels == 1, truth == LABELS["right_lung"])
     np.testing.assert_array_equal(labels == 2, truth == LABELS["left_lung"])
-    for finding, label in ((right, "right_lung"), (left, "left_lung")):
-        assert finding.volume_mm3 == pytest.approx((truth == LABELS[label]).sum() * VOXEL_MM3)
-        assert finding.mean_hu == pytest.approx(-850, abs=3)
+    for finding, label, mask in (
+        (right, "right_lung", fields.right),
+        (left, "left_lung", fields.left),
+    ):
+        in_lung = sum(
+            int(np.count_nonzero(truth == t.label))
+            for t in case.phantom.tumours
+            if t.side == finding.side
+        )
+        expected = np.count_nonzero(mask) - in_lung
+        assert expected == np.count_nonzero(truth == LABELS[label])
+        assert finding.volume_mm3 == pytest.approx(expected * VOXEL_MM3)
+        assert finding.mean_hu == pytest.approx(-850, abs=3)  # no tumour HU mixed in
         assert finding.sd_hu == pytest.approx(NOISE_SIGMA_HU, rel=0.1)
+    assert right.centroid_lps[0] < -30 and left.centroid_lps[0] > 30  # LPS: +x is left
 
 
 def test_result_shape_and_segment_numbers(case: Case) -> None:
@@ -132,33 +212,36 @@ def test_result_shape_and_segment_numbers(case: Case) -> None:
     for finding in result.findings:
         count = int((result.labels == finding.segment_number).sum())
         assert finding.volume_mm3 == pytest.approx(count * VOXEL_MM3)
-    assert not np.any(result.labels[case.classes == 0])
+    fields = case.anatomy.fields
+    assert not np.any(result.labels[~(fields.right | fields.left)])
 
 
-def test_lung_side_follows_lps_not_the_column_index(case: Case) -> None:
-    # The same anatomy stored with columns reversed (ImageOrientationPatient -1,0,0): the right
-    # lung now lies at high column indices but is still the right lung.
-    columns = case.volume.shape[2]
-    affine = case.volume.affine.copy()
-    affine[:3, 3] = affine[:3, 3] + (columns - 1) * affine[:3, 0]
-    affine[:3, 0] = -affine[:3, 0]
-    flipped = dataclasses.replace(case.volume, hu=case.volume.hu[:, :, ::-1].copy(), affine=affine)
-    measured = measure(case.classes[:, :, ::-1].copy(), flipped, uid_root=UID_ROOT)
+def test_statements_are_passed_on(case: Case) -> None:
+    assert case.measured.statements == STATEMENTS
+
+
+def test_only_the_lungs_found_are_numbered(case: Case) -> None:
+    """A field of view with the left lung only: it is segment 1, the nodules follow."""
+    fields = case.anatomy.fields
+    only_left = dataclasses.replace(fields, right=np.zeros_like(fields.right))
+    left_nodules = tuple(
+        n for n, t in zip(case.anatomy.nodules, case.ranked, strict=True) if t.side == "left"
+    )
+    anatomy = Anatomy(only_left, left_nodules, (), len(left_nodules))
+    measured = measure(anatomy, case.volume, uid_root=UID_ROOT)
     assert measured.result is not None
-    truth = case.phantom.labels[:, :, ::-1]
-    np.testing.assert_array_equal(measured.result.labels == 1, truth == LABELS["right_lung"])
-    findings = measured.result.findings
-    assert [(f.kind, f.side) for f in findings[:2]] == [("lung", "right"), ("lung", "left")]
-    for a, b in zip(findings, case.result.findings, strict=True):
-        assert (a.tracking_id, a.side) == (b.tracking_id, b.side)
-        assert a.volume_mm3 == pytest.approx(b.volume_mm3)
-        np.testing.assert_allclose(a.centroid_lps, b.centroid_lps, atol=1e-6)
+    assert [
+        (f.kind, f.side, f.segment_number, f.tracking_id) for f in measured.result.findings
+    ] == [
+        ("lung", "left", 1, "Left lung"),
+        ("tumour", "left", 2, "Tumour 1"),
+    ]
 
 
 # -- tumours ---------------------------------------------------------------------------------
 
 
-def matched(case: Case) -> list[tuple[Finding, object]]:
+def matched(case: Case) -> list[tuple[Finding, Tumour]]:
     """Each truth tumour with the finding whose labels are exactly its voxels."""
     out = []
     for tumour in case.phantom.tumours:
@@ -171,24 +254,29 @@ def matched(case: Case) -> list[tuple[Finding, object]]:
     return out
 
 
-def test_one_finding_per_tumour(case: Case) -> None:
+def test_one_finding_per_nodule(case: Case) -> None:
     tumours = case.tumours()
     assert len(tumours) == len(case.phantom.tumours)
     pairs = matched(case)
     assert len({f.segment_number for f, _ in pairs}) == len(pairs)
     for finding, tumour in pairs:
         assert finding.kind == "tumour"
-        assert finding.volume_mm3 == pytest.approx(tumour.volume_mm3, rel=0.01)
-        assert finding.side == tumour.side
+        assert finding.volume_mm3 == pytest.approx(tumour.volume_mm3, rel=1e-9)
+        assert finding.side == tumour.side  # the side of the nearer lung
 
 
-def test_tumours_are_numbered_largest_first(case: Case) -> None:
+def test_nodules_are_numbered_best_score_first(case: Case) -> None:
     tumours = case.tumours()
-    volumes = [f.volume_mm3 for f in tumours]
-    assert volumes == sorted(volumes, reverse=True)
-    assert len(set(volumes)) == len(volumes)  # distinct, so the order is meaningful
     assert [f.tracking_id for f in tumours] == [f"Tumour {i}" for i in range(1, len(tumours) + 1)]
     assert [f.segment_number for f in tumours] == list(range(3, 3 + len(tumours)))
+    assert [f.detection_score for f in tumours] == sorted(SCORES, reverse=True)
+    for finding, tumour in zip(tumours, case.ranked, strict=True):
+        np.testing.assert_array_equal(
+            case.result.labels == finding.segment_number, case.phantom.labels == tumour.label
+        )
+    # Not the order of size: the score decides.
+    volumes = [f.volume_mm3 for f in tumours]
+    assert volumes != sorted(volumes, reverse=True)
 
 
 def test_longest_axial_diameter(case: Case) -> None:
@@ -205,28 +293,25 @@ def test_longest_axial_diameter(case: Case) -> None:
 
 
 def test_longest_axial_diameter_is_the_true_maximum(case: Case) -> None:
-    # Brute force over every pair of voxel centres on each slice.
-    for finding, tumour in matched(case):
-        mask = case.phantom.labels == tumour.label
-        best = 0.0
-        for k in np.flatnonzero(mask.any(axis=(1, 2))):
-            on_slice = np.zeros_like(mask)
-            on_slice[k] = mask[k]
-            points = lps(case.volume, on_slice)
-            d = np.linalg.norm(points[:, None] - points[None], axis=-1)
-            best = max(best, float(d.max()))
-        assert finding.longest_axial_diameter_mm == pytest.approx(best)
+    for finding in case.result.findings:  # lungs and tumours, brute force
+        mask = case.result.labels == finding.segment_number
+        assert finding.longest_axial_diameter_mm == pytest.approx(
+            brute_force_diameter(case.volume, mask)
+        )
 
 
 def test_mean_hu_and_centroid(case: Case) -> None:
     for finding, tumour in matched(case):
         n = round(tumour.volume_mm3 / VOXEL_MM3)
         assert finding.mean_hu == pytest.approx(tumour.hu, abs=5 * NOISE_SIGMA_HU / np.sqrt(n))
-        values = case.volume.hu[case.phantom.labels == tumour.label]
+        values = case.volume.hu[case.phantom.labels == tumour.label].astype(np.float64)
         assert finding.mean_hu == pytest.approx(float(values.mean()))
         assert finding.sd_hu == pytest.approx(float(values.std()))
         half_voxel = np.array([PIXEL_SPACING, PIXEL_SPACING, SLICE_THICKNESS]) / 2
         assert np.all(np.abs(np.subtract(finding.centroid_lps, tumour.centre_mm)) <= half_voxel)
+    for finding in case.lungs():
+        mask = case.result.labels == finding.segment_number
+        np.testing.assert_allclose(finding.centroid_lps, lps(case.volume, mask).mean(axis=0))
 
 
 # -- tracking UIDs ---------------------------------------------------------------------------
@@ -236,7 +321,7 @@ def test_tracking_uids_are_valid_distinct_and_deterministic(case: Case) -> None:
     uids = [f.tracking_uid for f in case.result.findings]
     assert len(set(uids)) == len(uids)
     assert all(UID(u).is_valid and u.startswith(UID_ROOT) for u in uids)
-    again = measure(case.classes.copy(), case.volume, uid_root=UID_ROOT)
+    again = measure(case.anatomy, case.volume, uid_root=UID_ROOT)
     assert again.result is not None
     assert [f.tracking_uid for f in again.result.findings] == uids
     assert again.result.findings == case.result.findings
@@ -247,19 +332,20 @@ def test_tracking_uids_depend_on_the_series_and_root(case: Case) -> None:
     source = Dataset()
     source.SeriesInstanceUID = UID_ROOT + "123"
     other_series = dataclasses.replace(case.volume, source_images=(source,) * case.volume.shape[0])
-    measured = measure(case.classes, other_series, uid_root=UID_ROOT)
+    measured = measure(case.anatomy, other_series, uid_root=UID_ROOT)
     assert measured.result is not None
     ours = {f.tracking_uid for f in case.result.findings}
     assert ours.isdisjoint(f.tracking_uid for f in measured.result.findings)
-    other_root = measure(case.classes, case.volume, uid_root="1.2.826.0.1.3680043.10.1234.8.")
+    other_root = measure(case.anatomy, case.volume, uid_root="1.2.826.0.1.3680043.10.1234.8.")
     assert other_root.result is not None
     assert all(
         f.tracking_uid.startswith("1.2.826.0.1.3680043.10.1234.8.")
         for f in other_root.result.findings
     )
+    assert ours.isdisjoint(f.tracking_uid for f in other_root.result.findings)
 
 
-# -- out of scope and refusals ---------------------------------------------------------------
+# -- out of scope, unreliable lungs and refusals ---------------------------------------------
 
 
 def test_abdomen_without_lungs_is_out_of_scope(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -273,49 +359,71 @@ def test_abdomen_without_lungs_is_out_of_scope(tmp_path_factory: pytest.TempPath
         seed=1,
     )
     volume = phantom_volume(phantom, tmp_path_factory)
-    classes = class_map(phantom.labels)
-    assert not classes.any()
-    measured = measure(classes, volume, uid_root=UID_ROOT)
+    fields = fields_from_truth(phantom.labels, problems=("no lungs found",))
+    assert not fields.found
+    measured = measure(Anatomy(fields, (), (), 0), volume, uid_root=UID_ROOT)
     assert measured.result is None
-    assert measured.out_of_scope_reason is not None
-    assert "no lungs" in measured.out_of_scope_reason
+    assert (measured.out_of_scope_reason or "").startswith("no lungs found")
+    assert "does not appear to be a chest CT" in (measured.out_of_scope_reason or "")
 
 
-def test_empty_class_map_is_out_of_scope(case: Case) -> None:
-    measured = measure(np.zeros_like(case.classes), case.volume, uid_root=UID_ROOT)
+def test_too_little_lung_is_out_of_scope(case: Case) -> None:
+    fields = case.anatomy.fields
+    voxel_ml = VOXEL_MM3 / 1000.0
+    small = np.zeros_like(fields.right)
+    small.flat[: int(MIN_LUNG_ML / voxel_ml) - 1] = True  # just under the threshold
+    tiny = dataclasses.replace(fields, right=small, left=np.zeros_like(small))
+    measured = measure(Anatomy(tiny, case.anatomy.nodules, (), 3), case.volume, uid_root=UID_ROOT)
     assert measured.result is None
-    assert "lungs" in (measured.out_of_scope_reason or "")
+    assert (measured.out_of_scope_reason or "").startswith("no lungs found")
+    assert f"< {MIN_LUNG_ML:.0f} mL" in (measured.out_of_scope_reason or "")
 
 
-def test_tumours_without_lungs_are_out_of_scope(case: Case) -> None:
-    classes = np.where(case.classes == TUMOUR, TUMOUR, 0).astype(np.uint8)
-    measured = measure(classes, case.volume, uid_root=UID_ROOT)
+def test_lungs_with_problems_give_no_findings_only_the_reason(case: Case) -> None:
+    problems = ("right lung 7.20 L outside 0.3-6.0 L", "2% of the lungs lie outside the body")
+    fields = dataclasses.replace(case.anatomy.fields, problems=problems)
+    anatomy = Anatomy(fields, case.anatomy.nodules, STATEMENTS, 3)  # nodules too: not reported
+    measured = measure(anatomy, case.volume, uid_root=UID_ROOT)
     assert measured.result is None
-    assert "no lungs found" in (measured.out_of_scope_reason or "")
+    reason = measured.out_of_scope_reason or ""
+    assert reason.startswith("the lungs could not be segmented reliably (")
+    for problem in problems:
+        assert problem in reason
 
 
 def test_shape_mismatch_is_refused(case: Case) -> None:
+    fields = case.anatomy.fields
+    cropped = LungFields(
+        right=fields.right[:, :-1],
+        left=fields.left[:, :-1],
+        search=fields.search[:, :-1],
+        body=fields.body[:, :-1],
+        problems=(),
+    )
     with pytest.raises(ValueError, match="shape"):
-        measure(case.classes[:, :-1], case.volume, uid_root=UID_ROOT)
+        measure(Anatomy(cropped, (), (), 0), case.volume, uid_root=UID_ROOT)
+    swapped = dataclasses.replace(
+        case.volume, hu=np.ascontiguousarray(case.volume.hu.transpose(0, 2, 1)[:-1])
+    )
     with pytest.raises(ValueError, match="shape"):
-        measure(case.classes.transpose(0, 2, 1)[:-1], case.volume, uid_root=UID_ROOT)
+        measure(case.anatomy, swapped, uid_root=UID_ROOT)
 
 
-# -- thresholds and lungs touching, on a hand-made volume ------------------------------------
+# -- overlaps, pieces and numbers, on a hand-made volume -------------------------------------
 
 GRID = (20, 40, 60)  # [k, r, c], 2 mm voxels: 8 mm³
 GRID_MM = 2.0
 GRID_VOXEL_MM3 = GRID_MM**3
 
 
-def grid_volume() -> Volume:
+def grid_volume(hu: np.ndarray | None = None) -> Volume:
     """A 2 mm grid centred on x = 0 (column 29.5), so columns < 30 are the patient's right."""
     affine = np.diag([GRID_MM, GRID_MM, GRID_MM, 1.0])
     affine[:3, 3] = [-(GRID[2] - 1) / 2 * GRID_MM, -40.0, -100.0]
     source = Dataset()
     source.SeriesInstanceUID = UID_ROOT + "4242"
     return Volume(
-        hu=np.full(GRID, -850.0, dtype=np.float32),
+        hu=np.full(GRID, -850.0, dtype=np.float32) if hu is None else hu,
         spacing_mm=(GRID_MM, GRID_MM, GRID_MM),
         affine=affine,
         FrameOfReferenceUID=UID_ROOT + "4243",
@@ -324,185 +432,104 @@ def grid_volume() -> Volume:
     )
 
 
-def box_lungs() -> np.ndarray:
-    """Two separate box lungs, 16×30×20 voxels (76.8 mL) each."""
-    classes = np.zeros(GRID, dtype=np.uint8)
-    classes[2:18, 5:35, 4:24] = LUNG  # right: x < 0
-    classes[2:18, 5:35, 36:56] = LUNG  # left: x > 0
-    return classes
-
-
-def test_grid_volume_is_what_the_tests_assume() -> None:
-    volume = grid_volume()
-    x = voxel_x(volume)
-    assert np.all(x[:, :, :30] < 0) and np.all(x[:, :, 30:] > 0)
-    lung_ml = (box_lungs() == LUNG).sum() * GRID_VOXEL_MM3 / 1000
-    assert lung_ml >= MIN_LUNG_ML
-
-
-def test_tumour_blobs_below_the_threshold_are_ignored() -> None:
-    assert 3 * GRID_VOXEL_MM3 < MIN_TUMOUR_MM3 <= 4 * GRID_VOXEL_MM3
-    classes = box_lungs()
-    classes[5, 10, 8:11] = TUMOUR  # 3 voxels, 24 mm³: noise
-    classes[10, 20, 40:42] = TUMOUR  # 2×2 voxels, 32 mm³: a finding
-    classes[11, 20, 40:42] = TUMOUR
-    classes[15, 30, 10] = TUMOUR  # 1 voxel
-    measured = measure(classes, grid_volume(), uid_root=UID_ROOT)
-    assert measured.result is not None
-    tumours = [f for f in measured.result.findings if f.kind == "tumour"]
-    assert len(tumours) == 1
-    (tumour,) = tumours
-    assert tumour.volume_mm3 == pytest.approx(4 * GRID_VOXEL_MM3)
-    assert tumour.side == "left"
-    labels = measured.result.labels
-    assert labels[5, 10, 8] == 0 and labels[15, 30, 10] == 0
-    assert labels[10, 20, 40] == tumour.segment_number
-
-
-def test_lung_fragments_below_the_threshold_are_ignored() -> None:
-    classes = box_lungs()
-    # A detached 4.8 mL fragment on the right (ignored) and a 5.12 mL one on the left (kept,
-    # part of the left lung).
-    classes[0, 0:30, 4:24] = LUNG  # 600 voxels
-    classes[19, 0:32, 36:56] = LUNG  # 640 voxels
-    assert 600 * GRID_VOXEL_MM3 / 1000 < MIN_LUNG_COMPONENT_ML <= 640 * GRID_VOXEL_MM3 / 1000
-    measured = measure(classes, grid_volume(), uid_root=UID_ROOT)
-    assert measured.result is not None
-    right, left = measured.result.findings
-    assert (right.side, left.side) == ("right", "left")
-    assert right.volume_mm3 == pytest.approx(16 * 30 * 20 * GRID_VOXEL_MM3)
-    assert left.volume_mm3 == pytest.approx((16 * 30 * 20 + 640) * GRID_VOXEL_MM3)
-    assert not measured.result.labels[0].any()
-
-
-def test_too_little_lung_is_out_of_scope() -> None:
-    classes = np.zeros(GRID, dtype=np.uint8)
-    classes[2:18, 5:35, 4:24] = LUNG  # one lung of 76.8 mL would do ...
-    classes[2:18, 5:35, 14:24] = 0  # ... but 38.4 mL is not a chest
-    measured = measure(classes, grid_volume(), uid_root=UID_ROOT)
-    assert measured.result is None
-    assert "38 mL < 50 mL" in (measured.out_of_scope_reason or "")
-
-
-def test_lungs_touching_at_the_midline_are_split(case: Case) -> None:
-    # Bridge the lungs across the mediastinum on a few slices: one connected component.
-    classes = case.classes.copy()
-    body = case.phantom.labels > 0
-    classes[10:13, 44:50, :] = np.where(
-        body[10:13, 44:50, :] & (classes[10:13, 44:50, :] == 0), LUNG, classes[10:13, 44:50, :]
+def grid_fields(right: np.ndarray, left: np.ndarray) -> LungFields:
+    return LungFields(
+        right=right, left=left, search=right | left, body=np.ones(GRID, dtype=bool), problems=()
     )
-    _, n = ndimage.label(classes == LUNG)
-    assert n == 1, "the bridge should join the lungs"
-    measured = measure(classes, case.volume, uid_root=UID_ROOT)
+
+
+def box_lungs() -> tuple[np.ndarray, np.ndarray]:
+    """Two separate box lungs, 16×30×20 voxels (76.8 mL) each."""
+    right, left = np.zeros(GRID, dtype=bool), np.zeros(GRID, dtype=bool)
+    right[2:18, 5:35, 4:24] = True  # x < 0
+    left[2:18, 5:35, 36:56] = True  # x > 0
+    return right, left
+
+
+def ball(centre: tuple[int, int, int], radius: float) -> np.ndarray:
+    k, r, c = np.indices(GRID)
+    return (k - centre[0]) ** 2 + (r - centre[1]) ** 2 + (c - centre[2]) ** 2 <= radius**2
+
+
+def test_overlapping_candidates_keep_shared_voxels_for_the_better_one() -> None:
+    right, left = box_lungs()
+    better = ball((10, 20, 12), 4)
+    worse = ball((10, 20, 16), 4)  # shares about a third of its voxels with ``better``
+    inside = ball((10, 20, 12), 2)  # wholly inside ``better``: nothing of its own is left
+    apart = ball((10, 20, 46), 3)  # in the left lung
+    shared = better & worse
+    assert 0 < shared.sum() < worse.sum()
+    nodules = tuple(
+        candidate(m, s) for m, s in ((better, 0.9), (worse, 0.8), (inside, 0.7), (apart, 0.6))
+    )
+    anatomy = Anatomy(grid_fields(right, left), nodules, (), 4)
+    measured = measure(anatomy, grid_volume(), uid_root=UID_ROOT)
     assert measured.result is not None
-    findings = measured.result.findings
-    assert [(f.kind, f.side, f.segment_number) for f in findings[:2]] == [
-        ("lung", "right", 1),
-        ("lung", "left", 2),
+    labels = measured.result.labels
+    tumours = [f for f in measured.result.findings if f.kind == "tumour"]
+    assert [(f.tracking_id, f.segment_number, f.detection_score) for f in tumours] == [
+        ("Tumour 1", 3, 0.9),
+        ("Tumour 2", 4, 0.8),
+        ("Tumour 3", 5, 0.6),
     ]
-    x = voxel_x(case.volume)
-    lung = classes == LUNG
+    np.testing.assert_array_equal(labels == 3, better)
+    np.testing.assert_array_equal(labels == 4, worse & ~better)
+    np.testing.assert_array_equal(labels == 5, apart)
+    assert tumours[1].volume_mm3 == pytest.approx((worse & ~better).sum() * GRID_VOXEL_MM3)
+    assert [f.side for f in tumours] == ["right", "right", "left"]
+    # The lungs lose every nodule voxel, and nothing else.
+    np.testing.assert_array_equal(labels == 1, right & ~(better | worse))
+    np.testing.assert_array_equal(labels == 2, left & ~apart)
+
+
+def test_a_nodule_astride_the_lung_border_is_measured_whole() -> None:
+    """A juxta-pleural nodule: partly outside the lung field; all of it is the nodule, and the
+    lung loses only what it held."""
+    right, left = box_lungs()
+    nodule = ball((10, 20, 4), 3)  # centred on the right lung's outer face (column 4)
+    assert (nodule & ~right).any() and (nodule & right).any()
+    anatomy = Anatomy(grid_fields(right, left), (candidate(nodule, 0.8),), (), 1)
+    measured = measure(anatomy, grid_volume(), uid_root=UID_ROOT)
+    assert measured.result is not None
     labels = measured.result.labels
-    np.testing.assert_array_equal(labels == 1, lung & (x < 0))
-    np.testing.assert_array_equal(labels == 2, lung & (x >= 0))
-    right, left = findings[:2]
-    assert right.centroid_lps[0] < -30 and left.centroid_lps[0] > 30
-    # The tumours keep their sides.
-    assert [f.side for f in findings[2:]] == [f.side for f in case.tumours()]
+    np.testing.assert_array_equal(labels == 3, nodule)
+    lung_right = measured.result.findings[0]
+    assert lung_right.volume_mm3 == pytest.approx((right & ~nodule).sum() * GRID_VOXEL_MM3)
 
 
-def test_box_lungs_touching_at_the_midline_are_split() -> None:
-    classes = np.zeros(GRID, dtype=np.uint8)
-    classes[2:18, 5:35, 10:50] = LUNG  # one block across x = 0
-    measured = measure(classes, grid_volume(), uid_root=UID_ROOT)
-    assert measured.result is not None
-    right, left = measured.result.findings
-    assert (right.side, left.side) == ("right", "left")
-    half = 16 * 30 * 20 * GRID_VOXEL_MM3
-    assert right.volume_mm3 == pytest.approx(half) and left.volume_mm3 == pytest.approx(half)
-    assert np.all(measured.result.labels[:, :, 10:30][classes[:, :, 10:30] == LUNG] == 1)
-    assert np.all(measured.result.labels[:, :, 30:50][classes[:, :, 30:50] == LUNG] == 2)
-
-
-def test_touching_lungs_with_a_detached_fragment_are_still_split() -> None:
-    classes = np.zeros(GRID, dtype=np.uint8)
-    classes[2:18, 5:35, 10:30] = LUNG  # right lung, 76.8 mL
-    classes[2:18, 5:35, 30:54] = LUNG  # left lung, larger (92.2 mL), touching the right one
-    classes[19, 0:32, 10:30] = LUNG  # a detached right basal fragment: 640 voxels, 5.12 mL
-    measured = measure(classes, grid_volume(), uid_root=UID_ROOT)
-    assert measured.result is not None
-    right, left = measured.result.findings[:2]
-    assert (right.side, left.side) == ("right", "left")
-    labels = measured.result.labels
-    # Expected: the right lung is everything on the right (x < 0), block and fragment.
-    assert right.volume_mm3 == pytest.approx((16 * 30 * 20 + 640) * GRID_VOXEL_MM3)
-    assert left.volume_mm3 == pytest.approx(16 * 30 * 24 * GRID_VOXEL_MM3)
-    assert np.all(labels[2:18, 5:35, 10:30] == 1)
-
-
-def test_one_lung_off_the_field_centre_is_not_split_into_two() -> None:
-    """A field of view on the right hemithorax: one lung, wholly right of the isocentre."""
-    classes = np.zeros(GRID, dtype=np.uint8)
-    classes[2:18, 5:35, 0:26] = LUNG  # x from -59 to -9 mm: all on the patient's right
-    measured = measure(classes, grid_volume(), uid_root=UID_ROOT)
-    assert measured.result is not None
-    [right] = measured.result.findings
-    assert right.side == "right" and right.tracking_id == "Right lung"
-
-
-def test_two_lungs_of_a_patient_off_the_table_centre_keep_their_sides() -> None:
-    classes = np.zeros(GRID, dtype=np.uint8)
-    classes[2:18, 5:35, 36:46] = LUNG  # both lungs left of x = 0: the patient lies off-centre
-    classes[2:18, 5:35, 50:60] = LUNG
-    measured = measure(classes, grid_volume(), uid_root=UID_ROOT)
-    assert measured.result is not None
-    right, left = measured.result.findings
-    assert (right.side, left.side) == ("right", "left")
-    assert right.centroid_lps[0] < left.centroid_lps[0]
-
-
-def brute_force_diameter(volume: Volume, mask: np.ndarray) -> float:
-    """Longest in-plane distance between the centres of ``mask``'s voxels, slice by slice."""
-    best = 0.0
-    for k in np.flatnonzero(mask.any(axis=(1, 2))):
-        on_slice = np.zeros_like(mask)
-        on_slice[k] = mask[k]
-        points = lps(volume, on_slice)
-        best = max(best, float(np.linalg.norm(points[:, None] - points[None], axis=-1).max()))
-    return best
-
-
-def lungs_with_a_fragment_on_their_rows() -> np.ndarray:
+def lungs_with_a_fragment_on_their_rows() -> tuple[np.ndarray, np.ndarray]:
     """Two lungs, the right one with a detached 7.68 mL fragment beside it on the same slices
     and rows, further out: the right lung's longest diameter runs from the fragment."""
-    classes = np.zeros(GRID, dtype=np.uint8)
     k, r, c = np.indices(GRID)
-    classes[((k - 10) / 8) ** 2 + ((r - 20) / 15) ** 2 + ((c - 16) / 8) ** 2 <= 1] = LUNG
-    classes[2:18, 5:35, 36:56] = LUNG
-    classes[4:12, 5:35, 2:6] = LUNG  # 960 voxels; columns 6-7 stay empty
-    return classes
+    right = ((k - 10) / 8) ** 2 + ((r - 20) / 15) ** 2 + ((c - 16) / 8) ** 2 <= 1
+    right[4:12, 5:35, 2:6] = True  # 960 voxels; columns 6-7 stay empty
+    left = np.zeros(GRID, dtype=bool)
+    left[2:18, 5:35, 36:56] = True
+    return right, left
 
 
-def touching_lungs_with_a_fragment() -> np.ndarray:
-    """One block across x = 0 (split into right and left) and a fragment on its left rows."""
-    classes = np.zeros(GRID, dtype=np.uint8)
-    classes[2:18, 5:35, 8:50] = LUNG
-    classes[2:18, 5:12, 30:50] = 0  # a notch: the halves differ in shape
-    classes[6:14, 10:30, 54:58] = LUNG  # 640 voxels; columns 50-53 stay empty
-    return classes
+def notched_lungs_with_a_fragment() -> tuple[np.ndarray, np.ndarray]:
+    """Lungs that touch at x = 0, the left one notched and with a fragment on its rows."""
+    right, left = np.zeros(GRID, dtype=bool), np.zeros(GRID, dtype=bool)
+    right[2:18, 5:35, 8:30] = True
+    left[2:18, 5:35, 30:50] = True
+    left[2:18, 5:12, 30:50] = False  # a notch: the halves differ in shape
+    left[6:14, 10:30, 54:58] = True  # 640 voxels; columns 50-53 stay empty
+    return right, left
 
 
 @pytest.mark.parametrize(
-    "layout", [lungs_with_a_fragment_on_their_rows, touching_lungs_with_a_fragment]
+    "layout", [lungs_with_a_fragment_on_their_rows, notched_lungs_with_a_fragment]
 )
 def test_lungs_in_pieces_are_measured_over_all_their_voxels(layout: object) -> None:
-    classes = layout()  # type: ignore[operator]
+    right, left = layout()  # type: ignore[operator]
     rng = np.random.default_rng(7)
-    volume = dataclasses.replace(grid_volume(), hu=rng.normal(-850, 40, GRID).astype(np.float32))
-    measured = measure(classes, volume, uid_root=UID_ROOT)
+    volume = grid_volume(rng.normal(-850, 40, GRID).astype(np.float32))
+    measured = measure(Anatomy(grid_fields(right, left), (), (), 0), volume, uid_root=UID_ROOT)
     assert measured.result is not None
     labels = measured.result.labels
-    np.testing.assert_array_equal(labels > 0, classes == LUNG)  # every piece is in a lung
+    np.testing.assert_array_equal(labels == 1, right)
+    np.testing.assert_array_equal(labels == 2, left)
     for finding in measured.result.findings:
         mask = labels == finding.segment_number
         assert finding.volume_mm3 == pytest.approx(mask.sum() * GRID_VOXEL_MM3)
@@ -516,19 +543,23 @@ def test_lungs_in_pieces_are_measured_over_all_their_voxels(layout: object) -> N
         assert np.linalg.norm(a - b) == pytest.approx(d) and a[2] == pytest.approx(b[2])
 
 
-def test_hundreds_of_tumour_candidates_report_the_largest_only(case: Case) -> None:
-    """A speckled tumour map must not overflow the uint8 label map (it used to raise)."""
-    from radfusion.operators.measurement import MAX_TUMOURS
-
-    classes = case.classes.copy()
-    classes[classes == TUMOUR] = LUNG
-    # Isolated one-voxel tumours (61 mm3 each, above MIN_TUMOUR_MM3) on a sparse grid.
-    k, r, c = np.nonzero(classes == LUNG)
-    grid = (k % 2 == 0) & (r % 3 == 0) & (c % 3 == 0)
-    assert grid.sum() > 300  # more than a uint8 label map could number
-    classes[k[grid], r[grid], c[grid]] = TUMOUR
-    measured = measure(classes, case.volume, uid_root=UID_ROOT)
+def test_the_most_nodules_detection_reports_fit_the_label_map() -> None:
+    """DetectionSettings allows up to 250 findings: with both lungs, segment 252 still fits
+    the uint8 label map, and every nodule keeps its own number."""
+    right, left = box_lungs()
+    lungs = right | left
+    k, r, c = np.nonzero(lungs & (np.indices(GRID)[0] % 3 == 0))
+    spots = list(zip(k, r, c, strict=True))[::5][:250]
+    assert len(spots) == 250
+    nodules = []
+    for i, spot in enumerate(spots):
+        mask = np.zeros(GRID, dtype=bool)
+        mask[spot] = True
+        nodules.append(candidate(mask, 1.0 - i / 1000.0))
+    anatomy = Anatomy(grid_fields(right, left), tuple(nodules), (), len(nodules))
+    measured = measure(anatomy, grid_volume(), uid_root=UID_ROOT)
     assert measured.result is not None
-    tumours = [f for f in measured.result.findings if f.kind == "tumour"]
-    assert len(tumours) == MAX_TUMOURS
-    assert int(measured.result.labels.max()) == MAX_TUMOURS + 2
+    assert len(measured.result.findings) == 252
+    assert int(measured.result.labels.max()) == 252
+    for i, spot in enumerate(spots):
+        assert measured.result.labels[spot] == 3 + i

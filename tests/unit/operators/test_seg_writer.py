@@ -14,12 +14,13 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from radfusion.operators.measurement import LUNG, TUMOUR, measure
+from radfusion.operators.measurement import measure
 from radfusion.operators.results import AlgorithmInfo, SegmentationResult
 from radfusion.operators.seg_writer import SERIES_NUMBER, build_seg, write_seg
 from radfusion.operators.volume import Volume, assemble_volume
 from radfusion.synth.ct import LABELS, TUMOUR_LABEL_BASE, make_phantom, write_ct_series
 from tests.conftest import require_tool, reversed_enhanced_ct
+from tests.detection_support import anatomy_from_truth
 
 ALGORITHM = AlgorithmInfo(
     name="radfusion-lung-ct", version="0.1.0", parameters=(("inference", "in-process"),)
@@ -49,10 +50,8 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
     # The synthetic files are written in slice order, so the truth is in the volume's k order.
     assert [int(ds.InstanceNumber) for ds in volume.source_images] == list(range(1, 25))
     truth = np.load(study.ground_truth)["labels"]
-    classes = np.zeros(truth.shape, dtype=np.uint8)
-    classes[(truth == LABELS["right_lung"]) | (truth == LABELS["left_lung"])] = LUNG
-    classes[truth >= TUMOUR_LABEL_BASE] = TUMOUR
-    measured = measure(classes, volume, uid_root="1.2.826.0.1.3680043.10.1234.9.")
+    anatomy = anatomy_from_truth(truth)
+    measured = measure(anatomy, volume, uid_root="1.2.826.0.1.3680043.10.1234.9.")
     assert measured.result is not None, measured.out_of_scope_reason
     return Case(volume, measured.result, truth)
 

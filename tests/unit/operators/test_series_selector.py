@@ -1,9 +1,12 @@
 """Series selection: the axial CT series is chosen among localizers, secondary captures, short
-and non-axial series; each other series is skipped with its reason; nothing qualifying gives
-None; min_slices is respected; qualifying series come in preference order (most slices first);
-stray images inside a good series (a scout, a reformat, another matrix, a secondary capture, a
-duplicate) are left out and counted instead of costing the series; malformed or missing
-attributes never crash the selector."""
+and non-axial series; each other series is skipped with its reason (naming the series and the
+values); nothing qualifying gives a refusal that references the closest series' images (None
+only without images); z coverage and slice spacing decide, not a slice count; qualifying series
+come in preference order; of several reconstructions of one acquisition one is chosen by the
+configured preference and the others skipped with the reason; stray images inside a good
+series (a scout, a reformat, another matrix, a secondary capture, a duplicate) are left out and
+counted instead of costing the series; malformed or missing attributes never crash the
+selector."""
 
 from __future__ import annotations
 
@@ -22,16 +25,22 @@ from radfusion.logs import uid_tag
 from radfusion.operators.series_selector import (
     CT_IMAGE_STORAGE,
     ENHANCED_CT_IMAGE_STORAGE,
+    NoSeriesQualifies,
+    SelectionRule,
     SeriesCandidate,
     SeriesSelection,
+    SkippedSeries,
+    kernel_class,
     read_headers,
     select_series,
+    series_name,
 )
 from radfusion.operators.volume import assemble_volume
 from radfusion.synth.ct import SynthStudy, make_phantom, write_ct_series
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 SLICES = 24
+THICKNESS = 5.0  # mm: the synthetic series' slice thickness and spacing
 UID_BASE = "1.2.826.0.1.3680043.10.1234.9.66."
 SAGITTAL = ["0", "1", "0", "0", "0", "-1"]
 CORONAL = ["1", "0", "0", "0", "0", "-1"]
@@ -75,8 +84,20 @@ def uid_of(items: list[Item]) -> str:
     return str(items[0][1].SeriesInstanceUID)
 
 
+def covering(slices: int) -> SelectionRule:
+    """The rule that asks for the coverage of ``slices`` of the synthetic series (5 mm each)."""
+    return SelectionRule(min_z_coverage_mm=slices * THICKNESS)
+
+
 def reasons(selection: SeriesSelection) -> dict[str, str]:
-    return dict(selection.skipped)
+    return {s.SeriesInstanceUID: s.reason for s in selection.skipped}
+
+
+def refused(selection: SeriesSelection | None) -> SeriesSelection:
+    """The selection, checked to be a refusal (no candidates, images to reference)."""
+    assert selection is not None and selection.refused and not selection.candidates
+    assert selection.evidence
+    return selection
 
 
 def chosen(selection: SeriesSelection | None) -> SeriesCandidate:
@@ -128,7 +149,7 @@ def test_picks_the_axial_ct_among_distractors(study: Study) -> None:
     axial = study.axial()
     everything = localizer + sagittal + secondary + axial[:12] + short + axial[12:]
 
-    selection = select_series(everything, min_slices=20)
+    selection = select_series(everything, rule=covering(20))
 
     assert selection is not None and len(selection.candidates) == 1
     axial_series = selection.preferred
@@ -144,13 +165,13 @@ def test_picks_the_axial_ct_among_distractors(study: Study) -> None:
     assert "localizer" in why[uid_of(localizer)]
     assert "secondary capture" in why[uid_of(secondary)]
     assert "not axial" in why[uid_of(sagittal)] and "90 degrees" in why[uid_of(sagittal)]
-    assert why[uid_of(short)] == "10 slice(s), fewer than the 20 required"
+    assert why[uid_of(short)] == "z coverage 50 mm < 100 mm (10 slice(s) 5 mm apart)"
 
 
 def test_localizer_is_skipped_even_with_enough_images(study: Study) -> None:
     # A localizer that looks axial and has many images is still a localizer.
     localizer = study.other("scout", SLICES, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
-    selection = select_series(localizer + study.axial()[:22], min_slices=20)
+    selection = select_series(localizer + study.axial()[:22], rule=covering(20))
     assert chosen(selection).slices == 22
     assert selection is not None and len(selection.candidates) == 1
     assert "localizer" in reasons(selection)[uid_of(localizer)]
@@ -158,12 +179,12 @@ def test_localizer_is_skipped_even_with_enough_images(study: Study) -> None:
 
 def test_localizer_image_type_is_case_insensitive(study: Study) -> None:
     localizer = study.other("scout", SLICES, ImageType=["ORIGINAL", "PRIMARY", "localizer"])
-    assert select_series(localizer, min_slices=1) is None
+    assert "localizer" in refused(select_series(localizer, rule=covering(1))).reasons()[0]
 
 
 def test_coronal_reformat_is_skipped(study: Study) -> None:
     coronal = study.other("coronal", SLICES, ImageOrientationPatient=CORONAL)
-    assert select_series(coronal, min_slices=1) is None
+    assert "not axial" in refused(select_series(coronal, rule=covering(1))).reasons()[0]
 
 
 def test_tilted_axial_series_still_qualifies(study: Study) -> None:
@@ -173,7 +194,7 @@ def test_tilted_axial_series_still_qualifies(study: Study) -> None:
         SLICES,
         ImageOrientationPatient=["1", "0", "0", "0", "0.9396926208", "0.3420201433"],
     )
-    assert chosen(select_series(tilted, min_slices=20)).SeriesInstanceUID == uid_of(tilted)
+    assert chosen(select_series(tilted, rule=covering(20))).SeriesInstanceUID == uid_of(tilted)
 
 
 def test_oblique_beyond_tolerance_is_skipped(study: Study) -> None:
@@ -183,20 +204,20 @@ def test_oblique_beyond_tolerance_is_skipped(study: Study) -> None:
         SLICES,
         ImageOrientationPatient=["1", "0", "0", "0", "0.7660444431", "0.6427876097"],
     )
-    assert select_series(oblique, min_slices=20) is None
+    assert "40 degrees" in refused(select_series(oblique, rule=covering(20))).reasons()[0]
 
 
 def test_other_modality_is_skipped(study: Study) -> None:
     mr = study.other("mr", SLICES, Modality="MR")
     axial = study.axial()
-    selection = select_series(mr + axial, min_slices=20)
+    selection = select_series(mr + axial, rule=covering(20))
     assert chosen(selection).SeriesInstanceUID == study.ct.SeriesInstanceUID
     assert selection is not None and reasons(selection)[uid_of(mr)] == "modality MR, not CT"
 
 
 def test_series_of_secondary_captures_only_is_skipped(study: Study) -> None:
     secondary = study.other("secondary", SLICES, SOPClassUID=SECONDARY_CAPTURE)
-    selection = select_series(secondary + study.axial(), min_slices=20)
+    selection = select_series(secondary + study.axial(), rule=covering(20))
     assert chosen(selection).SeriesInstanceUID == study.ct.SeriesInstanceUID
     assert selection is not None and "secondary capture" in reasons(selection)[uid_of(secondary)]
 
@@ -205,36 +226,167 @@ def test_images_without_series_uid_are_skipped(study: Study) -> None:
     loose = study.other("loose", SLICES)
     for _, ds in loose:
         del ds.SeriesInstanceUID
-    assert select_series(loose, min_slices=1) is None
+    assert select_series(loose, rule=covering(1)) is None
 
 
-def test_nothing_qualifies_returns_none(study: Study, caplog: pytest.LogCaptureFixture) -> None:
+def test_nothing_qualifies_is_a_refusal_with_every_reason(
+    study: Study, caplog: pytest.LogCaptureFixture
+) -> None:
     localizer = study.other("localizer", 3, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
     secondary = study.other("secondary", SLICES, SOPClassUID=SECONDARY_CAPTURE)
+    short = study.other("short", 10, SeriesNumber=7, SeriesDescription="Thorax 5.0 B70f")
     with caplog.at_level(logging.INFO, logger="radfusion.operators.series_selector"):
-        assert select_series(localizer + secondary, min_slices=20) is None
-    assert "localizer" in caplog.text and "secondary capture" in caplog.text
-    assert select_series([], min_slices=1) is None
+        selection = refused(select_series(localizer + secondary + short, rule=covering(20)))
+    assert selection.reasons() == [
+        "series 2 (Chest 5mm STANDARD): localizer (scout/topogram)",
+        "series 2 (Chest 5mm STANDARD): not CT image storage (e.g. secondary capture, dose report)",
+        "series 7 (Thorax 5.0 B70f STANDARD): z coverage 50 mm < 100 mm (10 slice(s) 5 mm apart)",
+    ]
+    # The closest series is referenced: the axial CT one that came short, not the captures.
+    assert [ds.SOPInstanceUID for ds in selection.evidence] == [
+        ds.SOPInstanceUID for _, ds in short
+    ]
+    with pytest.raises(ValueError, match="no series qualifies"):
+        _ = selection.preferred
+    for reason in selection.reasons():
+        assert reason in caplog.text
+    assert study.ct.SeriesInstanceUID not in caplog.text and UID_BASE not in caplog.text
+    error = NoSeriesQualifies(selection)
+    assert error.reasons == tuple(selection.reasons()) and "z coverage 50 mm" in str(error)
 
 
-def test_default_min_slices_is_50(study: Study) -> None:
-    assert select_series(study.axial()) is None  # 24 slices
+def test_a_refusal_falls_back_to_any_referenceable_image(study: Study) -> None:
+    secondary = study.other("secondary", 2, SOPClassUID=SECONDARY_CAPTURE)
+    localizer = study.other("localizer", 3, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    selection = refused(select_series(secondary + localizer))
+    # Both are nothing usable; the localizer's images are at least CT images.
+    assert {ds.SeriesInstanceUID for ds in selection.evidence} == {uid_of(localizer)}
+    # Without SOP Class UID nothing could be referenced: no selection at all.
+    for _, ds in secondary:
+        del ds.SOPClassUID
+    assert select_series(secondary) is None
+    assert select_series([]) is None
+
+
+def test_default_rule_needs_150_mm_and_at_most_10_mm_spacing(study: Study) -> None:
+    assert SelectionRule() == SelectionRule(150.0, 10.0, ("thinnest", "soft_kernel"), False)
+    selection = refused(select_series(study.axial()))  # 24 x 5 mm = 120 mm
+    assert selection.reasons() == [
+        "series 2 (Chest 5mm STANDARD): z coverage 120 mm < 150 mm (24 slice(s) 5 mm apart)"
+    ]
 
 
 @pytest.mark.parametrize(
-    ("min_slices", "expected"), [(SLICES - 1, True), (SLICES, True), (SLICES + 1, False)]
+    ("coverage_mm", "expected"), [(115.0, True), (120.0, True), (120.5, False)]
 )
-def test_min_slices_is_respected(study: Study, min_slices: int, expected: bool) -> None:
-    selection = select_series(study.axial(), min_slices=min_slices)
-    assert (selection is not None) == expected
+def test_min_z_coverage_is_respected(study: Study, coverage_mm: float, expected: bool) -> None:
+    selection = select_series(study.axial(), rule=SelectionRule(min_z_coverage_mm=coverage_mm))
+    assert selection is not None and selection.refused != expected
 
 
-def test_too_few_slices_reason_names_the_counts(study: Study) -> None:
+def stretched(study: Study, name: str, count: int, spacing: float, **changes: object) -> list[Item]:
+    """A series of ``count`` slices ``spacing`` mm apart (Slice Thickness the same), made from
+    the axial headers (repeated as needed), with ``changes``."""
+    series_uid = UID_BASE + str(zlib.crc32(name.encode()) + 1)
+    z0 = float(study.headers[0][1].ImagePositionPatient[2])
+    out = []
+    for k in range(count):
+        ds = copy.deepcopy(study.headers[k % SLICES][1])
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = f"{series_uid}.{k + 1}"
+        ds.SliceThickness = f"{spacing:g}"
+        x, y, _ = ds.ImagePositionPatient
+        ds.ImagePositionPatient = [x, y, f"{z0 + k * spacing:g}"]
+        for keyword, value in changes.items():
+            setattr(ds, keyword, value)
+        out.append((Path(f"/study/{name}/{k + 1:04d}.dcm"), ds))
+    return out
+
+
+def test_thirty_slices_of_8_mm_qualify_by_default(study: Study) -> None:
+    """The Siemens chest that a 50-slice minimum refused: 30 x 8 mm = 240 mm."""
+    siemens = stretched(study, "siemens", 30, 8.0, ConvolutionKernel="B70f")
+    series = chosen(select_series(siemens))
+    assert series.slices == 30
+    assert series.z_coverage_mm == pytest.approx(240.0)
+    assert series.slice_spacing_mm == pytest.approx(8.0)
+
+
+def test_a_90_mm_series_is_refused_with_the_values(study: Study) -> None:
+    short = stretched(
+        study,
+        "short",
+        18,
+        5.0,
+        SeriesNumber=3,
+        SeriesDescription="ThoraxRoutine",
+        ConvolutionKernel="B70f",
+    )
+    [skipped] = refused(select_series(short)).skipped
+    assert skipped == SkippedSeries(
+        uid_of(short),
+        "series 3 (ThoraxRoutine B70f)",
+        "z coverage 90 mm < 150 mm (18 slice(s) 5 mm apart)",
+    )
+    assert str(skipped) == (
+        "series 3 (ThoraxRoutine B70f): z coverage 90 mm < 150 mm (18 slice(s) 5 mm apart)"
+    )
+
+
+def test_wide_slice_spacing_is_refused_with_the_values(study: Study) -> None:
+    sparse = stretched(study, "sparse", 20, 12.5)  # 250 mm, but 12.5 mm apart
+    assert reasons(refused(select_series(sparse)))[uid_of(sparse)] == (
+        "slice spacing 12.5 mm > 10 mm"
+    )
+    relaxed = SelectionRule(max_slice_spacing_mm=12.5)
+    assert chosen(select_series(sparse, rule=relaxed)).z_coverage_mm == pytest.approx(250.0)
+
+
+def test_the_limits_are_inclusive(study: Study) -> None:
+    # 60 slices 2.5 mm apart from a float-unfriendly origin: exactly 150 mm, exactly 2.5 mm.
+    thin = stretched(study, "thin", 60, 2.5)
+    for k, (_, ds) in enumerate(thin):
+        x, y, _ = ds.ImagePositionPatient
+        ds.ImagePositionPatient = [x, y, f"{-163.7 + k * 2.5:.10g}"]
+    rule = SelectionRule(max_slice_spacing_mm=2.5)
+    assert chosen(select_series(thin, rule=rule)).z_coverage_mm == pytest.approx(150.0)
+
+
+def test_one_slice_covers_its_thickness(study: Study) -> None:
+    [skipped] = refused(select_series(study.axial()[:1])).skipped
+    assert skipped.reason == "z coverage 5 mm < 150 mm (1 slice(s))"
+
+
+def test_a_slice_sent_twice_adds_no_coverage(study: Study) -> None:
+    axial = study.axial()
+    again = copy.deepcopy(axial[3][1])
+    again.SOPInstanceUID = UID_BASE + "77.1"  # another instance, the same position
+    series = chosen(select_series([*axial, (Path("/again.dcm"), again)], rule=covering(SLICES)))
+    assert series.slices == SLICES + 1 and series.z_coverage_mm == pytest.approx(120.0)
+
+
+def test_too_little_coverage_reason_names_the_values(study: Study) -> None:
     short = study.other("short", 5)
-    selection = select_series(short + study.axial(), min_slices=SLICES)
+    selection = select_series(short + study.axial(), rule=covering(SLICES))
     assert selection is not None
-    assert reasons(selection)[uid_of(short)] == f"5 slice(s), fewer than the {SLICES} required"
+    assert reasons(selection)[uid_of(short)] == (
+        "z coverage 25 mm < 120 mm (5 slice(s) 5 mm apart)"
+    )
     assert [c.SeriesInstanceUID for c in selection.candidates] == [study.ct.SeriesInstanceUID]
+    assert selection.choice == (
+        "series 2 (5 mm, STANDARD, soft kernel): the only series that qualifies "
+        "(z coverage 120 mm, slices 5 mm apart)"
+    )
+
+
+def test_rule_checks_its_values() -> None:
+    with pytest.raises(ValueError, match="min_z_coverage_mm"):
+        SelectionRule(min_z_coverage_mm=0)
+    with pytest.raises(ValueError, match="max_slice_spacing_mm"):
+        SelectionRule(max_slice_spacing_mm=float("nan"))
+    for preference in ((), ("thinnest", "thinnest"), ("newest",)):
+        with pytest.raises(ValueError, match="reconstruction_preference"):
+            SelectionRule(reconstruction_preference=preference)  # type: ignore[arg-type]
 
 
 # -- several qualifying series ---------------------------------------------------------------
@@ -245,7 +397,7 @@ def test_the_series_with_more_slices_comes_first_the_others_follow(study: Study)
     thin = study.axial()
     middle = study.other("middle", 22)
     for items in (thick + thin + middle, middle + thin + thick):
-        selection = select_series(items, min_slices=20)
+        selection = select_series(items, rule=covering(20))
         assert selection is not None
         assert [(c.SeriesInstanceUID, c.slices) for c in selection.candidates] == [
             (study.ct.SeriesInstanceUID, SLICES),
@@ -262,9 +414,169 @@ def test_tie_is_broken_by_series_uid_whatever_the_input_order(study: Study) -> N
     expected = sorted([uid_of(a), uid_of(b)], reverse=True)
     assert uid_of(a) != uid_of(b)
     for items in (a + b, b + a):
-        selection = select_series(items, min_slices=20)
+        selection = select_series(items, rule=covering(20))
         assert selection is not None
         assert [c.SeriesInstanceUID for c in selection.candidates] == expected
+
+
+# -- several reconstructions of one acquisition ----------------------------------------------
+
+
+def test_of_two_kernels_the_soft_one_is_analysed_by_default(study: Study) -> None:
+    soft = stretched(study, "soft", 40, 5.0, SeriesNumber=2, ConvolutionKernel="B30f")
+    sharp = stretched(study, "sharp", 40, 5.0, SeriesNumber=3, ConvolutionKernel="B70f")
+    sharp_uid = uid_of(sharp)
+    for items in (soft + sharp, sharp + soft):
+        selection = select_series(items)
+        assert selection is not None
+        assert [c.SeriesInstanceUID for c in selection.candidates] == [uid_of(soft)]
+        assert reasons(selection) == {
+            sharp_uid: "another reconstruction of the same acquisition was chosen (series 2: "
+            "softer kernel, B30f (soft) vs B70f (sharp))"
+        }
+        assert selection.choice == (
+            "series 2 (5 mm, B30f, soft kernel): softest-kernel of 2 reconstructions of one "
+            "acquisition (z coverage 200 mm, slices 5 mm apart)"
+        )
+    sharp_first = SelectionRule(reconstruction_preference=("sharp_kernel", "thinnest"))
+    assert chosen(select_series(soft + sharp, rule=sharp_first)).SeriesInstanceUID == sharp_uid
+
+
+def test_of_two_thicknesses_the_thinnest_is_analysed_by_default(study: Study) -> None:
+    thin = stretched(study, "thin", 120, 1.25, SeriesNumber=2)  # 150 mm
+    thick = stretched(study, "thick", 40, 5.0, SeriesNumber=3)  # 200 mm, more coverage
+    selection = select_series(thick + thin)
+    assert selection is not None
+    assert [c.SeriesInstanceUID for c in selection.candidates] == [uid_of(thin)]
+    assert reasons(selection)[uid_of(thick)] == (
+        "another reconstruction of the same acquisition was chosen (series 2: thinner slices, "
+        "1.25 mm vs 5 mm)"
+    )
+    assert selection.choice.startswith(
+        "series 2 (1.25 mm, STANDARD, soft kernel): thinnest of 2 reconstructions of one "
+        "acquisition"
+    )
+    thickest = SelectionRule(reconstruction_preference=("thickest",))
+    assert chosen(select_series(thin + thick, rule=thickest)).SeriesInstanceUID == uid_of(thick)
+
+
+def test_thickness_before_kernel_and_three_reconstructions(study: Study) -> None:
+    thin_sharp = stretched(study, "a", 160, 1.0, SeriesNumber=4, ConvolutionKernel="LUNG")
+    thin_soft = stretched(study, "b", 160, 1.0, SeriesNumber=5, ConvolutionKernel="STANDARD")
+    thick_soft = stretched(study, "c", 32, 5.0, SeriesNumber=6, ConvolutionKernel="STANDARD")
+    selection = select_series(thick_soft + thin_sharp + thin_soft)
+    assert selection is not None
+    assert chosen(selection).SeriesInstanceUID == uid_of(thin_soft)
+    why = reasons(selection)
+    assert why[uid_of(thin_sharp)].endswith(
+        "(series 5: softer kernel, STANDARD (soft) vs LUNG (sharp))"
+    )
+    assert why[uid_of(thick_soft)].endswith("(series 5: thinner slices, 1 mm vs 5 mm)")
+    assert "thinnest, then softest-kernel of 3 reconstructions" in selection.choice
+
+
+def test_other_reconstructions_can_be_kept_as_fallbacks(study: Study) -> None:
+    soft = stretched(study, "soft", 40, 5.0, ConvolutionKernel="B30f")
+    sharp = stretched(study, "sharp", 40, 5.0, ConvolutionKernel="B70f")
+    rule = SelectionRule(fallback_to_other_reconstructions=True)
+    selection = select_series(sharp + soft, rule=rule)
+    assert selection is not None and selection.skipped == ()
+    assert [c.SeriesInstanceUID for c in selection.candidates] == [uid_of(soft), uid_of(sharp)]
+
+
+def test_other_acquisitions_are_not_reconstructions(study: Study) -> None:
+    soft = stretched(study, "soft", 40, 5.0, ConvolutionKernel="B30f")
+    # Another frame of reference (the patient moved), or another part of the body.
+    moved = stretched(
+        study, "moved", 40, 5.0, ConvolutionKernel="B70f", FrameOfReferenceUID="1.2.3"
+    )
+    below = stretched(study, "below", 40, 5.0, ConvolutionKernel="B70f")
+    for _, ds in below:
+        x, y, z = ds.ImagePositionPatient
+        ds.ImagePositionPatient = [x, y, f"{float(z) - 180:g}"]  # overlaps by 20 mm only
+    for other in (moved, below):
+        selection = select_series(soft + other)
+        assert selection is not None and selection.skipped == ()
+        assert [c.SeriesInstanceUID for c in selection.candidates] == [
+            uid_of(soft),
+            uid_of(other),
+        ]
+        assert "first of 2 qualifying series in preference order" in selection.choice
+
+
+@pytest.mark.parametrize(
+    ("kernel", "expected"),
+    [
+        ("STANDARD", "soft"),
+        ("SOFT", "soft"),
+        ("LUNG", "sharp"),
+        ("BONE", "sharp"),
+        ("BONEPLUS", "sharp"),
+        ("B30f", "soft"),
+        ("Br40d", "soft"),
+        ("I31f", "soft"),
+        ("B70f", "sharp"),
+        ("Bl57d", "sharp"),
+        ("B", "soft"),
+        ("C", "soft"),
+        ("L", "sharp"),
+        ("YA", "soft"),
+        ("YB", "soft"),
+        ("YD", "sharp"),
+        ("FC03", "soft"),
+        ("FC18", "soft"),
+        ("FC51", "sharp"),
+        ("FC86", "sharp"),
+        ("", "unknown"),
+        ("MYSTERY", "unknown"),
+    ],
+)
+def test_kernel_class(kernel: str, expected: str) -> None:
+    assert kernel_class(kernel) == expected
+    ds = Dataset()
+    if kernel:
+        ds.ConvolutionKernel = kernel
+    assert kernel_class(ds) == expected
+
+
+def test_kernel_class_reads_the_first_of_several_values() -> None:
+    ds = Dataset()
+    ds.ConvolutionKernel = ["Br64d", "3"]  # Siemens: kernel and strength
+    assert kernel_class(ds) == "sharp"
+
+
+def test_series_name_never_shows_the_uid() -> None:
+    ds = Dataset()
+    assert series_name(ds, UID_BASE + "5") == f"series {uid_tag(UID_BASE + '5')}"
+    assert series_name(ds) == "images without a Series Instance UID"
+    ds.SeriesNumber = 4
+    ds.SeriesDescription = "Thorax  1.0  B70f"
+    ds.ConvolutionKernel = "B70f"
+    assert series_name(ds, UID_BASE + "5") == "series 4 (Thorax 1.0 B70f)"
+
+
+def test_the_configuration_gives_the_rule_and_refuses_min_slices() -> None:
+    from radfusion.config import ConfigError, parse_config
+
+    assert SelectionRule.from_settings(parse_config({}).apps.lung_ct) == SelectionRule()
+    settings = parse_config(
+        {
+            "apps": {
+                "lung_ct": {
+                    "min_z_coverage_mm": 200,
+                    "max_slice_spacing_mm": 3,
+                    "reconstruction_preference": ["sharp_kernel"],
+                    "fallback_to_other_reconstructions": True,
+                }
+            }
+        }
+    ).apps.lung_ct
+    assert SelectionRule.from_settings(settings) == SelectionRule(200, 3, ("sharp_kernel",), True)
+    with pytest.raises(ConfigError) as err:
+        parse_config({"apps": {"lung_ct": {"min_slices": 50}}})
+    assert "apps.lung_ct: min_slices was replaced by min_z_coverage_mm" in str(err.value)
+    with pytest.raises(ConfigError, match="reconstruction_preference"):
+        parse_config({"apps": {"lung_ct": {"reconstruction_preference": ["thinnest"] * 2}}})
 
 
 LEGACY_CONVERTED_ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.2"
@@ -301,7 +613,7 @@ def test_enhanced_ct_counts_frames_as_slices(study: Study, tmp_path: Path) -> No
     headers = read_headers([path])
     assert "ImageOrientationPatient" not in headers[0][1]  # only in the functional groups
     short = study.other("short", 20)  # more files, fewer slices
-    selection = select_series(short + headers, min_slices=20)
+    selection = select_series(short + headers, rule=covering(20))
     assert selection is not None
     assert [(c.SeriesInstanceUID, c.slices) for c in selection.candidates] == [
         (UID_BASE + "1", SLICES),
@@ -310,10 +622,10 @@ def test_enhanced_ct_counts_frames_as_slices(study: Study, tmp_path: Path) -> No
     assert selection.preferred.files == (path,)
 
 
-def test_enhanced_ct_below_min_slices_counts_frames(study: Study, tmp_path: Path) -> None:
+def test_enhanced_ct_coverage_counts_frames(study: Study, tmp_path: Path) -> None:
     path = _enhanced(study, tmp_path / "enhanced.dcm", sop_class=ENHANCED_CT_IMAGE_STORAGE)
-    assert select_series(read_headers([path]), min_slices=SLICES + 1) is None
-    assert select_series(read_headers([path]), min_slices=SLICES) is not None
+    refused(select_series(read_headers([path]), rule=covering(SLICES + 1)))
+    assert chosen(select_series(read_headers([path]), rule=covering(SLICES))).slices == SLICES
 
 
 def test_legacy_converted_enhanced_ct_qualifies(
@@ -322,7 +634,7 @@ def test_legacy_converted_enhanced_ct_qualifies(
     path = _enhanced(study, tmp_path / "legacy.dcm", sop_class=LEGACY_CONVERTED_ENHANCED_CT)
     assert assemble_volume([pydicom.dcmread(path)]).shape == (SLICES, 64, 64)
     with caplog.at_level(logging.INFO, logger="radfusion.operators.series_selector"):
-        selection = select_series(read_headers([path]), min_slices=20)
+        selection = select_series(read_headers([path]), rule=covering(20))
     assert selection is not None, caplog.text
 
 
@@ -349,7 +661,7 @@ def test_enhanced_ct_with_per_frame_orientation_qualifies(
         per_frame_orientation=True,
     )
     with caplog.at_level(logging.INFO, logger="radfusion.operators.series_selector"):
-        selection = select_series(read_headers([path]), min_slices=20)
+        selection = select_series(read_headers([path]), rule=covering(20))
     assert selection is not None, caplog.text
 
 
@@ -388,7 +700,7 @@ def test_one_localizer_image_inside_the_series_is_left_out(
     )
     axial = study.axial()
     with caplog.at_level(logging.INFO, logger="radfusion.operators.series_selector"):
-        selection = select_series([*axial[:10], scout, *axial[10:]], min_slices=SLICES)
+        selection = select_series([*axial[:10], scout, *axial[10:]], rule=covering(SLICES))
     series = chosen(selection)
     assert series.SeriesInstanceUID == study.ct.SeriesInstanceUID
     assert series.slices == SLICES
@@ -443,7 +755,7 @@ def test_a_stray_image_is_left_out_with_its_reason(
 ) -> None:
     odd = stray(study, "odd", **changes)
     for items in ([*study.axial(), odd], [odd, *study.axial()]):
-        series = chosen(select_series(items, min_slices=SLICES))
+        series = chosen(select_series(items, rule=covering(SLICES)))
         assert series.SeriesInstanceUID == study.ct.SeriesInstanceUID
         assert series.slices == SLICES and odd[0] not in series.files
         [(why, count)] = series.dropped
@@ -453,7 +765,7 @@ def test_a_stray_image_is_left_out_with_its_reason(
 def test_the_same_instance_twice_is_kept_once(study: Study) -> None:
     axial = study.axial()
     again = (Path("/study/ct/resent.dcm"), copy.deepcopy(axial[3][1]))
-    series = chosen(select_series([*axial, again], min_slices=SLICES))
+    series = chosen(select_series([*axial, again], rule=covering(SLICES)))
     assert series.files == tuple(study.ct.files)
     assert series.dropped == (("duplicate SOP Instance UID (the same image twice)", 1),)
 
@@ -462,7 +774,7 @@ def test_a_minority_with_another_matrix_is_left_out(study: Study) -> None:
     axial = study.axial()
     for _, ds in axial[:4]:  # e.g. a zoomed recon sharing the Series Instance UID
         ds.Rows = ds.Columns = 128
-    series = chosen(select_series(axial, min_slices=20))
+    series = chosen(select_series(axial, rule=covering(20)))
     assert series.slices == SLICES - 4
     assert series.files == tuple(study.ct.files[4:])
     assert series.dropped == (
@@ -475,7 +787,7 @@ def test_two_equal_stacks_in_one_series_skip_it(study: Study) -> None:
     for _, ds in axial[::2]:
         ds.ImageOrientationPatient = TILTED_20
     fallback = study.other("fallback", 5)
-    selection = select_series(axial + fallback, min_slices=5)
+    selection = select_series(axial + fallback, rule=covering(5))
     assert chosen(selection).SeriesInstanceUID == uid_of(fallback)
     assert selection is not None
     assert reasons(selection)[study.ct.SeriesInstanceUID] == (
@@ -490,21 +802,21 @@ def test_too_few_slices_left_after_leaving_images_out_skips_the_series(study: St
     ]
     axial = study.axial()[:21]
     # What remains after leaving the scouts out is what counts: 21 slices.
-    series = chosen(select_series([*axial, *scouts], min_slices=21))
+    series = chosen(select_series([*axial, *scouts], rule=covering(21)))
     assert series.slices == 21 and series.dropped == (("localizer (scout/topogram)", 2),)
     fallback = study.other("fallback", 22)
-    selection = select_series([*axial, *scouts, *fallback], min_slices=22)
+    selection = select_series([*axial, *scouts, *fallback], rule=covering(22))
     assert chosen(selection).SeriesInstanceUID == uid_of(fallback)
     assert selection is not None
     assert reasons(selection)[study.ct.SeriesInstanceUID] == (
-        "21 slice(s), fewer than the 22 required after leaving out 2 image(s)"
+        "z coverage 105 mm < 110 mm (21 slice(s) 5 mm apart) after leaving out 2 image(s)"
     )
 
 
 def test_a_series_of_nothing_usable_is_named_by_what_most_images_are(study: Study) -> None:
     mixed = study.other("mixed", 4, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
     mixed[0][1].SOPClassUID = SECONDARY_CAPTURE
-    selection = select_series(mixed + study.axial(), min_slices=20)
+    selection = select_series(mixed + study.axial(), rule=covering(20))
     assert selection is not None
     assert reasons(selection)[uid_of(mixed)] == "localizer (scout/topogram)"
 
@@ -514,14 +826,14 @@ def test_missing_optional_attributes_do_not_matter(study: Study) -> None:
     for _, ds in axial:
         for keyword in ("SliceThickness", "ImageType", "SeriesNumber", "SeriesDescription"):
             delattr(ds, keyword)
-    series = chosen(select_series(axial, min_slices=SLICES))
+    series = chosen(select_series(axial, rule=covering(SLICES)))
     assert series.slices == SLICES and series.dropped == ()
     assert series.SeriesNumber is None
     assert series.label == f"series {uid_tag(study.ct.SeriesInstanceUID)} ({SLICES} slices)"
 
 
 def test_label_names_the_series_by_number_not_uid(study: Study) -> None:
-    series = chosen(select_series(study.axial(), min_slices=SLICES))
+    series = chosen(select_series(study.axial(), rule=covering(SLICES)))
     assert series.SeriesNumber == 2
     assert series.label == f"series 2 ({SLICES} slices)"
     assert series.label.isascii()
@@ -530,7 +842,7 @@ def test_label_names_the_series_by_number_not_uid(study: Study) -> None:
 def test_selection_needs_a_candidate_and_names_unknown_series_by_tag(study: Study) -> None:
     with pytest.raises(ValueError, match="candidates"):
         SeriesSelection((), ())
-    selection = select_series(study.axial(), min_slices=SLICES)
+    selection = select_series(study.axial(), rule=covering(SLICES))
     assert selection is not None
     with pytest.raises(KeyError) as err:
         selection.candidate(UID_BASE + "404")

@@ -20,13 +20,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from radfusion.operators.measurement import LUNG, TUMOUR, measure
+from radfusion.operators.measurement import measure
 from radfusion.operators.result_identity import algorithm_device_uid
 from radfusion.operators.results import AlgorithmInfo, SegmentationResult
 from radfusion.operators.sr_writer import SERIES_NUMBER, build_sr, write_sr
 from radfusion.operators.volume import Volume, assemble_volume
-from radfusion.synth.ct import LABELS, TUMOUR_LABEL_BASE, make_phantom, write_ct_series
+from radfusion.synth.ct import make_phantom, write_ct_series
 from tests.conftest import require_tool, reversed_enhanced_ct
+from tests.detection_support import DETECTION_SCORES, anatomy_from_truth
 
 ALGORITHM = AlgorithmInfo(
     name="radfusion-lung-ct", version="0.1.0", parameters=(("inference", "in-process"),)
@@ -117,10 +118,8 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
     # The synthetic files are written in slice order, so the truth is in the volume's k order.
     assert [int(ds.InstanceNumber) for ds in volume.source_images] == list(range(1, 25))
     truth = np.load(study.ground_truth)["labels"]
-    classes = np.zeros(truth.shape, dtype=np.uint8)
-    classes[(truth == LABELS["right_lung"]) | (truth == LABELS["left_lung"])] = LUNG
-    classes[truth >= TUMOUR_LABEL_BASE] = TUMOUR
-    measured = measure(classes, volume, uid_root="1.2.826.0.1.3680043.10.1234.9.")
+    anatomy = anatomy_from_truth(truth)
+    measured = measure(anatomy, volume, uid_root="1.2.826.0.1.3680043.10.1234.9.")
     assert measured.result is not None, measured.out_of_scope_reason
     assert [f.kind for f in measured.result.findings] == ["lung", "lung", "tumour", "tumour"]
     return Case(volume, measured.result, _seg(volume, measured.result))
@@ -320,6 +319,33 @@ def test_measurements_are_the_findings_values(case: Case, sr_path: Path) -> None
             }
             assert items["Algorithm Name"] == ALGORITHM.name
             assert items["Algorithm Version"] == ALGORITHM.version
+
+
+def test_a_nodules_detection_score_is_its_certainty_of_finding(case: Case, sr_path: Path) -> None:
+    """DCM 111012 "Certainty of Finding", UCUM "1", in the nodule's TID 1411 group (with the
+    algorithm named); the lungs, which have no score, have none. The SR stays valid."""
+    certainty = codes.DCM.CertaintyOfFinding
+    assert certainty.value == "111012"
+    sr = hd.sr.srread(sr_path)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    tumours = [f for f in case.result.findings if f.kind == "tumour"]
+    assert [f.detection_score for f in tumours] == list(DETECTION_SCORES)
+    for group, finding in zip(groups, case.result.findings, strict=True):
+        scores = group.get_measurements(name=certainty)
+        if finding.kind == "lung":
+            assert finding.detection_score is None
+            assert scores == []
+            continue
+        (score,) = scores
+        assert score.value == pytest.approx(finding.detection_score, abs=5e-4)
+        assert (score.unit.value, score.unit.scheme_designator) == ("1", "UCUM")
+        items = {
+            item.ConceptNameCodeSequence[0].CodeMeaning: item.get("TextValue")
+            for item in score[0].ContentSequence
+        }
+        assert items["Algorithm Name"] == ALGORITHM.name
+    assert 'NUM:(,,"Certainty of Finding")' in dsrdump(sr_path)
+    assert dciodvfy_errors(sr_path) == []
 
 
 def _expected_scoord(volume: Volume, lps: np.ndarray) -> tuple[int, np.ndarray]:

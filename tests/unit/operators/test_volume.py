@@ -613,3 +613,181 @@ def test_a_malformed_value_costs_only_that_candidate(series: Series, tmp_path: P
 def test_no_candidates_is_refused() -> None:
     with pytest.raises(VolumeError, match="no series to assemble"):
         assemble_first_usable([])
+
+
+# -- pixel padding ---------------------------------------------------------------------------
+
+
+def _outside_circle() -> np.ndarray:
+    """The corners of a slice: what scanners pad outside the scan circle."""
+    r, c = np.ogrid[:ROWS, :COLUMNS]
+    return (r - (ROWS - 1) / 2) ** 2 + (c - (COLUMNS - 1) / 2) ** 2 > (ROWS / 2) ** 2
+
+
+def _stored(
+    series: Series,
+    *,
+    signed: bool,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    bits_stored: int = 16,
+    padding: tuple[str, int] | None = None,
+    range_limit: tuple[str, int] | None = None,
+    stored: np.ndarray | None = None,
+) -> tuple[list[Dataset], np.ndarray]:
+    """The series with the phantom's HU stored as given (``stored`` overrides the pixels) and
+    the padding attributes as (VR, value); returns it and the stored values."""
+    if stored is None:
+        stored = np.rint((series.phantom.hu.astype(np.float64) - intercept) / slope)
+    stored = stored.astype(np.int64)
+    datasets = series.datasets()
+    for k, ds in enumerate(datasets):
+        ds.PixelRepresentation = int(signed)
+        ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
+        ds.PixelData = (stored[k] & 0xFFFF).astype("<u2").tobytes()  # the 16-bit words
+        if padding is not None:
+            ds.add_new(0x00280120, *padding)
+        if range_limit is not None:
+            ds.add_new(0x00280121, *range_limit)
+    return datasets, stored
+
+
+def _expected(series: Series, padded: np.ndarray) -> np.ndarray:
+    hu = series.phantom.hu.astype(np.float32)
+    hu[padded] = -1024
+    return hu
+
+
+def _with_corners(series: Series, value: int, intercept: float = 0.0) -> np.ndarray:
+    stored = series.phantom.hu.astype(np.int64) - int(intercept)
+    stored[:, _outside_circle()] = value
+    return stored
+
+
+def test_signed_padding_value_becomes_air(series: Series) -> None:
+    # GE: signed, intercept -1024, PixelPaddingValue -2000 (would decode to -3024 HU).
+    stored = _with_corners(series, -2000, -1024)
+    datasets, _ = _stored(
+        series, signed=True, intercept=-1024, padding=("SS", -2000), stored=stored
+    )
+    volume = assemble_volume(datasets)
+    padded = np.broadcast_to(_outside_circle(), volume.shape)
+    np.testing.assert_array_equal(volume.hu, _expected(series, padded))
+    # Canon: intercept 0, padding -3024 stored = -3024 HU.
+    stored = _with_corners(series, -3024)
+    datasets, _ = _stored(series, signed=True, padding=("SS", -3024), stored=stored)
+    np.testing.assert_array_equal(assemble_volume(datasets).hu, _expected(series, padded))
+
+
+@pytest.mark.parametrize("slope", [1.0, 0.5])
+@pytest.mark.parametrize("element", [("US", 0xF830), ("SS", -2000)], ids=["US", "SS-wrong-sign"])
+def test_unsigned_padding_value_becomes_air(
+    series: Series, slope: float, element: tuple[str, int]
+) -> None:
+    # Philips: unsigned, intercept -1024, 0xF830 (+62512 HU at slope 1, +30744 at 0.5); the
+    # same bit pattern written as -2000 in an SS element must match as well.
+    stored = np.rint((series.phantom.hu.astype(np.float64) + 1024) / slope).astype(np.int64)
+    stored[:, _outside_circle()] = 0xF830
+    datasets, _ = _stored(
+        series, signed=False, slope=slope, intercept=-1024, padding=element, stored=stored
+    )
+    volume = assemble_volume(datasets)
+    padded = np.broadcast_to(_outside_circle(), volume.shape)
+    expected = (stored * slope - 1024).astype(np.float32)
+    expected[padded] = -1024
+    np.testing.assert_array_equal(volume.hu, expected)
+    assert volume.hu.max() < 4000
+
+
+def test_signed_padding_given_as_unsigned_pattern_matches(series: Series) -> None:
+    # Signed 12-bit pixels, padding written as US 0xF830: its 12 stored bits are -2000.
+    stored = _with_corners(series, -2000)
+    datasets, _ = _stored(
+        series, signed=True, bits_stored=12, padding=("US", 0xF830), stored=stored
+    )
+    volume = assemble_volume(datasets)
+    padded = np.broadcast_to(_outside_circle(), volume.shape)
+    np.testing.assert_array_equal(volume.hu, _expected(series, padded))
+
+
+def test_padding_range_limit_pads_the_inclusive_range_in_either_order(series: Series) -> None:
+    stored = series.phantom.hu.astype(np.int64) + 1024  # unsigned, intercept -1024
+    outside = _outside_circle()
+    # Corners hold 0..9 stored (-1024..-1015 HU would be air anyway): use 3000..3009 instead,
+    # plus the neighbours 2999 and 3010, which are real pixels.
+    ramp = 3000 + np.arange(int(outside.sum())) % 10
+    stored[:, outside] = ramp
+    stored[:, 0, COLUMNS // 2] = 2999
+    stored[:, ROWS - 1, COLUMNS // 2] = 3010
+    unpadded = (stored - 1024).astype(np.float32)
+    for value, limit in ((3000, 3009), (3009, 3000)):
+        datasets, _ = _stored(
+            series,
+            signed=False,
+            intercept=-1024,
+            padding=("US", value),
+            range_limit=("US", limit),
+            stored=stored,
+        )
+        volume = assemble_volume(datasets)
+        expected = unpadded.copy()
+        expected[:, outside] = -1024
+        np.testing.assert_array_equal(volume.hu, expected)
+        assert (volume.hu[:, 0, COLUMNS // 2] == 2999 - 1024).all()
+        assert (volume.hu[:, ROWS - 1, COLUMNS // 2] == 3010 - 1024).all()
+
+
+def test_without_padding_attribute_pixels_are_unchanged(series: Series) -> None:
+    stored = _with_corners(series, -2000, -1024)
+    datasets, _ = _stored(series, signed=True, intercept=-1024, stored=stored)
+    volume = assemble_volume(datasets)
+    np.testing.assert_array_equal(volume.hu, (stored - 1024).astype(np.float32))
+    # A Pixel Padding Range Limit alone (no Pixel Padding Value) pads nothing either.
+    datasets, _ = _stored(
+        series, signed=True, intercept=-1024, range_limit=("SS", -2000), stored=stored
+    )
+    np.testing.assert_array_equal(assemble_volume(datasets).hu, volume.hu)
+
+
+def test_real_pixels_next_to_the_padding_value_are_untouched(series: Series) -> None:
+    # Padding is -2000 stored; real pixels stored -1999 and -2001, and one stored -976 that
+    # decodes to -2000 HU (the padding number, were it compared after the rescale), stay.
+    stored = series.phantom.hu.astype(np.int64) + 1024
+    stored[:, 0, :3] = [-1999, -2001, -976]
+    datasets, _ = _stored(
+        series, signed=True, intercept=-1024, padding=("SS", -2000), stored=stored
+    )
+    volume = assemble_volume(datasets)
+    np.testing.assert_array_equal(volume.hu, (stored - 1024).astype(np.float32))
+    assert (volume.hu[:, 0, 2] == -2000).all()
+
+
+def test_unsigned_12_bit_padding_matches_on_the_stored_bits(series: Series) -> None:
+    # Unsigned 12-bit pixels whose padding words carry set bits above Bits Stored (0xF830):
+    # only the 12 stored bits (0x830) count, in the pixels as in Pixel Padding Value.
+    stored = series.phantom.hu.astype(np.int64) + 1024
+    assert stored.max() < 0x830  # no real pixel shares the padding's stored bits
+    stored[:, _outside_circle()] = 0xF830
+    datasets, _ = _stored(
+        series,
+        signed=False,
+        intercept=-1024,
+        bits_stored=12,
+        padding=("US", 0xF830),
+        stored=stored,
+    )
+    volume = assemble_volume(datasets)
+    padded = np.broadcast_to(_outside_circle(), volume.shape)
+    np.testing.assert_array_equal(volume.hu, _expected(series, padded))
+
+
+def test_enhanced_ct_padding_at_the_top_level(series: Series, tmp_path: Path) -> None:
+    stored = _with_corners(series, -2000, -1024)
+    datasets, _ = _stored(series, signed=True, intercept=-1024, stored=stored)
+    enhanced = pydicom.dcmread(_enhanced(datasets, tmp_path / "enhanced.dcm"))
+    assert "PixelPaddingValue" not in enhanced
+    enhanced.add_new(0x00280120, "SS", -2000)
+    volume = assemble_volume([enhanced])
+    padded = np.broadcast_to(_outside_circle(), volume.shape)
+    np.testing.assert_array_equal(volume.hu, _expected(series, padded))

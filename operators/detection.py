@@ -1,0 +1,163 @@
+"""Detection: a CT volume (and the learned model's class map) → lungs and the nodules to report.
+
+The lungs come from :mod:`radfusion.operators.lungs` (classical, checked for plausibility),
+the nodule candidates from :mod:`radfusion.operators.nodules` (shape and density, with the
+learned model's tumour class as one piece of evidence). This step applies the operating
+point: candidates scoring at least ``min_score``, no smaller than the slices can resolve, at
+most ``max_findings``, best first. What it decided and why goes into
+:attr:`Anatomy.statements` for the SR.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from radfusion.operators.lungs import LungFields, find_lung_fields
+from radfusion.operators.nodules import NoduleCandidate, NoduleScorer, find_nodules
+from radfusion.operators.volume import Volume
+
+__all__ = ["Anatomy", "DetectionOperator", "DetectionSettings", "detect"]
+
+log = logging.getLogger("radfusion.operators.detection")
+
+TUMOUR_CLASS = 2  # the reference model's tumour channel (model.yaml labels)
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """The operating point (``apps.lung_ct``).
+
+    ``min_score``: candidates scoring lower are not reported. ``max_findings``: at most this
+    many nodules, best first. ``min_diameter_mm``: smaller nodules are not reported; the
+    slices raise it to twice the slice thickness (what they can resolve).
+
+    Raises:
+        ValueError: a value out of range.
+    """
+
+    min_score: float = 0.5
+    max_findings: int = 10
+    min_diameter_mm: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError(f"min_score: {self.min_score} is not in [0, 1]")
+        if not 0 <= self.max_findings <= 250:  # segment numbers: 2 lungs + nodules <= 255
+            raise ValueError(f"max_findings: {self.max_findings} is not in 0..250")
+        if self.min_diameter_mm < 0:
+            raise ValueError(f"min_diameter_mm: {self.min_diameter_mm} is negative")
+
+
+@dataclass(frozen=True, eq=False)
+class Anatomy:
+    """What the detection found on one volume: the lung fields, the nodules to report (best
+    first; none when the lungs are implausible) and sentences for the SR."""
+
+    fields: LungFields
+    nodules: tuple[NoduleCandidate, ...]
+    statements: tuple[str, ...]
+    candidates: int  # candidates examined, reported or not
+
+
+def slice_thickness_mm(volume: Volume) -> float:
+    """The thicker of the reconstructed slice thickness (when stated) and the spacing."""
+    stated = volume.source_images[0].get("SliceThickness") if volume.source_images else None
+    try:
+        thickness = float(stated) if stated not in (None, "") else 0.0
+    except (TypeError, ValueError):
+        thickness = 0.0
+    return max(thickness, float(volume.spacing_mm[0]))
+
+
+def detect(
+    volume: Volume,
+    classes: np.ndarray | None,
+    settings: DetectionSettings,
+    scorer: NoduleScorer,
+) -> Anatomy:
+    """Lungs and reportable nodules of ``volume``; ``classes`` is the learned model's class
+    map (None when no model ran), ``scorer`` the false-positive stage.
+
+    Raises:
+        ValueError: ``classes`` does not have the volume's shape.
+    """
+    if classes is not None and classes.shape != volume.hu.shape:
+        raise ValueError(f"class map shape {classes.shape} != volume shape {volume.hu.shape}")
+    fields = find_lung_fields(volume.hu, volume.spacing_mm, volume.affine)
+    if not fields.found or fields.problems:
+        return Anatomy(fields, (), (), 0)
+    probability = None if classes is None else (classes == TUMOUR_CLASS).astype(np.float32)
+    candidates = find_nodules(
+        volume.hu, volume.spacing_mm, fields, scorer=scorer, tumour_probability=probability
+    )
+    thickness = slice_thickness_mm(volume)
+    smallest = max(settings.min_diameter_mm, 2.0 * thickness)
+    reported = [
+        c for c in candidates if c.score >= settings.min_score and c.diameter_mm >= smallest
+    ]
+    statements = []
+    below = [c for c in candidates if c.score >= settings.min_score and c.diameter_mm < smallest]
+    if 2.0 * thickness > settings.min_diameter_mm:
+        statements.append(
+            f"Nodules under {smallest:.0f} mm (twice the {thickness:g} mm slice thickness) "
+            f"cannot be measured reliably on this series and are not reported"
+            + (f" ({len(below)} such candidate(s) seen)." if below else ".")
+        )
+    if len(reported) > settings.max_findings:
+        statements.append(
+            f"{len(reported)} nodule candidates reached the detection score "
+            f"{settings.min_score:g}; the {settings.max_findings} highest are reported."
+        )
+        reported = reported[: settings.max_findings]
+    if not reported:
+        statements.append(
+            f"No nodule found: no candidate reached the detection score {settings.min_score:g}."
+        )
+    log.info(
+        "%d nodule candidate(s), %d reported (score >= %g, diameter >= %.1f mm)",
+        len(candidates),
+        len(reported),
+        settings.min_score,
+        smallest,
+    )
+    return Anatomy(fields, tuple(reported), tuple(statements), len(candidates))
+
+
+class DetectionOperator(Operator):
+    """Inputs ``volume`` (:class:`Volume`, else passed over) and ``classes`` (the model's class
+    map or None) → output ``anatomy`` (:class:`Anatomy`, or None without a volume)."""
+
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: object,
+        settings: DetectionSettings,
+        scorer: NoduleScorer,
+        timings: dict[str, float] | None = None,
+        **kw: object,
+    ) -> None:
+        self.settings = settings
+        self.scorer = scorer
+        self.timings = timings
+        super().__init__(fragment, *args, **kw)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("volume")
+        spec.input("classes")
+        spec.output("anatomy")
+
+    def compute(self, op_input: object, op_output: object, context: object) -> None:
+        volume = op_input.receive("volume")  # type: ignore[attr-defined]
+        classes = op_input.receive("classes")  # type: ignore[attr-defined]
+        anatomy = None
+        if isinstance(volume, Volume):
+            started = time.perf_counter()
+            anatomy = detect(volume, classes, self.settings, self.scorer)
+            if self.timings is not None:
+                self.timings["detect"] = time.perf_counter() - started
+        op_output.emit(anatomy, "anatomy")  # type: ignore[attr-defined]
