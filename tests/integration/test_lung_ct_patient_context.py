@@ -50,6 +50,13 @@ def _sr(folder: Path, study_uid: str) -> pydicom.Dataset | None:
     return None
 
 
+def _context_comments(sr: pydicom.Dataset) -> list[str]:
+    """The patient-context and imaging-only sentences: the last two TEXT "Comment" items of
+    the report's Qualitative Evaluations (the app's own, e.g. the series analysed, come
+    first)."""
+    return _comments(sr)[-2:]
+
+
 def _comments(sr: pydicom.Dataset) -> list[str]:
     """The TEXT "Comment" items of the report's Qualitative Evaluations."""
     found = []
@@ -87,7 +94,8 @@ def test_sr_and_status_say_whether_patient_context_was_found(
     wait_for(lambda: _sr(results, found["StudyInstanceUID"]) is not None, 180, "the first SR")
     sr = _sr(results, found["StudyInstanceUID"])
     assert sr is not None
-    context, imaging_only = _comments(sr)
+    context, imaging_only = _context_comments(sr)
+    assert _comments(sr)[0].startswith("Series analysed: series "), _comments(sr)
     study_date = found["truth"]["study_date"]
     assert context.startswith(
         f"Clinical and genomic data (FHIR): available as of the study date {study_date}"
@@ -107,7 +115,7 @@ def test_sr_and_status_say_whether_patient_context_was_found(
     wait_for(lambda: _sr(results, down["StudyInstanceUID"]) is not None, 180, "the second SR")
     sr = _sr(results, down["StudyInstanceUID"])
     assert sr is not None
-    (context, _) = _comments(sr)
+    (context, _) = _context_comments(sr)
     assert context.startswith(
         "Clinical and genomic data (FHIR): unavailable, the FHIR server could not be reached"
     ), context
@@ -121,7 +129,7 @@ def test_sr_and_status_say_whether_patient_context_was_found(
     wait_for(lambda: _sr(results, refused["StudyInstanceUID"]) is not None, 180, "the third SR")
     sr = _sr(results, refused["StudyInstanceUID"])
     assert sr is not None
-    (context, _) = _comments(sr)
+    (context, _) = _context_comments(sr)
     assert "refused the request" in context and "forbidden" in context, context
     assert secret not in context
 
@@ -173,6 +181,6 @@ def test_hold_keeps_the_study_until_the_fhir_server_is_back(
     wait_for(lambda: _sr(results, uid) is not None, 180, "the SR")
     sr = _sr(results, uid)
     assert sr is not None
-    assert "available as of the study date" in _comments(sr)[0]
+    assert "available as of the study date" in _context_comments(sr)[0]
     assert not [d for d in catalog.dead_letters() if d.StudyInstanceUID == uid]
     wait_for(lambda: _status(node)[uid_tag(uid)]["state"] == "done", 30, "the study done")
