@@ -310,3 +310,17 @@ def test_a_class_map_of_another_shape_is_refused(
     classes = np.zeros((*volume.shape[:2], volume.shape[2] - 1), dtype=np.uint8)
     with pytest.raises(ValueError, match="shape"):
         detect(volume, classes, DetectionSettings(), scorer)
+
+
+def test_closed_form_extreme_eigenvalues_match_lapack() -> None:
+    from radfusion.operators.nodules import _extreme_eigenvalues
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        x = rng.normal(size=(3, 3)) * rng.uniform(0.1, 30.0)
+        a = x @ x.T + np.eye(3) * rng.uniform(0.0, 2.0)
+        expected = np.linalg.eigvalsh(a)
+        assert _extreme_eigenvalues(a) == pytest.approx(
+            (expected[0], expected[-1]), rel=1e-9, abs=1e-9
+        )
+    assert _extreme_eigenvalues(np.eye(3) * 4.0) == (4.0, 4.0)
