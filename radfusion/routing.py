@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 __all__ = [
     "ATTRIBUTES",
+    "SERIES_ATTRIBUTES",
     "AllOf",
     "AnyOf",
     "Condition",
@@ -35,27 +37,31 @@ __all__ = [
     "parse_condition",
 ]
 
-ATTRIBUTES = (
-    "Modality",
-    "BodyPartExamined",
-    "SeriesDescription",
-    "StudyDescription",
-    "SOPClassUID",
-    "Manufacturer",
-    "CallingAETitle",
+SERIES_ATTRIBUTES: Mapping[str, int] = MappingProxyType(
+    {
+        "Modality": 0x00080060,
+        "StationName": 0x00081010,
+        "BodyPartExamined": 0x00180015,
+        "SeriesDescription": 0x0008103E,
+        "StudyDescription": 0x00081030,
+        "Manufacturer": 0x00080070,
+    }
 )
+"""Header attributes a rule may test, keyword → tag: the one table of them. The node reads
+them from the first instance of each series (every tag must sort before Number of Frames,
+(0028,0008), where its header reader stops) and the catalog keeps one column per keyword.
+Adding an attribute here is all it takes for a rule to test it."""
+
+ATTRIBUTES = (*SERIES_ATTRIBUTES, "SOPClassUID", "CallingAETitle")
 """Attributes a rule may test. SOPClassUID matches if any instance of the series has it."""
 
 
 @dataclass(frozen=True)
 class SeriesFacts:
-    """What routing knows about one received series."""
+    """What routing knows about one received series: ``attributes`` holds the values of
+    :data:`SERIES_ATTRIBUTES` (a missing one reads as empty)."""
 
-    Modality: str = ""
-    BodyPartExamined: str = ""
-    SeriesDescription: str = ""
-    StudyDescription: str = ""
-    Manufacturer: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
     CallingAETitle: str = ""
     SOPClassUIDs: frozenset[str] = frozenset()
     slices: int = 0
@@ -63,7 +69,9 @@ class SeriesFacts:
     def values(self, attribute: str) -> tuple[str, ...]:
         if attribute == "SOPClassUID":
             return tuple(self.SOPClassUIDs)
-        return (getattr(self, attribute),)
+        if attribute == "CallingAETitle":
+            return (self.CallingAETitle,)
+        return (self.attributes.get(attribute, ""),)
 
 
 class Condition:

@@ -19,7 +19,7 @@ from radfusion.apps.registry import App, StudyInput, get_app, known_apps
 from radfusion.config import RadfusionConfig
 from radfusion.integrations.dicom.assembler import StudyAssembler
 from radfusion.integrations.dicom.export import Exporter
-from radfusion.integrations.dicom.header import HeaderError, read_header
+from radfusion.integrations.dicom.header import HeaderError, read_part10_header
 from radfusion.integrations.dicom.node import DicomNode
 from radfusion.integrations.dicom.spool import Spool
 from radfusion.integrations.store.catalog import Catalog, InstanceRecord, Job
@@ -125,35 +125,24 @@ class Service:
         # A file renamed into the spool whose catalog insert never ran (crash in between).
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            with open(path, "rb") as f:
-                f.seek(ds.file_meta.get("FileMetaInformationGroupLength", 0) + 144)
-                head = read_header(f.read(1 << 20), str(ds.file_meta.TransferSyntaxUID))
+            meta = ds.file_meta
+            transfer_syntax = str(meta.TransferSyntaxUID)
+            head = read_part10_header(path, transfer_syntax)
+            rec = InstanceRecord.from_header(
+                head,
+                SOPInstanceUID=str(ds.SOPInstanceUID),
+                SOPClassUID=str(ds.SOPClassUID),
+                TransferSyntaxUID=transfer_syntax,
+                path=path,
+                size=path.stat().st_size,
+                calling_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip(),
+            )
         except (OSError, HeaderError, pydicom.errors.InvalidDicomError, AttributeError) as err:
             log.warning("spool file %s cannot be adopted: %s", path.name, err)
             return False
-        calling = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()
-        rec = InstanceRecord(
-            SOPInstanceUID=str(ds.SOPInstanceUID),
-            SOPClassUID=str(ds.SOPClassUID),
-            SeriesInstanceUID=head.SeriesInstanceUID,
-            StudyInstanceUID=head.StudyInstanceUID,
-            TransferSyntaxUID=str(ds.file_meta.TransferSyntaxUID),
-            path=path,
-            size=path.stat().st_size,
-            frames=head.frames,
-            calling_ae=calling,
-            PatientID=head.PatientID,
-            IssuerOfPatientID=head.IssuerOfPatientID,
-            StudyDate=head.StudyDate,
-            Modality=head.Modality,
-            BodyPartExamined=head.BodyPartExamined,
-            SeriesDescription=head.SeriesDescription,
-            StudyDescription=head.StudyDescription,
-            Manufacturer=head.Manufacturer,
-        )
         self.catalog.record_instance(
             rec,
-            quiet_period_s=self.config.quiet_period_for(calling),
+            quiet_period_s=self.config.quiet_period_for(rec.calling_ae),
             late_arrival=self.config.completion.late_arrival,
         )
         return True

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from radfusion.config import RouteRule
 from radfusion.integrations.store.catalog import Catalog, Job
 from radfusion.logs import uid_tag
 from radfusion.routing import SeriesFacts, matching_apps
 
-__all__ = ["HandedOnListener", "StudyAssembler"]
+__all__ = ["StudyAssembler"]
 
 log = logging.getLogger("radfusion.assembler")
-
-HandedOnListener = Callable[[str, list[Job]], None]
 
 
 class StudyAssembler:
@@ -39,13 +37,8 @@ class StudyAssembler:
         self.catalog = catalog
         self.rules = list(rules)
         self.poll_interval_s = poll_interval_s
-        self._listeners: list[HandedOnListener] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def subscribe(self, listener: HandedOnListener) -> None:
-        """Call ``listener(StudyInstanceUID, jobs)`` after each hand-on."""
-        self._listeners.append(listener)
 
     def _route(self, series: list[SeriesFacts]) -> list[str]:
         return matching_apps(self.rules, series)
@@ -65,8 +58,6 @@ class StudyAssembler:
                 )
             else:
                 log.warning("study %s complete, no routing rule matched: kept", uid_tag(uid))
-            for listener in self._listeners:
-                listener(uid, jobs)
             done.append((uid, jobs))
         return done
 

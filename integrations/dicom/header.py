@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from types import MappingProxyType
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
+
+from radfusion.routing import SERIES_ATTRIBUTES
 
 __all__ = ["HeaderError", "WireHeader", "read_header", "read_part10_header"]
 
@@ -29,16 +33,15 @@ class HeaderError(ValueError):
 
 @dataclass(frozen=True)
 class WireHeader:
+    """What the node keeps of an instance's header: its study's identity and context, and
+    ``attributes``, the values of the routing attributes (:data:`SERIES_ATTRIBUTES`)."""
+
     StudyInstanceUID: str
     SeriesInstanceUID: str
     PatientID: str
     IssuerOfPatientID: str
     StudyDate: str
-    Modality: str
-    BodyPartExamined: str
-    SeriesDescription: str
-    StudyDescription: str
-    Manufacturer: str
+    attributes: Mapping[str, str]
     frames: int
 
 
@@ -64,16 +67,12 @@ def _issuer(ds: Dataset) -> str:
 
 _TAGS = {
     0x00080020: "StudyDate",
-    0x00080060: "Modality",
-    0x00080070: "Manufacturer",
-    0x00081030: "StudyDescription",
-    0x0008103E: "SeriesDescription",
     0x00100020: "PatientID",
     0x00100021: "IssuerOfPatientID",
-    0x00180015: "BodyPartExamined",
     0x0020000D: "StudyInstanceUID",
     0x0020000E: "SeriesInstanceUID",
     0x00280008: "NumberOfFrames",
+    **{tag: keyword for keyword, tag in SERIES_ATTRIBUTES.items()},
 }
 _ISSUER_SEQ = 0x00100024
 _ENTITY_ID, _ENTITY_TYPE = 0x00400032, 0x00400033
@@ -221,11 +220,7 @@ def _header(values: dict[str, str]) -> WireHeader:
         PatientID=values.get("PatientID", ""),
         IssuerOfPatientID=values.get("IssuerOfPatientID", ""),
         StudyDate=values.get("StudyDate", ""),
-        Modality=values.get("Modality", ""),
-        BodyPartExamined=values.get("BodyPartExamined", ""),
-        SeriesDescription=values.get("SeriesDescription", ""),
-        StudyDescription=values.get("StudyDescription", ""),
-        Manufacturer=values.get("Manufacturer", ""),
+        attributes=MappingProxyType({k: values.get(k, "") for k in SERIES_ATTRIBUTES}),
         frames=n,
     )
 

@@ -1,7 +1,7 @@
 """The DICOM node: a Storage and Verification SCP that spools and catalogs what it receives.
 
-The rest of radfusion never sees sockets: it subscribes to "instance stored" notifications
-(``DicomNode.subscribe``) and reads study state from the catalog. A C-STORE success status is
+The rest of radfusion never sees sockets: it reads what arrived, and study state, from the
+catalog. A C-STORE success status is
 sent only after the instance is renamed into the spool and recorded in the catalog.
 """
 
@@ -12,7 +12,6 @@ import socket
 import tempfile
 import time
 import types
-from collections.abc import Callable
 
 import pydicom.uid
 from pynetdicom import AE, _config, evt
@@ -27,11 +26,9 @@ from radfusion.integrations.dicom.spool import Spool, SpoolFullError
 from radfusion.integrations.store.catalog import Catalog, InstanceRecord, StoreOutcome
 from radfusion.logs import uid_tag
 
-__all__ = ["DicomNode", "Status", "StoredListener"]
+__all__ = ["DicomNode", "Status"]
 
 log = logging.getLogger("radfusion.node")
-
-StoredListener = Callable[[InstanceRecord, StoreOutcome], None]
 
 
 class Status:
@@ -100,7 +97,6 @@ class DicomNode:
         self.config = config
         self.catalog = catalog
         self.spool = spool
-        self._listeners: list[StoredListener] = []
         self._server: ThreadedAssociationServer | None = None
         ae = AE(ae_title=config.node.ae_title)
         ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs from senders that allow it
@@ -115,10 +111,6 @@ class DicomNode:
         self._ae = ae
 
     # -- lifecycle --------------------------------------------------------------------------
-
-    def subscribe(self, listener: StoredListener) -> None:
-        """Call ``listener`` (in the association's thread) after each stored instance."""
-        self._listeners.append(listener)
 
     def start(self) -> int:
         """Start listening; returns the bound port (useful when configured as 0)."""
@@ -214,24 +206,14 @@ class DicomNode:
                 header.StudyInstanceUID, header.SeriesInstanceUID, sop_instance
             )
             size = self.spool.take(received, path)
-            rec = InstanceRecord(
+            rec = InstanceRecord.from_header(
+                header,
                 SOPInstanceUID=sop_instance,
                 SOPClassUID=sop_class,
-                SeriesInstanceUID=header.SeriesInstanceUID,
-                StudyInstanceUID=header.StudyInstanceUID,
                 TransferSyntaxUID=transfer_syntax,
                 path=path,
                 size=size,
-                frames=header.frames,
                 calling_ae=calling,
-                PatientID=header.PatientID,
-                IssuerOfPatientID=header.IssuerOfPatientID,
-                StudyDate=header.StudyDate,
-                Modality=header.Modality,
-                BodyPartExamined=header.BodyPartExamined,
-                SeriesDescription=header.SeriesDescription,
-                StudyDescription=header.StudyDescription,
-                Manufacturer=header.Manufacturer,
             )
             outcome = self.catalog.record_instance(
                 rec,
@@ -254,6 +236,4 @@ class DicomNode:
                 "late instance for handed-on study %s stored, study not re-run (policy ignore)",
                 uid_tag(rec.StudyInstanceUID),
             )
-        for listener in self._listeners:
-            listener(rec, outcome)
         return Status.SUCCESS

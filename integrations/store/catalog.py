@@ -17,12 +17,16 @@ import enum
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from radfusion.routing import SeriesFacts
+from radfusion.routing import SERIES_ATTRIBUTES, SeriesFacts
+
+if TYPE_CHECKING:
+    from radfusion.integrations.dicom.header import WireHeader
 
 __all__ = [
     "Catalog",
@@ -33,6 +37,10 @@ __all__ = [
     "StudyRow",
     "StudyState",
 ]
+
+# Keywords are the standard's (letters only): safe to put in SQL as column names.
+_ATTRIBUTE_COLUMNS = ", ".join(SERIES_ATTRIBUTES)
+_ATTRIBUTE_SLOTS = ",".join("?" * len(SERIES_ATTRIBUTES))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -54,11 +62,6 @@ CREATE INDEX IF NOT EXISTS studies_state ON studies(state, quiet_until);
 CREATE TABLE IF NOT EXISTS series (
     SeriesInstanceUID TEXT PRIMARY KEY,
     StudyInstanceUID TEXT NOT NULL,
-    Modality TEXT NOT NULL DEFAULT '',
-    BodyPartExamined TEXT NOT NULL DEFAULT '',
-    SeriesDescription TEXT NOT NULL DEFAULT '',
-    StudyDescription TEXT NOT NULL DEFAULT '',
-    Manufacturer TEXT NOT NULL DEFAULT '',
     calling_ae TEXT NOT NULL DEFAULT '',
     images INTEGER NOT NULL DEFAULT 0
 );
@@ -150,11 +153,37 @@ class InstanceRecord:
     PatientID: str = ""
     IssuerOfPatientID: str = ""
     StudyDate: str = ""
-    Modality: str = ""
-    BodyPartExamined: str = ""
-    SeriesDescription: str = ""
-    StudyDescription: str = ""
-    Manufacturer: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)  # SERIES_ATTRIBUTES' values
+
+    @classmethod
+    def from_header(
+        cls,
+        header: WireHeader,
+        *,
+        SOPInstanceUID: str,
+        SOPClassUID: str,
+        TransferSyntaxUID: str,
+        path: Path,
+        size: int,
+        calling_ae: str,
+    ) -> InstanceRecord:
+        """The record of an instance whose header the node read (on receipt or, after a
+        crash, from the spool), stored at ``path``."""
+        return cls(
+            SOPInstanceUID=SOPInstanceUID,
+            SOPClassUID=SOPClassUID,
+            SeriesInstanceUID=header.SeriesInstanceUID,
+            StudyInstanceUID=header.StudyInstanceUID,
+            TransferSyntaxUID=TransferSyntaxUID,
+            path=path,
+            size=size,
+            frames=header.frames,
+            calling_ae=calling_ae,
+            PatientID=header.PatientID,
+            IssuerOfPatientID=header.IssuerOfPatientID,
+            StudyDate=header.StudyDate,
+            attributes=header.attributes,
+        )
 
 
 @dataclass(frozen=True)
@@ -219,6 +248,12 @@ class Catalog:
         with self._tx() as tx:
             if "not_before" not in {r["name"] for r in tx.execute("PRAGMA table_info(jobs)")}:
                 tx.execute("ALTER TABLE jobs ADD COLUMN not_before REAL NOT NULL DEFAULT 0")
+            # One column per routing attribute, added when the table gains one (catalogs
+            # made before keep their rows; the new attribute reads as empty there).
+            have = {r["name"] for r in tx.execute("PRAGMA table_info(series)")}
+            for keyword in SERIES_ATTRIBUTES:
+                if keyword not in have:
+                    tx.execute(f"ALTER TABLE series ADD COLUMN {keyword} TEXT NOT NULL DEFAULT ''")
 
     def _connection(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -291,18 +326,15 @@ class Catalog:
             if cur.rowcount == 0:
                 return StoreOutcome.DUPLICATE
             db.execute(
-                "INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(SeriesInstanceUID) "
-                "DO UPDATE SET images = images + excluded.images",
+                f"INSERT INTO series (SeriesInstanceUID, StudyInstanceUID, calling_ae, images, "
+                f"{_ATTRIBUTE_COLUMNS}) VALUES (?,?,?,?,{_ATTRIBUTE_SLOTS}) "
+                "ON CONFLICT(SeriesInstanceUID) DO UPDATE SET images = images + excluded.images",
                 (
                     rec.SeriesInstanceUID,
                     rec.StudyInstanceUID,
-                    rec.Modality,
-                    rec.BodyPartExamined,
-                    rec.SeriesDescription,
-                    rec.StudyDescription,
-                    rec.Manufacturer,
                     rec.calling_ae,
                     rec.frames,
+                    *(rec.attributes.get(k, "") for k in SERIES_ATTRIBUTES),
                 ),
             )
             study = db.execute(
@@ -371,11 +403,7 @@ class Catalog:
             )
             facts.append(
                 SeriesFacts(
-                    Modality=s["Modality"],
-                    BodyPartExamined=s["BodyPartExamined"],
-                    SeriesDescription=s["SeriesDescription"],
-                    StudyDescription=s["StudyDescription"],
-                    Manufacturer=s["Manufacturer"],
+                    {k: s[k] for k in SERIES_ATTRIBUTES},
                     CallingAETitle=s["calling_ae"],
                     SOPClassUIDs=classes,
                     slices=s["images"],

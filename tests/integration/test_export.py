@@ -10,6 +10,7 @@ from typing import Any
 import pydicom
 import pytest
 import yaml
+from pydicom.uid import generate_uid
 
 from radfusion.config import parse_config
 from radfusion.integrations.dicom.export import Exporter
@@ -54,8 +55,11 @@ def test_orthanc_down_retries_then_dead_letter_then_cli_retry_delivers(
     exporter = Exporter(
         cfg.export, catalog, tmp_path / "spool" / "outbox", "RADFUSION", sleep=waits.append
     )
-    f = ct_study.files[-1]
-    uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+    # An instance of its own: the session's Orthanc may hold the study's from other tests.
+    ds = pydicom.dcmread(ct_study.files[-1])
+    uid = ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    f = tmp_path / "instance.dcm"
+    ds.save_as(f, enforce_file_format=True)
     orthanc.stop()
     try:
         [result] = exporter.export([f], study_instance_uid=ct_study.StudyInstanceUID)

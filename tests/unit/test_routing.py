@@ -7,21 +7,19 @@ import pytest
 from radfusion.routing import SeriesFacts, matching_apps, parse_condition
 
 CT_CHEST = SeriesFacts(
-    Modality="CT",
-    BodyPartExamined="Chest",
-    SeriesDescription="Lung 1.0 B70f",
+    {"Modality": "CT", "BodyPartExamined": "Chest", "SeriesDescription": "Lung 1.0 B70f"},
     SOPClassUIDs=frozenset({"1.2.840.10008.5.1.4.1.1.2"}),
     slices=300,
     CallingAETitle="CT_1",
 )
 SCOUT = SeriesFacts(
-    Modality="CT",
-    BodyPartExamined="CHEST",
-    SeriesDescription="Topogram 0.6",
+    {"Modality": "CT", "BodyPartExamined": "CHEST", "SeriesDescription": "Topogram 0.6"},
     SOPClassUIDs=frozenset({"1.2.840.10008.5.1.4.1.1.2"}),
     slices=1,
 )
-SC = SeriesFacts(Modality="OT", SOPClassUIDs=frozenset({"1.2.840.10008.5.1.4.1.1.7"}), slices=1)
+SC = SeriesFacts(
+    {"Modality": "OT"}, SOPClassUIDs=frozenset({"1.2.840.10008.5.1.4.1.1.7"}), slices=1
+)
 
 
 def test_equals_is_case_insensitive_and_takes_alternatives() -> None:
@@ -79,3 +77,9 @@ def test_matching_apps_any_series_rule_order_no_repeats() -> None:
     ]
     assert matching_apps(rules, [SCOUT, CT_CHEST, SC]) == ["lung", "forward", "audit"]
     assert matching_apps(rules, [SCOUT]) == []
+
+
+def test_a_rule_can_test_the_station_name() -> None:
+    station = SeriesFacts({"Modality": "CT", "StationName": "CT01"}, slices=100)
+    assert parse_condition({"StationName": ["CT01", "CT02"]}).matches(station)
+    assert not parse_condition({"StationName": "CT01"}).matches(CT_CHEST)

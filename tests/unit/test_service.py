@@ -62,7 +62,7 @@ def _record(service: Service, sop: str = "1.2.3.4.1") -> None:
             21,
             1,
             "CT_1",
-            Modality="CT",
+            attributes={"Modality": "CT"},
         ),
         quiet_period_s=0,
         late_arrival="rerun",

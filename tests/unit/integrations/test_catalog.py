@@ -19,12 +19,12 @@ def rec(
         size=10,
         frames=1,
         calling_ae="CT_1",
-        Modality=modality,
+        attributes={"Modality": modality},
     )
 
 
 def route_ct(series: list) -> list[str]:
-    return ["forward"] if any(s.Modality == "CT" for s in series) else []
+    return ["forward"] if any(s.values("Modality") == ("CT",) for s in series) else []
 
 
 def test_duplicate_instance_counts_once(tmp_path: Path) -> None:
@@ -147,6 +147,29 @@ def test_a_catalog_from_before_job_retries_gains_the_column(tmp_path: Path) -> N
     assert cat.claim_job() is None  # not due for an hour
     cat.requeue_job(job.id)  # by hand: due at once
     assert cat.claim_job() is not None
+
+
+def test_a_catalog_from_before_a_routing_attribute_gains_its_column(tmp_path: Path) -> None:
+    """A catalog whose series table predates StationName keeps its rows; the attribute reads
+    as empty for them and is recorded for new series."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    cat = Catalog(path)
+    cat.record_instance(rec("1"), quiet_period_s=3600, late_arrival="rerun")
+    cat.close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE series DROP COLUMN StationName")
+    db.commit()
+    db.close()
+    cat = Catalog(path)
+    station = InstanceRecord(
+        **{**rec("2", series="1.2.3.2").__dict__, "attributes": {"StationName": "CT01"}}
+    )
+    cat.record_instance(station, quiet_period_s=3600, late_arrival="rerun")
+    facts = sorted(cat.series_facts("1.2.3"), key=lambda f: f.values("StationName"))
+    assert [f.values("StationName") for f in facts] == [("",), ("CT01",)]
+    assert facts[0].values("Modality") == ("CT",)
 
 
 def test_a_waiting_job_of_a_reopened_study_is_superseded(tmp_path: Path) -> None:

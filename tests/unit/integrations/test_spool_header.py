@@ -39,7 +39,7 @@ def header_ds() -> Dataset:
 def test_read_header(implicit: bool) -> None:
     ts = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"
     h = read_header(encode(header_ds(), implicit), ts)
-    assert (h.StudyInstanceUID, h.SeriesInstanceUID, h.Modality, h.frames) == (
+    assert (h.StudyInstanceUID, h.SeriesInstanceUID, h.attributes["Modality"], h.frames) == (
         "1.2.3",
         "1.2.3.4",
         "CT",
@@ -102,6 +102,7 @@ def rich_ds() -> Dataset:
     ds.SeriesDescription = "Lung 1.0 B70f"
     ds.BodyPartExamined = "CHEST"
     ds.Manufacturer = "ACME"
+    ds.StationName = "CT01"
     ds.StudyDate = "20260101"
     code = Dataset()
     code.CodeValue = "113691"
@@ -131,9 +132,14 @@ def test_fast_reader_agrees_with_pydicom(implicit: bool, undefined: bool) -> Non
     slow = header._with_pydicom(data, pydicom.uid.UID(ts))
     assert header._header(fast) == header._header(slow)
     h = read_header(data, ts)
-    assert h.StudyDescription == "Thorax – Lunge"
+    assert h.attributes["StudyDescription"] == "Thorax – Lunge"
+    assert h.attributes["StationName"] == "CT01"
     assert h.IssuerOfPatientID == "urn:oid:1.2.826.0.1.3680043.10.1234.1"
-    assert (h.BodyPartExamined, h.Manufacturer, h.frames) == ("CHEST", "ACME", 3)
+    assert (h.attributes["BodyPartExamined"], h.attributes["Manufacturer"], h.frames) == (
+        "CHEST",
+        "ACME",
+        3,
+    )
 
 
 def test_other_character_sets_and_big_endian_use_pydicom() -> None:
@@ -141,7 +147,7 @@ def test_other_character_sets_and_big_endian_use_pydicom() -> None:
     ds.SpecificCharacterSet = "ISO_IR 144"
     ds.SeriesDescription = "Грудная клетка"
     h = read_header(encode(ds), "1.2.840.10008.1.2.1")
-    assert h.SeriesDescription == "Грудная клетка"
+    assert h.attributes["SeriesDescription"] == "Грудная клетка"
 
 
 def test_part10_prefix_read_falls_back_when_header_is_beyond_prefix(tmp_path: Path) -> None:
@@ -165,3 +171,15 @@ def test_part10_prefix_read_falls_back_when_header_is_beyond_prefix(tmp_path: Pa
     (tmp_path / "raw.bin").write_bytes(b"\0" * 200)
     with pytest.raises(HeaderError, match="Part 10"):
         read_part10_header(tmp_path / "raw.bin", "1.2.840.10008.1.2.1")
+
+
+def test_every_routing_attribute_is_a_standard_keyword_the_reader_reaches() -> None:
+    """The one table of routing attributes: standard keywords (they name catalog columns)
+    whose tags sort before Number of Frames, where the reader stops."""
+    from pydicom.datadict import keyword_for_tag
+
+    from radfusion.routing import SERIES_ATTRIBUTES
+
+    for keyword, tag in SERIES_ATTRIBUTES.items():
+        assert keyword_for_tag(tag) == keyword and keyword.isalpha()
+        assert tag < 0x00280008
