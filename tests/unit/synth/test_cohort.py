@@ -20,15 +20,13 @@ from fhir.resources.R4B.bundle import Bundle
 from radfusion.cli import main
 from radfusion.synth.cohort import (
     LUNG_PANEL,
-    OUTCOME_INTERCEPT,
-    OUTCOME_WEIGHTS,
     RESOURCE_KEY_SYSTEM,
     SITE_A_OID,
     SITE_B_URI,
     SynthCohort,
-    _stage_group,
     synth_cohort,
 )
+from radfusion.synth.cohort_clinical import OUTCOME_INTERCEPT, OUTCOME_WEIGHTS, stage_group
 
 SMALL: dict[str, Any] = {"patients": 4, "seed": 11, "slices": 24, "size": 48}
 LOINC = "http://loinc.org"
@@ -444,7 +442,7 @@ def test_cohort_index(cohort: SynthCohort) -> None:
     ],
 )
 def test_stage_group_follows_ajcc_8(t: str, n: str, m: str, group: str) -> None:
-    assert _stage_group(t, n, m) == group
+    assert stage_group(t, n, m) == group
 
 
 # -- determinism -----------------------------------------------------------------------------
