@@ -39,9 +39,9 @@ class App(Protocol):
         """Process ``study``; write results under ``work_dir`` and return their paths.
 
         Raises any exception to fail the job: it is dead-lettered and can be retried by hand.
-        An exception with a true ``transient`` attribute (a server the app needs is
-        unavailable) instead queues the job again after the ``jobs.retry`` waits, and is
-        dead-lettered only after the last attempt.
+        A :class:`radfusion.errors.Unavailable` (a server the app needs is down or busy)
+        instead queues the job again after the ``jobs.retry`` waits, and is dead-lettered
+        only after the last attempt.
         """
         ...
 

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from radfusion.errors import RadfusionError
 from radfusion.operators.lungs import LungFields, shrink_in_plane
 
 __all__ = [
@@ -94,7 +95,7 @@ _MIN_BLOBNESS = 10.0  # HU: a ground-glass nodule (contrast ~150 HU) gives ~30, 
 _DUPLICATE_OVERLAP = 0.3  # a candidate sharing this much with a better one is the same
 
 
-class ScorerError(ValueError):
+class ScorerError(RadfusionError, ValueError):
     """A scorer file is missing, unreadable or does not match :data:`FEATURES`."""
 
 

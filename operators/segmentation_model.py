@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from radfusion.errors import RadfusionError
+
 __all__ = [
     "ModelConfigError",
     "Predictor",
@@ -58,7 +60,7 @@ several patches per call says how many in an attribute ``windows_per_call``."""
 _OUTPUT_CHUNK_SLICES = 32  # source slices resolved at a time: bounds memory on 500+ slices
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(RadfusionError, ValueError):
     """A model.yaml is missing, malformed or names a file that does not exist."""
 
 

@@ -44,6 +44,7 @@ import pydicom
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 from pydicom.dataset import Dataset
 
+from radfusion.errors import RadfusionError
 from radfusion.logs import uid_tag
 
 __all__ = [
@@ -280,7 +281,7 @@ class SeriesSelection:
         return [str(s) for s in self.skipped]
 
 
-class NoSeriesQualifies(Exception):
+class NoSeriesQualifies(RadfusionError):
     """No series of a study qualifies for analysis. ``reasons`` names each series and why
     (empty when there were no images at all); ``written`` holds the refusal report, if one was
     written."""

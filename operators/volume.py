@@ -29,6 +29,7 @@ import pydicom
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 from pydicom.dataset import Dataset
 
+from radfusion.errors import RadfusionError
 from radfusion.logs import uid_tag
 from radfusion.operators.series_selector import SeriesCandidate
 
@@ -49,7 +50,7 @@ _TILT_TOLERANCE_MM = 0.5  # in-plane drift of slice positions allowed over the s
 PADDING_HU = -1024.0  # what padded pixels (outside the scan circle) become: air
 
 
-class VolumeError(ValueError):
+class VolumeError(RadfusionError, ValueError):
     """The series cannot be assembled into a regular volume; the message says why."""
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from radfusion.errors import RadfusionError
 from radfusion.routing import Condition, parse_condition
 
 __all__ = [
@@ -50,7 +51,7 @@ def _check_ae_title(value: str) -> str:
     return value.strip()
 
 
-class ConfigError(ValueError):
+class ConfigError(RadfusionError, ValueError):
     """The configuration file is unreadable or invalid; the message names each bad key."""
 
 

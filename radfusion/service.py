@@ -17,6 +17,7 @@ import pydicom
 
 from radfusion.apps.registry import App, StudyInput, get_app, known_apps
 from radfusion.config import RadfusionConfig
+from radfusion.errors import Unavailable
 from radfusion.integrations.dicom.assembler import StudyAssembler
 from radfusion.integrations.dicom.export import Exporter
 from radfusion.integrations.dicom.header import HeaderError, read_part10_header
@@ -183,7 +184,7 @@ class Service:
         except Exception as err:
             error = f"{type(err).__name__}: {err}"
             delays = self.config.jobs.retry.delays()
-            if getattr(err, "transient", False) and job.attempts <= len(delays):
+            if isinstance(err, Unavailable) and job.attempts <= len(delays):
                 delay = delays[job.attempts - 1]
                 log.warning(
                     "job %d (%s) on study %s failed (attempt %d of %d), again in %g s: %s",

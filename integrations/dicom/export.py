@@ -23,6 +23,7 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
 from radfusion.config import DicomDestination, ExportConfig, FolderDestination, RetryPolicy
+from radfusion.errors import RadfusionError
 from radfusion.integrations.store.catalog import Catalog
 from radfusion.logs import uid_tag
 
@@ -35,7 +36,7 @@ _UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(RadfusionError, RuntimeError):
     """A destination did not accept every file; the message names the destination and why."""
 
 

@@ -19,6 +19,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
+from radfusion.errors import DatasetError
 from radfusion.routing import SERIES_ATTRIBUTES
 
 __all__ = ["HeaderError", "WireHeader", "read_header", "read_part10_header"]
@@ -27,8 +28,12 @@ _LAST_TAG = 0x00280008  # Number of Frames: every attribute we need sorts before
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
-class HeaderError(ValueError):
-    """The dataset cannot be parsed or lacks a required attribute (the message says which)."""
+class HeaderError(DatasetError):
+    """The dataset cannot be parsed (status 0xC000, Cannot Understand) or lacks a required
+    attribute (0xA900, Dataset Does Not Match SOP Class); the message says which."""
+
+
+_MISSING = 0xA900  # Error: Data Set Does Not Match SOP Class
 
 
 @dataclass(frozen=True)
@@ -206,9 +211,9 @@ def _header(values: dict[str, str]) -> WireHeader:
     study = values.get("StudyInstanceUID", "")
     series = values.get("SeriesInstanceUID", "")
     if not study:
-        raise HeaderError("Study Instance UID (0020,000D) is missing")
+        raise HeaderError("Study Instance UID (0020,000D) is missing", status=_MISSING)
     if not series:
-        raise HeaderError("Series Instance UID (0020,000E) is missing")
+        raise HeaderError("Series Instance UID (0020,000E) is missing", status=_MISSING)
     frames = values.get("NumberOfFrames", "") or "1"
     try:
         n = max(1, int(frames.split("\\")[0]))

@@ -199,9 +199,7 @@ class DicomNode:
                 header = read_part10_header(received, transfer_syntax)
             except HeaderError as err:
                 log.warning("instance %s from %r refused: %s", uid_tag(sop_instance), calling, err)
-                if "missing" in str(err):
-                    return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
-                return Status.CANNOT_UNDERSTAND
+                return err.status
             path = self.spool.path_for(
                 header.StudyInstanceUID, header.SeriesInstanceUID, sop_instance
             )

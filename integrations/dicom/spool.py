@@ -15,12 +15,14 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from radfusion.errors import RadfusionError
+
 __all__ = ["Spool", "SpoolFullError"]
 
 _SAFE_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 
 
-class SpoolFullError(OSError):
+class SpoolFullError(RadfusionError, OSError):
     """Free space is below the configured reserve."""
 
 

@@ -19,22 +19,31 @@ from typing import Protocol
 import httpx
 
 from radfusion.config import FhirAuth
+from radfusion.errors import RadfusionError, Unavailable
 
-__all__ = ["Auth", "AuthError", "BearerToken", "NoAuth", "SmartBackendServices", "make_auth"]
+__all__ = [
+    "Auth",
+    "AuthError",
+    "AuthUnavailable",
+    "BearerToken",
+    "NoAuth",
+    "SmartBackendServices",
+    "make_auth",
+]
 
 _ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 _ASSERTION_LIFETIME_S = 300  # the profile's maximum
 _REFRESH_MARGIN_S = 30  # renew a cached token this long before it expires
 
 
-class AuthError(RuntimeError):
-    """No access token could be obtained (the message says from where and why, never the
-    key or the token). ``transient``: the token endpoint was unreachable or failing (5xx),
-    so a later attempt may work; otherwise it refused us (a configuration problem)."""
+class AuthError(RadfusionError, RuntimeError):
+    """No access token could be obtained: the token endpoint refused us (a configuration
+    problem). The message says from where and why, never the key or the token."""
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
+
+class AuthUnavailable(AuthError, Unavailable):
+    """No access token could be obtained because the token endpoint was unreachable or
+    failing (5xx, 429): a later attempt may work."""
 
 
 class Auth(Protocol):
@@ -149,8 +158,8 @@ class SmartBackendServices:
         try:
             response = self._http.post(self.token_url, data=form)
         except httpx.HTTPError as err:
-            raise AuthError(
-                f"token endpoint {self.token_url}: {type(err).__name__}", transient=True
+            raise AuthUnavailable(
+                f"token endpoint {self.token_url}: {type(err).__name__}"
             ) from None
         if response.status_code != 200:
             # OAuth errors are {"error": ..., "error_description": ...}: no secrets in them.
@@ -160,9 +169,9 @@ class SmartBackendServices:
                 detail = f": {body.get('error', '')} {body.get('error_description', '')}".rstrip()
             except ValueError:
                 pass
-            raise AuthError(
-                f"token endpoint {self.token_url} answered {response.status_code}{detail}",
-                transient=response.status_code >= 500 or response.status_code == 429,
+            failing = response.status_code >= 500 or response.status_code == 429
+            raise (AuthUnavailable if failing else AuthError)(
+                f"token endpoint {self.token_url} answered {response.status_code}{detail}"
             )
         try:
             body = response.json()

@@ -27,6 +27,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from radfusion.config import FhirConfig
+from radfusion.errors import RadfusionError, Unavailable
 from radfusion.integrations.fhir.auth import Auth, AuthError, make_auth
 
 __all__ = ["FhirClient", "FhirError", "FhirUnavailable", "OutcomeIssue", "SearchResult"]
@@ -48,7 +49,7 @@ class OutcomeIssue:
     details: str = ""  # the details' coding codes, e.g. "MSG_NO_MATCH" (coded, not free text)
 
 
-class FhirError(RuntimeError):
+class FhirError(RadfusionError, RuntimeError):
     """The FHIR server refused a request or answered something unusable."""
 
     def __init__(
@@ -59,7 +60,7 @@ class FhirError(RuntimeError):
         self.outcome = outcome
 
 
-class FhirUnavailable(FhirError):
+class FhirUnavailable(FhirError, Unavailable):
     """The FHIR server could not be reached, timed out or kept failing after the retries."""
 
 
@@ -231,7 +232,7 @@ class FhirClient:
             except AuthError as err:
                 # Only an unreachable or failing token endpoint may pass; a refusal (say,
                 # invalid_client) is configuration, and waiting will not cure it.
-                kind = FhirUnavailable if err.transient else FhirError
+                kind = FhirUnavailable if isinstance(err, Unavailable) else FhirError
                 raise kind(f"FHIR server {self.base_url}: {err}") from None
             except httpx.TransportError as err:  # refused, reset, timed out, TLS
                 problem, response = type(err).__name__, None

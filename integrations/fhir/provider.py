@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydicom.dataset import Dataset
 
 from radfusion.config import FhirConfig
+from radfusion.errors import Unavailable
 from radfusion.integrations.fhir.client import FhirClient, FhirError, FhirUnavailable
 from radfusion.integrations.fhir.context import PatientContext, fetch_context
 from radfusion.integrations.fhir.patient import find_patient
@@ -29,10 +30,9 @@ log = logging.getLogger("radfusion.fhir")
 Status = Literal["available", "no-patient", "unavailable", "refused", "no-study-date"]
 
 
-class ContextUnavailable(RuntimeError):
-    """The FHIR server is unavailable and the site holds studies until it is back."""
-
-    transient = True  # the service queues the job again later (jobs.retry)
+class ContextUnavailable(Unavailable, RuntimeError):
+    """The FHIR server is unavailable and the site holds studies until it is back (the
+    service queues the job again later, ``jobs.retry``)."""
 
 
 @dataclass(frozen=True)

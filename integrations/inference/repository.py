@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from radfusion.errors import RadfusionError
 from radfusion.operators.segmentation_model import (
     SegmentationModelConfig,
     default_model_config_path,
@@ -35,7 +36,7 @@ REFERENCE_MODELS = {"lung_ct_seg": "lung_ct_seg/model.yaml"}
 """Triton model name → its model.yaml under the reference models folder."""
 
 
-class RepositoryError(ValueError):
+class RepositoryError(RadfusionError, ValueError):
     """A template or model file is missing or malformed, or the output folder is unusable."""
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from radfusion.config import TritonConfig
+from radfusion.errors import RadfusionError, Unavailable
 
 __all__ = [
     "TritonError",
@@ -65,22 +66,21 @@ _TRANSIENT = {
 _DEAD_STUB = "is not healthy"
 # A request that ran past its timeout may still be computing on the server: sending it again at
 # once doubles the load on a server that is already too slow. It fails the job as unavailable
-# (transient: the service queues the job again later, jobs.retry) without an immediate retry.
+# (Unavailable: the service queues the job again later, jobs.retry) without an immediate retry.
 _TIMED_OUT = {"StatusCode.DEADLINE_EXCEEDED", "504"}
 # The server no longer knows a region we registered (it restarted): register again and retry.
 # Other shared-memory errors (cannot open, too small, /dev/shm full) are configuration errors.
 _SHM_LOST = "unable to find system shared memory region"
 
 
-class TritonError(RuntimeError):
+class TritonError(RadfusionError, RuntimeError):
     """Inference on Triton failed in a way a retry cannot fix (the message says which server,
     model and version, and what the server answered)."""
 
 
-class TritonUnavailable(TritonError):
-    """The Triton server could not be reached or did not answer in time, after all retries."""
-
-    transient = True  # the service queues the job again later (jobs.retry)
+class TritonUnavailable(TritonError, Unavailable):
+    """The Triton server could not be reached or did not answer in time, after all retries
+    (the service queues the job again later, ``jobs.retry``)."""
 
 
 class TritonModelNotReady(TritonError):

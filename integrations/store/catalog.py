@@ -33,6 +33,7 @@ __all__ = [
     "DeadLetter",
     "InstanceRecord",
     "Job",
+    "JobState",
     "StoreOutcome",
     "StudyRow",
     "StudyState",
@@ -125,6 +126,16 @@ class StudyState(enum.StrEnum):
     FAILED = "failed"
 
 
+class JobState(enum.StrEnum):
+    """A job's state, stored as its text in the catalog."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"  # its study was reopened by late arrivals before it ran
+
+
 _HANDED_ON = (StudyState.ROUTED, StudyState.UNROUTED, StudyState.DONE, StudyState.FAILED)
 
 
@@ -207,7 +218,7 @@ class Job:
     StudyInstanceUID: str
     generation: int
     app: str
-    state: str
+    state: JobState
     attempts: int
     error: str
 
@@ -474,10 +485,18 @@ class Catalog:
                 cur = db.execute(
                     "INSERT INTO jobs (StudyInstanceUID, generation, app, state, created, "
                     "updated) VALUES (?,?,?,?,?,?)",
-                    (study_instance_uid, generation, app, "queued", now, now),
+                    (study_instance_uid, generation, app, JobState.QUEUED, now, now),
                 )
                 jobs.append(
-                    Job(cur.lastrowid or 0, study_instance_uid, generation, app, "queued", 0, "")
+                    Job(
+                        cur.lastrowid or 0,
+                        study_instance_uid,
+                        generation,
+                        app,
+                        JobState.QUEUED,
+                        0,
+                        "",
+                    )
                 )
             self._event(db, study_instance_uid, state.value, ",".join(apps))
             return jobs
@@ -488,7 +507,8 @@ class Catalog:
         """Jobs left 'running' by a crash go back to the queue."""
         with self._tx() as db:
             return db.execute(
-                "UPDATE jobs SET state='queued', updated=? WHERE state='running'", (time.time(),)
+                "UPDATE jobs SET state=?, updated=? WHERE state=?",
+                (JobState.QUEUED, time.time(), JobState.RUNNING),
             ).rowcount
 
     def claim_job(self, apps: Sequence[str] | None = None) -> Job | None:
@@ -498,13 +518,13 @@ class Catalog:
             # A job of an earlier generation (the study was reopened by late arrivals while it
             # waited) would process a study that is no longer the one it was made for.
             db.execute(
-                "UPDATE jobs SET state='superseded', updated=? WHERE state='queued' AND "
+                "UPDATE jobs SET state=?, updated=? WHERE state=? AND "
                 "generation < (SELECT generation FROM studies s WHERE "
                 "s.StudyInstanceUID=jobs.StudyInstanceUID)",
-                (time.time(),),
+                (JobState.SUPERSEDED, time.time(), JobState.QUEUED),
             )
-            query = "SELECT * FROM jobs WHERE state='queued' AND not_before <= ?"
-            args: list[object] = [time.time()]
+            query = "SELECT * FROM jobs WHERE state=? AND not_before <= ?"
+            args: list[object] = [JobState.QUEUED, time.time()]
             if apps is not None:
                 query += f" AND app IN ({','.join('?' * len(apps))})"
                 args.extend(apps)
@@ -512,15 +532,15 @@ class Catalog:
             if row is None:
                 return None
             db.execute(
-                "UPDATE jobs SET state='running', attempts=attempts+1, updated=? WHERE id=?",
-                (time.time(), row["id"]),
+                "UPDATE jobs SET state=?, attempts=attempts+1, updated=? WHERE id=?",
+                (JobState.RUNNING, time.time(), row["id"]),
             )
             return Job(
                 row["id"],
                 row["StudyInstanceUID"],
                 row["generation"],
                 row["app"],
-                "running",
+                JobState.RUNNING,
                 row["attempts"] + 1,
                 "",
             )
@@ -534,7 +554,7 @@ class Catalog:
         with self._tx() as db:
             db.execute(
                 "UPDATE jobs SET state=?, error=?, updated=? WHERE id=?",
-                ("done" if ok else "failed", error, now, job_id),
+                (JobState.DONE if ok else JobState.FAILED, error, now, job_id),
             )
             job = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             uid, generation = job["StudyInstanceUID"], job["generation"]
@@ -547,8 +567,9 @@ class Catalog:
             ]
             detail = "; ".join(part for part in (error, note) if part)
             self._event(db, uid, f"job-{'done' if ok else 'failed'}", f"{job['app']} {detail}")
-            if all(s in ("done", "failed") for s in states):
-                final = StudyState.DONE if all(s == "done" for s in states) else StudyState.FAILED
+            if all(s in (JobState.DONE, JobState.FAILED) for s in states):
+                done = all(s == JobState.DONE for s in states)
+                final = StudyState.DONE if done else StudyState.FAILED
                 db.execute(
                     "UPDATE studies SET state=?, detail=? WHERE StudyInstanceUID=? AND "
                     "generation=? AND state=?",
@@ -572,9 +593,9 @@ class Catalog:
             if job is None:
                 raise KeyError(f"no job #{job_id}")
             db.execute(
-                "UPDATE jobs SET state='queued', error=?, not_before=?, updated=?, "
-                "attempts=? WHERE id=?",
+                "UPDATE jobs SET state=?, error=?, not_before=?, updated=?, attempts=? WHERE id=?",
                 (
+                    JobState.QUEUED,
                     error,
                     now + delay_s if delay_s else 0,
                     now,
@@ -601,7 +622,7 @@ class Catalog:
                 r["StudyInstanceUID"],
                 r["generation"],
                 r["app"],
-                r["state"],
+                JobState(r["state"]),
                 r["attempts"],
                 r["error"],
             )

@@ -20,6 +20,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from scipy.spatial import ConvexHull, QhullError
 
+from radfusion.errors import RadfusionError
+
 __all__ = [
     "CT_IMAGE_STORAGE",
     "SEG_STORAGE",
@@ -37,7 +39,7 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-class ReferenceMismatchError(ValueError):
+class ReferenceMismatchError(RadfusionError, ValueError):
     """A reference does not fit the CT series it names (unknown slice, outside the image,
     another geometry)."""
 

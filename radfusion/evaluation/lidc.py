@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from radfusion.errors import RadfusionError
 from radfusion.evaluation.grid import (
     CtGrid,
     ReferenceMismatchError,
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 
-class LidcFormatError(ValueError):
+class LidcFormatError(RadfusionError, ValueError):
     """The file is not a readable LIDC reader XML (LidcReadMessage)."""
 
 

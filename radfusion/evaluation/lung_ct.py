@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from radfusion.config import RadfusionConfig
+from radfusion.errors import RadfusionError
 from radfusion.evaluation.grid import (
     SEG_STORAGE,
     CtGrid,
@@ -69,7 +70,7 @@ __all__ = [
 Runner = Callable[[Path, Path, RadfusionConfig], list[Path]]
 
 
-class UnmatchedReferenceError(ValueError):
+class UnmatchedReferenceError(RadfusionError, ValueError):
     """A reference names no CT series (or study) found under the input folder, or there are
     no references at all."""
 

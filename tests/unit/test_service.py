@@ -8,6 +8,7 @@ import pytest
 
 from radfusion.apps import registry
 from radfusion.config import parse_config
+from radfusion.errors import Unavailable
 from radfusion.integrations.store.catalog import InstanceRecord
 from radfusion.service import Service
 
@@ -22,8 +23,8 @@ class _Boom:
         raise RuntimeError("model server unavailable")
 
 
-class _Unavailable(RuntimeError):
-    transient = True
+class _Unavailable(Unavailable):
+    pass
 
 
 class _Flaky(_Boom):
