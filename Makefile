@@ -40,9 +40,15 @@ $(FHIR_SERVER)/node_modules/.ready: $(FHIR_SERVER)/package.json $(FHIR_SERVER)/p
 demo: $(VENV)/.ready
 	$(BIN)/radfusion demo
 
+# lint-imports checks the layers (pyproject [tool.importlinter]). It walks a package's folder,
+# and the editable install maps operators/, integrations/, apps/ into radfusion only through an
+# import hook, so it reads a plain installed copy of the package in .lint/ instead.
 lint: $(VENV)/.ready
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	rm -rf .lint
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation --target .lint .
+	cd .lint && PYTHONPATH=. ../$(BIN)/lint-imports --config ../pyproject.toml
 
 test: $(VENV)/.ready $(TRITON)/.ready $(FHIR_SERVER)/node_modules/.ready lint
 	$(BIN)/pytest

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from radfusion.app_index import APPS as _APPS
+from radfusion.app_index import known_apps
+
 if TYPE_CHECKING:
     from radfusion.config import RadfusionConfig
 
@@ -44,19 +47,6 @@ class App(Protocol):
         only after the last attempt.
         """
         ...
-
-
-# name -> "module:attribute" of a factory taking the configuration; imported only when used so
-# that a heavy app (torch, holoscan) costs nothing to processes that never run it.
-_APPS: dict[str, str] = {
-    "forward": "radfusion.apps.forward.app:ForwardApp",
-    "lung-ct": "radfusion.apps.lung_ct.app:LungCT",
-}
-
-
-def known_apps() -> set[str]:
-    """Names that routing rules may use."""
-    return set(_APPS)
 
 
 def get_app(name: str, config: RadfusionConfig) -> App:

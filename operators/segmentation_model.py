@@ -23,19 +23,20 @@ Nothing here knows DICOM or the network: ``segment`` takes an array and a predic
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
-from radfusion.errors import RadfusionError
+from radfusion.model_config import (
+    ModelConfigError,
+    SegmentationModelConfig,
+    default_model_config_path,
+)
 
 __all__ = [
     "ModelConfigError",
@@ -58,107 +59,6 @@ another (``radfusion.integrations.inference.triton.TritonPredictor``). A predict
 several patches per call says how many in an attribute ``windows_per_call``."""
 
 _OUTPUT_CHUNK_SLICES = 32  # source slices resolved at a time: bounds memory on 500+ slices
-
-
-class ModelConfigError(RadfusionError, ValueError):
-    """A model.yaml is missing, malformed or names a file that does not exist."""
-
-
-def default_model_config_path() -> Path:
-    """The reference model shipped with radfusion (a demonstration, not for clinical use):
-    ``packaging/models/lung_ct_seg/model.yaml`` in the source tree, ``radfusion/models/...``
-    in an installed package (pyproject maps one onto the other)."""
-    root = Path(__file__).resolve().parent.parent
-    installed = root / "models" / "lung_ct_seg" / "model.yaml"
-    return installed if installed.is_file() else root / "packaging" / installed.relative_to(root)
-
-
-@dataclass(frozen=True)
-class SegmentationModelConfig:
-    """The contents of a model.yaml; see the module docstring."""
-
-    name: str
-    version: str
-    model_path: Path
-    spacing_mm: tuple[float, float, float]
-    hu_min: float
-    hu_max: float
-    labels: dict[int, str]
-    roi_size: tuple[int, int, int]
-    overlap: float
-    demonstration: bool = False  # a reference model: its results must say "not for clinical use"
-    sha256: str = ""  # of the model file: identifies the weights in the results
-
-    @classmethod
-    def from_yaml(cls, path: Path) -> SegmentationModelConfig:
-        """Read and check a model.yaml.
-
-        Raises:
-            ModelConfigError: the file is missing or unreadable, a key is missing or has a bad
-                value (the message names the file and the key), or the model file is absent.
-        """
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise ModelConfigError(f"{path}: cannot read model config: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ModelConfigError(f"{path}: expected a mapping at the top level")
-
-        def need(key: str) -> object:
-            if key not in raw:
-                raise ModelConfigError(f"{path}: missing key {key!r}")
-            return raw[key]
-
-        try:
-            spacing = tuple(float(v) for v in need("spacing_mm"))  # type: ignore[union-attr]
-            roi = tuple(int(v) for v in raw.get("roi_size", (96, 256, 256)))
-            intensity = need("intensity")
-            hu_min = float(intensity["hu_min"])  # type: ignore[index]
-            hu_max = float(intensity["hu_max"])  # type: ignore[index]
-            labels = {int(k): str(v) for k, v in need("labels").items()}  # type: ignore[union-attr]
-            overlap = float(raw.get("overlap", 0.25))
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise ModelConfigError(f"{path}: bad value: {exc!r}") from exc
-        if len(spacing) != 3 or min(spacing) <= 0:
-            raise ModelConfigError(f"{path}: spacing_mm must be three positive numbers")
-        if len(roi) != 3 or min(roi) < 8:
-            raise ModelConfigError(f"{path}: roi_size must be three integers >= 8")
-        if hu_max <= hu_min:
-            raise ModelConfigError(f"{path}: intensity.hu_max must exceed hu_min")
-        if 0 in labels or not labels:
-            raise ModelConfigError(
-                f"{path}: labels must name output channels 1..N (0 is background)"
-            )
-        if not 0 <= overlap < 1:
-            raise ModelConfigError(f"{path}: overlap must be in [0, 1)")
-        model_path = (path.parent / str(need("model"))).resolve()
-        if not model_path.is_file():
-            raise ModelConfigError(f"{path}: model file {model_path} does not exist")
-        return cls(
-            name=str(need("name")),
-            version=str(need("version")),
-            model_path=model_path,
-            spacing_mm=spacing,  # type: ignore[arg-type]
-            hu_min=hu_min,
-            hu_max=hu_max,
-            labels=labels,
-            roi_size=roi,  # type: ignore[arg-type]
-            overlap=overlap,
-            demonstration=bool(raw.get("demonstration", False)),
-            sha256=hashlib.sha256(model_path.read_bytes()).hexdigest(),
-        )
-
-    def class_index(self, name: str) -> int:
-        """The output channel of a class by name (e.g. ``"lung"``).
-
-        Raises:
-            KeyError: the model has no such class.
-        """
-        for index, label in self.labels.items():
-            if label == name:
-                return index
-        raise KeyError(f"model {self.name} has no class {name!r} (has {self.labels})")
 
 
 def load_torchscript(path: Path, threads: int = 0) -> Predictor:

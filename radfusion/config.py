@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from radfusion.app_index import known_apps
 from radfusion.errors import RadfusionError
 from radfusion.routing import Condition, parse_condition
 
@@ -520,8 +521,6 @@ class RadfusionConfig(_Section):
 
     @model_validator(mode="after")
     def _known_apps(self) -> RadfusionConfig:
-        from radfusion.apps.registry import known_apps
-
         known = known_apps()
         for i, rule in enumerate(self.routing.rules):
             for j, app in enumerate(rule.apps):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from radfusion.errors import RadfusionError
-from radfusion.operators.segmentation_model import (
+from radfusion.model_config import (
     SegmentationModelConfig,
     default_model_config_path,
 )
