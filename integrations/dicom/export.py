@@ -19,11 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
 from radfusion.config import DicomDestination, ExportConfig, FolderDestination, RetryPolicy
 from radfusion.errors import RadfusionError
+from radfusion.integrations.dicom.pynetdicom_internals import (
+    on_connection_open,
+    send_datasets_from_files,
+    shorten_polling,
+)
 from radfusion.integrations.store.catalog import Catalog
 from radfusion.logs import uid_tag
 
@@ -54,24 +60,37 @@ def _send_dicom(dest: DicomDestination, files: Sequence[Path], calling_ae_title:
     for f in files:
         head = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID"])
         heads.append((f, str(head.SOPClassUID), str(head.file_meta.TransferSyntaxUID)))
-    wanted: dict[str, list[str]] = {}
+    # One context per stored syntax, so a receiver that takes it cannot pick another, and one
+    # with the uncompressed syntaxes to fall back on for a compressed one.
+    wanted: dict[tuple[str, tuple[str, ...]], None] = {}
     for _, sop_class, ts in heads:
-        wanted.setdefault(sop_class, [])
-        for syntax in [ts, *_UNCOMPRESSED]:
-            if syntax not in wanted[sop_class]:
-                wanted[sop_class].append(syntax)
+        if ts in _UNCOMPRESSED:
+            wanted[sop_class, (ts, *(u for u in _UNCOMPRESSED if u != ts))] = None
+        else:
+            wanted[sop_class, (ts,)] = None
+            wanted[sop_class, tuple(_UNCOMPRESSED)] = None
     if len(wanted) > 128:
-        raise DeliveryError(f"{dest.name}: more than 128 SOP classes in one delivery")
+        raise DeliveryError(f"{dest.name}: more than 128 presentation contexts in one delivery")
+    send_datasets_from_files()
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
-    ae.requested_contexts = [build_context(c, ts) for c, ts in wanted.items()]
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    ae.requested_contexts = [build_context(c, list(ts)) for c, ts in wanted]
+    shorten_polling()
+    assoc = ae.associate(
+        dest.host,
+        dest.port,
+        ae_title=dest.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
+    )
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "no association (peer unreachable or aborted)"
         raise DeliveryError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {why}")
+    accepted = {
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
+    }
     try:
-        for f, _, _ in heads:
-            status = assoc.send_c_store(pydicom.dcmread(f))
+        for f, sop_class, ts in heads:
+            status = assoc.send_c_store(_as_accepted(f, (sop_class, ts) in accepted))
             code = getattr(status, "Status", None)
             if code not in _STORED:
                 shown = "no response" if code is None else f"status 0x{code:04X}"
@@ -79,6 +98,19 @@ def _send_dicom(dest: DicomDestination, files: Sequence[Path], calling_ae_title:
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _as_accepted(path: Path, stored_syntax_accepted: bool) -> Path | Dataset:
+    """What to hand pynetdicom for one file: the file itself when the receiver accepted its
+    stored transfer syntax (its bytes are sent as they are, never decoded); else the decoded
+    dataset, decompressed if need be, which pynetdicom encodes in an uncompressed syntax the
+    receiver accepted."""
+    if stored_syntax_accepted:
+        return path
+    ds = pydicom.dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress(generate_instance_uid=False)  # the same instance, decoded
+    return ds
 
 
 def _copy_to_folder(dest: FolderDestination, files: Sequence[Path]) -> None:

@@ -8,20 +8,21 @@ sent only after the instance is renamed into the spool and recorded in the catal
 from __future__ import annotations
 
 import logging
-import socket
 import tempfile
-import time
-import types
 
 import pydicom.uid
-from pynetdicom import AE, _config, evt
-from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification, register_uid
+from pynetdicom.sop_class import Verification, register_uid
 from pynetdicom.transport import ThreadedAssociationServer
 
 from radfusion.config import RadfusionConfig
 from radfusion.integrations.dicom.header import HeaderError, read_part10_header
+from radfusion.integrations.dicom.pynetdicom_internals import (
+    on_connection_open,
+    receive_datasets_into_files,
+    shorten_polling,
+)
 from radfusion.integrations.dicom.spool import Spool, SpoolFullError
 from radfusion.integrations.store.catalog import Catalog, InstanceRecord, StoreOutcome
 from radfusion.logs import uid_tag
@@ -47,41 +48,13 @@ _TRANSFER_SYNTAXES = list(
 )
 
 
-# pynetdicom polls: its association reactor sleeps 1 ms per loop and its DUL reader 1 ms when
-# idle. A sender waits for each C-STORE response, so these sleeps alone cap ingest near 250
-# images/s on a 2-core machine. Polling every 0.2 ms costs a few percent of a core per open
-# association and lifts that cap by about half.
-_POLL_S = 0.0002
-
-
-class _ShortSleepTime(types.ModuleType):
-    """Stands in for ``time`` inside ``pynetdicom.association``, capping its sleeps."""
-
-    def __init__(self) -> None:
-        super().__init__("time")
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        time.sleep(min(seconds, _POLL_S))
-
-
-def _shorten_pynetdicom_polling() -> None:
-    import pynetdicom.association
-
-    if not isinstance(pynetdicom.association.time, _ShortSleepTime):
-        pynetdicom.association.time = _ShortSleepTime()  # type: ignore[assignment]
-
-
 def storage_sop_classes(extra: list[str] | None = None) -> list[str]:
     """Every standard Storage SOP Class, plus site-specific (private) ones from ``extra``."""
     from pynetdicom.service_class import StorageServiceClass
 
     for i, uid in enumerate(extra or []):
         register_uid(uid, f"PrivateStorage{i}", StorageServiceClass)
-    return sorted({*_STORAGE_CLASSES.values(), *(extra or [])})
+    return sorted({*(cx.abstract_syntax for cx in AllStoragePresentationContexts), *(extra or [])})
 
 
 class DicomNode:
@@ -114,14 +87,14 @@ class DicomNode:
 
     def start(self) -> int:
         """Start listening; returns the bound port (useful when configured as 0)."""
-        _shorten_pynetdicom_polling()
+        shorten_polling()
         # pynetdicom then writes each dataset to a temp file as its PDUs arrive; with temp
         # files in the spool's tmp/ the handler renames it into place instead of copying it.
         # tempfile.tempdir is process-wide: the node owns its process (radfusion serve).
-        _config.STORE_RECV_CHUNKED_DATASET = True
+        receive_datasets_into_files()
         tempfile.tempdir = str(self.spool.tmp)
         handlers = [
-            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_OPEN, on_connection_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -152,13 +125,6 @@ class DicomNode:
         self._ae.shutdown()
 
     # -- handlers ---------------------------------------------------------------------------
-
-    def _on_conn_open(self, event: Event) -> None:
-        # Without TCP_NODELAY each C-STORE response can wait ~40 ms on Nagle + delayed ACK.
-        sock = event.assoc.dul.socket
-        if sock is not None and sock.socket is not None:
-            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        event.assoc.dul._run_loop_delay = _POLL_S
 
     def _on_requested(self, event: Event) -> None:
         assoc = event.assoc
