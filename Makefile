@@ -40,15 +40,17 @@ $(FHIR_SERVER)/node_modules/.ready: $(FHIR_SERVER)/package.json $(FHIR_SERVER)/p
 demo: $(VENV)/.ready
 	$(BIN)/radfusion demo
 
-# lint-imports checks the layers (pyproject [tool.importlinter]). It walks a package's folder,
-# and the editable install maps operators/, integrations/, apps/ into radfusion only through an
-# import hook, so it reads a plain installed copy of the package in .lint/ instead.
+# lint-imports checks the layers (pyproject [tool.importlinter]) and mypy the types (pyproject
+# [tool.mypy]). Both walk a package's folder, and the editable install maps operators/,
+# integrations/, apps/ into radfusion only through an import hook, so they read a plain
+# installed copy of the package in .lint/ instead (mypy's cache lands in .lint/ too).
 lint: $(VENV)/.ready
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	rm -rf .lint
+	rm -rf .lint build  # build/lib would carry deleted modules into the copy
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation --target .lint .
 	cd .lint && PYTHONPATH=. ../$(BIN)/lint-imports --config ../pyproject.toml
+	cd .lint && ../$(BIN)/mypy --config-file ../pyproject.toml -p radfusion
 
 test: $(VENV)/.ready $(TRITON)/.ready $(FHIR_SERVER)/node_modules/.ready lint
 	$(BIN)/pytest
@@ -65,4 +67,4 @@ map-smoke: map
 		--input build/map/ct --output build/map/smoke-out
 
 clean:
-	rm -rf $(VENV) $(TRITON) $(FHIR_SERVER)/node_modules build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON) $(FHIR_SERVER)/node_modules build *.egg-info .pytest_cache .ruff_cache .mypy_cache .lint

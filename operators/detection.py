@@ -19,6 +19,7 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from radfusion.operators.lungs import LungFields, find_lung_fields
 from radfusion.operators.nodules import NoduleCandidate, NoduleScorer, find_nodules
+from radfusion.operators.ports import InputPorts, OutputPorts
 from radfusion.operators.volume import Volume
 
 __all__ = ["Anatomy", "DetectionOperator", "DetectionSettings", "detect"]
@@ -151,13 +152,13 @@ class DetectionOperator(Operator):
         spec.input("classes")
         spec.output("anatomy")
 
-    def compute(self, op_input: object, op_output: object, context: object) -> None:
-        volume = op_input.receive("volume")  # type: ignore[attr-defined]
-        classes = op_input.receive("classes")  # type: ignore[attr-defined]
+    def compute(self, op_input: InputPorts, op_output: OutputPorts, context: object) -> None:
+        volume = op_input.receive("volume")
+        classes = op_input.receive("classes")
         anatomy = None
         if isinstance(volume, Volume):
             started = time.perf_counter()
             anatomy = detect(volume, classes, self.settings, self.scorer)
             if self.timings is not None:
                 self.timings["detect"] = time.perf_counter() - started
-        op_output.emit(anatomy, "anatomy")  # type: ignore[attr-defined]
+        op_output.emit(anatomy, "anatomy")

@@ -97,7 +97,7 @@ def shrink_in_plane(hu: np.ndarray, factor: int) -> np.ndarray:
     k, r, c = hu.shape
     r2, c2 = r // factor, c // factor
     blocks = hu[:, : r2 * factor, : c2 * factor].reshape(k, r2, factor, c2, factor)
-    return blocks.mean(axis=(2, 4), dtype=np.float32)  # type: ignore[no-any-return]
+    return blocks.mean(axis=(2, 4), dtype=np.float32)
 
 
 def _grow(mask: np.ndarray, factor: int, shape: tuple[int, int, int]) -> np.ndarray:
@@ -220,7 +220,7 @@ def _split(component: np.ndarray, x: np.ndarray, midline: float) -> list[np.ndar
             _, nearest = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
             owner = seeds[tuple(nearest)]
             if coarse is not part:
-                owner = _grow(owner, 2, part.shape)  # type: ignore[arg-type]
+                owner = _grow(owner, 2, part.shape)
             out = []
             for value in (1, 2):
                 whole = np.zeros_like(component)
@@ -242,7 +242,7 @@ def find_lung_fields(
     """
     if hu.ndim != 3:
         raise ValueError(f"hu: expected a 3-D [k, r, c] array, got shape {hu.shape}")
-    shape: tuple[int, int, int] = hu.shape  # type: ignore[assignment]
+    shape: tuple[int, int, int] = hu.shape
     factor = min(4, max(1, round(_TARGET_SPACING_MM / min(spacing_mm[1], spacing_mm[2]))))
     small = shrink_in_plane(hu, factor)
     spacing = np.array([spacing_mm[0], spacing_mm[1] * factor, spacing_mm[2] * factor])
@@ -336,7 +336,7 @@ def _closed_lungs(
 def _box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
     """The bounding box of ``mask`` (not empty), widened in-plane by ``margin`` voxels."""
     ks = np.flatnonzero(mask.any(axis=(1, 2)))
-    plane = mask.any(axis=0)
+    plane = np.asarray(mask.any(axis=0))
     rs, cs = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
     return (
         slice(int(ks[0]), int(ks[-1]) + 1),
@@ -354,7 +354,7 @@ def _close_in_plane(
     if coarsen and min(mask.shape[1:]) >= 8:  # on a grid coarser by two: mm do not matter
         coarse = shrink_in_plane(mask, 2) > 0.25
         closed = _close_in_plane(coarse, radius_mm, spacing * np.array([1, 2, 2]), coarsen=False)
-        return mask | _grow(closed, 2, mask.shape)  # type: ignore[arg-type]
+        return mask | _grow(closed, 2, mask.shape)
     sampling = (1e6, float(spacing[1]), float(spacing[2]))
     grown = ndimage.distance_transform_edt(~mask, sampling=sampling) <= radius_mm
     return ndimage.distance_transform_edt(grown, sampling=sampling) > radius_mm
@@ -400,7 +400,7 @@ def _plausibility(
         if not lo <= ratio <= hi:
             problems.append(f"right/left lung volume ratio {ratio:.2f} outside {lo}-{hi}")
     lungs = right | left
-    outside = float(np.count_nonzero(lungs & ~body)) / max(1, np.count_nonzero(lungs))
+    outside = float(np.count_nonzero(lungs & ~body)) / max(1, int(np.count_nonzero(lungs)))
     if outside > 0.01:
         problems.append(f"{outside:.0%} of the lungs lie outside the body")
     return problems

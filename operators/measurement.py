@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 from scipy.spatial import ConvexHull, QhullError
 
 from radfusion.operators.detection import Anatomy
+from radfusion.operators.ports import InputPorts, OutputPorts
 from radfusion.operators.results import Finding, SegmentationResult
 from radfusion.operators.volume import Volume
 
@@ -188,7 +189,7 @@ def _region(mask: np.ndarray, offset: tuple[int, int, int] = (0, 0, 0)) -> _Regi
     ks = np.flatnonzero(mask.any(axis=(1, 2)))
     if not len(ks):
         return None
-    plane = mask.any(axis=0)
+    plane = np.asarray(mask.any(axis=0))
     rs, cs = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
     inner = (
         slice(int(ks[0]), int(ks[-1]) + 1),
@@ -196,8 +197,12 @@ def _region(mask: np.ndarray, offset: tuple[int, int, int] = (0, 0, 0)) -> _Regi
         slice(int(cs[0]), int(cs[-1]) + 1),
     )
     piece = mask[inner]
-    box = tuple(slice(o + i.start, o + i.stop) for o, i in zip(offset, inner, strict=True))
-    return _Region(box, piece.copy(), int(np.count_nonzero(piece)))  # type: ignore[arg-type]
+    box = (
+        slice(offset[0] + inner[0].start, offset[0] + inner[0].stop),
+        slice(offset[1] + inner[1].start, offset[1] + inner[1].stop),
+        slice(offset[2] + inner[2].start, offset[2] + inner[2].stop),
+    )
+    return _Region(box, piece.copy(), int(np.count_nonzero(piece)))
 
 
 def measure(anatomy: Anatomy, volume: Volume, *, uid_root: str) -> Measured:
@@ -232,7 +237,7 @@ def measure(anatomy: Anatomy, volume: Volume, *, uid_root: str) -> Measured:
     nodules: list[tuple[_Region, float]] = []
     for candidate in anatomy.nodules:
         own = candidate.mask & (labels[candidate.box] == 0)  # overlaps: the better one keeps it
-        region = _region(own, tuple(s.start for s in candidate.box))  # type: ignore[arg-type]
+        region = _region(own, tuple(s.start for s in candidate.box))
         if region is None:
             continue
         _paint(labels, [region], 255)
@@ -301,14 +306,14 @@ class MeasurementOperator(Operator):
         spec.input("anatomy")
         spec.output("measured")
 
-    def compute(self, op_input: object, op_output: object, context: object) -> None:
-        volume = op_input.receive("volume")  # type: ignore[attr-defined]
-        anatomy = op_input.receive("anatomy")  # type: ignore[attr-defined]
+    def compute(self, op_input: InputPorts, op_output: OutputPorts, context: object) -> None:
+        volume = op_input.receive("volume")
+        anatomy = op_input.receive("anatomy")
         if anatomy is None or not isinstance(volume, Volume):  # nothing was analysed
-            op_output.emit(None, "measured")  # type: ignore[attr-defined]
+            op_output.emit(None, "measured")
             return
         started = time.perf_counter()
         measured = measure(anatomy, volume, uid_root=self.uid_root)
         if self.timings is not None:
             self.timings["measure"] = time.perf_counter() - started
-        op_output.emit(measured, "measured")  # type: ignore[attr-defined]
+        op_output.emit(measured, "measured")

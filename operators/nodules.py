@@ -282,7 +282,7 @@ def _overlap(a: NoduleCandidate, b: NoduleCandidate) -> float:
 
 def _box_of(mask: np.ndarray) -> tuple[slice, slice, slice]:
     ks = np.flatnonzero(mask.any(axis=(1, 2)))
-    plane = mask.any(axis=0)
+    plane = np.asarray(mask.any(axis=0))
     rs, cs = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
     return (
         slice(int(ks[0]), int(ks[-1]) + 1),
@@ -416,7 +416,7 @@ def _ball(
     shape: tuple[int, ...], centre: tuple[int, ...], spacing: np.ndarray, radius_mm: float
 ) -> np.ndarray:
     zz, yy, xx = np.ogrid[tuple(slice(0, n) for n in shape)]
-    return (  # type: ignore[no-any-return]
+    return (
         ((zz - centre[0]) * spacing[0]) ** 2
         + ((yy - centre[1]) * spacing[1]) ** 2
         + ((xx - centre[2]) * spacing[2]) ** 2
@@ -437,10 +437,11 @@ def _grow_candidate(
     vessels; with its features."""
     radius_mm = max(3.0 * sigma, radius_floor_mm)
     half = [max(1, int(np.ceil(radius_mm / s))) for s in spacing]
-    local = tuple(
+    lk, lr, lc = (
         slice(max(0, p - h), min(n, p + h + 1))
         for p, h, n in zip(seed, half, small.shape, strict=True)
     )
+    local = (lk, lr, lc)
     patch = small[local]
     centre = tuple(p - s.start for p, s in zip(seed, local, strict=True))
     zz, yy, xx = np.ogrid[tuple(slice(0, n) for n in patch.shape)]
@@ -507,7 +508,7 @@ def _grow_candidate(
     solid = float((patch[region] > -300.0).mean())
     return (
         region,
-        local,  # type: ignore[return-value]
+        local,
         {
             "diameter_mm": diameter,
             "core_hu": core,
@@ -549,11 +550,12 @@ def _to_source(
         box[2].start + local[2].start * factor,
     )
     stops = [min(s + n, limit) for s, n, limit in zip(starts, up.shape, shape, strict=True)]
-    full_box = tuple(slice(s, e) for s, e in zip(starts, stops, strict=True))
+    k, r, c = (slice(s, e) for s, e in zip(starts, stops, strict=True))
+    full_box = (k, r, c)
     up = up[: stops[0] - starts[0], : stops[1] - starts[1], : stops[2] - starts[2]]
     if not up.any():
         return None
-    return full_box, up.copy()  # type: ignore[return-value]
+    return full_box, up.copy()
 
 
 def _texture(core_hu: float, solid_fraction: float) -> str:

@@ -27,6 +27,7 @@ from pydicom.uid import generate_uid
 
 from radfusion.logs import uid_tag
 from radfusion.operators.measurement import Measured
+from radfusion.operators.ports import InputPorts, OutputPorts
 from radfusion.operators.result_identity import save_atomically
 from radfusion.operators.results import AlgorithmInfo
 from radfusion.operators.seg_writer import build_seg
@@ -256,8 +257,8 @@ class ResultsWriterOperator(Operator):
         spec.input("volume")
         spec.input("measured")
 
-    def compute(self, op_input: object, op_output: object, context: object) -> None:
-        receive = op_input.receive  # type: ignore[attr-defined]
+    def compute(self, op_input: InputPorts, op_output: OutputPorts, context: object) -> None:
+        receive = op_input.receive
         selection, volume, measured = receive("selection"), receive("volume"), receive("measured")
         paths = write_results(
             selection,

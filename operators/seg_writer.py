@@ -278,7 +278,9 @@ def _frame_order(ds: Dataset) -> list[int]:
 # -- content ------------------------------------------------------------------------------------
 
 
-def _segment(finding: Finding, algorithm_id: hd.AlgorithmIdentificationSequence) -> Dataset:
+def _segment(
+    finding: Finding, algorithm_id: hd.AlgorithmIdentificationSequence
+) -> hd.seg.SegmentDescription:
     laterality = finding_laterality(finding)
     concept = finding_concept(finding)  # the kind is "lung" or "tumour" from here on
     if finding.kind == "lung":

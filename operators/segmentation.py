@@ -10,6 +10,7 @@ import logging
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
+from radfusion.operators.ports import InputPorts, OutputPorts
 from radfusion.operators.segmentation_model import (
     ModelConfigError,
     Predictor,
@@ -55,8 +56,8 @@ class SegmentationOperator(Operator):
         spec.input("volume")
         spec.output("classes")
 
-    def compute(self, op_input: object, op_output: object, context: object) -> None:
-        volume = op_input.receive("volume")  # type: ignore[attr-defined]
+    def compute(self, op_input: InputPorts, op_output: OutputPorts, context: object) -> None:
+        volume = op_input.receive("volume")
         classes = None
         if isinstance(volume, Volume):
             classes = segment(
@@ -67,4 +68,4 @@ class SegmentationOperator(Operator):
                 timings=self.timings,
                 windows_per_call=getattr(self.predictor, "windows_per_call", 1),
             )
-        op_output.emit(classes, "classes")  # type: ignore[attr-defined]
+        op_output.emit(classes, "classes")

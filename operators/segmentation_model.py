@@ -87,16 +87,18 @@ def model_grid_shape(
     target_mm: tuple[float, float, float],
 ) -> tuple[int, int, int]:
     """The shape of a volume of ``shape`` at ``spacing_mm`` resampled to ``target_mm``."""
-    return tuple(  # type: ignore[return-value]
+    depth, height, width = (
         max(1, round(n * s / t)) for n, s, t in zip(shape, spacing_mm, target_mm, strict=True)
     )
+    return depth, height, width
 
 
 def resample(volume: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """Resample ``[C, D, H, W]`` to ``shape``: area averaging along axes that shrink, linear
     interpolation along axes that grow (both with pixel-centre alignment)."""
     x = volume[None]
-    shrink = tuple(min(n, m) for n, m in zip(x.shape[2:], shape, strict=True))
+    depth, height, width = (min(n, m) for n, m in zip(x.shape[2:], shape, strict=True))
+    shrink = (depth, height, width)
     if shrink != tuple(x.shape[2:]):
         x = F.adaptive_avg_pool3d(x, shrink)
     if shrink != tuple(shape):
@@ -163,12 +165,12 @@ def probabilities_to_classes(
     # upper corner is clamped to the grid; at the edge that repeats a lower corner, so shifted
     # views (no copies) over the interior find the same cells.
     mixed = np.zeros(best.shape, dtype=bool)
-    for a in (0, 1):
-        for b in (0, 1):
-            for c in (0, 1):
-                if a or b or c:
-                    inner = mixed[: depth - a, : height - b, : width - c]
-                    inner |= best[: depth - a, : height - b, : width - c] != best[a:, b:, c:]
+    for dk in (0, 1):
+        for dr in (0, 1):
+            for dc in (0, 1):
+                if dk or dr or dc:
+                    inner = mixed[: depth - dk, : height - dr, : width - dc]
+                    inner |= best[: depth - dk, : height - dr, : width - dc] != best[dk:, dr:, dc:]
     out = np.empty(shape, dtype=np.uint8)
     for start in range(0, shape[0], _OUTPUT_CHUNK_SLICES):
         ks = slice(start, min(start + _OUTPUT_CHUNK_SLICES, shape[0]))

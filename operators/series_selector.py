@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 import pydicom
@@ -46,6 +46,7 @@ from pydicom.dataset import Dataset
 
 from radfusion.errors import RadfusionError
 from radfusion.logs import uid_tag
+from radfusion.operators.ports import InputPorts, OutputPorts
 
 __all__ = [
     "CT_IMAGE_STORAGE",
@@ -88,12 +89,19 @@ PREFERENCES: tuple[Preference, ...] = get_args(Preference)
 
 
 class _RuleSettings(Protocol):
-    """What :meth:`SelectionRule.from_settings` reads (``apps.lung_ct`` in the configuration)."""
+    """What :meth:`SelectionRule.from_settings` reads (``apps.lung_ct`` in the configuration).
 
-    min_z_coverage_mm: float
-    max_slice_spacing_mm: float
-    reconstruction_preference: Sequence[str]
-    fallback_to_other_reconstructions: bool
+    Read-only properties, so that a settings object may narrow them (a list for the sequence).
+    """
+
+    @property
+    def min_z_coverage_mm(self) -> float: ...
+    @property
+    def max_slice_spacing_mm(self) -> float: ...
+    @property
+    def reconstruction_preference(self) -> Sequence[Preference]: ...
+    @property
+    def fallback_to_other_reconstructions(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -145,7 +153,7 @@ class SelectionRule:
         return cls(
             min_z_coverage_mm=settings.min_z_coverage_mm,
             max_slice_spacing_mm=settings.max_slice_spacing_mm,
-            reconstruction_preference=tuple(settings.reconstruction_preference),  # type: ignore[arg-type]
+            reconstruction_preference=tuple(settings.reconstruction_preference),
             fallback_to_other_reconstructions=settings.fallback_to_other_reconstructions,
         )
 
@@ -295,7 +303,7 @@ class NoSeriesQualifies(RadfusionError):
 
 def read_headers(files: Iterable[Path]) -> list[tuple[Path, Dataset]]:
     """Read each file's header (no pixel data); unreadable files are logged and skipped."""
-    out = []
+    out: list[tuple[Path, Dataset]] = []
     for f in files:
         try:
             out.append((Path(f), pydicom.dcmread(f, stop_before_pixels=True)))
@@ -335,9 +343,12 @@ def _numbers(value: object, count: int) -> np.ndarray | None:
     if value is None:
         return None
     # One value reads as a number (or, malformed, a string); several as a MultiValue.
-    many = isinstance(value, Sequence) and not isinstance(value, str | bytes)
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        items: Sequence[Any] = value
+    else:
+        items = [value]
     try:
-        values = [float(v) for v in (value if many else [value])]
+        values = [float(v) for v in items]
     except (TypeError, ValueError):
         return None
     if len(values) != count or not all(math.isfinite(v) for v in values):
@@ -947,9 +958,9 @@ class SeriesSelectorOperator(Operator):
         spec.input("files")
         spec.output("selection")
 
-    def compute(self, op_input: object, op_output: object, context: object) -> None:
-        files = op_input.receive("files")  # type: ignore[attr-defined]
+    def compute(self, op_input: InputPorts, op_output: OutputPorts, context: object) -> None:
+        files = op_input.receive("files")
         selection = select_series(read_headers(files), rule=self.rule)
         if selection is not None and selection.refused and not self.report_refusals:
             selection = None
-        op_output.emit(selection, "selection")  # type: ignore[attr-defined]
+        op_output.emit(selection, "selection")

@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -149,6 +150,7 @@ def build_sr(
     observation_context = _observation_context(algorithm)
     algorithm_id = _algorithm_id(algorithm)
     library = _image_library(sources)
+    content: hd.sr.ContentSequence
     if result is not None:
         if not result.findings:
             raise ValueError("result has no findings: pass out_of_scope_reason instead")
@@ -544,8 +546,9 @@ def _planes(sources: Sequence[Dataset]) -> list[_Plane]:
     return planes
 
 
-def _geometry(ds: Dataset, keyword: str, sequence: str, frame: Dataset | None) -> object:
-    """An attribute from the top level, else the frame's or the shared functional groups."""
+def _geometry(ds: Dataset, keyword: str, sequence: str, frame: Dataset | None) -> Any:
+    """An attribute from the top level, else the frame's or the shared functional groups (its
+    value as pydicom gives it: the type depends on the VR and the value multiplicity)."""
     if keyword in ds:
         return ds.get(keyword)
     for groups in (frame, *(ds.get("SharedFunctionalGroupsSequence") or [])):

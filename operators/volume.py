@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -31,6 +32,7 @@ from pydicom.dataset import Dataset
 
 from radfusion.errors import RadfusionError
 from radfusion.logs import uid_tag
+from radfusion.operators.ports import InputPorts, OutputPorts
 from radfusion.operators.series_selector import SeriesCandidate
 
 __all__ = [
@@ -68,11 +70,12 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.hu.shape)  # type: ignore[return-value]
+        return tuple(self.hu.shape)
 
 
-def _attr(ds: Dataset, keyword: str, sequence: str, frame: Dataset | None = None) -> object:
-    """An attribute from the top level, the per-frame or the shared functional groups."""
+def _attr(ds: Dataset, keyword: str, sequence: str, frame: Dataset | None = None) -> Any:
+    """An attribute from the top level, the per-frame or the shared functional groups (its
+    value as pydicom gives it: the type depends on the VR and the value multiplicity)."""
     if keyword in ds:
         return ds.get(keyword)
     for groups in (frame, *(ds.get("SharedFunctionalGroupsSequence") or [])):
@@ -130,9 +133,9 @@ def _padding_range(ds: Dataset, pixels: np.ndarray) -> tuple[int, int] | None:
         return None
     limit = value
     if "PixelPaddingRangeLimit" in ds:
-        limit = _stored_value(ds.get("PixelPaddingRangeLimit"), bits, signed)
-        if limit is None:
-            limit = value
+        range_limit = _stored_value(ds.get("PixelPaddingRangeLimit"), bits, signed)
+        if range_limit is not None:
+            limit = range_limit
     low, high = min(value, limit), max(value, limit)
     info = np.iinfo(pixels.dtype)
     if high < info.min or low > info.max:  # no decoded pixel can hold it
@@ -157,7 +160,7 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
             f"series holds {len(multi_frame)} multi-frame image(s) among {len(datasets)} "
             "images, but only one multi-frame image or single-frame images are supported"
         )
-    slices = []  # (ds, frame item, frame number)
+    slices: list[tuple[Dataset, Dataset | None, int]] = []  # (ds, frame item, frame number)
     for ds in datasets:
         slices.extend((ds, item, number) for item, number in _frames(ds))
     orientations, positions, spacings, matrices = [], [], [], []
@@ -272,7 +275,7 @@ def read_series(files: Sequence[Path]) -> list[Dataset]:
     Raises:
         VolumeError: a file cannot be read (gone since selection, truncated, not DICOM).
     """
-    datasets = []
+    datasets: list[Dataset] = []
     for f in files:
         try:
             datasets.append(pydicom.dcmread(f))
@@ -375,8 +378,8 @@ class VolumeOperator(Operator):
         spec.input("selection")
         spec.output("volume")
 
-    def compute(self, op_input: object, op_output: object, context: object) -> None:
-        selection = op_input.receive("selection")  # type: ignore[attr-defined]
+    def compute(self, op_input: InputPorts, op_output: OutputPorts, context: object) -> None:
+        selection = op_input.receive("selection")
         result: Volume | VolumeError | None = None
         started = time.perf_counter()
         if selection is not None:
@@ -386,4 +389,4 @@ class VolumeOperator(Operator):
                 result = err
         if self.timings is not None:
             self.timings["load"] = time.perf_counter() - started
-        op_output.emit(result, "volume")  # type: ignore[attr-defined]
+        op_output.emit(result, "volume")

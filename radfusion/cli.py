@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -16,6 +17,9 @@ from rich.table import Table
 from radfusion import __version__
 from radfusion.config import ConfigError, RadfusionConfig, example_config, load_config
 from radfusion.logs import configure_logging, uid_tag
+
+if TYPE_CHECKING:  # imported where used: the Triton client loads slowly
+    from radfusion.integrations.inference.repository import Backend
 
 console = Console()
 
@@ -530,7 +534,7 @@ def triton() -> None:
     help="pytorch: Triton's LibTorch backend (NVIDIA's containers); python: the Python "
     "backend with torch in the stub's environment.",
 )
-def triton_repo(out: Path, cpu: bool, backend: str) -> None:
+def triton_repo(out: Path, cpu: bool, backend: Backend) -> None:
     """Write a ready Triton model repository (configs + TorchScript weights) into OUT.
 
     \b
@@ -542,7 +546,7 @@ def triton_repo(out: Path, cpu: bool, backend: str) -> None:
     from radfusion.integrations.inference.repository import RepositoryError, write_repository
 
     try:
-        written = write_repository(out, cpu=cpu, backend=backend)  # type: ignore[arg-type]
+        written = write_repository(out, cpu=cpu, backend=backend)
     except RepositoryError as err:
         raise click.ClickException(str(err)) from None
     for model in written:

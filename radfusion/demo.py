@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pynetdicom import AE
@@ -24,6 +25,9 @@ from rich.table import Table
 from radfusion.config import parse_config
 from radfusion.logs import uid_tag
 from radfusion.service import Service
+
+if TYPE_CHECKING:  # imported where used, as the demo runs
+    from radfusion.synth.ct import SynthStudy
 
 __all__ = ["run_demo"]
 
@@ -178,7 +182,7 @@ def run_demo(workdir: Path | None, *, slices: int = 120, console: Console | None
     return 0 if ok else 1
 
 
-def _show_results(results: list[Path], study: object, workdir: Path, console: Console) -> bool:
+def _show_results(results: list[Path], study: SynthStudy, workdir: Path, console: Console) -> bool:
     from radfusion.evaluation import compare_with_truth, seg_label_volume
     from radfusion.operators.volume import assemble_volume
     from radfusion.preview import render_preview
@@ -187,12 +191,12 @@ def _show_results(results: list[Path], study: object, workdir: Path, console: Co
     if "SEG" not in by_modality or "SR" not in by_modality:
         console.print(f"[red]expected a SEG and an SR, got {sorted(by_modality)}")
         return False
-    files = list(study.files)  # type: ignore[attr-defined]
+    files = list(study.files)
     labels, names = seg_label_volume(by_modality["SEG"], files)
     table = Table(title="findings vs ground truth (synthetic phantom)")
     for col in ("structure", "segment", "truth mL", "found mL", "volume error", "Dice"):
         table.add_column(col, justify="right" if col != "structure" else "left")
-    for c in compare_with_truth(labels, names, study.directory):  # type: ignore[attr-defined]
+    for c in compare_with_truth(labels, names, study.directory):
         error = (c.found_ml - c.truth_ml) / c.truth_ml * 100 if c.truth_ml else 0.0
         table.add_row(
             c.structure,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -63,18 +64,18 @@ class SegmentationModelConfig:
         if not isinstance(raw, dict):
             raise ModelConfigError(f"{path}: expected a mapping at the top level")
 
-        def need(key: str) -> object:
+        def need(key: str) -> Any:  # parsed YAML: checked (and converted) by the caller
             if key not in raw:
                 raise ModelConfigError(f"{path}: missing key {key!r}")
             return raw[key]
 
         try:
-            spacing = tuple(float(v) for v in need("spacing_mm"))  # type: ignore[union-attr]
+            spacing = tuple(float(v) for v in need("spacing_mm"))
             roi = tuple(int(v) for v in raw.get("roi_size", (96, 256, 256)))
             intensity = need("intensity")
-            hu_min = float(intensity["hu_min"])  # type: ignore[index]
-            hu_max = float(intensity["hu_max"])  # type: ignore[index]
-            labels = {int(k): str(v) for k, v in need("labels").items()}  # type: ignore[union-attr]
+            hu_min = float(intensity["hu_min"])
+            hu_max = float(intensity["hu_max"])
+            labels = {int(k): str(v) for k, v in need("labels").items()}
             overlap = float(raw.get("overlap", 0.25))
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise ModelConfigError(f"{path}: bad value: {exc!r}") from exc
@@ -97,11 +98,11 @@ class SegmentationModelConfig:
             name=str(need("name")),
             version=str(need("version")),
             model_path=model_path,
-            spacing_mm=spacing,  # type: ignore[arg-type]
+            spacing_mm=spacing,
             hu_min=hu_min,
             hu_max=hu_max,
             labels=labels,
-            roi_size=roi,  # type: ignore[arg-type]
+            roi_size=roi,
             overlap=overlap,
             demonstration=bool(raw.get("demonstration", False)),
             sha256=hashlib.sha256(model_path.read_bytes()).hexdigest(),

@@ -49,7 +49,9 @@ def render_preview(
             mask = labels[k] == n
             colour = _COLOURS["tumour" if name.lower().startswith("tumour") else "lung"]
             base[mask] = 0.55 * base[mask] + 0.45 * np.asarray(colour, dtype=np.float32)
-        tile = Image.fromarray(base.astype(np.uint8)).resize((panel, panel), Image.BILINEAR)
+        tile = Image.fromarray(base.astype(np.uint8)).resize(
+            (panel, panel), Image.Resampling.BILINEAR
+        )
         ImageDraw.Draw(tile).text((6, 6), f"slice {k + 1}", fill=(255, 255, 0))
         tiles.append(tile)
     sheet = Image.new("RGB", (panel * len(tiles), panel + 22), (0, 0, 0))
@@ -105,7 +107,7 @@ def render_overview(
             base[mask] = 0.5 * base[mask] + 0.5 * np.asarray(colour, dtype=np.float32)
         tile = Image.fromarray(base.astype(np.uint8))
         height = max(1, round(tile.height * stretch))
-        tile = tile.resize((panel, round(panel * height / tile.width)), Image.BILINEAR)
+        tile = tile.resize((panel, round(panel * height / tile.width)), Image.Resampling.BILINEAR)
         draw = ImageDraw.Draw(tile)
         draw.text((6, 6), title, fill=(255, 255, 0))
         left_edge, right_edge = ("R", "L") if not column_right else ("L", "R")

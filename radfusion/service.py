@@ -172,10 +172,11 @@ class Service:
         started = time.monotonic()
         try:
             rows = self.catalog.instances_of(job.StudyInstanceUID)
+            record = self.catalog.study(job.StudyInstanceUID)
+            if record is None:  # a job is queued for a cataloged study only
+                raise LookupError(f"study {tag} is not in the catalog")
             study = StudyInput(
-                job.StudyInstanceUID,
-                tuple(Path(r["path"]) for r in rows),
-                self.catalog.study(job.StudyInstanceUID).calling_ae,  # type: ignore[union-attr]
+                job.StudyInstanceUID, tuple(Path(r["path"]) for r in rows), record.calling_ae
             )
             if job.app not in self._apps:  # one instance per app: models load once
                 self._apps[job.app] = get_app(job.app, self.config)

@@ -49,6 +49,7 @@ from radfusion.integrations.fhir.provider import (
 from radfusion.operators.detection import DetectionOperator, DetectionSettings
 from radfusion.operators.measurement import MeasurementOperator
 from radfusion.operators.nodules import NoduleScorer, default_scorer_path
+from radfusion.operators.ports import InputPorts, OutputPorts
 from radfusion.operators.results import AlgorithmInfo
 from radfusion.operators.results_writer import ResultsWriterOperator
 from radfusion.operators.segmentation import (
@@ -83,8 +84,8 @@ class StudyFilesOperator(Operator):
     def setup(self, spec: OperatorSpec) -> None:
         spec.output("files")
 
-    def compute(self, op_input: object, op_output: object, context: object) -> None:
-        op_output.emit(self.files, "files")  # type: ignore[attr-defined]
+    def compute(self, op_input: InputPorts, op_output: OutputPorts, context: object) -> None:
+        op_output.emit(self.files, "files")
 
 
 def model_config(settings: LungCTConfig) -> SegmentationModelConfig:

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from typing import cast
 
 import pydicom.uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification, register_uid
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time
+    Verification,
+    register_uid,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from radfusion.config import RadfusionConfig
@@ -54,7 +59,9 @@ def storage_sop_classes(extra: list[str] | None = None) -> list[str]:
 
     for i, uid in enumerate(extra or []):
         register_uid(uid, f"PrivateStorage{i}", StorageServiceClass)
-    return sorted({*(cx.abstract_syntax for cx in AllStoragePresentationContexts), *(extra or [])})
+    return sorted(
+        {*(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts), *(extra or [])}
+    )
 
 
 class DicomNode:
@@ -93,16 +100,19 @@ class DicomNode:
         # tempfile.tempdir is process-wide: the node owns its process (radfusion serve).
         receive_datasets_into_files()
         tempfile.tempdir = str(self.spool.tmp)
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, on_connection_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self._ae.start_server(
+        server = self._ae.start_server(
             (self.config.node.host, self.config.node.port), block=False, evt_handlers=handlers
         )
-        port = int(self._server.server_address[1])
+        if server is None:  # only block=True returns None
+            raise RuntimeError("pynetdicom returned no server")
+        self._server = server
+        port = int(server.server_address[1])
         log.info(
             "DICOM node %s listening on %s:%d",
             self.config.node.ae_title,
@@ -129,7 +139,8 @@ class DicomNode:
     def _on_requested(self, event: Event) -> None:
         assoc = event.assoc
         # requestor.ae_title is filled in only after negotiation; the request has it now.
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
         address = assoc.requestor.address
         allowed = self.config.node.allowed_callers
         if allowed is None:
@@ -148,7 +159,7 @@ class DicomNode:
         return Status.SUCCESS
 
     def _on_store(self, event: Event) -> int:
-        req = event.request
+        req = cast(C_STORE, event.request)  # EVT_C_STORE: always a C-STORE request
         sop_instance = str(req.AffectedSOPInstanceUID or "").strip()
         sop_class = str(req.AffectedSOPClassUID or "").strip()
         transfer_syntax = str(event.context.transfer_syntax)

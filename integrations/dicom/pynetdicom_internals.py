@@ -76,7 +76,7 @@ def shorten_polling(association: Association | None = None) -> None:
     """Cap the association reactor's sleeps (for the whole process) and, given an
     association, its DUL reader's."""
     if not isinstance(pynetdicom.association.time, _ShortSleepTime):
-        pynetdicom.association.time = _ShortSleepTime()  # type: ignore[assignment]  # see module docstring
+        pynetdicom.association.time = _ShortSleepTime()
     if association is not None:
         association.dul._run_loop_delay = POLL_S
 

@@ -226,6 +226,7 @@ class FhirClient:
         refreshed = False
         attempt = 0
         while True:
+            response: httpx.Response | None  # None: the request never got an answer
             try:
                 # params=None keeps a next link's own query (an empty dict would replace it).
                 response = self._http.get(url, params=params or None, headers=self.auth.headers())

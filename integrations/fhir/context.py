@@ -534,7 +534,8 @@ def build_context(
     reported, not even as "not tested")."""
     cutoff = study_date + dt.timedelta(days=int(results_after_study_days))
     select = _Selector(cutoff)
-    usable_reports, unused_reports = [], []
+    usable_reports: list[dict[str, Any]] = []
+    unused_reports: list[dict[str, Any]] = []
     for report in reports.match:
         (usable_reports if select.keep(report) else unused_reports).append(report)
     by_reference = {
@@ -597,7 +598,7 @@ def build_context(
     )
 
 
-def _stage(observations: list[dict[str, Any]]) -> Fact[str]:
+def _stage(observations: list[dict[str, Any]]) -> Fact[Coded]:
     stage = _latest(
         [
             o

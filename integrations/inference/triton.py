@@ -486,7 +486,7 @@ class TritonPredictor:
         if protocol == "grpc":
             import tritonclient.grpc as client_module
         else:
-            import tritonclient.http as client_module  # type: ignore[no-redef]
+            import tritonclient.http as client_module
         client = slot.connect()
         request = client_module.InferInput(self._input_name, list(x.shape), "FP32")
         output = client_module.InferRequestedOutput(self._output_name)

@@ -126,6 +126,7 @@ def grid_from_files(files: Sequence[Path]) -> CtGrid:
     if isinstance(kernel, Iterable) and not isinstance(kernel, str):
         kernel = "\\".join(str(k) for k in kernel)
     ps = [float(v) for v in first.PixelSpacing]
+    x0, y0, z0 = (float(v) for v in heads[0][1].ImagePositionPatient)  # three: @ normal above
     return CtGrid(
         StudyInstanceUID=str(first.StudyInstanceUID),
         SeriesInstanceUID=series,
@@ -139,7 +140,7 @@ def grid_from_files(files: Sequence[Path]) -> CtGrid:
         slice_spacing_mm=spacing,
         SliceThickness=float(thickness) if thickness not in (None, "") else None,
         ConvolutionKernel=str(kernel or ""),
-        first_position=tuple(float(v) for v in heads[0][1].ImagePositionPatient),  # type: ignore[arg-type]
+        first_position=(x0, y0, z0),
         orientation=tuple(float(v) for v in iop),
     )
 
@@ -237,7 +238,7 @@ class Mask:
             raise ValueError("empty mask has no centroid")
         return np.array([float(np.mean(i)) + o for i, o in zip(idx, self.offset, strict=True)])
 
-    def contains(self, point: Sequence[float]) -> bool:
+    def contains(self, point: Sequence[float] | np.ndarray) -> bool:
         """Whether the voxel nearest to the (k, r, c) ``point`` is in the mask."""
         local = [round(p) - o for p, o in zip(point, self.offset, strict=True)]
         if any(v < 0 or v >= s for v, s in zip(local, self.array.shape, strict=True)):

@@ -124,7 +124,7 @@ def parse_lidc_xml(source: Path | str | bytes) -> LidcRead:
         study = _text(header, "StudyInstanceUID")
         series = _text(header, "SeriesInstanceUid") or _text(header, "SeriesInstanceUID")
     sessions = list(_kids(root, "readingSession"))
-    nodules = []
+    nodules: list[ReaderNodule] = []
     for reader, session in enumerate(sessions, 1):
         for element in _kids(session, "unblindedReadNodule"):
             outlines = tuple(_outline(roi) for roi in _kids(element, "roi"))

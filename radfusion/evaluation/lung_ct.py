@@ -309,7 +309,14 @@ class Evaluation:
     def summary(self, cases: Sequence[CaseResult] | None = None) -> dict[str, Any]:
         """Totals over ``cases`` (default: all that ran without error)."""
         done = [c for c in (self.cases if cases is None else cases) if c.error is None]
-        nodules = [n for c in done for n in c.nodules if n.dice is not None]
+        # Dice and volume error are set together (a reference nodule that was hit).
+        dices = [n.dice for c in done for n in c.nodules if n.dice is not None]
+        volume_errors = [
+            abs(n.volume_error_pct)
+            for c in done
+            for n in c.nodules
+            if n.dice is not None and n.volume_error_pct is not None
+        ]
         reference = sum(c.reference_nodules for c in done)
         found = sum(c.found for c in done)
         fps = sum(c.false_positives for c in done)
@@ -321,11 +328,9 @@ class Evaluation:
             "false_positives": fps,
             "false_positives_per_scan": fps / len(done) if done else None,
             "ignored": sum(c.ignored for c in done),
-            "mean_dice": statistics.fmean(n.dice for n in nodules) if nodules else None,  # type: ignore[misc]
+            "mean_dice": statistics.fmean(dices) if dices else None,
             "mean_abs_volume_error_pct": (
-                statistics.fmean(abs(n.volume_error_pct) for n in nodules)  # type: ignore[arg-type]
-                if nodules
-                else None
+                statistics.fmean(volume_errors) if volume_errors else None
             ),
         }
 

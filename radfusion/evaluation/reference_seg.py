@@ -40,8 +40,13 @@ __all__ = [
     "segment_role",
 ]
 
-_LUNG_CODES = {"39607008": None, "3341006": "right", "44029006": "left"}  # SCT
-_SIDE_CODES = {"24028007": "right", "7771000": "left"}  # SCT laterality (CID 244)
+_LUNG_CODES: dict[str, Literal["right", "left"] | None] = {  # SCT
+    "39607008": None,
+    "3341006": "right",
+    "44029006": "left",
+}
+# SCT laterality (CID 244)
+_SIDE_CODES: dict[str, Literal["right", "left"]] = {"24028007": "right", "7771000": "left"}
 _ANATOMY_WORDS = ("nodule", "tumour", "tumor", "mass", "lesion", "neoplasm", "cancer")
 _BATCH = 8  # segments read at once: [k, r, c, 8] stays a few hundred MB on a 512² series
 
@@ -97,7 +102,7 @@ def _side_from(item: Dataset | None) -> Literal["right", "left"] | None:
     for modifier in item.get("SegmentedPropertyTypeModifierCodeSequence") or []:
         side = _SIDE_CODES.get(str(modifier.get("CodeValue", "")))
         if side:
-            return side  # type: ignore[return-value]
+            return side
     return None
 
 
@@ -123,7 +128,7 @@ def segment_role(
     if side is None:
         words = (label + " " + meaning).split()
         side = "right" if "right" in words else "left" if "left" in words else None
-    return "lung", side  # type: ignore[return-value]
+    return "lung", side
 
 
 def read_segments(path: Path, grid: CtGrid) -> list[Segment]:
@@ -225,7 +230,8 @@ def read_reference_seg(path: Path, grid: CtGrid) -> SegReference:
     Raises:
         ReferenceMismatchError, ValueError: as :func:`read_segments`.
     """
-    nodules, lungs = [], {}
+    nodules: list[ReferenceNodule] = []
+    lungs: dict[str, Mask] = {}
     for segment in read_segments(path, grid):
         if segment.kind == "lung":
             if segment.side is not None:

@@ -373,14 +373,8 @@ def build_chest(
     }
     for side in SIDES:
         info = lungs[side]
-        lungs[side] = LungInfo(
-            side,
-            info.centre,
-            info.semi,
-            info.z_base,
-            info.z_apex,
-            tuple(float(v) for v in hila[side]),
-        )  # type: ignore[arg-type]
+        hx, hy, hz = (float(v) for v in hila[side])
+        lungs[side] = LungInfo(side, info.centre, info.semi, info.z_base, info.z_apex, (hx, hy, hz))
     wall_lut = _lut(
         {MED_FAT: WALL_MED, MUSCLE: WALL_MED, BLOOD: WALL_MED, ESOPHAGUS: WALL_MED}
         | {LUNG[s]: WALL[s] for s in SIDES}
@@ -490,12 +484,12 @@ def build_chest(
         fy = ys[win[1]][:, None].astype(np.float32)
         slope = float(rng.uniform(1.1, 1.5))
         oblique = slope * (fy - hil[1]) - 0.0006 * (fx - hil[0]) ** 2
-        half = 0.5 * math.sqrt(1.0 + slope * slope)
+        half_width = 0.5 * math.sqrt(1.0 + slope * slope)
         horizontal = 0.08 * (fy - hil[1]) + 0.03 * (fx - hil[0]) * sign
         z_h = hil[2] + float(rng.uniform(0.0, 10.0))
         for j in range(win[0].start, win[0].stop):
             dz = float(zs[j]) - hil[2]
-            band = np.abs(dz - oblique) < half
+            band = np.abs(dz - oblique) < half_width
             if side == "right":
                 band |= (np.abs(float(zs[j]) - z_h - horizontal) < 0.6) & (dz > oblique)
             sub = tissue[j, win[1], win[2]]

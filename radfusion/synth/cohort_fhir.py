@@ -316,7 +316,7 @@ def add_primary_cancer(
 
 def add_staging(b: Builder, stage: Stage, dates: Dates) -> None:
     """Add the TNM Observations and the stage group that has them as members."""
-    common = {
+    common: dict[str, Any] = {  # keyword arguments of Builder.observation
         "category": None,
         "effective": dates.stage,
         "focus": [b.ref("primary-cancer")],

@@ -110,7 +110,7 @@ def _variant_components(call: Call) -> list[dict[str, Any]]:
 
 def add_genomic_report(b: Builder, report: Report) -> None:
     """Add a report's region-studied, variant, TMB and MSI Observations, then the report."""
-    obs = {
+    obs: dict[str, Any] = {  # keyword arguments of Builder.observation
         "category": "laboratory",
         "effective": report.specimen,
         "issued": report.issued,

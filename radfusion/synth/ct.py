@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, generate_uid
+from pydicom.uid import UID, CTImageStorage, generate_uid
 
 from radfusion.synth import acquisition, anatomy, nodules, vendors
 from radfusion.synth.shapes import Grid
@@ -1039,9 +1039,9 @@ def write_ct_series(
         ds.PixelData = vendors.encode_slice(phantom.hu[k], style, outside)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         meta.TransferSyntaxUID = style.transfer_syntax
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         ds.file_meta = meta
         path = out / f"CT{k + 1:04d}.dcm"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, TypeAlias
 
 import numpy as np
 
@@ -32,6 +33,14 @@ __all__ = ["TUMOUR_TYPES", "PlacedTumour", "place_tumours"]
 TUMOUR_TYPES = ("solid", "part_solid", "ground_glass", "juxta_pleural", "juxta_vascular", "mass")
 _TYPE_P = (0.28, 0.16, 0.16, 0.15, 0.15, 0.10)
 _ATTEMPTS = 600
+
+# A shape for :func:`_inside`: a sphere (radius), lobulated (core radius; lobe centre offsets
+# and radii) or irregular (radius, amplitude; perturbation directions, frequencies, phases).
+_Shape: TypeAlias = (
+    tuple[Literal["sphere"], float]
+    | tuple[Literal["lobulated"], tuple[float, list[tuple[np.ndarray, float]]]]
+    | tuple[Literal["irregular"], tuple[float, float, list[tuple[np.ndarray, float, float]]]]
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,7 @@ class PlacedTumour:
     core_diameter_mm: float | None
 
 
-def _shape(rng: np.random.Generator, kind: str, radius: float) -> tuple[str, object]:
+def _shape(rng: np.random.Generator, kind: str, radius: float) -> _Shape:
     """A random shape description of outer radius ``radius`` for :func:`_inside`."""
     if kind == "lobulated":
         lobes = []
@@ -62,7 +71,7 @@ def _shape(rng: np.random.Generator, kind: str, radius: float) -> tuple[str, obj
             v /= np.linalg.norm(v)
             r = radius * float(rng.uniform(0.35, 0.55))
             lobes.append((v * (radius - r), r))
-        return kind, (radius * float(rng.uniform(0.6, 0.75)), lobes)
+        return "lobulated", (radius * float(rng.uniform(0.6, 0.75)), lobes)
     if kind == "irregular":
         terms = []
         for _ in range(6):
@@ -70,25 +79,22 @@ def _shape(rng: np.random.Generator, kind: str, radius: float) -> tuple[str, obj
             v /= np.linalg.norm(v)
             terms.append((v, float(rng.uniform(2.0, 5.0)), float(rng.uniform(0, 2 * np.pi))))
         amp = float(rng.uniform(0.06, 0.12))
-        return kind, (radius, amp, terms)
+        return "irregular", (radius, amp, terms)
     return "sphere", radius
 
 
-def _inside(
-    shape: tuple[str, object], dz: np.ndarray, dy: np.ndarray, dx: np.ndarray
-) -> np.ndarray:
+def _inside(shape: _Shape, dz: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """The voxels (offsets from the centre, mm) inside a shape from :func:`_shape`."""
-    kind, p = shape
     d2 = dx * dx + dy * dy + dz * dz
-    if kind == "sphere":
-        return d2 <= p * p  # type: ignore[operator]
-    if kind == "lobulated":
-        r0, lobes = p  # type: ignore[misc]
+    if shape[0] == "sphere":
+        return d2 <= shape[1] * shape[1]
+    if shape[0] == "lobulated":
+        r0, lobes = shape[1]
         mask = d2 <= r0 * r0
         for c, r in lobes:
             mask |= (dx - c[0]) ** 2 + (dy - c[1]) ** 2 + (dz - c[2]) ** 2 <= r * r
         return mask
-    radius, amp, terms = p  # type: ignore[misc]
+    radius, amp, terms = shape[1]
     rr = np.sqrt(d2) + 1e-6
     pert = np.zeros(np.broadcast_shapes(dz.shape, dy.shape, dx.shape), dtype=np.float32)
     for v, f, phase in terms:
@@ -340,7 +346,7 @@ def _try_place(
         side=side,
         hu=hu,
         core_hu=core_hu,
-        centre_mm=tuple(round(v, 2) for v in centroid),  # type: ignore[arg-type]
+        centre_mm=(round(centroid[0], 2), round(centroid[1], 2), round(centroid[2], 2)),
         diameter_mm=round(float(max(extents)), 2),
         core_diameter_mm=core_d,
     )

@@ -20,6 +20,7 @@ import multiprocessing
 import shutil
 import time
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -34,12 +35,12 @@ from radfusion.operators.segmentation_model import (
     resample,
     segment,
 )
-from radfusion.synth.ct import LABELS, TUMOUR_LABEL_BASE, make_phantom
+from radfusion.synth.ct import LABELS, TUMOUR_LABEL_BASE, Phantom, make_phantom
 
 HERE = Path(__file__).resolve().parent
 CHANNELS = (16, 32, 64, 128, 256)
 CROP = (64, 160, 160)  # training patch on the model grid (z, y, x): multiples of 16
-MODEL_YAML = {
+MODEL_YAML: dict[str, Any] = {  # written as model.yaml
     "name": "radfusion-lung-ct",
     "version": "0.1.0",
     "model": "model.ts",
@@ -52,7 +53,20 @@ MODEL_YAML = {
 }
 
 
-def phantom_args(seed: int) -> dict[str, object]:
+class PhantomArgs(TypedDict):
+    """Keyword arguments of :func:`make_phantom`."""
+
+    slices: int
+    slice_thickness: float
+    pixel_spacing: float
+    rows: int
+    columns: int
+    tumours: int
+    chest: bool
+    seed: int
+
+
+def phantom_args(seed: int) -> PhantomArgs:
     """Varied but seed-determined acquisition: slice thickness, coverage, pixel size, tumours."""
     rng = np.random.default_rng([seed, 7])
     thickness = float(rng.choice([1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0]))
@@ -77,14 +91,14 @@ def classes_of(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def make_phantom_safely(args: dict[str, object]):
+def make_phantom_safely(args: PhantomArgs) -> Phantom:
     while True:
         try:
-            return make_phantom(**args)  # type: ignore[arg-type]
+            return make_phantom(**args)
         except ValueError as exc:  # tumours did not fit: ask for fewer
             if "tumours" not in str(exc) or not args["tumours"]:
                 raise
-            args = {**args, "tumours": int(args["tumours"]) - 1}  # type: ignore[call-overload]
+            args = {**args, "tumours": args["tumours"] - 1}
 
 
 def training_sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,12 +119,12 @@ def _config() -> SegmentationModelConfig:
         name=MODEL_YAML["name"],
         version=MODEL_YAML["version"],
         model_path=HERE / "model.ts",
-        spacing_mm=tuple(MODEL_YAML["spacing_mm"]),  # type: ignore[arg-type]
-        hu_min=MODEL_YAML["intensity"]["hu_min"],  # type: ignore[index]
-        hu_max=MODEL_YAML["intensity"]["hu_max"],  # type: ignore[index]
-        labels=MODEL_YAML["labels"],  # type: ignore[arg-type]
-        roi_size=tuple(MODEL_YAML["roi_size"]),  # type: ignore[arg-type]
-        overlap=MODEL_YAML["overlap"],  # type: ignore[arg-type]
+        spacing_mm=tuple(MODEL_YAML["spacing_mm"]),
+        hu_min=MODEL_YAML["intensity"]["hu_min"],
+        hu_max=MODEL_YAML["intensity"]["hu_max"],
+        labels=MODEL_YAML["labels"],
+        roi_size=tuple(MODEL_YAML["roi_size"]),
+        overlap=MODEL_YAML["overlap"],
     )
 
 
@@ -225,7 +239,7 @@ def train(args: argparse.Namespace) -> torch.nn.Module:
 
 def export(model: torch.nn.Module, out: Path) -> Path:
     model = model.float().cpu().eval()
-    example = torch.zeros(1, 1, *MODEL_YAML["roi_size"])  # type: ignore[misc]
+    example = torch.zeros(1, 1, *MODEL_YAML["roi_size"])
     with torch.inference_mode():
         traced = torch.jit.trace(model, example)
     path = out / "model.ts"
@@ -256,7 +270,9 @@ def evaluate(model_path: Path, seeds: list[int], device: str) -> dict[str, objec
         with torch.inference_mode():
             return module(batch.to(device)).cpu()
 
-    lungs, tumours, per_case = [], [], []
+    lungs: list[float] = []
+    tumours: list[dict[str, float]] = []
+    per_case: list[dict[str, object]] = []
     for seed in seeds:
         args = phantom_args(seed)
         p = make_phantom_safely(args)
@@ -270,8 +286,9 @@ def evaluate(model_path: Path, seeds: list[int], device: str) -> dict[str, objec
             **{k: args[k] for k in ("slices", "slice_thickness", "chest")},
         }
         if args["chest"]:
-            case["lung_dice"] = dice(classes == 1, truth == 1)
-            lungs.append(case["lung_dice"])
+            lung_dice = dice(classes == 1, truth == 1)
+            case["lung_dice"] = lung_dice
+            lungs.append(lung_dice)
         else:
             case["false_lung_ml"] = float((classes == 1).sum()) * p.voxel_volume_mm3 / 1000
         found, _ = ndimage.label(classes == 2)

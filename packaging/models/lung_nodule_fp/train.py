@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import time
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -32,13 +33,14 @@ from radfusion.operators.lungs import find_lung_fields
 from radfusion.operators.measurement import measure
 from radfusion.operators.nodules import FEATURES, NoduleScorer, find_nodules
 from radfusion.operators.segmentation_model import (
+    Predictor,
     SegmentationModelConfig,
     default_model_config_path,
     load_torchscript,
     segment,
 )
 from radfusion.operators.volume import Volume
-from radfusion.synth.ct import LABELS, make_phantom
+from radfusion.synth.ct import LABELS, Phantom, make_phantom
 
 HERE = Path(__file__).resolve().parent
 TRAIN_SEEDS = range(2000, 2064)
@@ -47,7 +49,22 @@ L2 = 1.0
 FP_PER_PHANTOM = 1.0  # the false positives per training phantom at the score 0.5
 
 
-def phantom_args(seed: int) -> dict[str, object]:
+class PhantomArgs(TypedDict):
+    """Keyword arguments of :func:`make_phantom`."""
+
+    seed: int
+    slices: int
+    rows: int
+    columns: int
+    pixel_spacing: float
+    slice_thickness: float
+    tumours: int
+    style: str
+    emphysema: bool
+    effusion: bool
+
+
+def phantom_args(seed: int) -> PhantomArgs:
     """Seed-determined acquisition and findings, as varied as the synthetic CT allows."""
     rng = np.random.default_rng([seed, 11])
     thickness = float(rng.choice([0.8, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0, 8.0]))
@@ -66,8 +83,8 @@ def phantom_args(seed: int) -> dict[str, object]:
     }
 
 
-def _volume(seed: int) -> tuple[Volume, np.ndarray, object]:
-    phantom = make_phantom(**phantom_args(seed))  # type: ignore[arg-type]
+def _volume(seed: int) -> tuple[Volume, np.ndarray, Phantom]:
+    phantom = make_phantom(**phantom_args(seed))
     header = Dataset()
     header.SliceThickness = phantom.slice_thickness
     volume = Volume(
@@ -81,7 +98,7 @@ def _volume(seed: int) -> tuple[Volume, np.ndarray, object]:
     return volume, phantom.labels, phantom
 
 
-_MODEL: tuple[SegmentationModelConfig, object] | None = None
+_MODEL: tuple[SegmentationModelConfig, Predictor] | None = None
 
 
 def _classes(volume: Volume) -> np.ndarray:
@@ -90,7 +107,7 @@ def _classes(volume: Volume) -> np.ndarray:
         config = SegmentationModelConfig.from_yaml(default_model_config_path())
         _MODEL = (config, load_torchscript(config.model_path, 1))
     config, predictor = _MODEL
-    return segment(volume.hu, volume.spacing_mm, predictor, config)  # type: ignore[arg-type]
+    return segment(volume.hu, volume.spacing_mm, predictor, config)
 
 
 def _truth_of(mask: np.ndarray, box: tuple[slice, ...], labels: np.ndarray) -> int:
@@ -190,7 +207,7 @@ def evaluate(seed: int, scorer_path: str) -> list[dict[str, object]]:
             }
         )
     hit: set[int] = set()
-    for tumour in phantom.tumours:  # type: ignore[attr-defined]
+    for tumour in phantom.tumours:
         truth = labels == tumour.label
         overlaps = {
             n: int((truth & (found == n)).sum()) for n, f in findings.items() if f.kind != "lung"
@@ -201,7 +218,7 @@ def evaluate(seed: int, scorer_path: str) -> list[dict[str, object]]:
             "kind": "tumour",
             "type": tumour.type,
             "diameter_mm": tumour.diameter_mm,
-            "slice_thickness_mm": phantom.slice_thickness,  # type: ignore[attr-defined]
+            "slice_thickness_mm": phantom.slice_thickness,
             "found": bool(best and overlaps[best]),
         }
         if best and overlaps[best]:
@@ -217,7 +234,8 @@ def evaluate(seed: int, scorer_path: str) -> list[dict[str, object]]:
     return rows
 
 
-def summarise(rows: list[dict[str, object]], phantoms: int) -> dict[str, object]:
+def summarise(rows: list[dict[str, Any]], phantoms: int) -> dict[str, object]:
+    """Totals of :func:`evaluate`'s rows (JSON records: the fields depend on the kind)."""
     tumours = [r for r in rows if r["kind"] == "tumour"]
     lungs = [r for r in rows if r["kind"] == "lung"]
     by_type: dict[str, dict[str, object]] = {}
@@ -231,7 +249,7 @@ def summarise(rows: list[dict[str, object]], phantoms: int) -> dict[str, object]
             if found
             else None,
         }
-    big = [r for r in tumours if float(r["diameter_mm"]) >= 10]  # type: ignore[arg-type]
+    big = [r for r in tumours if float(r["diameter_mm"]) >= 10]
     return {
         "phantoms": phantoms,
         "failed": sum(r["kind"] == "failed" for r in rows),
