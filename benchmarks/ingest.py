@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -59,7 +60,11 @@ def _send(port: int, called: str, files: list[Path]) -> float:
     return elapsed
 
 
-def run_storescp(files: list[Path], work: Path) -> float:
+def run_storescp(
+    files: list[Path], work: Path, send: Callable[[int], float] | None = None
+) -> float:
+    """Seconds to send ``files`` to a fresh ``storescp -B``: with dcmtk storescu, or with
+    ``send(port)`` (which returns its own seconds)."""
     out = work / "storescp"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -73,7 +78,7 @@ def run_storescp(files: list[Path], work: Path) -> float:
     )
     try:
         _wait_listening(port, proc)
-        elapsed = _send(port, "STORESCP", files)
+        elapsed = send(port) if send is not None else _send(port, "STORESCP", files)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -136,21 +141,35 @@ def main() -> None:
         files = list(study.files)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"study: {len(files)} images, {mb:.0f} MB; {args.rounds} alternating rounds")
-        rates: dict[str, list[float]] = {"storescp": [], "radfusion": []}
-        runners = {"storescp": run_storescp, "radfusion": run_radfusion}
-        for i in range(args.rounds):
-            order = ["storescp", "radfusion"] if i % 2 == 0 else ["radfusion", "storescp"]
-            for name in order:
-                elapsed = runners[name](files, work)
-                rates[name].append(len(files) / elapsed)
-                print(
-                    f"round {i + 1} {name:<9} {len(files) / elapsed:7.1f} images/s "
-                    f"({mb / elapsed:6.1f} MB/s)"
-                )
-        med = {k: statistics.median(v) for k, v in rates.items()}
-        for name, rate in med.items():
-            print(f"median {name:<9} {rate:7.1f} images/s ({rate * mb / len(files):6.1f} MB/s)")
+        med = alternate(
+            {"storescp": run_storescp, "radfusion": run_radfusion}, files, work, args.rounds
+        )
         print(f"ingest ratio radfusion/storescp: {med['radfusion'] / med['storescp']:.2f}")
+
+
+def alternate(
+    runners: dict[str, Callable[[list[Path], Path], float]],
+    files: list[Path],
+    work: Path,
+    rounds: int,
+) -> dict[str, float]:
+    """Run each runner once per round, alternating which goes first; print each round's and
+    the median rate; return the median images/s by runner."""
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            elapsed = runners[name](files, work)
+            rates[name].append(len(files) / elapsed)
+            print(
+                f"round {i + 1} {name:<9} {len(files) / elapsed:7.1f} images/s "
+                f"({mb / elapsed:6.1f} MB/s)"
+            )
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    for name, rate in med.items():
+        print(f"median {name:<9} {rate:7.1f} images/s ({rate * mb / len(files):6.1f} MB/s)")
+    return med
 
 
 if __name__ == "__main__":
