@@ -8,6 +8,7 @@ exports what they return.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -18,28 +19,37 @@ from radfusion.app_index import known_apps
 if TYPE_CHECKING:
     from radfusion.config import RadfusionConfig
 
-__all__ = ["App", "StudyInput", "get_app", "known_apps"]
+__all__ = ["App", "AppResult", "StudyInput", "get_app", "known_apps"]
 
 
 @dataclass(frozen=True)
 class StudyInput:
-    """A complete study as handed to an app.
-
-    ``notes``: what the app wants the site to see about this study without failing it (e.g.
-    "clinical data unavailable, and why"); shown by ``radfusion status``. No PHI.
-    """
+    """A complete study as handed to an app."""
 
     StudyInstanceUID: str
     files: tuple[Path, ...]
     calling_ae_title: str
-    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AppResult:
+    """What an app made of a study.
+
+    ``files``: the results to export. ``notes``: what the site should know about this study
+    without failing it (e.g. "clinical data unavailable, and why"); shown by
+    ``radfusion status``; no PHI. ``timings``: seconds per stage, for logs and benchmarks.
+    """
+
+    files: tuple[Path, ...]
+    notes: tuple[str, ...] = ()
+    timings: Mapping[str, float] = field(default_factory=dict)
 
 
 class App(Protocol):
     name: str
 
-    def run(self, study: StudyInput, work_dir: Path) -> list[Path]:
-        """Process ``study``; write results under ``work_dir`` and return their paths.
+    def run(self, study: StudyInput, work_dir: Path) -> AppResult:
+        """Process ``study``; write results under ``work_dir`` and say what they are.
 
         Raises any exception to fail the job: it is dead-lettered and can be retried by hand.
         A :class:`radfusion.errors.Unavailable` (a server the app needs is down or busy)

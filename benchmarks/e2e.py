@@ -452,44 +452,31 @@ def report(rounds: list[Round], hwm_kb: int, peer_s: float, mb: float) -> None:
 
 def real_case(input_dir: Path, rounds: int) -> None:
     """Time the lung-ct app on the real series under ``input_dir`` (see the module's notes)."""
-    from radfusion.apps.lung_ct.app import LungCTApp, make_predictor, model_config
+    from radfusion.apps.lung_ct.app import LungCTRunner
     from radfusion.config import load_config
 
     config = load_config(None)
     files = sorted(p for p in input_dir.rglob("*") if p.is_file())
     mb = sum(f.stat().st_size for f in files) / 1e6
-    t = time.perf_counter()
-    model = model_config(config.apps.lung_ct)
-    predictor = make_predictor(config, model)
-    load_s = time.perf_counter() - t
-    print(f"real case: {len(files)} files ({mb:.0f} MB) under {input_dir}; {os.cpu_count()} CPUs")
-    print(f"model load (once, not in the rounds): {load_s:.2f} s")
     totals = []
-    with tempfile.TemporaryDirectory(prefix="radfusion-e2e-real-") as tmp:
+    print(f"real case: {len(files)} files ({mb:.0f} MB) under {input_dir}; {os.cpu_count()} CPUs")
+    with LungCTRunner(config) as runner, tempfile.TemporaryDirectory(prefix="rf-e2e-") as tmp:
+        t = time.perf_counter()
+        runner.process(files, Path(tmp) / "warm-up")  # loads the model (not in the rounds)
+        print(f"model load and a first run (not in the rounds): {time.perf_counter() - t:.2f} s")
         for i in range(1, rounds + 1):
-            app = LungCTApp(
-                files=files,
-                output_dir=Path(tmp) / f"round{i}",
-                settings=config.apps.lung_ct,
-                uid_root=config.uid_root,
-                model=model,
-                predictor=predictor,
-            )
             t = time.perf_counter()
-            app.run()
+            result = runner.process(files, Path(tmp) / f"round{i}")
             total = time.perf_counter() - t
             totals.append(total)
-            stages = dict(app.timings)
-            print(f"\nround {i}: wrote {', '.join(p.name for p in app.written) or 'nothing'}")
+            stages = dict(result.timings)
+            print(f"\nround {i}: wrote {', '.join(p.name for p in result.files) or 'nothing'}")
             print(f"  {'stage':<36}{'seconds':>8}")
             for name in (*STAGES, *(s for s in stages if s not in STAGES)):
                 print(f"  {name:<36}{stages.get(name, float('nan')):8.2f}")
             print(f"  {'app, not timed by the app':<36}{total - sum(stages.values()):8.2f}")
             print(f"  {'everything but inference':<36}{total - stages.get('inference', 0.0):8.2f}")
             print(f"  {'total':<36}{total:8.2f}")
-    close = getattr(predictor, "close", None)
-    if close is not None:
-        close()
     print(f"real-case app seconds: {statistics.median(totals):.1f}")
 
 

@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 
 from radfusion.config import TritonConfig
-from radfusion.integrations.inference.local_server import LocalTritonServer
 from radfusion.integrations.inference.repository import write_repository
 from radfusion.integrations.inference.triton import TritonPredictor
 from radfusion.operators.segmentation_model import (
@@ -48,6 +47,9 @@ from radfusion.operators.segmentation_model import (
     segment,
 )
 from radfusion.synth.ct import make_phantom
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/
+from tests.triton_server import LocalTritonServer
 
 MODEL = "lung_ct_seg"
 

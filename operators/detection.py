@@ -139,12 +139,11 @@ class DetectionOperator(Operator):
         *args: object,
         settings: DetectionSettings,
         scorer: NoduleScorer,
-        timings: dict[str, float] | None = None,
         **kw: object,
     ) -> None:
         self.settings = settings
         self.scorer = scorer
-        self.timings = timings
+        self.timings: dict[str, float] = {}  # this operator's stage seconds, read after a run
         super().__init__(fragment, *args, **kw)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -159,6 +158,5 @@ class DetectionOperator(Operator):
         if isinstance(volume, Volume):
             started = time.perf_counter()
             anatomy = detect(volume, classes, self.settings, self.scorer)
-            if self.timings is not None:
-                self.timings["detect"] = time.perf_counter() - started
+            self.timings["detect"] = time.perf_counter() - started
         op_output.emit(anatomy, "anatomy")

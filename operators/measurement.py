@@ -294,11 +294,10 @@ class MeasurementOperator(Operator):
         fragment: Fragment,
         *args: object,
         uid_root: str,
-        timings: dict[str, float] | None = None,
         **kw: object,
     ) -> None:
         self.uid_root = uid_root
-        self.timings = timings
+        self.timings: dict[str, float] = {}  # this operator's stage seconds, read after a run
         super().__init__(fragment, *args, **kw)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -314,6 +313,5 @@ class MeasurementOperator(Operator):
             return
         started = time.perf_counter()
         measured = measure(anatomy, volume, uid_root=self.uid_root)
-        if self.timings is not None:
-            self.timings["measure"] = time.perf_counter() - started
+        self.timings["measure"] = time.perf_counter() - started
         op_output.emit(measured, "measured")

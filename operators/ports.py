@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-__all__ = ["InputPorts", "OutputPorts"]
+__all__ = ["InputPorts", "OutputPorts", "Timed"]
 
 
 class InputPorts(Protocol):
@@ -25,3 +25,10 @@ class OutputPorts(Protocol):
     def emit(self, data: object, name: str) -> None:
         """Send ``data`` on port ``name``."""
         ...
+
+
+class Timed(Protocol):
+    """An operator that keeps the seconds its stages took in its last run (stage → seconds),
+    for the app's result and the benchmarks."""
+
+    timings: dict[str, float]

@@ -34,8 +34,11 @@ from radfusion.operators.seg_writer import build_seg
 from radfusion.operators.series_selector import SeriesCandidate, SeriesSelection
 from radfusion.operators.sr_writer import write_sr
 from radfusion.operators.volume import Volume, VolumeError
+from radfusion.patient_context import ContextOutcome
 
-__all__ = ["ResultsWriterOperator", "source_series", "write_results"]
+__all__ = ["IMAGING_ONLY", "ResultsWriterOperator", "source_series", "write_results"]
+
+IMAGING_ONLY = "This algorithm uses imaging only."
 
 log = logging.getLogger("radfusion.operators.results_writer")
 
@@ -222,12 +225,13 @@ def _write_refusal(
 
 
 class ResultsWriterOperator(Operator):
-    """Inputs ``selection``, ``volume``, ``measured`` → files in ``output_dir``; the paths
-    written are appended to ``written``.
+    """Inputs ``selection``, ``volume``, ``measured``, ``context`` → files in ``output_dir``;
+    :attr:`written` and :attr:`timings` hold the paths written and the encoding seconds after a
+    run.
 
-    ``statements`` is called when the results are written, not before, so that a slower source
-    of them (the patient context, fetched while the images are processed) is waited for only
-    then; whatever it raises fails the graph before anything is written.
+    ``context`` is the patient context's outcome (:class:`PatientContextOperator`), or None
+    when none was looked up; its sentence goes into the SR, beside the note that the algorithm
+    uses imaging only. A refusal's SR gives the series' reasons only.
     """
 
     def __init__(
@@ -238,44 +242,38 @@ class ResultsWriterOperator(Operator):
         output_dir: Path,
         uid_root: str,
         labelmap: bool = False,
-        timings: dict[str, float] | None = None,
-        written: list[Path] | None = None,
-        statements: Callable[[], Sequence[str]] | None = None,
         **kw: object,
     ) -> None:
-        self.statements = statements
-        self.timings = timings
-        self.written = written
         self.algorithm = algorithm
         self.output_dir = Path(output_dir)
         self.uid_root = uid_root
         self.labelmap = labelmap
+        self.written: tuple[Path, ...] = ()
+        self.timings: dict[str, float] = {}  # this operator's stage seconds, read after a run
         super().__init__(fragment, *args, **kw)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("selection")
         spec.input("volume")
         spec.input("measured")
+        spec.input("context")
 
     def compute(self, op_input: InputPorts, op_output: OutputPorts, context: object) -> None:
         receive = op_input.receive
         selection, volume, measured = receive("selection"), receive("volume"), receive("measured")
-        paths = write_results(
-            selection,
-            volume,
-            measured,
-            self.algorithm,
-            self.output_dir,
-            uid_root=self.uid_root,
-            labelmap=self.labelmap,
-            timings=self.timings,
-            # Nothing is analysed without a candidate series: no reason to wait for (or fail
-            # on) the statements then; a refusal's SR gives the series' reasons only.
-            statements=(
-                self.statements()
-                if self.statements and selection is not None and not selection.refused
-                else ()
-            ),
+        outcome: ContextOutcome | None = receive("context")
+        analysed = selection is not None and not selection.refused
+        statements = [outcome.describe(), IMAGING_ONLY] if outcome is not None and analysed else []
+        self.written = tuple(
+            write_results(
+                selection,
+                volume,
+                measured,
+                self.algorithm,
+                self.output_dir,
+                uid_root=self.uid_root,
+                labelmap=self.labelmap,
+                timings=self.timings,
+                statements=statements,
+            )
         )
-        if self.written is not None:
-            self.written.extend(paths)

@@ -35,7 +35,7 @@ class SegmentationOperator(Operator):
     ``classes`` (uint8 class map, or ``None`` when there was no volume).
 
     ``predictor`` runs the network (in process, or on Triton); the app chooses it.
-    ``timings`` (optional dict) receives seconds per stage for the benchmark.
+    :attr:`timings` holds the seconds per stage (preprocess, inference, postprocess) after a run.
     """
 
     def __init__(
@@ -44,12 +44,11 @@ class SegmentationOperator(Operator):
         *args: object,
         config: SegmentationModelConfig,
         predictor: Predictor,
-        timings: dict[str, float] | None = None,
         **kw: object,
     ) -> None:
         self.config = config
         self.predictor = predictor
-        self.timings = timings
+        self.timings: dict[str, float] = {}  # this operator's stage seconds, read after a run
         super().__init__(fragment, *args, **kw)
 
     def setup(self, spec: OperatorSpec) -> None:

@@ -361,17 +361,16 @@ class VolumeOperator(Operator):
     (``Volume`` of the first candidate series that assembles, or a ``VolumeError`` instance
     carrying every candidate's reason, or None when there was no selection).
 
-    ``timings`` (optional dict) receives the seconds spent reading and assembling (``load``).
+    :attr:`timings` holds the seconds spent reading and assembling (``load``) after a run.
     """
 
     def __init__(
         self,
         fragment: Fragment,
         *args: object,
-        timings: dict[str, float] | None = None,
         **kw: object,
     ) -> None:
-        self.timings = timings
+        self.timings: dict[str, float] = {}  # this operator's stage seconds, read after a run
         super().__init__(fragment, *args, **kw)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -387,6 +386,5 @@ class VolumeOperator(Operator):
                 result = assemble_first_usable(selection.candidates)
             except VolumeError as err:
                 result = err
-        if self.timings is not None:
-            self.timings["load"] = time.perf_counter() - started
+        self.timings["load"] = time.perf_counter() - started
         op_output.emit(result, "volume")

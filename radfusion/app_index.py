@@ -12,7 +12,7 @@ __all__ = ["APPS", "known_apps"]
 
 APPS: dict[str, str] = {
     "forward": "radfusion.apps.forward.app:ForwardApp",
-    "lung-ct": "radfusion.apps.lung_ct.app:LungCT",
+    "lung-ct": "radfusion.apps.lung_ct.app:LungCTRunner",
 }
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pydicom
 
 from radfusion.apps.registry import App, StudyInput, get_app, known_apps
+from radfusion.assembler import StudyAssembler
 from radfusion.config import RadfusionConfig
 from radfusion.errors import Unavailable
-from radfusion.integrations.dicom.assembler import StudyAssembler
 from radfusion.integrations.dicom.export import Exporter
 from radfusion.integrations.dicom.header import HeaderError, read_part10_header
 from radfusion.integrations.dicom.node import DicomNode
@@ -180,8 +180,10 @@ class Service:
             )
             if job.app not in self._apps:  # one instance per app: models load once
                 self._apps[job.app] = get_app(job.app, self.config)
-            outputs = self._apps[job.app].run(study, work_dir)
-            results = self.exporter.export(outputs, study_instance_uid=job.StudyInstanceUID)
+            outcome = self._apps[job.app].run(study, work_dir)
+            results = self.exporter.export(
+                list(outcome.files), study_instance_uid=job.StudyInstanceUID
+            )
         except Exception as err:
             error = f"{type(err).__name__}: {err}"
             delays = self.config.jobs.retry.delays()
@@ -207,7 +209,7 @@ class Service:
             shutil.rmtree(work_dir, ignore_errors=True)
         failed = [r for r in results if not r.delivered]
         error = "; ".join(f"{r.destination}: dead letter #{r.dead_letter_id}" for r in failed)
-        self.catalog.finish_job(job.id, ok=not failed, error=error, note="; ".join(study.notes))
+        self.catalog.finish_job(job.id, ok=not failed, error=error, note="; ".join(outcome.notes))
         log.info(
             "job %d (%s) on study %s %s in %.1f s",
             job.id,

@@ -319,7 +319,7 @@ def ct_study(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def start_triton(repository: Path, **options: Any) -> Any:
     """A real ``tritonserver`` on ``repository`` (skip locally, fail on CI, when it is not
     installed: ``make .triton`` installs it)."""
-    from radfusion.integrations.inference.local_server import (
+    from tests.triton_server import (
         LocalTritonServer,
         TritonServerNotFound,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from radfusion.apps.registry import StudyInput
+from radfusion.apps.registry import AppResult, StudyInput
 
 
 class ForwardApp:
@@ -18,5 +18,5 @@ class ForwardApp:
     def __init__(self, config: object) -> None:
         pass
 
-    def run(self, study: StudyInput, work_dir: Path) -> list[Path]:
-        return list(study.files)
+    def run(self, study: StudyInput, work_dir: Path) -> AppResult:
+        return AppResult(files=study.files)

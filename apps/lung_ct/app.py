@@ -2,10 +2,10 @@
 
 A MONAI Deploy application (Holoscan graph)::
 
-    study ─▶ select_series ─▶ volume ─▶ segment ─▶ detect ─▶ measure ─▶ write_results
-                  │              ├──────────────────────▲          ▲          ▲
-                  │              └─────────────────────────────────┴──────────┤
-                  └───────────────────────────────────────────────────────────┘
+    study ─▶ select_series ─┬─▶ volume ─▶ segment ─▶ detect ─▶ measure ─▶ write_results
+                            │     └────────────────────┴──────────┴──────────▲
+                            ├─▶ patient_context ─────────────────────────────▲
+                            └────────────────────────────────────────────────┘
 
 ``segment`` runs the learned model; ``detect`` finds the lungs (classical, checked for
 plausibility) and the nodules (shape and density, the model's tumour class as one piece of
@@ -16,8 +16,9 @@ Run once over a folder like any MONAI Deploy app (``HOLOSCAN_INPUT_PATH`` →
 ``HOLOSCAN_OUTPUT_PATH``, or ``radfusion run lung-ct --input DIR --output DIR``), or from the
 service, which hands it each study the router assigns to ``lung-ct``.
 
-With a ``fhir:`` section, the patient's clinical and genomic data are looked up while the images
-are processed, and the SR says whether they were found and, if not, why. The segmentation itself
+With a ``fhir:`` section, ``patient_context`` looks the patient's clinical and genomic data up
+while the images are processed (a second scheduler worker), and the SR says whether they were
+found and, if not, why. The segmentation itself
 uses imaging only (the SR says that too); the context is there for fusion models. Under
 ``fhir.on_unavailable: hold`` an unreachable FHIR server fails the study before anything is
 written, so that it is retried later.
@@ -29,27 +30,22 @@ import hashlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 
-import pydicom
+from holoscan.schedulers import EventBasedScheduler
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application, Fragment, Operator, OperatorSpec
-from pydicom.dataset import Dataset
 
 from radfusion import __version__
-from radfusion.apps.registry import StudyInput
+from radfusion.apps.registry import AppResult, StudyInput
 from radfusion.config import LungCTConfig, RadfusionConfig
-from radfusion.integrations.fhir.provider import (
-    ContextOutcome,
-    ContextUnavailable,
-    PatientContextProvider,
-)
+from radfusion.integrations.fhir.provider import PatientContextProvider
 from radfusion.operators.detection import DetectionOperator, DetectionSettings
 from radfusion.operators.measurement import MeasurementOperator
 from radfusion.operators.nodules import NoduleScorer, default_scorer_path
-from radfusion.operators.ports import InputPorts, OutputPorts
+from radfusion.operators.patient_context import ContextLookup, PatientContextOperator
+from radfusion.operators.ports import InputPorts, OutputPorts, Timed
 from radfusion.operators.results import AlgorithmInfo
 from radfusion.operators.results_writer import ResultsWriterOperator
 from radfusion.operators.segmentation import (
@@ -67,11 +63,9 @@ from radfusion.operators.series_selector import (
 )
 from radfusion.operators.volume import VolumeOperator
 
-__all__ = ["LungCT", "LungCTApp", "PatientContextLookup", "make_predictor", "run_folder"]
+__all__ = ["LungCTApp", "LungCTRunner", "make_predictor", "run_folder"]
 
 log = logging.getLogger("radfusion.apps.lung_ct")
-
-IMAGING_ONLY = "This algorithm uses imaging only."
 
 
 class StudyFilesOperator(Operator):
@@ -153,76 +147,13 @@ def make_predictor(config: RadfusionConfig, model: SegmentationModelConfig) -> P
     return load_torchscript(model.model_path, settings.threads)
 
 
-class PatientContextLookup:
-    """The patient context of one study, looked up in a thread while the images are processed.
-
-    :meth:`statements` waits for it and gives the SR's sentences; :attr:`outcome` is then set.
-    Nothing is looked up (and the SR says nothing of it) without a ``fhir:`` section.
-
-    Raises (from :meth:`statements`):
-        ContextUnavailable: the FHIR server is unavailable and the site holds such studies.
-    """
-
-    def __init__(
-        self,
-        provider: PatientContextProvider | None,
-        files: Sequence[Path],
-        pool: ThreadPoolExecutor,
-    ) -> None:
-        self.outcome: ContextOutcome | None = None
-        self._future: Future[ContextOutcome] | None = None
-        if provider is not None and files:
-            self._future = pool.submit(_lookup, provider, list(files))
-
-    def statements(self) -> list[str]:
-        if self._future is None:
-            return []
-        self.outcome = self._future.result()
-        return [self.outcome.describe(), IMAGING_ONLY]
-
-    def abandon(self) -> None:
-        """The study failed before its results were written: drop the lookup if it has not
-        started (one that has runs to its end in the background; its outcome is unused)."""
-        if self._future is not None:
-            self._future.cancel()
-
-
-_DICOMDIR = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: names no one patient
-
-
-def _header(files: Sequence[Path]) -> Dataset | None:
-    """The first file that is a DICOM instance of a study (any of them names its patient)."""
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # not DICOM, unreadable: another file will do
-            continue
-        if "StudyInstanceUID" in ds and ds.get("SOPClassUID") != _DICOMDIR:
-            return ds
-    return None
-
-
-def _lookup(provider: PatientContextProvider, files: Sequence[Path]) -> ContextOutcome:
-    """The provider's outcome; under ``imaging-only`` nothing in the lookup may fail the study,
-    so an unexpected error is an outcome too (named by its type: its text may hold paths or
-    patient data)."""
-    try:
-        header = _header(files)
-        if header is None:
-            return ContextOutcome("no-patient", reason="no instance of the study could be read")
-        return provider(header)
-    except ContextUnavailable:
-        raise
-    except Exception as err:
-        log.warning("patient context lookup failed (%s); imaging only", type(err).__name__)
-        return ContextOutcome("refused", reason=f"the lookup failed ({type(err).__name__})")
-
-
 class LungCTApp(Application):
     """The graph for one study: ``files`` in, SEG and SR written to ``output_dir``.
 
-    ``statements``, when given, is called as the results are written and its sentences go into
-    the SR (see :class:`ResultsWriterOperator`).
+    ``lookup`` (e.g. the FHIR adapter's provider) gives the patient context, looked up while
+    the images are processed; without it nothing is looked up and the SR says nothing of it.
+    After :meth:`run`, :meth:`result` says what was written, what the site should know and how
+    long each stage took.
     """
 
     def __init__(
@@ -232,66 +163,57 @@ class LungCTApp(Application):
         output_dir: Path,
         settings: LungCTConfig,
         uid_root: str,
-        timings: dict[str, float] | None = None,
-        model: SegmentationModelConfig | None = None,
-        predictor: Predictor | None = None,
-        statements: Callable[[], Sequence[str]] | None = None,
+        model: SegmentationModelConfig,
+        predictor: Predictor,
+        lookup: ContextLookup | None = None,
         **kw: object,
     ) -> None:
-        self.timings: dict[str, float] = {} if timings is None else timings
-        self._statements = statements
-        self.written: list[Path] = []  # filled by the results writer when the graph runs
-        self._model = model
-        self._predictor = predictor
         self._files = list(files)
         self._output_dir = Path(output_dir)
         self._settings = settings
         self._uid_root = uid_root
+        self._model = model
+        self._predictor = predictor
+        self._lookup = lookup
+        self._timed: list[Timed] = []
+        self._context: PatientContextOperator | None = None
+        self._write: ResultsWriterOperator | None = None
         # Holoscan would otherwise parse sys.argv (e.g. `radfusion serve --config FILE`) as its own
         # command line and load radfusion's config file as a Holoscan config.
         super().__init__(argv=[sys.executable, "lung-ct"], **kw)
 
     def compose(self) -> None:
-        model = self._model or model_config(self._settings)
-        predictor = self._predictor or load_torchscript(model.model_path, self._settings.threads)
+        settings, model = self._settings, self._model
         study = StudyFilesOperator(self, CountCondition(self, 1), files=self._files, name="study")
         select = SeriesSelectorOperator(
             self,
-            rule=SelectionRule.from_settings(self._settings),
-            report_refusals=self._settings.report_refusals,
+            rule=SelectionRule.from_settings(settings),
+            report_refusals=settings.report_refusals,
             name="select_series",
         )
-        volume = VolumeOperator(self, timings=self.timings, name="volume")
+        context = PatientContextOperator(self, lookup=self._lookup, name="patient_context")
+        volume = VolumeOperator(self, name="volume")
         segment = SegmentationOperator(
-            self,
-            config=model,
-            predictor=predictor,
-            timings=self.timings,
-            name="segment",
+            self, config=model, predictor=self._predictor, name="segment"
         )
-        scorer_path = self._settings.nodule_scorer or default_scorer_path()
+        scorer_path = settings.nodule_scorer or default_scorer_path()
         detect = DetectionOperator(
             self,
-            settings=detection_settings(self._settings),
+            settings=detection_settings(settings),
             scorer=NoduleScorer.from_json(scorer_path),
-            timings=self.timings,
             name="detect",
         )
-        measure = MeasurementOperator(
-            self, uid_root=self._uid_root, timings=self.timings, name="measure"
-        )
+        measure = MeasurementOperator(self, uid_root=self._uid_root, name="measure")
         write = ResultsWriterOperator(
             self,
-            algorithm=algorithm_info(model, predictor, scorer_path),
+            algorithm=algorithm_info(model, self._predictor, scorer_path),
             output_dir=self._output_dir,
             uid_root=self._uid_root,
-            labelmap=self._settings.seg_type == "labelmap",
-            timings=self.timings,
-            written=self.written,
-            statements=self._statements,
+            labelmap=settings.seg_type == "labelmap",
             name="write_results",
         )
         self.add_flow(study, select, {("files", "files")})
+        self.add_flow(select, context, {("selection", "selection")})
         self.add_flow(select, volume, {("selection", "selection")})
         self.add_flow(volume, segment, {("volume", "volume")})
         self.add_flow(volume, detect, {("volume", "volume")})
@@ -301,6 +223,91 @@ class LungCTApp(Application):
         self.add_flow(select, write, {("selection", "selection")})
         self.add_flow(volume, write, {("volume", "volume")})
         self.add_flow(measure, write, {("measured", "measured")})
+        self.add_flow(context, write, {("context", "context")})
+        # Two workers: the patient context's network round trip runs beside the images.
+        self.scheduler(
+            EventBasedScheduler(
+                self, name="scheduler", worker_thread_number=2, stop_on_deadlock_timeout=0
+            )
+        )
+        self._timed = [context, volume, segment, detect, measure, write]
+        self._context, self._write = context, write
+
+    def result(self) -> AppResult:
+        """What the last :meth:`run` wrote, what the site should know without failing the
+        study (the patient context, when it was looked up and not found), and its stages'
+        seconds."""
+        if self._write is None or self._context is None:
+            raise RuntimeError("the app has not run")
+        outcome = self._context.outcome
+        notes = (outcome.describe(),) if outcome and outcome.status != "available" else ()
+        timings = {k: v for op in self._timed for k, v in op.timings.items()}
+        return AppResult(files=self._write.written, notes=notes, timings=timings)
+
+
+class LungCTRunner:
+    """The registry entry: runs the app on each study the service hands over, and on a folder
+    (``radfusion run``, the MAP entry point).
+
+    The model is loaded on the first study and kept for the next ones; so is the FHIR client
+    (and its token). Close it (or use it as a context manager) to release them.
+
+    Raises (from the constructor, when the model is loaded):
+        TritonError: the server or model of ``triton:`` is not available.
+        ModelConfigError: the TorchScript file cannot be loaded.
+    """
+
+    name = "lung-ct"
+
+    def __init__(self, config: RadfusionConfig) -> None:
+        self.config = config
+        self._model: SegmentationModelConfig | None = None
+        self._predictor: Predictor | None = None
+        self._provider: PatientContextProvider | None = None
+
+    def __enter__(self) -> LungCTRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the FHIR and Triton clients; the service calls this when it stops."""
+        _close(self._predictor, self._provider)
+        self._predictor = self._provider = None
+
+    def process(self, files: Sequence[Path], output_dir: Path) -> AppResult:
+        """Run the app on one study's ``files``, writing its results to ``output_dir``.
+
+        Raises:
+            ContextUnavailable: the FHIR server is down and the site holds such studies
+                (nothing is written then).
+        """
+        settings = self.config.apps.lung_ct
+        if self._model is None or self._predictor is None:
+            self._model = model_config(settings)
+            self._predictor = make_predictor(self.config, self._model)
+        if self._provider is None and self.config.fhir is not None:
+            self._provider = PatientContextProvider(self.config.fhir)
+        app = LungCTApp(
+            files=files,
+            output_dir=Path(output_dir),
+            settings=settings,
+            uid_root=self.config.uid_root,
+            model=self._model,
+            predictor=self._predictor,
+            lookup=self._provider,
+        )
+        app.run()
+        return app.result()
+
+    def run(self, study: StudyInput, work_dir: Path) -> AppResult:
+        result = self.process(study.files, Path(work_dir) / "output")
+        log.info(
+            "lung-ct stage seconds: %s",
+            " ".join(f"{k}={v:.2f}" for k, v in result.timings.items()),
+        )
+        return result
 
 
 def run_folder(input_dir: Path, output_dir: Path, config: RadfusionConfig) -> list[Path]:
@@ -319,29 +326,11 @@ def run_folder(input_dir: Path, output_dir: Path, config: RadfusionConfig) -> li
     refused = selection is None or selection.refused
     if selection is None or (refused and not config.apps.lung_ct.report_refusals):
         raise NoSeriesQualifies(selection)
-    model = model_config(config.apps.lung_ct)
-    predictor = make_predictor(config, model)
-    provider = PatientContextProvider(config.fhir) if config.fhir is not None else None
-    pool = ThreadPoolExecutor(1, thread_name_prefix="fhir")
-    lookup = PatientContextLookup(provider, files, pool)
-    try:
-        app = LungCTApp(
-            files=files,
-            output_dir=Path(output_dir),
-            settings=config.apps.lung_ct,
-            uid_root=config.uid_root,
-            model=model,
-            predictor=predictor,
-            statements=lookup.statements,
-        )
-        app.run()
-    finally:
-        lookup.abandon()
-        pool.shutdown(wait=False, cancel_futures=True)
-        _close(predictor, provider)
+    with LungCTRunner(config) as runner:
+        result = runner.process(files, Path(output_dir))
     if refused:
-        raise NoSeriesQualifies(selection, app.written)
-    return list(app.written)
+        raise NoSeriesQualifies(selection, result.files)
+    return list(result.files)
 
 
 def _close(*resources: object) -> None:
@@ -349,61 +338,6 @@ def _close(*resources: object) -> None:
         close = getattr(resource, "close", None)
         if close is not None:
             close()
-
-
-class LungCT:
-    """The registry entry: runs the app on each study the service hands over.
-
-    The model is loaded once, on the first study, and kept for the next ones; so is the FHIR
-    client (and its token). When the patient context is not available, the study's
-    ``notes`` say why, for ``radfusion status``.
-    """
-
-    name = "lung-ct"
-
-    def __init__(self, config: RadfusionConfig) -> None:
-        self.config = config
-        self._model: SegmentationModelConfig | None = None
-        self._predictor: Predictor | None = None
-        self._provider: PatientContextProvider | None = None
-        # Two workers: a lookup left running by a failed study does not delay the next one's.
-        self._pool = ThreadPoolExecutor(2, thread_name_prefix="fhir")
-
-    def close(self) -> None:
-        """Stop looking up (pending lookups are dropped) and close the FHIR and Triton
-        clients; the service calls this when it stops."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        _close(self._predictor, self._provider)
-        self._predictor = self._provider = None
-
-    def run(self, study: StudyInput, work_dir: Path) -> list[Path]:
-        settings = self.config.apps.lung_ct
-        if self._predictor is None:
-            self._model = model_config(settings)
-            self._predictor = make_predictor(self.config, self._model)
-        if self._provider is None and self.config.fhir is not None:
-            self._provider = PatientContextProvider(self.config.fhir)
-        lookup = PatientContextLookup(self._provider, study.files, self._pool)
-        app = LungCTApp(
-            files=study.files,
-            output_dir=Path(work_dir) / "output",
-            settings=settings,
-            uid_root=self.config.uid_root,
-            model=self._model,
-            predictor=self._predictor,
-            statements=lookup.statements,
-        )
-        try:
-            app.run()
-        finally:
-            lookup.abandon()
-        if lookup.outcome is not None and lookup.outcome.status != "available":
-            study.notes.append(lookup.outcome.describe())
-        log.info(
-            "lung-ct stage seconds: %s",
-            " ".join(f"{k}={v:.2f}" for k, v in app.timings.items()),
-        )
-        return list(app.written)
 
 
 def main() -> None:

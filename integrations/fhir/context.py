@@ -27,26 +27,32 @@ preliminary, are left out and counted in :attr:`PatientContext.excluded`.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from radfusion.config import FhirConfig
 from radfusion.integrations.fhir.client import FhirClient, SearchResult
+from radfusion.integrations.fhir.value_sets import (
+    HGNC_SYMBOLS,
+    LUNG_CANCER_SNOMED,
+    LUNG_CANCER_STAGE,
+    STAGE_GROUP_LOINC,
+    STAGE_GROUP_SNOMED,
+    STAGE_VALUES,
+)
+from radfusion.patient_context import (
+    CancerCondition,
+    Coded,
+    Fact,
+    GeneResult,
+    PatientContext,
+    Source,
+    Variant,
+)
 
-__all__ = [
-    "LUNG_PANEL",
-    "CancerCondition",
-    "Coded",
-    "Fact",
-    "GeneResult",
-    "PatientContext",
-    "Source",
-    "Variant",
-    "build_context",
-    "fetch_context",
-]
+__all__ = ["LUNG_PANEL", "build_context", "fetch_context"]
 
 T = TypeVar("T")
 
@@ -70,23 +76,10 @@ MSI = "81695-9"
 ECOG = "89247-1"
 KARNOFSKY = "89243-0"
 SMOKING = "72166-2"
-STAGE_GROUP = {"21908-9", "21902-2", "21914-7"}  # LOINC clinical / pathologic / other
-STAGE_GROUP_SNOMED = {"1222593009", "1222592004", "399537006", "385356007"}
 TUMOUR_MARKERS = {"2039-6": "CEA", "19166-8": "CYFRA 21-1", "19123-9": "NSE"}
 PRESENT, ABSENT = "LA9633-4", "LA9634-2"
 SOURCE_CLASS = {"LA6684-0": "somatic", "LA6683-2": "germline", "LA18197-1": "unknown"}
-
-# Primary lung cancer (SNOMED CT) and ICD-10 C34.x; matched on code, as mCODE asks for.
-LUNG_CANCER_SNOMED = {
-    "363358000",  # malignant tumour of lung
-    "93880001",  # primary malignant neoplasm of lung
-    "254637007",  # non-small cell lung cancer
-    "254632001",  # small cell carcinoma of lung
-    "254626006",  # adenocarcinoma of lung
-    "254634000",  # squamous cell carcinoma of lung
-    "424132000",  # non-small cell carcinoma of lung, TNM stage 1
-    "187875007",  # malignant neoplasm of bronchus and lung
-}
+HGNC = "http://www.genenames.org"  # also .../geneId (Genomics Reporting IG)
 
 _OBSERVATION_CODES = (
     VARIANT,
@@ -96,105 +89,10 @@ _OBSERVATION_CODES = (
     ECOG,
     KARNOFSKY,
     SMOKING,
-    *sorted(STAGE_GROUP),
+    *sorted(STAGE_GROUP_LOINC),
     *sorted(TUMOUR_MARKERS),
 )
 _USABLE_STATUS = {"final", "amended", "corrected", "appended"}
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a value came from: ``Type/id`` and the version read (``meta.versionId``)."""
-
-    reference: str
-    version: str | None = None
-
-    @property
-    def versioned(self) -> str:
-        return f"{self.reference}/_history/{self.version}" if self.version else self.reference
-
-
-@dataclass(frozen=True)
-class Fact(Generic[T]):
-    """A value with its provenance, or ``None`` and why (``missing``)."""
-
-    value: T | None
-    sources: tuple[Source, ...] = ()
-    date: str | None = None
-    missing: str = ""
-
-    @classmethod
-    def unknown(cls, reason: str) -> Fact[T]:
-        return cls(None, missing=reason)
-
-
-@dataclass(frozen=True)
-class Coded:
-    """A coded answer: ``system|code`` and its display (or text)."""
-
-    system: str
-    code: str
-    display: str
-
-    @property
-    def token(self) -> str:
-        return f"{self.system}|{self.code}"
-
-
-@dataclass(frozen=True)
-class Variant:
-    gene: str
-    hgvs_c: str | None
-    hgvs_p: str | None
-    vaf_percent: float | None  # allele frequency in %, whether sent as % or as a fraction
-    origin: str | None  # somatic | germline | unknown
-    source: Source
-
-
-@dataclass(frozen=True)
-class GeneResult:
-    """One gene: ``present`` (variants found), ``absent`` (tested, wild type),
-    ``indeterminate`` (tested, no usable call) or ``not-tested``; ``sources`` are the
-    Observations that say so."""
-
-    gene: str
-    status: str
-    variants: tuple[Variant, ...] = ()
-    sources: tuple[Source, ...] = ()
-
-
-@dataclass(frozen=True)
-class CancerCondition:
-    code: str
-    system: str
-    display: str
-    histology: str | None
-    body_site: str | None
-    clinical_status: str | None = None  # active, recurrence, remission, resolved, …
-
-
-@dataclass(frozen=True)
-class PatientContext:
-    """What is known of the patient at the study date. See the module docstring."""
-
-    patient: Source
-    study_date: dt.date
-    age_years: Fact[int]
-    sex: Fact[str]
-    genes: dict[str, GeneResult]
-    tmb: Fact[float]
-    msi: Fact[Coded]
-    cancer: Fact[CancerCondition]
-    stage_group: Fact[Coded]
-    ecog: Fact[int]
-    karnofsky: Fact[int]
-    smoking: Fact[Coded]
-    tumour_markers: dict[str, Fact[float]] = field(default_factory=dict)
-    excluded: dict[str, int] = field(default_factory=dict)  # reason → resources left out
-    genomics_withheld: str = ""  # why no genomic data was fetched (consent), else ""
-
-    def tested_genes(self) -> set[str]:
-        return {g for g, r in self.genes.items() if r.status in ("present", "absent")}
 
 
 # -- small readers -----------------------------------------------------------------------------
@@ -269,21 +167,36 @@ def _component(observation: dict[str, Any], code: str) -> list[dict[str, Any]]:
 
 
 def _gene_names(observation: dict[str, Any]) -> list[str]:
-    names = []
+    """Every gene the Observation's gene-studied components name: one per component, or
+    several in one (several HGNC codings, or a text listing them, as some senders write a
+    region studied)."""
+    names: list[str] = []
     for c in _component(observation, GENE_STUDIED):
-        concept = c.get("valueCodeableConcept")
-        name = None
-        for coding in _codings(concept):
-            # HGNC codings carry the symbol as display (the code is HGNC:nnnn).
-            if coding.get("display"):
-                name = str(coding["display"]).upper()
-                break
-        name = name or (
-            str(concept.get("text")).upper() if concept and concept.get("text") else None
-        )
-        if name:
-            names.append(name)
-    return names
+        names.extend(_genes_of(c.get("valueCodeableConcept")))
+    return list(dict.fromkeys(names))
+
+
+def _genes_of(concept: Any) -> list[str]:
+    hgnc = [c for c in _codings(concept) if str(c.get("system", "")).startswith(HGNC)]
+    # HGNC codings carry the symbol as display (the code is HGNC:nnnn); a coding of another
+    # system is a translation of the same gene, not another gene.
+    symbols = [
+        str(c["display"]).strip().upper()
+        if c.get("display")
+        else HGNC_SYMBOLS.get(str(c.get("code")))
+        for c in hgnc
+    ]
+    if any(symbols):
+        return [s for s in symbols if s]
+    for coding in _codings(concept):
+        if coding.get("display"):
+            return [str(coding["display"]).strip().upper()]
+    text = concept.get("text") if isinstance(concept, dict) else None
+    if not text:
+        return []
+    # A list in text: "TP53, STK11", "TP53; STK11", "TP53 and STK11".
+    parts = re.split(r"\s*(?:,|;|/|\band\b)\s*", str(text), flags=re.IGNORECASE)
+    return [p.strip().upper() for p in parts if p.strip()]
 
 
 _NOT_A_DIAGNOSIS = {"entered-in-error", "refuted", "unconfirmed", "provisional", "differential"}
@@ -471,7 +384,7 @@ def _cancer(conditions: list[dict[str, Any]]) -> Fact[CancerCondition]:
     lung = [
         c
         for c in conditions
-        if _has_code(c.get("code"), SNOMED, LUNG_CANCER_SNOMED)
+        if _has_code(c.get("code"), SNOMED, LUNG_CANCER_SNOMED.keys())
         or any(
             str(coding.get("code", "")).upper().startswith("C34")
             for coding in _codings(c.get("code"))
@@ -481,7 +394,12 @@ def _cancer(conditions: list[dict[str, Any]]) -> Fact[CancerCondition]:
     condition = _latest(lung)
     if condition is None:
         return Fact.unknown("no primary lung cancer Condition up to the study date")
-    code = _codings(condition.get("code"))[0]
+    codings = _codings(condition.get("code"))
+    # The SNOMED CT concept of the value set first: it may carry the stage.
+    code = next(
+        (c for c in codings if c.get("system") == SNOMED and c.get("code") in LUNG_CANCER_SNOMED),
+        codings[0],
+    )
     histology = None
     for extension in condition.get("extension") or []:
         if "histology" in str(extension.get("url", "")).lower():
@@ -566,6 +484,7 @@ def build_context(
         chosen.setdefault(reference, o)
     kept = [o for o in chosen.values() if select.keep(o)]
     conditions_kept = [c for c in conditions.match if select.keep(c, status_rule=False)]
+    cancer = _cancer(conditions_kept)
     sex = patient.get("gender")
     return PatientContext(
         patient=_source(patient),
@@ -583,8 +502,8 @@ def build_context(
             if genomics_withheld
             else _fact_concept(_single(kept, {MSI}), "microsatellite instability")
         ),
-        cancer=_cancer(conditions_kept),
-        stage_group=_stage(kept),
+        cancer=cancer,
+        stage_group=_stage(kept, cancer),
         ecog=_int_fact(_fact_number(_single(kept, {ECOG}), "ECOG performance status")),
         karnofsky=_int_fact(_fact_number(_single(kept, {KARNOFSKY}), "Karnofsky score")),
         smoking=_fact_concept(_single(kept, {SMOKING}), "smoking status"),
@@ -598,15 +517,30 @@ def build_context(
     )
 
 
-def _stage(observations: list[dict[str, Any]]) -> Fact[Coded]:
+def _stage(observations: list[dict[str, Any]], cancer: Fact[CancerCondition]) -> Fact[Coded]:
+    """The latest stage group Observation (LOINC or SNOMED CT coded); without one, the stage
+    the lung cancer concept carries (Synthea's staged concepts), saying so in ``derived``."""
     stage = _latest(
         [
             o
             for o in observations
-            if _has_code(o.get("code"), LOINC, STAGE_GROUP)
+            if _has_code(o.get("code"), LOINC, STAGE_GROUP_LOINC)
             or _has_code(o.get("code"), SNOMED, STAGE_GROUP_SNOMED)
         ]
     )
+    condition = cancer.value
+    group = None
+    if condition is not None and condition.system == SNOMED:
+        group = LUNG_CANCER_STAGE.get(condition.code)
+    if stage is None and condition is not None and group is not None:
+        code, display = STAGE_VALUES[group]
+        return Fact(
+            Coded(SNOMED, code, display),
+            cancer.sources,
+            cancer.date,
+            derived=f"from the Condition's code {SNOMED}|{condition.code} (no stage group "
+            "Observation)",
+        )
     return _fact_concept(stage, "TNM stage group")
 
 
@@ -636,9 +570,8 @@ def fetch_context(
     codes = [c for c in _OBSERVATION_CODES if not (genomics_withheld and c in genomic)]
     # No server-side date filter: undated and later results are dropped here, where they are
     # counted (a server would drop undated ones silently).
-    observations = client.search(
-        "Observation", {"subject": subject, "code": ",".join(f"{LOINC}|{c}" for c in codes)}
-    )
+    tokens = [f"{LOINC}|{c}" for c in codes] + [f"{SNOMED}|{c}" for c in sorted(STAGE_GROUP_SNOMED)]
+    observations = client.search("Observation", {"subject": subject, "code": ",".join(tokens)})
     reports = SearchResult()
     if not genomics_withheld:
         reports = client.search(

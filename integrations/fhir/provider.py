@@ -12,63 +12,25 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from pydicom.dataset import Dataset
 
 from radfusion.config import FhirConfig
 from radfusion.errors import Unavailable
 from radfusion.integrations.fhir.client import FhirClient, FhirError, FhirUnavailable
-from radfusion.integrations.fhir.context import PatientContext, fetch_context
+from radfusion.integrations.fhir.context import fetch_context
 from radfusion.integrations.fhir.patient import find_patient
+from radfusion.patient_context import ContextOutcome
 
-__all__ = ["ContextOutcome", "ContextUnavailable", "PatientContextProvider"]
+__all__ = ["ContextUnavailable", "PatientContextProvider"]
 
 log = logging.getLogger("radfusion.fhir")
-
-Status = Literal["available", "no-patient", "unavailable", "refused", "no-study-date"]
 
 
 class ContextUnavailable(Unavailable, RuntimeError):
     """The FHIR server is unavailable and the site holds studies until it is back (the
     service queues the job again later, ``jobs.retry``)."""
-
-
-@dataclass(frozen=True)
-class ContextOutcome:
-    """The context (``status == "available"``), or None and why."""
-
-    status: Status
-    context: PatientContext | None = None
-    reason: str = ""
-
-    def describe(self) -> str:
-        """One sentence for reports and ``radfusion status``: whether clinical and genomic
-        data were found and, when not or only in part, why. No PHI: resource types, counts,
-        HTTP statuses and OperationOutcome codes only."""
-        subject = "Clinical and genomic data (FHIR)"
-        if self.context is None:
-            return f"{subject}: {_STATUS_WORDS[self.status]} ({self.reason})"
-        context = self.context
-        parts = [f"{subject}: available as of the study date {context.study_date.isoformat()}"]
-        if context.genomics_withheld:
-            parts.append(context.genomics_withheld)
-        else:
-            tested = sorted(context.tested_genes())
-            parts.append(f"genes tested: {', '.join(tested)}" if tested else "no gene tested")
-        if context.excluded:
-            left_out = ", ".join(f"{n} {why}" for why, n in sorted(context.excluded.items()))
-            parts.append(f"results left out: {left_out}")
-        return "; ".join(parts)
-
-
-_STATUS_WORDS: dict[str, str] = {
-    "no-patient": "none, the patient was not identified",
-    "unavailable": "unavailable, the FHIR server could not be reached",
-    "refused": "unavailable, the FHIR server refused the request",
-    "no-study-date": "not looked up",
-}
 
 
 def _study_date(ds: Dataset) -> dt.date | None:

@@ -112,8 +112,8 @@ class BuildResult:
 # --------------------------------------------------------------------------- processes
 
 
-class Log:
-    """One log file for the external commands of a run; failures quote its tail."""
+class CommandLog:
+    """Runs a build's external commands, each logged to one file; failures quote its tail."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -246,23 +246,25 @@ def check_python() -> None:
         )
 
 
-def build_wheel(log: Log, out: Path) -> Path:
+def build_wheel(commands: CommandLog, out: Path) -> Path:
     """The radfusion wheel built from the repository into ``out``; returns its path."""
     shutil.rmtree(out, ignore_errors=True)
-    log.run((sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(REPO)))
+    commands.run(
+        (sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(REPO))
+    )
     wheels = sorted(out.glob("radfusion-*.whl"))
     if len(wheels) != 1:
         raise BuildError(f"expected one radfusion wheel in {out}, found {len(wheels)}")
     return wheels[0]
 
 
-def build_wheelhouse(log: Log, wheel: Path, out: Path) -> None:
+def build_wheelhouse(commands: CommandLog, wheel: Path, out: Path) -> None:
     """Every wheel the image needs, into ``out``, resolved by this machine's pip."""
     out.mkdir(parents=True, exist_ok=True)
-    log.run((sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out), *PINNED, str(wheel)))
+    commands.run((sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out), *PINNED, str(wheel)))
 
 
-def base_tarball(log: Log, options: BuildOptions) -> Path:
+def base_tarball(commands: CommandLog, options: BuildOptions) -> Path:
     """A Debian minbase root filesystem with Python as a tarball, cached in the work folder.
 
     Trimmed of apt's package cache and lists, man pages and locales (about 130 MB).
@@ -274,7 +276,7 @@ def base_tarball(log: Log, options: BuildOptions) -> Path:
     tarball.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=options.work) as tmp:
         root = Path(tmp) / "rootfs"
-        log.run(
+        commands.run(
             (
                 "debootstrap",
                 "--variant=minbase",
@@ -286,7 +288,7 @@ def base_tarball(log: Log, options: BuildOptions) -> Path:
         )
         trim(root)
         partial = tarball.with_suffix(".part")
-        log.run(("tar", "-C", str(root), "--numeric-owner", "-cf", str(partial), "."))
+        commands.run(("tar", "-C", str(root), "--numeric-owner", "-cf", str(partial), "."))
         partial.replace(tarball)
     return tarball
 
@@ -334,9 +336,9 @@ def make_plan(options: BuildOptions) -> Plan:
     return Plan(app_dir, meta, model_dirs(options), image, archives)
 
 
-def installed_versions(log: Log, container: str) -> dict[str, str]:
+def installed_versions(commands: CommandLog, container: str) -> dict[str, str]:
     """``name → version`` of the venv's packages (names lower-case, ``-`` for ``_``)."""
-    freeze = log.chroot(container, f"{VENV}/bin/pip", "freeze", capture=True)
+    freeze = commands.chroot(container, f"{VENV}/bin/pip", "freeze", capture=True)
     versions = {}
     for line in freeze.splitlines():
         name, sep, version = line.partition("==")
@@ -357,11 +359,13 @@ def semantic_version(versions: dict[str, str], name: str) -> str:
     return match.group(0) if match else versions[name]
 
 
-def install(log: Log, container: str, base: Path, wheel: Path, options: BuildOptions) -> None:
+def install(
+    commands: CommandLog, container: str, base: Path, wheel: Path, options: BuildOptions
+) -> None:
     """Base filesystem, venv with radfusion installed offline, CUDA runtime path, user."""
-    log.buildah("add", container, str(base), "/")
-    log.chroot(container, "python3", "-m", "venv", VENV)
-    log.chroot(
+    commands.buildah("add", container, str(base), "/")
+    commands.chroot(container, "python3", "-m", "venv", VENV)
+    commands.chroot(
         container,
         f"{VENV}/bin/pip",
         "install",
@@ -381,7 +385,7 @@ def install(log: Log, container: str, base: Path, wheel: Path, options: BuildOpt
         f"groupadd -g {options.gid} {USER} && "
         f"useradd -m -u {options.uid} -g {options.gid} -s /bin/bash {USER}"
     )
-    log.chroot(container, "sh", "-c", script)
+    commands.chroot(container, "sh", "-c", script)
 
 
 def manifests(plan: Plan, versions: dict[str, str], options: BuildOptions) -> tuple[dict, dict]:
@@ -481,17 +485,21 @@ def labels_for(plan: Plan, versions: dict[str, str], options: BuildOptions) -> d
     )
 
 
-def finish(log: Log, container: str, plan: Plan, wheel: Path, options: BuildOptions) -> int:
+def finish(
+    commands: CommandLog, container: str, plan: Plan, wheel: Path, options: BuildOptions
+) -> int:
     """Lay out the MAP in the container and configure it; returns the rootfs size in bytes."""
-    versions = installed_versions(log, container)
+    versions = installed_versions(commands, container)
     freeze = "\n".join(f"{k}=={v}" for k, v in sorted(versions.items()))
-    root = Path(log.buildah("mount", container, capture=True))
+    root = Path(commands.buildah("mount", container, capture=True))
     try:
         lay_out(root, plan, wheel, manifests(plan, versions, options), freeze, options)
         size = tree_bytes(root)
     finally:
-        log.buildah("umount", container)
-    log.buildah("config", *config_args(labels_for(plan, versions, options), options), container)
+        commands.buildah("umount", container)
+    commands.buildah(
+        "config", *config_args(labels_for(plan, versions, options), options), container
+    )
     return size
 
 
@@ -505,34 +513,36 @@ def build(options: BuildOptions) -> BuildResult:
     require_tools("buildah", "debootstrap", "tar")
     check_python()
     plan = make_plan(options)
-    log = Log(options.work / "build.log")
+    commands = CommandLog(options.work / "build.log")
     seconds: dict[str, float] = {}
     with step("wheel", seconds):
-        wheel = build_wheel(log, options.work / "wheels")
+        wheel = build_wheel(commands, options.work / "wheels")
     with step("wheelhouse", seconds):
-        build_wheelhouse(log, wheel, options.work / "wheelhouse")
+        build_wheelhouse(commands, wheel, options.work / "wheelhouse")
     with step("base", seconds):
-        base = base_tarball(log, options)
-    container = log.buildah("from", "scratch", capture=True)
+        base = base_tarball(commands, options)
+    container = commands.buildah("from", "scratch", capture=True)
     committed = False
     try:
         with step("install", seconds):
-            install(log, container, base, wheel, options)
+            install(commands, container, base, wheel, options)
         with step("layout", seconds):
-            rootfs_bytes = finish(log, container, plan, wheel, options)
+            rootfs_bytes = finish(commands, container, plan, wheel, options)
         with step("commit", seconds):
-            log.buildah("commit", "--format=oci", "--rm", "--quiet", container, plan.image)
+            commands.buildah("commit", "--format=oci", "--rm", "--quiet", container, plan.image)
             container, committed = "", True
         with step("archive", seconds):
             for transport, archive in plan.archives.items():
                 archive.parent.mkdir(parents=True, exist_ok=True)
                 archive.unlink(missing_ok=True)
-                log.buildah("push", "--quiet", plan.image, f"{transport}:{archive}:{plan.image}")
+                commands.buildah(
+                    "push", "--quiet", plan.image, f"{transport}:{archive}:{plan.image}"
+                )
     finally:
         if container:
-            log.buildah("rm", container)
+            commands.buildah("rm", container)
         if committed and not options.keep_image:
-            log.buildah("rmi", plan.image)
+            commands.buildah("rmi", plan.image)
     sizes = {a: a.stat().st_size for a in plan.archives.values()}
     return BuildResult(plan.image, sizes, rootfs_bytes, seconds)
 
@@ -567,27 +577,29 @@ def dciodvfy_errors(path: Path) -> int:
     return sum(line.startswith("Error") for line in (proc.stdout + proc.stderr).splitlines())
 
 
-def image_user(log: Log, container: str) -> tuple[int, int]:
+def image_user(commands: CommandLog, container: str) -> tuple[int, int]:
     """The numeric ``uid:gid`` the image runs as (``0:0`` when none is set)."""
-    user = log.buildah("inspect", "--format={{.OCIv1.Config.User}}", container, capture=True)
+    user = commands.buildah("inspect", "--format={{.OCIv1.Config.User}}", container, capture=True)
     uid, _, gid = (user or "0:0").partition(":")
     return int(uid), int(gid or uid)
 
 
-def check_show_and_extract(log: Log, container: str, work: Path, uid: int, gid: int) -> None:
+def check_show_and_extract(
+    commands: CommandLog, container: str, work: Path, uid: int, gid: int
+) -> None:
     """``tools show`` prints both manifests; ``tools extract`` copies the same ones out.
 
     Raises:
         BuildError: either disagrees with the other or a manifest is missing.
     """
-    shown = log.chroot(container, mm.TOOLS_PATH, "show", capture=True)
+    shown = commands.chroot(container, mm.TOOLS_PATH, "show", capture=True)
     if "app.json" not in shown or "pkg.json" not in shown:
         raise BuildError(f"'tools show' printed no manifests:\n{shown[:500]}")
     export = work / "export"
     shutil.rmtree(export, ignore_errors=True)
     (export / "config").mkdir(parents=True)
     os.chown(export / "config", uid, gid)
-    log.chroot(container, mm.TOOLS_PATH, "extract", volumes=(f"{export}:{EXPORT_MOUNT}",))
+    commands.chroot(container, mm.TOOLS_PATH, "extract", volumes=(f"{export}:{EXPORT_MOUNT}",))
     for name in ("app.json", "pkg.json", "app.yaml"):
         if not (export / "config" / name).is_file():
             raise BuildError(f"'tools extract' did not export config/{name}")
@@ -609,22 +621,22 @@ def smoke(archive: Path, input_dir: Path, output_dir: Path, work: Path) -> Smoke
     """
     require_tools("buildah", "dciodvfy")
     work.mkdir(parents=True, exist_ok=True)
-    log = Log(work / "smoke.log")
+    commands = CommandLog(work / "smoke.log")
     seconds: dict[str, float] = {}
-    before = set(log.buildah("images", "--quiet", "--no-trunc", capture=True).split())
+    before = set(commands.buildah("images", "--quiet", "--no-trunc", capture=True).split())
     transport = "docker-archive" if archive.name.endswith(".docker.tar") else "oci-archive"
     with step("load", seconds):
-        container = log.buildah("from", f"{transport}:{archive}", capture=True)
-    image = log.buildah("inspect", "--format={{.FromImageID}}", container, capture=True)
+        container = commands.buildah("from", f"{transport}:{archive}", capture=True)
+    image = commands.buildah("inspect", "--format={{.FromImageID}}", container, capture=True)
     try:
-        uid, gid = image_user(log, container)
+        uid, gid = image_user(commands, container)
         with step("show+extract", seconds):
-            check_show_and_extract(log, container, work, uid, gid)
+            check_show_and_extract(commands, container, work, uid, gid)
         shutil.rmtree(output_dir, ignore_errors=True)
         output_dir.mkdir(parents=True)
         os.chown(output_dir, uid, gid)
         with step("run", seconds):
-            log.chroot(
+            commands.chroot(
                 container,
                 mm.TOOLS_PATH,
                 volumes=(
@@ -633,12 +645,12 @@ def smoke(archive: Path, input_dir: Path, output_dir: Path, work: Path) -> Smoke
                 ),
             )
     finally:
-        log.buildah("rm", container)
+        commands.buildah("rm", container)
         if image and not any(i.endswith(image) for i in before):
-            log.buildah("rmi", "--force", image)
+            commands.buildah("rmi", "--force", image)
     outputs = sorted(output_dir.glob("*.dcm"))
     if not outputs:
-        raise BuildError(f"the app wrote no DICOM file to {output_dir} (log: {log.path})")
+        raise BuildError(f"the app wrote no DICOM file to {output_dir} (log: {commands.path})")
     errors = {p.name: dciodvfy_errors(p) for p in outputs}
     return SmokeResult(outputs, errors, seconds["run"], seconds)
 

@@ -275,3 +275,92 @@ def test_study_resolved_through_its_imaging_study(
     assert outcome.status == "available", outcome.reason
     assert outcome.context is not None
     assert outcome.context.sex.value == cohort[2]["truth"]["context"]["sex"]
+
+
+SNOMED = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+
+
+def _coded(system: str, code: str, display: str) -> dict[str, Any]:
+    return {"coding": [{"system": system, "code": code, "display": display}], "text": display}
+
+
+def test_resources_shaped_as_synthea_and_mcode_write_them(
+    fhir_tenant: Any, cohort: list[dict[str, Any]]
+) -> None:
+    """A Synthea lung cancer Condition (stage in the concept), an mCODE pathologic stage group
+    coded in SNOMED CT, and a region studied naming two genes in one component: each is found
+    by the searches the provider sends to the real server and read whole."""
+    header, identifier = cohort[0]["header"], cohort[0]["truth"]["identifier"]
+    patient = fhir_tenant.post(
+        {
+            "resourceType": "Patient",
+            "identifier": [{"system": identifier["system"], "value": identifier["value"]}],
+            "gender": "male",
+            "birthDate": "1950-01-01",
+        }
+    )
+    subject = {"reference": f"Patient/{patient['id']}"}
+    condition = fhir_tenant.post(
+        {
+            "resourceType": "Condition",
+            "clinicalStatus": _coded(
+                "http://terminology.hl7.org/CodeSystem/condition-clinical", "active", "Active"
+            ),
+            "code": _coded(
+                SNOMED,
+                "67811000119102",
+                "Primary small cell malignant neoplasm of lung, TNM stage 1",
+            ),
+            "subject": subject,
+            "onsetDateTime": "2000-01-01T00:00:00Z",
+        }
+    )
+    outcome = _context(fhir_tenant.base_url, header)
+    assert outcome.status == "available" and outcome.context is not None, outcome.reason
+    context = outcome.context
+    assert context.cancer.value is not None and context.cancer.value.code == "67811000119102"
+    assert context.stage_group.value is not None
+    assert context.stage_group.value.code == "258215001"  # Stage 1, from the concept
+    assert context.stage_group.sources[0].reference == f"Condition/{condition['id']}"
+    assert "67811000119102" in context.stage_group.derived
+
+    stage = fhir_tenant.post(
+        {
+            "resourceType": "Observation",
+            "status": "final",
+            "code": _coded(SNOMED, "399588009", "Pathologic TNM stage grouping"),
+            "subject": subject,
+            "effectiveDateTime": "2000-02-01",
+            "valueCodeableConcept": _coded(
+                SNOMED, "1222805004", "American Joint Committee on Cancer stage IIB"
+            ),
+        }
+    )
+    gene_studied = {"system": "http://www.genenames.org/geneId"}
+    fhir_tenant.post(
+        {
+            "resourceType": "Observation",
+            "status": "final",
+            "code": _coded(LOINC, "53041-0", "DNA region of interest panel"),
+            "subject": subject,
+            "effectiveDateTime": "2000-02-01",
+            "component": [
+                {
+                    "code": _coded(LOINC, "48018-6", "Gene studied [ID]"),
+                    "valueCodeableConcept": {
+                        "coding": [
+                            {**gene_studied, "code": "HGNC:11998", "display": "TP53"},
+                            {**gene_studied, "code": "HGNC:11389", "display": "STK11"},
+                        ]
+                    },
+                }
+            ],
+        }
+    )
+    context = _context(fhir_tenant.base_url, header).context
+    assert context is not None
+    assert context.stage_group.value is not None
+    assert context.stage_group.value.code == "1222805004" and not context.stage_group.derived
+    assert context.stage_group.sources[0].reference == f"Observation/{stage['id']}"
+    assert (context.genes["TP53"].status, context.genes["STK11"].status) == ("absent", "absent")

@@ -19,7 +19,7 @@ class _Boom:
     def __init__(self, config: Any) -> None:
         pass
 
-    def run(self, study: Any, work_dir: Path) -> list[Path]:
+    def run(self, study: Any, work_dir: Path) -> registry.AppResult:
         raise RuntimeError("model server unavailable")
 
 
@@ -30,7 +30,7 @@ class _Unavailable(Unavailable):
 class _Flaky(_Boom):
     name = "flaky"
 
-    def run(self, study: Any, work_dir: Path) -> list[Path]:
+    def run(self, study: Any, work_dir: Path) -> registry.AppResult:
         raise _Unavailable("FHIR server down")
 
 

@@ -406,8 +406,10 @@ def test_missing_optional_attributes_still_give_results(
 
 
 def test_a_failing_patient_context_lookup_never_fails_the_study(tmp_path: Path) -> None:
-    from radfusion.apps.lung_ct.app import _lookup
-    from radfusion.integrations.fhir.provider import ContextOutcome, ContextUnavailable
+    from radfusion.integrations.fhir.provider import ContextUnavailable
+    from radfusion.operators.patient_context import look_up
+    from radfusion.operators.series_selector import SelectionRule, read_headers, select_series
+    from radfusion.patient_context import ContextOutcome
 
     study = synth_ct(tmp_path / "ct", slices=16, rows=64, columns=64, seed=5, tumours=0)
     (tmp_path / "notes.txt").write_text("not DICOM")
@@ -416,19 +418,79 @@ def test_a_failing_patient_context_lookup_never_fails_the_study(tmp_path: Path) 
     dicomdir.StudyInstanceUID = "1.2.3"
     dicomdir.save_as(tmp_path / "DICOMDIR", implicit_vr=True, little_endian=True)
     files = [tmp_path / "notes.txt", tmp_path / "DICOMDIR", *study.files]
+    rule = SelectionRule(min_z_coverage_mm=10)
+    selection = select_series(read_headers(files), rule=rule)
+    assert selection is not None and not selection.refused
     seen: list[str] = []
 
     def provider(header: pydicom.Dataset) -> ContextOutcome:
-        seen.append(str(header.SOPInstanceUID))
+        seen.append(str(header.SeriesInstanceUID))
         raise ValueError(f"bad data for {header.PatientID}")
 
-    outcome = _lookup(provider, files)  # type: ignore[arg-type]
-    assert seen == [str(pydicom.dcmread(study.files[0]).SOPInstanceUID)]  # the first CT image
+    outcome = look_up(provider, selection)
+    assert outcome is not None
+    assert seen == [str(pydicom.dcmread(study.files[0]).SeriesInstanceUID)]  # the CT series
     assert (outcome.status, outcome.reason) == ("refused", "the lookup failed (ValueError)")
 
     def holding(header: pydicom.Dataset) -> ContextOutcome:
         raise ContextUnavailable("FHIR server down")
 
     with pytest.raises(ContextUnavailable):  # hold: the study waits for the server
-        _lookup(holding, files)  # type: ignore[arg-type]
-    assert _lookup(provider, [tmp_path / "notes.txt"]).status == "no-patient"  # type: ignore[arg-type]
+        look_up(holding, selection)
+    refused = select_series(read_headers(files), rule=SelectionRule(min_z_coverage_mm=1000))
+    assert refused is not None and refused.refused
+    assert look_up(holding, refused) is None  # nothing analysed: nothing looked up, no failure
+    assert look_up(holding, None) is None
+
+
+def test_the_patient_context_operator_feeds_the_sr_and_the_result(tmp_path: Path) -> None:
+    """The graph's patient_context operator: its outcome is in the SR and, when no context
+    was found, in the app's result notes; a lookup that is Unavailable fails the study with
+    nothing written."""
+    from radfusion.apps.lung_ct.app import LungCTApp, make_predictor, model_config
+    from radfusion.errors import Unavailable
+    from radfusion.patient_context import ContextOutcome
+
+    study = chest(tmp_path / "in", slices=36, rows=128, columns=128)
+    model = model_config(CONFIG.apps.lung_ct)
+    predictor = make_predictor(CONFIG, model)
+    headers: list[pydicom.Dataset] = []
+
+    def not_found(header: pydicom.Dataset) -> ContextOutcome:
+        headers.append(header)
+        return ContextOutcome("no-patient", reason="no Patient matched")
+
+    def down(header: pydicom.Dataset) -> ContextOutcome:
+        raise Unavailable("FHIR server down")
+
+    def app(out: Path, lookup: Any) -> LungCTApp:
+        return LungCTApp(
+            files=study.files,
+            output_dir=out,
+            settings=CONFIG.apps.lung_ct,
+            uid_root=CONFIG.uid_root,
+            model=model,
+            predictor=predictor,
+            lookup=lookup,
+        )
+
+    found = app(tmp_path / "a", not_found)
+    found.run()
+    result = found.result()
+    sentence = "Clinical and genomic data (FHIR): none, the patient was not identified"
+    assert result.notes == (f"{sentence} (no Patient matched)",)
+    assert [h.StudyInstanceUID for h in headers] == [study.StudyInstanceUID]
+    assert [p.name for p in result.files] == ["seg.dcm", "sr.dcm"]
+    text = sr_text(pydicom.dcmread(result.files[1]))
+    assert sentence in text and "This algorithm uses imaging only." in text
+    assert {"patient_context", "load", "inference", "sr_encode"} <= set(result.timings)
+
+    held = app(tmp_path / "b", down)
+    with pytest.raises(Unavailable, match="FHIR server down"):
+        held.run()
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+    without = app(tmp_path / "c", None)
+    without.run()
+    assert without.result().notes == ()
+    assert "FHIR" not in sr_text(pydicom.dcmread(without.result().files[1]))

@@ -12,7 +12,7 @@ from radfusion.config import FhirConfig
 from radfusion.integrations.fhir.client import SearchResult
 from radfusion.integrations.fhir.context import build_context
 from radfusion.integrations.fhir.patient import patient_identifier
-from radfusion.integrations.fhir.provider import ContextOutcome
+from radfusion.patient_context import ContextOutcome
 
 LOINC = "http://loinc.org"
 STUDY = dt.date(2026, 3, 10)
@@ -208,3 +208,87 @@ def test_only_a_confirmed_diagnosis_is_the_cancer() -> None:
     for status in ("unconfirmed", "differential", "refuted", "entered-in-error"):
         assert cancer_of(_condition("c2", status)).cancer.value is None, status
     assert cancer_of(_condition("c2", None)).cancer.value is not None  # R4 allows no status
+
+
+SNOMED = "http://snomed.info/sct"
+
+
+def _synthea_condition(code: str, display: str) -> dict[str, Any]:
+    """A Condition as Synthea's lung_cancer module writes it (SNOMED CT only, no stage
+    Observation, onsetDateTime, no verification status)."""
+    return {
+        "resourceType": "Condition",
+        "id": f"syn-{code}",
+        "meta": {"versionId": "1"},
+        "clinicalStatus": _concept(
+            "http://terminology.hl7.org/CodeSystem/condition-clinical", "active"
+        ),
+        "category": [_concept("http://terminology.hl7.org/CodeSystem/condition-category",
+                              "encounter-diagnosis", "Encounter Diagnosis")],
+        "code": {**_concept(SNOMED, code, display), "text": display},
+        "subject": {"reference": "Patient/p1"},
+        "onsetDateTime": "2025-11-02T10:21:09+00:00",
+        "recordedDate": "2025-11-02T10:21:09+00:00",
+    }  # fmt: skip
+
+
+def test_a_stage_in_the_condition_code_is_read_when_no_stage_observation_exists() -> None:
+    def context_of(*resources: dict[str, Any], observations: Any = ()) -> Any:
+        return build_context(
+            PATIENT,
+            STUDY,
+            SearchResult(match=list(observations)),
+            SearchResult(),
+            SearchResult(match=list(resources)),
+        )
+
+    nsclc_1 = _synthea_condition("424132000", "Non-small cell carcinoma of lung, TNM stage 1")
+    sclc_1 = _synthea_condition(
+        "67811000119102", "Primary small cell malignant neoplasm of lung, TNM stage 1"
+    )
+    nsclc_3 = _synthea_condition("422968005", "Non-small cell carcinoma of lung, TNM stage 3")
+    for condition, stage in ((nsclc_1, "258215001"), (sclc_1, "258215001"), (nsclc_3, "258224005")):
+        context = context_of(condition)
+        assert context.cancer.value is not None, condition["code"]  # recognised as lung cancer
+        assert context.stage_group.value.token == f"{SNOMED}|{stage}"
+        assert context.stage_group.sources[0].reference == f"Condition/{condition['id']}"
+        assert condition["code"]["coding"][0]["code"] in context.stage_group.derived
+    # A stage group Observation outweighs the concept's stage; an unstaged concept gives none.
+    observed = _obs("s1", "21908-9", valueCodeableConcept=_concept(SNOMED, "258219007", "Stage 2"))
+    context = context_of(nsclc_1, observations=[observed])
+    assert context.stage_group.value.code == "258219007" and not context.stage_group.derived
+    unstaged = _synthea_condition("254637007", "Non-small cell lung cancer")
+    assert context_of(unstaged).stage_group.value is None
+
+
+def test_an_mcode_stage_group_coded_in_snomed_ct_is_read() -> None:
+    """mCODE's TNMClinicalStageGroup / TNMPathologicalStageGroup: code SNOMED CT 399537006 /
+    399588009, value an AJCC stage coded in SNOMED CT."""
+    clinical = _obs("tnm-c", "x", valueCodeableConcept=_concept(SNOMED, "1222806003",
+                    "American Joint Committee on Cancer stage IIIA"))  # fmt: skip
+    clinical["code"] = _concept(SNOMED, "399537006", "Clinical TNM stage grouping")
+    pathologic = _obs("tnm-p", "x", "2026-03-05", valueCodeableConcept=_concept(SNOMED,
+                      "1222805004", "American Joint Committee on Cancer stage IIB"))  # fmt: skip
+    pathologic["code"] = _concept(SNOMED, "399588009", "Pathologic TNM stage grouping")
+    context = _context([clinical, pathologic])
+    assert context.stage_group.value.code == "1222805004"  # the latest of the two
+    assert context.stage_group.sources[0].reference == "Observation/tnm-p"
+
+
+def test_a_region_studied_lists_every_gene_however_it_is_sent() -> None:
+    several_codings = _obs("r1", "53041-0", component=[{
+        "code": _concept(LOINC, "48018-6"),
+        "valueCodeableConcept": {"coding": [
+            {"system": "http://www.genenames.org/geneId", "code": "HGNC:11998", "display": "TP53"},
+            {"system": "http://www.genenames.org/geneId", "code": "HGNC:11389"},  # no display
+        ]},
+    }])  # fmt: skip
+    in_text = _obs("r2", "53041-0", component=[
+        {"code": _concept(LOINC, "48018-6"), "valueCodeableConcept": {"text": "ALK; ros1"}},
+    ])  # fmt: skip
+    context = _context([several_codings, in_text])
+    assert {g for g, r in context.genes.items() if r.status == "absent"} == {
+        "TP53", "STK11", "ALK", "ROS1"
+    }  # fmt: skip
+    assert context.genes["STK11"].sources[0].reference == "Observation/r1"
+    assert context.genes["EGFR"].status == "not-tested"

@@ -40,7 +40,7 @@ from pathlib import Path
 
 __all__ = ["LocalTritonServer", "TritonServerNotFound", "find_tritonserver"]
 
-_DEFAULT_HOME = Path(__file__).resolve().parents[2] / ".triton"
+_DEFAULT_HOME = Path(__file__).resolve().parents[1] / ".triton"
 
 
 class TritonServerNotFound(FileNotFoundError):
