@@ -192,22 +192,20 @@ def _blobness(
     smooth = ndimage.gaussian_filter(image, sigma_vox, mode="nearest", truncate=3.0).ravel()
     at = np.flatnonzero(where.ravel())
     strides = [int(np.prod(image.shape[i + 1 :])) for i in range(3)]
-    h = np.empty((len(at), 3, 3), dtype=np.float32)
-    centre = smooth[at]
+    h: dict[tuple[int, int], np.ndarray] = {}
+    centre = smooth[at].astype(np.float64)
     for i in range(3):
         si = strides[i]
-        h[:, i, i] = (smooth[at + si] - 2.0 * centre + smooth[at - si]) / spacing[i] ** 2
+        h[i, i] = (smooth[at + si] - 2.0 * centre + smooth[at - si]) / spacing[i] ** 2
         for j in range(i + 1, 3):
             sj = strides[j]
-            mixed = (
+            h[i, j] = (
                 smooth[at + si + sj]
                 - smooth[at + si - sj]
                 - smooth[at - si + sj]
                 + smooth[at - si - sj]
             ) / (4.0 * spacing[i] * spacing[j])
-            h[:, i, j] = h[:, j, i] = mixed
-    lam = np.linalg.eigvalsh(h)  # ascending: the most negative first
-    l1, l3 = lam[:, 0], lam[:, 2]
+    l1, l3 = _extreme_eigenvalues_of(h)  # the most negative, the least negative
     roundness = np.where(l3 < 0, l3 / np.minimum(l1, -1e-6), 0.0)  # 1 sphere, ~0 tube
     blob = -l3 * roundness * (sigma_mm * sigma_mm)
     return blob.astype(np.float32), roundness.astype(np.float32)
@@ -463,13 +461,15 @@ def _grow_candidate(
     # is a layer (still dense 2-4 mm out), not the partial-volume shell every solid nodule
     # has (dense within about a voxel only).
     if mask.any():
-        outside = ndimage.distance_transform_edt(~mask, sampling=spacing)
-        lung_near = within & lungs[local]
+        # Distances matter up to 4 mm only: the mask's box widened by that much is exact.
+        near = _widened_box(mask, [int(np.ceil(4.0 / s)) + 1 for s in spacing])
+        outside = ndimage.distance_transform_edt(~mask[near], sampling=spacing)
+        lung_near = (within & lungs[local])[near]
         inner = lung_near & (outside > 0) & (outside <= 2.0)
         outer = lung_near & (outside > 2.0) & (outside <= 4.0)
         if inner.any() and outer.any():
-            halo = float(np.median(patch[inner]))
-            beyond = float(np.median(patch[outer]))
+            halo = float(np.median(patch[near][inner]))
+            beyond = float(np.median(patch[near][outer]))
             if min(halo, beyond) - around > _MIN_CONTRAST_HU and halo < threshold:
                 threshold = (min(halo, beyond) + around) / 2.0
                 mask = (patch > threshold) & within
@@ -520,6 +520,39 @@ def _grow_candidate(
             "solid_fraction": solid,
         },
     )
+
+
+def _widened_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, slice, slice]:
+    """The bounding box of ``mask`` (not empty) widened by ``margin`` voxels per axis."""
+    box = _box_of(mask)
+    k, r, c = (
+        slice(max(0, b.start - m), min(n, b.stop + m))
+        for b, m, n in zip(box, margin, mask.shape, strict=True)
+    )
+    return k, r, c
+
+
+def _extreme_eigenvalues_of(
+    h: dict[tuple[int, int], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest and largest eigenvalue of many symmetric 3×3 matrices given by their upper
+    triangle (``h[i, j]``, i <= j, one array each), in closed form (Smith 1961): several times
+    faster than a batched LAPACK call over every dense voxel of a CT."""
+    q = (h[0, 0] + h[1, 1] + h[2, 2]) / 3.0
+    d0, d1, d2 = h[0, 0] - q, h[1, 1] - q, h[2, 2] - q
+    off = h[0, 1] ** 2 + h[0, 2] ** 2 + h[1, 2] ** 2
+    p = np.sqrt((d0 * d0 + d1 * d1 + d2 * d2 + 2.0 * off) / 6.0)
+    safe = np.where(p > 0, p, 1.0)
+    det = (
+        d0 * (d1 * d2 - h[1, 2] ** 2)
+        - h[0, 1] * (h[0, 1] * d2 - h[1, 2] * h[0, 2])
+        + h[0, 2] * (h[0, 1] * h[1, 2] - d1 * h[0, 2])
+    )
+    r = np.clip(det / (2.0 * safe**3), -1.0, 1.0)
+    phi = np.arccos(r) / 3.0
+    largest = q + 2.0 * p * np.cos(phi)
+    smallest = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
+    return smallest, largest
 
 
 def _extreme_eigenvalues(a: np.ndarray) -> tuple[float, float]:
