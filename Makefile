@@ -8,6 +8,12 @@ BIN := $(VENV)/bin
 # The CPU build of torch on disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
+# Radiomics (mirp) without its declared dependencies: it requires the `itk` meta-package
+# (about 1.5 GB) and imports `itk` only to read image files, which radfusion never asks of it;
+# itk-core (in pyproject, about 450 MB) satisfies the import, and pyproject lists the rest of
+# what it needs. The MAP builder installs it the same way (packaging/map/build_map.py).
+MIRP := mirp==2.7.0
+
 # The real tritonserver (2.51, Python backend) the tests serve models with: the nvidia-pytriton
 # wheel unpacked without its dependencies (its Python API, which pins numpy<2, is not used).
 TRITON := .triton
@@ -22,6 +28,7 @@ $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(MIRP)
 	touch $@
 
 .venv: $(VENV)/.ready

@@ -16,7 +16,10 @@ refusals are reported at all is the selector's choice (``report_refusals``: else
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +31,7 @@ from pydicom.uid import generate_uid
 from radfusion.logs import uid_tag
 from radfusion.operators.measurement import Measured
 from radfusion.operators.ports import InputPorts, OutputPorts
+from radfusion.operators.radiomics import Radiomics
 from radfusion.operators.result_identity import save_atomically
 from radfusion.operators.results import AlgorithmInfo
 from radfusion.operators.seg_writer import build_seg
@@ -36,7 +40,13 @@ from radfusion.operators.sr_writer import write_sr
 from radfusion.operators.volume import Volume, VolumeError
 from radfusion.patient_context import ContextOutcome
 
-__all__ = ["IMAGING_ONLY", "ResultsWriterOperator", "source_series", "write_results"]
+__all__ = [
+    "IMAGING_ONLY",
+    "ResultsWriterOperator",
+    "source_series",
+    "write_radiomics",
+    "write_results",
+]
 
 IMAGING_ONLY = "This algorithm uses imaging only."
 
@@ -224,14 +234,47 @@ def _write_refusal(
     return sr_path
 
 
+def write_radiomics(radiomics: Radiomics, series_instance_uid: str, output_dir: Path) -> Path:
+    """``radiomics.json`` in ``output_dir``: the analysed series, the library and settings, and
+    each tumour's features under the tracking UID its SR measurement group carries. A record
+    for research and for checking, not a DICOM object: it is not exported to the PACS.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    path = output_dir / "radiomics.json"
+    partial = path.with_name(path.name + ".partial")
+    record = {"SeriesInstanceUID": series_instance_uid} | radiomics.as_dict()
+    try:
+        # NaN (a feature undefined on a region) is not JSON: null.
+        text = json.dumps(_finite(record), indent=1, allow_nan=False)
+        partial.write_text(text + "\n")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 class ResultsWriterOperator(Operator):
-    """Inputs ``selection``, ``volume``, ``measured``, ``context`` → files in ``output_dir``;
-    :attr:`written` and :attr:`timings` hold the paths written and the encoding seconds after a
-    run.
+    """Inputs ``selection``, ``volume``, ``measured``, ``context``, ``radiomics`` → files in
+    ``output_dir``; :attr:`written` and :attr:`timings` hold the DICOM files written (the
+    results to export) and the encoding seconds after a run, :attr:`records` the other files
+    (``radiomics.json``).
 
     ``context`` is the patient context's outcome (:class:`PatientContextOperator`), or None
     when none was looked up; its sentence goes into the SR, beside the note that the algorithm
-    uses imaging only. A refusal's SR gives the series' reasons only.
+    uses imaging only. A refusal's SR gives the series' reasons only. ``radiomics`` (or None)
+    is written beside the SR when it was written for the series they describe.
     """
 
     def __init__(
@@ -249,6 +292,7 @@ class ResultsWriterOperator(Operator):
         self.uid_root = uid_root
         self.labelmap = labelmap
         self.written: tuple[Path, ...] = ()
+        self.records: tuple[Path, ...] = ()
         self.timings: dict[str, float] = {}  # this operator's stage seconds, read after a run
         super().__init__(fragment, *args, **kw)
 
@@ -257,11 +301,13 @@ class ResultsWriterOperator(Operator):
         spec.input("volume")
         spec.input("measured")
         spec.input("context")
+        spec.input("radiomics")
 
     def compute(self, op_input: InputPorts, op_output: OutputPorts, context: object) -> None:
         receive = op_input.receive
         selection, volume, measured = receive("selection"), receive("volume"), receive("measured")
         outcome: ContextOutcome | None = receive("context")
+        radiomics: Radiomics | None = receive("radiomics")
         analysed = selection is not None and not selection.refused
         statements = [outcome.describe(), IMAGING_ONLY] if outcome is not None and analysed else []
         self.written = tuple(
@@ -277,3 +323,7 @@ class ResultsWriterOperator(Operator):
                 statements=statements,
             )
         )
+        self.records = ()
+        if radiomics is not None and analysed and isinstance(volume, Volume) and self.written:
+            series = source_series(selection, volume).SeriesInstanceUID
+            self.records = (write_radiomics(radiomics, series, self.output_dir),)

@@ -32,6 +32,7 @@ __all__ = [
     "LungCTConfig",
     "NodeConfig",
     "RadfusionConfig",
+    "RadiomicsConfig",
     "RetryPolicy",
     "RouteRule",
     "RoutingConfig",
@@ -395,6 +396,41 @@ class FhirConfig(_Section):
         return self
 
 
+class RadiomicsConfig(_Section):
+    """Per-tumour radiomics (operators/radiomics.py, RadiomicsSettings, same names); recorded
+    with every result."""
+
+    enabled: bool = Field(
+        default=True, description="Compute radiomics of every reported tumour (mirp)."
+    )
+    resampling_mm: float | None = Field(
+        default=1.0,
+        gt=0,
+        description="Isotropic voxel size each tumour is resampled to before intensity and "
+        "texture features; null: as acquired (texture then depends on the slice spacing).",
+    )
+    interpolation_order: Literal[0, 1, 3] = Field(
+        default=1, description="Spline order of the resampling (1: trilinear)."
+    )
+    intensity_range_hu: tuple[float, float] | None = Field(
+        default=(-1000.0, 400.0),
+        description="Voxels outside are left out of intensity and texture (re-segmentation); "
+        "the lower end is the first bin's edge.",
+    )
+    discretisation: Literal["fixed_bin_size", "none"] = "fixed_bin_size"
+    bin_width_hu: float = Field(default=25.0, gt=0, description="Fixed bin size for texture.")
+    ground_glass_hu: tuple[float, float] = Field(
+        default=(-700.0, -300.0), description="The HU range counted as ground glass."
+    )
+
+    @field_validator("intensity_range_hu", "ground_glass_hu")
+    @classmethod
+    def _increasing(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not value[0] < value[1]:
+            raise ValueError(f"{list(value)} is not an increasing pair")
+        return value
+
+
 class LungCTConfig(_Section):
     """The ``lung-ct`` app."""
 
@@ -476,6 +512,7 @@ class LungCTConfig(_Section):
         description="Smaller nodules are not reported; the series raises it to twice its slice "
         "thickness (what the slices can resolve), and the SR says so.",
     )
+    radiomics: RadiomicsConfig = RadiomicsConfig()
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores.")
     triton_model: str = Field(
         default="lung_ct_seg",

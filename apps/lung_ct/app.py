@@ -46,6 +46,7 @@ from radfusion.operators.measurement import MeasurementOperator
 from radfusion.operators.nodules import NoduleScorer, default_scorer_path
 from radfusion.operators.patient_context import ContextLookup, PatientContextOperator
 from radfusion.operators.ports import InputPorts, OutputPorts, Timed
+from radfusion.operators.radiomics import RadiomicsOperator, RadiomicsSettings
 from radfusion.operators.results import AlgorithmInfo
 from radfusion.operators.results_writer import ResultsWriterOperator
 from radfusion.operators.segmentation import (
@@ -92,6 +93,21 @@ def detection_settings(settings: LungCTConfig) -> DetectionSettings:
         min_score=settings.detection_threshold,
         max_findings=settings.max_findings,
         min_diameter_mm=settings.min_nodule_diameter_mm,
+    )
+
+
+def radiomics_settings(settings: LungCTConfig) -> RadiomicsSettings | None:
+    """How tumours' radiomics are computed (``apps.lung_ct.radiomics``), or None when off."""
+    config = settings.radiomics
+    if not config.enabled:
+        return None
+    return RadiomicsSettings(
+        resampling_mm=config.resampling_mm,
+        interpolation_order=config.interpolation_order,
+        intensity_range_hu=config.intensity_range_hu,
+        discretisation=config.discretisation,
+        bin_width_hu=config.bin_width_hu,
+        ground_glass_hu=config.ground_glass_hu,
     )
 
 
@@ -204,6 +220,7 @@ class LungCTApp(Application):
             name="detect",
         )
         measure = MeasurementOperator(self, uid_root=self._uid_root, name="measure")
+        radiomics = RadiomicsOperator(self, settings=radiomics_settings(settings), name="radiomics")
         write = ResultsWriterOperator(
             self,
             algorithm=algorithm_info(model, self._predictor, scorer_path),
@@ -224,13 +241,16 @@ class LungCTApp(Application):
         self.add_flow(volume, write, {("volume", "volume")})
         self.add_flow(measure, write, {("measured", "measured")})
         self.add_flow(context, write, {("context", "context")})
+        self.add_flow(volume, radiomics, {("volume", "volume")})
+        self.add_flow(measure, radiomics, {("measured", "measured")})
+        self.add_flow(radiomics, write, {("radiomics", "radiomics")})
         # Two workers: the patient context's network round trip runs beside the images.
         self.scheduler(
             EventBasedScheduler(
                 self, name="scheduler", worker_thread_number=2, stop_on_deadlock_timeout=0
             )
         )
-        self._timed = [context, volume, segment, detect, measure, write]
+        self._timed = [context, volume, segment, detect, measure, radiomics, write]
         self._context, self._write = context, write
 
     def result(self) -> AppResult:

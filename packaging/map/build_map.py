@@ -59,6 +59,9 @@ SITE_PACKAGES = f"{VENV}/lib/python{PYTHON[0]}.{PYTHON[1]}/site-packages"
 # nvidia-cuda-runtime: libcudart.so.13, which holoscan-cu13's extension modules link against
 # even when no GPU is used (outside the image it comes from a system CUDA install).
 PINNED = ("torch==2.13.0", "nvidia-cuda-runtime==13.0.96")
+# Installed without their declared dependencies, as the Makefile does (mirp: its `itk`
+# meta-package is 1.5 GB and unused; radfusion's own dependencies hold what it uses).
+WITHOUT_DEPENDENCIES = ("mirp==2.7.0",)
 CUDART_DIR = f"{SITE_PACKAGES}/nvidia/cu13/lib"
 BASE_PACKAGES = ("python3", "python3-venv")
 USER = "holoscan"
@@ -262,6 +265,8 @@ def build_wheelhouse(commands: CommandLog, wheel: Path, out: Path) -> None:
     """Every wheel the image needs, into ``out``, resolved by this machine's pip."""
     out.mkdir(parents=True, exist_ok=True)
     commands.run((sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out), *PINNED, str(wheel)))
+    pip_wheel = (sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out))
+    commands.run((*pip_wheel, *WITHOUT_DEPENDENCIES))
 
 
 def base_tarball(commands: CommandLog, options: BuildOptions) -> Path:
@@ -365,21 +370,23 @@ def install(
     """Base filesystem, venv with radfusion installed offline, CUDA runtime path, user."""
     commands.buildah("add", container, str(base), "/")
     commands.chroot(container, "python3", "-m", "venv", VENV)
-    commands.chroot(
-        container,
+    wheelhouse = f"{options.work / 'wheelhouse'}:/tmp/wheelhouse:ro"
+    offline = (
         f"{VENV}/bin/pip",
         "install",
         "--no-cache-dir",
         "--no-index",
         "--disable-pip-version-check",
         "--find-links=/tmp/wheelhouse",
+    )
+    commands.chroot(
+        container,
+        *offline,
         *PINNED,
         f"/tmp/radfusion/{wheel.name}",
-        volumes=(
-            f"{options.work / 'wheelhouse'}:/tmp/wheelhouse:ro",
-            f"{wheel.parent}:/tmp/radfusion:ro",
-        ),
+        volumes=(wheelhouse, f"{wheel.parent}:/tmp/radfusion:ro"),
     )
+    commands.chroot(container, *offline, "--no-deps", *WITHOUT_DEPENDENCIES, volumes=(wheelhouse,))
     script = (
         f"echo {CUDART_DIR} > /etc/ld.so.conf.d/nvidia-cuda-runtime.conf && ldconfig && "
         f"groupadd -g {options.gid} {USER} && "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -101,6 +102,41 @@ def test_seg_matches_the_ground_truth(processed: tuple[Any, list[Path]]) -> None
             assert row.segment == row.structure and row.dice >= 0.95, row
         elif row.diameter_mm >= 10:
             assert row.dice >= 0.85 and abs(row.found_ml / row.truth_ml - 1) <= 0.15, row
+
+
+def test_radiomics_are_recorded_beside_the_results_under_the_sr_tracking_uids(
+    processed: tuple[Any, list[Path]],
+) -> None:
+    study, written = processed
+    record = json.loads((written[0].parent / "radiomics.json").read_text())
+    source = pydicom.dcmread(study.files[0], stop_before_pixels=True)
+    assert record["SeriesInstanceUID"] == source.SeriesInstanceUID
+    assert record["library"] == "mirp 2.7.0"
+    assert record["settings"]["bin_width_hu"] == 25.0 and record["settings"]["resampling_mm"] == 1.0
+    assert record["features"]["sphericity"]["ibsi"] == "QCFX"
+    sr = hd.sr.srread(written[1])
+    tumours = {
+        str(g.tracking_uid): g
+        for g in sr.content.get_volumetric_roi_measurement_groups()
+        if not str(g.tracking_identifier).endswith("lung")
+    }
+    assert tumours and {t["tracking_uid"] for t in record["tumours"]} == set(tumours)
+    for tumour in record["tumours"]:
+        group = tumours[tumour["tracking_uid"]]
+        volume = next(m for m in group.get_measurements() if m.name.meaning == "Volume")
+        assert volume.unit.value == "mm3"
+        # The SR counts voxels, radiomics measures the mesh: the same region, about.
+        assert tumour["values"]["volume"] == pytest.approx(float(volume.value), rel=0.15)
+        assert 0 < tumour["values"]["sphericity"] <= 1.0
+        assert 0 <= tumour["values"]["ground_glass_fraction"] <= 1.0
+
+
+def test_radiomics_can_be_turned_off(tmp_path: Path) -> None:
+    chest(tmp_path / "in", tumours=1)
+    config = parse_config({"apps": {"lung_ct": {"radiomics": {"enabled": False}}}})
+    written = run_folder(tmp_path / "in", tmp_path / "out", config)
+    assert [p.name for p in written] == ["seg.dcm", "sr.dcm"]
+    assert not (tmp_path / "out" / "radiomics.json").exists()
 
 
 def test_same_input_gives_identical_files(

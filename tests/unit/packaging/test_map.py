@@ -384,3 +384,11 @@ def test_an_unknown_uid_gets_a_user_name(monkeypatch: pytest.MonkeyPatch) -> Non
     tools.ensure_identity()
     assert getpass.getuser() == f"uid{tools.os.getuid()}"
     assert tools.os.environ["HOME"] == "/tmp"
+
+
+def test_the_image_installs_what_the_makefile_installs_without_dependencies() -> None:
+    """mirp goes in without its 1.5 GB itk meta-package, in the venv and in the image alike."""
+    makefile = (REPO / "Makefile").read_text()
+    for requirement in builder.WITHOUT_DEPENDENCIES:
+        assert f"MIRP := {requirement}" in makefile
+    assert "--no-deps $(MIRP)" in makefile
