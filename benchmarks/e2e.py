@@ -55,7 +55,7 @@ import pydicom
 import yaml
 
 from radfusion.logs import uid_tag
-from radfusion.synth.ct import SynthStudy, synth_ct
+from radfusion.synth.ct_series import SynthStudy, synth_ct
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET_PERIOD_S = 2.0

@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.ingest import alternate, run_storescp
 from radfusion.config import DicomDestination
 from radfusion.integrations.dicom.export import deliver
-from radfusion.synth.ct import synth_ct
+from radfusion.synth.ct_series import synth_ct
 
 
 def run_storescu(files: list[Path], work: Path) -> float:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from radfusion.synth.ct import synth_ct
+from radfusion.synth.ct_series import synth_ct
 
 
 def _free_port() -> int:

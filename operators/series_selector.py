@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, get_args
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 import pydicom
@@ -46,13 +45,29 @@ from pydicom.dataset import Dataset
 
 from radfusion.errors import RadfusionError
 from radfusion.logs import uid_tag
+from radfusion.operators.ct_headers import (
+    axial_angle,
+    frame_count,
+    functional_value,
+    image_type,
+    numbers,
+    orientation,
+    pixel_spacing,
+)
 from radfusion.operators.ports import InputPorts, OutputPorts
+from radfusion.operators.series_names import (
+    convolution_kernel,
+    kernel_class,
+    mm_text,
+    series_label,
+    series_name,
+    series_number,
+)
 
 __all__ = [
     "CT_IMAGE_STORAGE",
     "ENHANCED_CT_IMAGE_STORAGE",
     "PREFERENCES",
-    "KernelClass",
     "NoSeriesQualifies",
     "Preference",
     "SelectionRule",
@@ -60,10 +75,8 @@ __all__ = [
     "SeriesSelection",
     "SeriesSelectorOperator",
     "SkippedSeries",
-    "kernel_class",
     "read_headers",
     "select_series",
-    "series_name",
 ]
 
 log = logging.getLogger("radfusion.operators.series_selector")
@@ -83,7 +96,6 @@ NOT_CT_STORAGE = "not CT image storage (e.g. secondary capture, dose report)"
 LOCALIZER = "localizer (scout/topogram)"
 DUPLICATE = "duplicate SOP Instance UID (the same image twice)"
 
-KernelClass = Literal["soft", "sharp", "unknown"]
 Preference = Literal["thinnest", "thickest", "soft_kernel", "sharp_kernel"]
 PREFERENCES: tuple[Preference, ...] = get_args(Preference)
 
@@ -195,12 +207,14 @@ class SeriesCandidate:
     @property
     def ConvolutionKernel(self) -> str:
         """The kernel the images were reconstructed with (the first value); "" if not stated."""
-        return _kernel(self.headers[0])
+        return convolution_kernel(self.headers[0])
 
     @property
     def SliceThickness(self) -> float | None:
         """Slice Thickness (mm) of the images; None when not stated or not a positive number."""
-        value = _numbers(_functional(self.headers[0], "SliceThickness", "PixelMeasuresSequence"), 1)
+        value = numbers(
+            functional_value(self.headers[0], "SliceThickness", "PixelMeasuresSequence"), 1
+        )
         return float(value[0]) if value is not None and value[0] > 0 else None
 
     @property
@@ -211,10 +225,10 @@ class SeriesCandidate:
         """The series with what the reconstruction preference looks at:
         ``series 2 (1.25 mm, STANDARD, soft kernel)``."""
         thickness = _thickness(self)
-        parts = [f"{_mm(thickness)} mm"] if thickness is not None else []
+        parts = [f"{mm_text(thickness)} mm"] if thickness is not None else []
         kernel = self.ConvolutionKernel
         parts += [kernel, f"{kernel_class(self.headers[0])} kernel"] if kernel else ["no kernel"]
-        return f"{_number_name(self.SeriesNumber, self.SeriesInstanceUID)} ({', '.join(parts)})"
+        return f"{series_label(self.SeriesNumber, self.SeriesInstanceUID)} ({', '.join(parts)})"
 
 
 @dataclass(frozen=True)
@@ -318,69 +332,6 @@ def read_headers(files: Iterable[Path]) -> list[tuple[Path, Dataset]]:
 # -- one image -------------------------------------------------------------------------------
 
 
-def _frames(ds: Dataset) -> int:
-    """Number of slices an image contributes; a malformed Number of Frames counts as one."""
-    try:
-        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
-        return 1
-
-
-def _functional(ds: Dataset, keyword: str, sequence: str) -> object:
-    """An attribute from the top level, else (Enhanced CT) the shared functional groups, else
-    the first frame's (the volume stage checks that every frame agrees)."""
-    value = ds.get(keyword)
-    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        if value is None and ds.get(groups):
-            item = ds[groups][0]
-            if item.get(sequence):
-                value = item[sequence][0].get(keyword)
-    return value
-
-
-def _numbers(value: object, count: int) -> np.ndarray | None:
-    """``value`` as ``count`` finite floats, or None when it is missing or malformed."""
-    if value is None:
-        return None
-    # One value reads as a number (or, malformed, a string); several as a MultiValue.
-    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
-        items: Sequence[Any] = value
-    else:
-        items = [value]
-    try:
-        values = [float(v) for v in items]
-    except (TypeError, ValueError):
-        return None
-    if len(values) != count or not all(math.isfinite(v) for v in values):
-        return None
-    return np.asarray(values)
-
-
-def _orientation(ds: Dataset) -> np.ndarray | None:
-    """Image Orientation (Patient) as 6 direction cosines; None if missing or degenerate."""
-    iop = _numbers(_functional(ds, "ImageOrientationPatient", "PlaneOrientationSequence"), 6)
-    if iop is None or np.linalg.norm(np.cross(iop[:3], iop[3:])) < 0.5:
-        return None  # not two (near-)orthogonal unit vectors: no slice normal to speak of
-    return iop
-
-
-def _pixel_spacing(ds: Dataset) -> np.ndarray | None:
-    return _numbers(_functional(ds, "PixelSpacing", "PixelMeasuresSequence"), 2)
-
-
-def _image_type(ds: Dataset) -> set[str]:
-    value = ds.get("ImageType") or []
-    # A single value reads as a plain string; iterating it would give its characters.
-    values = [value] if isinstance(value, str) else value
-    return {str(v).strip().upper() for v in values}
-
-
-def _axial_angle(iop: np.ndarray) -> float:
-    """Degrees between the slice normal and the patient's long (z) axis."""
-    normal = np.cross(iop[:3], iop[3:])
-    return float(np.degrees(np.arccos(min(1.0, abs(normal[2]) / np.linalg.norm(normal)))))
-
-
 def _image_problem(ds: Dataset) -> str | None:
     """Why this image cannot be a slice of an axial CT volume; None when it can."""
     modality = str(ds.get("Modality", "") or "").upper()
@@ -390,18 +341,18 @@ def _image_problem(ds: Dataset) -> str | None:
         return NOT_CT_STORAGE
     if not str(ds.get("SOPInstanceUID", "") or ""):
         return "no SOP Instance UID"  # the results could not reference it
-    if "LOCALIZER" in _image_type(ds):
+    if "LOCALIZER" in image_type(ds):
         return LOCALIZER
     if ds.get("Rows") is None or ds.get("Columns") is None:
         return "no image pixel data"
-    iop = _orientation(ds)
+    iop = orientation(ds)
     if iop is None:
         return "no valid Image Orientation (Patient)"
-    angle = _axial_angle(iop)
+    angle = axial_angle(iop)
     if angle > _AXIAL_TOLERANCE_DEG:
         return f"not axial (slice normal {angle:.0f} degrees from the patient's long axis)"
-    single_frame = _frames(ds) == 1 and "PerFrameFunctionalGroupsSequence" not in ds
-    if single_frame and _numbers(ds.get("ImagePositionPatient"), 3) is None:
+    single_frame = frame_count(ds) == 1 and "PerFrameFunctionalGroupsSequence" not in ds
+    if single_frame and numbers(ds.get("ImagePositionPatient"), 3) is None:
         return "no valid Image Position (Patient)"  # Enhanced CT: per frame, checked later
     return None
 
@@ -435,13 +386,13 @@ class _Geometry:
 def _geometry(ds: Dataset) -> _Geometry:
     """The geometry of an image that passed :func:`_image_problem` (so it has orientation and
     a matrix; a malformed Rows/Columns reads as 0 x 0, a stack of its own)."""
-    orientation = _orientation(ds)
-    assert orientation is not None  # checked by _image_problem
+    iop = orientation(ds)
+    assert iop is not None  # checked by _image_problem
     try:
         matrix = (int(ds.Rows), int(ds.Columns))
     except (TypeError, ValueError):
         matrix = (0, 0)
-    return _Geometry(orientation, matrix, _pixel_spacing(ds))
+    return _Geometry(iop, matrix, pixel_spacing(ds))
 
 
 Item = tuple[Path, Dataset]
@@ -464,7 +415,7 @@ def _main_stack(items: Sequence[Item]) -> tuple[list[Item], list[str]] | str:
             stacks.append([(geometry, item)])
 
     def size(members: list[tuple[_Geometry, Item]]) -> int:
-        return sum(_frames(ds) for _, (_, ds) in members)
+        return sum(frame_count(ds) for _, (_, ds) in members)
 
     stacks.sort(key=size, reverse=True)  # stable: equal stacks keep the order they came in
     if len(stacks) > 1 and size(stacks[0]) == size(stacks[1]):
@@ -481,98 +432,6 @@ def _main_stack(items: Sequence[Item]) -> tuple[list[Item], list[str]] | str:
         for geometry, _ in members
     ]
     return [item for _, item in stacks[0]], reasons
-
-
-def _series_number(ds: Dataset) -> int | None:
-    try:
-        value = ds.get("SeriesNumber")
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-# -- names and kernels -----------------------------------------------------------------------
-
-
-def _text(value: object, limit: int = 64) -> str:
-    """A header string as logs and reports may show it: ASCII, one line, at most ``limit``."""
-    text = " ".join(str(value or "").encode("ascii", "replace").decode("ascii").split())
-    return text[:limit]
-
-
-def _kernel(ds: Dataset) -> str:
-    """Convolution Kernel (Enhanced CT: CT Reconstruction functional group; Legacy Converted:
-    the unassigned converted attributes); the first value (Siemens adds e.g. a strength:
-    ``Br40d\\3``); "" when not stated."""
-    value = _functional(ds, "ConvolutionKernel", "CTReconstructionSequence")
-    if value is None:
-        value = _functional(ds, "ConvolutionKernel", "UnassignedSharedConvertedAttributesSequence")
-    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
-        value = value[0] if len(value) else ""
-    return _text(value)
-
-
-def _number_name(number: int | None, series_instance_uid: str) -> str:
-    if number is not None:
-        return f"series {number}"
-    if series_instance_uid:
-        return f"series {uid_tag(series_instance_uid)}"
-    return "images without a Series Instance UID"
-
-
-def series_name(ds: Dataset, series_instance_uid: str = "") -> str:
-    """A series as logs and reports name it, from one of its images: Series Number (else a
-    hashed tag of ``series_instance_uid``, never the UID in clear) with Series Description and
-    Convolution Kernel when present, e.g. ``series 3 (ThoraxRoutine B70f)``."""
-    head = _number_name(_series_number(ds), series_instance_uid)
-    description, kernel = _text(ds.get("SeriesDescription")), _kernel(ds)
-    details = [description] if description else []
-    if kernel and kernel.casefold() not in description.casefold().split():
-        details.append(kernel)
-    return f"{head} ({' '.join(details)})" if details else head
-
-
-# Vendors' kernel names. GE names them; Siemens gives a letter or two and a sharpness number
-# (B30f, Br40d, I31f; Bl57d is a lung kernel); Canon/Toshiba FC and a number (body and head
-# below 30, bone FC3x, lung FC5x and up); Philips letters (A-C soft, D/E sharp, L lung, Y* for
-# the iDose/IMR body range). Sharp means edge-enhancing: lung, bone, high resolution.
-_GE_SOFT = {"SOFT", "STANDARD", "STND", "SMOOTH"}
-_GE_SHARP = {"LUNG", "BONE", "BONEPLUS", "BONE PLUS", "EDGE", "CHEST", "HD LUNG"}
-_PHILIPS_SOFT = {"A", "B", "C", "YA", "YB", "YC"}
-_PHILIPS_SHARP = {"D", "E", "EC", "L", "LA", "YD", "YE", "YF"}
-_CANON = re.compile(r"^FC(\d{2})$")
-_SIEMENS = re.compile(r"^[A-Z]{1,2}(\d{2})[A-Z]?$")
-_SIEMENS_SHARP_FROM = 50  # B50f and up: B6x-B8x body/bone sharp, Bl57 lung
-_CANON_SHARP_FROM = 30  # FC30 and up: bone and lung
-
-
-def kernel_class(kernel: Dataset | str) -> KernelClass:
-    """Whether a reconstruction kernel is ``soft`` (soft tissue, standard body: GE SOFT and
-    STANDARD, Siemens B30f/Br40/I31f, Philips A/B/C/YA-YC, Canon FC0x-FC2x) or ``sharp`` (lung,
-    bone, high resolution: GE LUNG/BONE/BONEPLUS/EDGE/CHEST, Siemens B50 and up such as B70f
-    and Bl57, Philips D/E/L/YD-YF, Canon FC30 and up); ``unknown`` when not stated or not
-    recognised. ``kernel`` is an image (its Convolution Kernel) or the kernel's name.
-
-    A heuristic over vendors' naming, for choosing among reconstructions; it never decides
-    whether a series qualifies.
-    """
-    name = (_kernel(kernel) if isinstance(kernel, Dataset) else _text(kernel)).upper()
-    if not name:
-        return "unknown"
-    if name in _GE_SOFT or name in _PHILIPS_SOFT:
-        return "soft"
-    if name in _GE_SHARP or name in _PHILIPS_SHARP:
-        return "sharp"
-    for pattern, sharp_from in ((_CANON, _CANON_SHARP_FROM), (_SIEMENS, _SIEMENS_SHARP_FROM)):
-        match = pattern.match(name)
-        if match:
-            return "sharp" if int(match.group(1)) >= sharp_from else "soft"
-    return "unknown"
-
-
-def _mm(value: float) -> str:
-    """A length as reasons give it: ``240``, ``1.25`` (at most two decimals)."""
-    return f"{round(value, 2):g}"
 
 
 # -- one series ------------------------------------------------------------------------------
@@ -601,23 +460,23 @@ def _slice_positions(ds: Dataset) -> list[np.ndarray] | None:
         positions = []
         for item in per_frame:
             plane = item.get("PlanePositionSequence")
-            position = _numbers(plane[0].get("ImagePositionPatient") if plane else None, 3)
+            position = numbers(plane[0].get("ImagePositionPatient") if plane else None, 3)
             if position is None:
                 return None
             positions.append(position)
         return positions
-    if _frames(ds) > 1:
+    if frame_count(ds) > 1:
         return None  # several frames, one position: the volume stage could not place them
-    position = _numbers(ds.get("ImagePositionPatient"), 3)
+    position = numbers(ds.get("ImagePositionPatient"), 3)
     return None if position is None else [position]
 
 
 def _extent(kept: Sequence[Item]) -> tuple[float, float | None, tuple[float, float]] | str:
     """z coverage and median slice spacing (mm, along the slice normal; spacing None for one
     slice) and the patient z range of the slice centres; or why they cannot be known."""
-    orientation = _orientation(kept[0][1])
-    assert orientation is not None  # checked by _image_problem
-    normal = np.cross(orientation[:3], orientation[3:])
+    iop = orientation(kept[0][1])
+    assert iop is not None  # checked by _image_problem
+    normal = np.cross(iop[:3], iop[3:])
     normal /= np.linalg.norm(normal)
     positions: list[np.ndarray] = []
     for _, ds in kept:
@@ -630,7 +489,9 @@ def _extent(kept: Sequence[Item]) -> tuple[float, float | None, tuple[float, flo
     along = np.unique(np.round([float(p @ normal) for p in positions], 3))
     z = [float(p[2]) for p in positions]
     if len(along) < 2:
-        thickness = _numbers(_functional(kept[0][1], "SliceThickness", "PixelMeasuresSequence"), 1)
+        thickness = numbers(
+            functional_value(kept[0][1], "SliceThickness", "PixelMeasuresSequence"), 1
+        )
         covered = float(thickness[0]) if thickness is not None and thickness[0] > 0 else 0.0
         return covered, None, (min(z), max(z))
     spacing = float(np.median(np.diff(along)))
@@ -661,7 +522,7 @@ def _candidate(uid: str, items: Sequence[Item], rule: SelectionRule) -> SeriesCa
         return _Refusal(stack, (1, len(usable)), tuple(ds for _, ds in usable))
     kept, strays = stack
     dropped.extend(strays)
-    slices = sum(_frames(ds) for _, ds in kept)
+    slices = sum(frame_count(ds) for _, ds in kept)
     left_out = f" after leaving out {len(dropped)} image(s)" if dropped else ""
     extent = _extent(kept)
     if isinstance(extent, str):
@@ -670,13 +531,15 @@ def _candidate(uid: str, items: Sequence[Item], rule: SelectionRule) -> SeriesCa
     problems = []
     # Within the geometry tolerance: 60 slices 2.5 mm apart cover 150 mm, rounding or not.
     if coverage < rule.min_z_coverage_mm - _GEOMETRY_TOLERANCE:
-        apart = f" {_mm(spacing)} mm apart" if spacing is not None else ""
+        apart = f" {mm_text(spacing)} mm apart" if spacing is not None else ""
         problems.append(
-            f"z coverage {_mm(coverage)} mm < {_mm(rule.min_z_coverage_mm)} mm "
+            f"z coverage {mm_text(coverage)} mm < {mm_text(rule.min_z_coverage_mm)} mm "
             f"({slices} slice(s){apart})"
         )
     if spacing is not None and spacing > rule.max_slice_spacing_mm + _GEOMETRY_TOLERANCE:
-        problems.append(f"slice spacing {_mm(spacing)} mm > {_mm(rule.max_slice_spacing_mm)} mm")
+        problems.append(
+            f"slice spacing {mm_text(spacing)} mm > {mm_text(rule.max_slice_spacing_mm)} mm"
+        )
     if problems:
         return _Refusal("; ".join(problems) + left_out, (2, slices), tuple(ds for _, ds in kept))
     candidate = SeriesCandidate(
@@ -685,7 +548,7 @@ def _candidate(uid: str, items: Sequence[Item], rule: SelectionRule) -> SeriesCa
         tuple(ds for _, ds in kept),
         slices,
         _counted(dropped),
-        _series_number(kept[0][1]),
+        series_number(kept[0][1]),
         z_coverage_mm=coverage,
         slice_spacing_mm=spacing,
         z_extent_mm=z_range,
@@ -755,7 +618,7 @@ def _why(a: SeriesCandidate, b: SeriesCandidate, criterion: str) -> str:
 
     def thickness(c: SeriesCandidate) -> str:
         value = _thickness(c)
-        return f"{_mm(value)} mm" if value is not None else "not stated"
+        return f"{mm_text(value)} mm" if value is not None else "not stated"
 
     def kernel(c: SeriesCandidate) -> str:
         name = c.ConvolutionKernel or "no kernel"
@@ -768,7 +631,8 @@ def _why(a: SeriesCandidate, b: SeriesCandidate, criterion: str) -> str:
         which = "softer" if criterion == "soft_kernel" else "sharper"
         return f"{which} kernel, {kernel(a)} vs {kernel(b)}"
     if criterion == "z_coverage":
-        return f"more z coverage, {_mm(a.z_coverage_mm or 0)} mm vs {_mm(b.z_coverage_mm or 0)} mm"
+        ours, theirs = mm_text(a.z_coverage_mm or 0), mm_text(b.z_coverage_mm or 0)
+        return f"more z coverage, {ours} mm vs {theirs} mm"
     if criterion == "slices":
         return f"more slices, {a.slices} vs {b.slices}"
     return "equally preferred, first by Series Instance UID"
@@ -814,7 +678,7 @@ def _one_per_acquisition(
                 candidate.SeriesInstanceUID,
                 candidate.name,
                 "another reconstruction of the same acquisition was chosen ("
-                f"{_number_name(chosen.SeriesNumber, chosen.SeriesInstanceUID)}: "
+                f"{series_label(chosen.SeriesNumber, chosen.SeriesInstanceUID)}: "
                 f"{_why(chosen, candidate, criterion)})",
             )
         )
@@ -841,8 +705,8 @@ def _choice(
     if not parts:
         parts.append("the only series that qualifies")
     spacing = first.slice_spacing_mm
-    apart = f", slices {_mm(spacing)} mm apart" if spacing is not None else ""
-    coverage = f"z coverage {_mm(first.z_coverage_mm or 0)} mm{apart}"
+    apart = f", slices {mm_text(spacing)} mm apart" if spacing is not None else ""
+    coverage = f"z coverage {mm_text(first.z_coverage_mm or 0)} mm{apart}"
     return f"{first.describe()}: {'; '.join(parts)} ({coverage})"
 
 
@@ -894,7 +758,7 @@ def select_series(
     candidates: list[SeriesCandidate] = []
     skipped: list[SkippedSeries] = []
     refusals: list[_Refusal] = []
-    numbers = {uid: _series_number(items[0][1]) for uid, items in by_series.items()}
+    numbers = {uid: series_number(items[0][1]) for uid, items in by_series.items()}
     for uid, items in by_series.items():
         outcome = (
             _candidate(uid, items, rule)

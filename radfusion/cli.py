@@ -309,7 +309,7 @@ def synth_ct(
     effusion: bool,
 ) -> None:
     """Write a synthetic chest CT series with ground truth (labels.npz, truth.json)."""
-    from radfusion.synth.ct import synth_ct as make
+    from radfusion.synth.ct_series import synth_ct as make
 
     if no_chest:
         style = "simple"  # the abdomen exists in the simple style only

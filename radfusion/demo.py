@@ -27,7 +27,7 @@ from radfusion.logs import uid_tag
 from radfusion.service import Service
 
 if TYPE_CHECKING:  # imported where used, as the demo runs
-    from radfusion.synth.ct import SynthStudy
+    from radfusion.synth.ct_series import SynthStudy
 
 __all__ = ["run_demo"]
 
@@ -64,7 +64,7 @@ def _send(files: list[Path], port: int, acked: list[int], errors: list[str]) -> 
 
 def run_demo(workdir: Path | None, *, slices: int = 120, console: Console | None = None) -> int:
     """Run the demo; returns a process exit code (0 when the study was received and routed)."""
-    from radfusion.synth.ct import synth_ct
+    from radfusion.synth.ct_series import synth_ct
 
     console = console or Console()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="radfusion-demo-"))

@@ -304,7 +304,7 @@ def reversed_enhanced_ct(images: Sequence[Any], folder: Path) -> tuple[Any, Any]
 @pytest.fixture(scope="session")
 def ct_study(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A small synthetic chest CT (40 slices, 128×128), shared read-only by tests."""
-    from radfusion.synth.ct import synth_ct
+    from radfusion.synth.ct_series import synth_ct
 
     return synth_ct(
         tmp_path_factory.mktemp("ct"),

@@ -69,9 +69,13 @@ Rules linking phenotype, genotype and outcome (all random draws seeded; constant
       Somatic VAF = purity × U(0.35, 0.95) with purity ~ U(0.2, 0.8); germline VAF ~ U(45, 55) %.
       TMB (mut/Mb) is log-normal with median 2.7 (never) / 7.4 (former) / 10 (current) smokers;
       MSI-H with probability 0.01 (TMB × 3).
-    - Imaging (phenotype): tumour count 1..3 from :data:`TUMOUR_COUNT_P` (EGFR-mutant tumours
-      are more often multifocal); sizes and sides come from the phantom. The primary tumour is
-      the largest: it gives the laterality.
+    - Imaging (phenotype): a realistic phantom (``synth ct --style realistic``: vessels,
+      airways, soft kernel). Tumour count 1..3 from :data:`TUMOUR_COUNT_P` (EGFR-mutant
+      tumours are more often multifocal); tumour types from :data:`TUMOUR_TYPE_P` by profile:
+      EGFR-mutant mostly ground-glass or part-solid, KRAS-mutant or smokers' mostly solid and
+      spiculated (the textbook radiogenomic associations, with made-up numbers); sizes and
+      sides come from the phantom. The primary tumour is the largest: it gives the laterality,
+      and its density and shape enter the outcome.
     - Stage (AJCC 8, clinical): T from the primary's diameter (≤10 T1a, ≤20 T1b, ≤30 T1c, ≤40
       T2a, ≤50 T2b, ≤70 T3, else T4), T3 when another tumour lies in the same lung; M1a when a
       tumour lies in the other lung; N (not visible in the phantom) drawn from
@@ -84,7 +88,14 @@ Rules linking phenotype, genotype and outcome (all random draws seeded; constant
       z = :data:`OUTCOME_INTERCEPT` + Σ weight·feature over :data:`OUTCOME_WEIGHTS` (stage - 1,
       ECOG, ln(1 + total tumour volume ml), tumour count - 1, TP53 mutated, KRAS and STK11
       co-mutated, targetable driver (EGFR sensitising or ALK), TMB ≥ 10 without a driver,
-      (age - 67) / 10, current smoker); probability = sigmoid(z); label = Bernoulli(probability).
+      (age - 67) / 10, current smoker, primary tumour ground-glass or part-solid, primary
+      tumour spiculated); probability = sigmoid(z). Progression-free days T: Weibull with shape
+      :data:`PFS_WEIBULL_SHAPE` and the scale that makes P(T ≤ 365) = probability, drawn by
+      inversion from one uniform u, so label = (T ≤ 365) = (u < probability) keeps
+      ``progression_12m`` derived from the time. Follow-up ends uniformly within
+      :data:`FOLLOW_UP_DAYS`: the observed (days, event) is (T, true) before it, else
+      (follow-up, false). The ground truth keeps the probability (no model can beat it), the
+      label, the observed pair and the true T.
       The features use the TRUE genotype, including genes not tested as of the study date, so
       untested genes are genuinely missing information. Risk category: low < 0.3 ≤
       intermediate < 0.6 ≤ high.
@@ -140,10 +151,13 @@ import pydicom
 
 from radfusion.synth.cohort_clinical import (
     FIELD_OF_VIEW_MM,
+    FOLLOW_UP_DAYS,
     OUTCOME_INTERCEPT,
     OUTCOME_WEIGHTS,
+    PFS_WEIBULL_SHAPE,
     SCENARIOS,
     SLICE_THICKNESS_MM,
+    TUMOUR_TYPE_P,
     Demographics,
     Identity,
     draw_clinical,
@@ -180,7 +194,8 @@ from radfusion.synth.cohort_truth import (
 )
 
 # The same argument checks as `synth ct`, so both commands word their errors alike.
-from radfusion.synth.ct import Phantom, SynthStudy, _int_arg, write_ct_series
+from radfusion.synth.ct import Phantom, _int_arg
+from radfusion.synth.ct_series import SynthStudy, write_ct_series
 
 __all__ = [
     "DECOY_SYSTEM",
@@ -199,8 +214,9 @@ NOTICE = (
     "Demonstration and testing only, not for clinical use."
 )
 
-_FORMAT_PATIENT = "radfusion.synth.cohort.patient/1"
-_FORMAT_COHORT = "radfusion.synth.cohort/1"
+_FORMAT_PATIENT = "radfusion.synth.cohort.patient/2"  # 2: realistic CT, time to event
+_FORMAT_COHORT = "radfusion.synth.cohort/2"
+_OUR_FORMATS = (_FORMAT_COHORT, "radfusion.synth.cohort/1")  # folders a rerun may rewrite
 _MAX_PATIENTS = 100_000
 
 # -- public results ------------------------------------------------------------------------------
@@ -244,7 +260,7 @@ def _check_out_dir(out: Path) -> dict[str, Any] | None:
         previous = json.loads(index.read_text())
     except (OSError, ValueError):
         previous = None
-    if not isinstance(previous, dict) or previous.get("format") != _FORMAT_COHORT:
+    if not isinstance(previous, dict) or previous.get("format") not in _OUR_FORMATS:
         raise ValueError(
             f"out_dir: {out} is not empty and holds no cohort.json from an earlier run; "
             "choose an empty or new directory"
@@ -297,7 +313,7 @@ def _make_patient(
     demo = draw_demographics(rng["identity"])
     smoking, histology = draw_smoking_histology(rng["clinical"], demo.sex)
     genotype = draw_genotype(rng["genomics"], histology, smoking)
-    phantom, imaging = draw_phantom(rng["imaging"], genotype.mutated("EGFR"), slices, size)
+    phantom, imaging = draw_phantom(rng["imaging"], genotype, smoking, slices, size)
     stage = draw_stage(rng["clinical"], imaging)
     clinical = draw_clinical(rng["clinical"], demo, smoking, histology, stage)
     plan = draw_plan(rng["plan"], index % 4, genotype)
@@ -362,6 +378,13 @@ def _make_patient(
             "logit": outcome.logit,
             "risk_category": outcome.risk_category,
             "features": outcome.features,
+            "time_to_event": {
+                "name": "progression_free_days",
+                "days": outcome.observed[0],
+                "event": outcome.observed[1],
+                "true_days": outcome.progression_free_days,
+                "follow_up_days": outcome.follow_up_days,
+            },
         },
         "resources": resource_rows(b),
         "excluded_after_study_date": [
@@ -393,6 +416,9 @@ def _make_patient(
         "stage_group": stage.group,
         "genes_tested_before_study": list(plan.panel),
         "outcome_label": outcome.label,
+        "outcome_probability": outcome.probability,
+        "progression_free_days": outcome.observed[0],
+        "progression_event": outcome.observed[1],
         "resources": len(b.entries),
     }
     return patient, row
@@ -437,7 +463,14 @@ def _cohort_index(seed: int, slices: int, size: int, rows: list[dict[str, Any]])
             "name": "progression_12m",
             "intercept": OUTCOME_INTERCEPT,
             "weights": OUTCOME_WEIGHTS,
+            "time_to_event": {
+                "name": "progression_free_days",
+                "distribution": "Weibull; P(days <= 365) = the outcome's probability",
+                "shape": PFS_WEIBULL_SHAPE,
+                "follow_up_days": list(FOLLOW_UP_DAYS),
+            },
         },
+        "tumour_type_p": TUMOUR_TYPE_P,
         "patients": rows,
     }
 

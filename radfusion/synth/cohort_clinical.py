@@ -21,14 +21,17 @@ from radfusion.synth.ct import Phantom, make_phantom
 
 __all__ = [
     "FIELD_OF_VIEW_MM",
+    "FOLLOW_UP_DAYS",
     "N_PRIOR",
     "OUTCOME_INTERCEPT",
     "OUTCOME_WEIGHTS",
+    "PFS_WEIBULL_SHAPE",
     "P_ADENO",
     "SCENARIOS",
     "SLICE_THICKNESS_MM",
     "SMOKING_PRIOR",
     "TUMOUR_COUNT_P",
+    "TUMOUR_TYPE_P",
     "Clinical",
     "Dates",
     "Demographics",
@@ -45,9 +48,11 @@ __all__ = [
     "draw_plan",
     "draw_smoking_histology",
     "draw_stage",
+    "draw_tumour_types",
     "patient_identity",
     "patient_rngs",
     "stage_group",
+    "tumour_profile",
 ]
 
 # The CT geometry of every phantom (pixel spacing = field of view / size); cohort.json records it.
@@ -67,6 +72,35 @@ SMOKING_PRIOR: dict[str, tuple[float, float, float]] = {
 """P(never, former, current) by sex."""
 P_ADENO: dict[str, float] = {"never": 0.85, "former": 0.60, "current": 0.55}
 """P(adenocarcinoma) by smoking status; otherwise squamous cell carcinoma."""
+TUMOUR_TYPE_P: dict[str, dict[str, float]] = {
+    "egfr": {
+        "ground_glass": 0.25,
+        "part_solid": 0.35,
+        "solid": 0.20,
+        "spiculated": 0.05,
+        "juxta_pleural": 0.10,
+        "juxta_vascular": 0.05,
+    },
+    "kras_or_smoker": {
+        "ground_glass": 0.03,
+        "part_solid": 0.07,
+        "solid": 0.35,
+        "spiculated": 0.30,
+        "juxta_pleural": 0.15,
+        "juxta_vascular": 0.10,
+    },
+    "other": {
+        "ground_glass": 0.10,
+        "part_solid": 0.15,
+        "solid": 0.35,
+        "spiculated": 0.15,
+        "juxta_pleural": 0.15,
+        "juxta_vascular": 0.10,
+    },
+}
+"""P(phantom tumour type) by profile: ``egfr`` (an EGFR variant), else ``kras_or_smoker`` (a
+KRAS variant, or a current or former smoker), else ``other``. EGFR-mutant adenocarcinomas are
+more often ground-glass or part-solid, KRAS- and smoking-related ones solid and spiculated."""
 TUMOUR_COUNT_P: dict[bool, tuple[float, float, float]] = {
     False: (0.60, 0.30, 0.10),
     True: (0.40, 0.35, 0.25),
@@ -91,8 +125,17 @@ OUTCOME_WEIGHTS: dict[str, float] = {
     "tmb_high_without_driver": -0.5,
     "age_decades_from_67": 0.3,
     "current_smoker": 0.3,
+    "primary_subsolid": -0.8,
+    "primary_spiculated": 0.6,
 }
-"""Weights of the synthetic outcome's logit; features are named as in the ground truth."""
+"""Weights of the synthetic outcome's logit; features are named as in the ground truth.
+``primary_subsolid`` and ``primary_spiculated`` are what the image shows of the primary (the
+largest) tumour: ground-glass or part-solid (more indolent), spiculated (more aggressive)."""
+PFS_WEIBULL_SHAPE = 1.3
+"""Shape of the Weibull progression-free time; its scale makes P(time ≤ 365 d) the outcome's
+probability, so ``progression_12m`` is the time's own 12-month status."""
+FOLLOW_UP_DAYS = (180, 1460)
+"""Follow-up ends (censoring) uniformly between these days after the study date."""
 
 SCENARIOS: dict[int, str] = {
     0: "NGS panel; a preliminary report superseded by the final one; a follow-up ECOG after the "
@@ -156,6 +199,9 @@ class Imaging:
     total_volume_ml: float
     primary_side: str
     phantom_seed: int
+    types: tuple[str, ...] = ()  # the phantom's tumour types (synth.nodules.TUMOUR_TYPES)
+    primary_density: str = "solid"  # solid | part_solid | ground_glass
+    primary_shape: str = "sphere"  # sphere | lobulated | irregular | spiculated
 
     @property
     def largest_diameter_mm(self) -> float:
@@ -235,7 +281,15 @@ class Outcome:
     features: dict[str, float]
     logit: float
     probability: float
-    label: bool
+    label: bool  # progression within 365 days: progression_free_days <= 365
+    progression_free_days: int  # the true time to progression or death
+    follow_up_days: int  # when follow-up ended (censoring)
+
+    @property
+    def observed(self) -> tuple[int, bool]:
+        """What follow-up shows: (days, event), the event seen only before follow-up ended."""
+        event = self.progression_free_days <= self.follow_up_days
+        return (self.progression_free_days if event else self.follow_up_days), event
 
     @property
     def risk_category(self) -> str:
@@ -318,19 +372,37 @@ def _imaging(phantom: Phantom, requested: int, phantom_seed: int) -> Imaging:
         total_volume_ml=round(sum(t.volume_mm3 for t in tumours) / 1000.0, 3),
         primary_side=primary.side,
         phantom_seed=phantom_seed,
+        types=tuple(t.type for t in tumours),
+        primary_density=primary.density,
+        primary_shape=primary.shape,
     )
 
 
+def tumour_profile(genotype: Genotype, smoking: str) -> str:
+    """The key of :data:`TUMOUR_TYPE_P` for a patient."""
+    if genotype.mutated("EGFR"):
+        return "egfr"
+    return "kras_or_smoker" if genotype.mutated("KRAS") or smoking != "never" else "other"
+
+
+def draw_tumour_types(rng: np.random.Generator, profile: str, count: int) -> tuple[str, ...]:
+    """``count`` phantom tumour types for a profile of :data:`TUMOUR_TYPE_P`."""
+    types, p = zip(*TUMOUR_TYPE_P[profile].items(), strict=True)
+    return tuple(str(types[int(rng.choice(len(types), p=p))]) for _ in range(count))
+
+
 def draw_phantom(
-    rng: np.random.Generator, egfr: bool, slices: int, size: int
+    rng: np.random.Generator, genotype: Genotype, smoking: str, slices: int, size: int
 ) -> tuple[Phantom, Imaging]:
-    """A chest phantom with 1..3 tumours; on a tumour that does not fit, another phantom seed,
-    then one tumour fewer.
+    """A realistic chest phantom with 1..3 tumours whose types follow the genotype and smoking
+    (:data:`TUMOUR_TYPE_P`); on a tumour that does not fit, another phantom seed, then one
+    tumour fewer.
 
     Raises:
         ValueError: not even one tumour fits (too few slices or too small an image).
     """
-    requested = int(rng.choice(3, p=TUMOUR_COUNT_P[egfr])) + 1
+    requested = int(rng.choice(3, p=TUMOUR_COUNT_P[genotype.mutated("EGFR")])) + 1
+    types = draw_tumour_types(rng, tumour_profile(genotype, smoking), requested)
     for count in range(requested, 0, -1):
         for _ in range(_PHANTOM_ATTEMPTS):
             phantom_seed = int(rng.integers(0, 2**31 - 1))
@@ -343,6 +415,9 @@ def draw_phantom(
                     tumours=count,
                     pixel_spacing=FIELD_OF_VIEW_MM / size,
                     slice_thickness=SLICE_THICKNESS_MM,
+                    style="realistic",
+                    kernel="soft",
+                    tumour_types=types[:count],
                 )
             except ValueError as err:
                 if "tumours" not in str(err):
@@ -502,7 +577,10 @@ def draw_outcome(
     imaging: Imaging,
     genotype: Genotype,
 ) -> Outcome:
-    """The synthetic ``progression_12m`` label: a logistic model of the true features."""
+    """The synthetic outcome: ``progression_12m`` from a logistic model of the true features,
+    and a progression-free time drawn from the same probability (a Weibull time whose scale puts
+    that probability on day 365; the label is its 12-month status), censored at the end of
+    follow-up."""
     driver = genotype.mutated("EGFR") or genotype.mutated("ALK")
     features = {
         "stage_minus_1": float(stage.number - 1),
@@ -515,12 +593,23 @@ def draw_outcome(
         "tmb_high_without_driver": float(genotype.tmb >= 10.0 and not driver),
         "age_decades_from_67": round((demo.age - 67) / 10.0, 4),
         "current_smoker": float(clinical.smoking == "current"),
+        "primary_subsolid": float(imaging.primary_density != "solid"),
+        "primary_spiculated": float(imaging.primary_shape == "spiculated"),
     }
     logit = OUTCOME_INTERCEPT + sum(OUTCOME_WEIGHTS[k] * v for k, v in features.items())
     probability = 1.0 / (1.0 + math.exp(-logit))
+    u = float(rng.random())
+    # Weibull: P(T <= t) = 1 - exp(-(t/scale)^k); scale such that P(T <= 365) = probability,
+    # so T <= 365 exactly when u < probability (the label's own draw).
+    scale = 365.0 / (-math.log1p(-probability)) ** (1.0 / PFS_WEIBULL_SHAPE)
+    days = scale * (-math.log1p(-u)) ** (1.0 / PFS_WEIBULL_SHAPE)
+    progression_free_days = max(1, math.ceil(days))
+    follow_up = int(rng.integers(FOLLOW_UP_DAYS[0], FOLLOW_UP_DAYS[1] + 1))
     return Outcome(
         features=features,
         logit=round(logit, 4),
         probability=round(probability, 4),
-        label=bool(rng.random() < probability),
+        label=progression_free_days <= 365,
+        progression_free_days=progression_free_days,
+        follow_up_days=follow_up,
     )

@@ -58,7 +58,7 @@ from radfusion.synth.cohort_codes import (
     UCUM,
     Code,
 )
-from radfusion.synth.ct import SynthStudy
+from radfusion.synth.ct_series import SynthStudy
 
 __all__ = [
     "Builder",

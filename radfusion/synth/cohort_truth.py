@@ -261,6 +261,9 @@ def imaging_truth(imaging: Imaging) -> dict[str, Any]:
         "primary_side": imaging.primary_side,
         "bilateral": len(set(imaging.sides)) == 2,
         "phantom_seed": imaging.phantom_seed,
+        "types": list(imaging.types),
+        "primary_density": imaging.primary_density,
+        "primary_shape": imaging.primary_shape,
         "ct_truth": "ct/truth.json",
     }
 

@@ -2,11 +2,13 @@
 
 Types (:data:`TUMOUR_TYPES`): ``solid`` (0-60 HU), ``part_solid`` (ground-glass halo -600..-400
 HU around a solid core), ``ground_glass`` (-700..-500 HU), ``juxta_pleural`` and
-``juxta_vascular`` (solid nodules touching the chest wall or a vessel), and ``mass`` (3-10 cm,
+``juxta_vascular`` (solid nodules touching the chest wall or a vessel), ``mass`` (3-10 cm,
 solid with a necrotic core 10-20 HU lower or near water, against the mediastinum, the hilum or
-the pleura). Nodules are 4-30 mm. Shapes are spheres, lobulated (a sum of a few spheres) or
-irregular (a radially perturbed sphere). Each tumour is drawn on the fine grid with two tissue
-classes (body and core), replacing lung only, and never touches another tumour.
+the pleura), and ``spiculated`` (a solid nodule with spikes; only when asked for). Nodules are
+4-30 mm. Shapes are spheres, lobulated (a sum of a few spheres), irregular (a radially
+perturbed sphere) or spiculated (perturbed deeper, at higher frequencies). Each tumour is drawn
+on the fine grid with two tissue classes (body and core), replacing lung only, and never
+touches another tumour.
 """
 
 from __future__ import annotations
@@ -30,7 +32,17 @@ from radfusion.synth.shapes import Grid
 
 __all__ = ["TUMOUR_TYPES", "PlacedTumour", "place_tumours"]
 
-TUMOUR_TYPES = ("solid", "part_solid", "ground_glass", "juxta_pleural", "juxta_vascular", "mass")
+TUMOUR_TYPES = (
+    "solid",
+    "part_solid",
+    "ground_glass",
+    "juxta_pleural",
+    "juxta_vascular",
+    "mass",
+    "spiculated",
+)
+# Drawn when no type is asked for; "spiculated" only when asked for (the cohort's genotypes).
+_RANDOM_TYPES = TUMOUR_TYPES[:6]
 _TYPE_P = (0.28, 0.16, 0.16, 0.15, 0.15, 0.10)
 _ATTEMPTS = 600
 
@@ -39,7 +51,10 @@ _ATTEMPTS = 600
 _Shape: TypeAlias = (
     tuple[Literal["sphere"], float]
     | tuple[Literal["lobulated"], tuple[float, list[tuple[np.ndarray, float]]]]
-    | tuple[Literal["irregular"], tuple[float, float, list[tuple[np.ndarray, float, float]]]]
+    | tuple[
+        Literal["irregular", "spiculated"],
+        tuple[float, float, list[tuple[np.ndarray, float, float]]],
+    ]
 )
 
 
@@ -50,7 +65,7 @@ class PlacedTumour:
     index: int
     type: str
     density: str  # solid | part_solid | ground_glass
-    shape: str  # sphere | lobulated | irregular
+    shape: str  # sphere | lobulated | irregular | spiculated
     location: (
         str  # intraparenchymal | juxta_pleural | juxta_vascular | hilar | mediastinal | pleural
     )
@@ -72,14 +87,21 @@ def _shape(rng: np.random.Generator, kind: str, radius: float) -> _Shape:
             r = radius * float(rng.uniform(0.35, 0.55))
             lobes.append((v * (radius - r), r))
         return "lobulated", (radius * float(rng.uniform(0.6, 0.75)), lobes)
-    if kind == "irregular":
+    if kind in ("irregular", "spiculated"):
+        # Spiculated: more, higher-frequency and deeper radial perturbations (spikes and
+        # clefts) than a merely irregular outline.
+        count, frequencies, amplitudes = (
+            (10, (5.0, 9.0), (0.18, 0.28))
+            if kind == "spiculated"
+            else (6, (2.0, 5.0), (0.06, 0.12))
+        )
         terms = []
-        for _ in range(6):
+        for _ in range(count):
             v = rng.normal(size=3)
             v /= np.linalg.norm(v)
-            terms.append((v, float(rng.uniform(2.0, 5.0)), float(rng.uniform(0, 2 * np.pi))))
-        amp = float(rng.uniform(0.06, 0.12))
-        return "irregular", (radius, amp, terms)
+            terms.append((v, float(rng.uniform(*frequencies)), float(rng.uniform(0, 2 * np.pi))))
+        amp = float(rng.uniform(*amplitudes))
+        return ("spiculated" if kind == "spiculated" else "irregular"), (radius, amp, terms)
     return "sphere", radius
 
 
@@ -155,7 +177,7 @@ def place_tumours(
         if types is not None:
             kind = types[index % len(types)]
         else:
-            kind = TUMOUR_TYPES[int(rng.choice(len(TUMOUR_TYPES), p=_TYPE_P))]
+            kind = _RANDOM_TYPES[int(rng.choice(len(_RANDOM_TYPES), p=_TYPE_P))]
         for _ in range(_ATTEMPTS):
             result = _try_place(rng, grid, chest, index, kind, spacing, margin, label_planes)
             if result is not None:
@@ -198,6 +220,8 @@ def _try_place(
     density = {"part_solid": "part_solid", "ground_glass": "ground_glass"}.get(kind, "solid")
     if kind == "mass":
         shape = _shape(rng, "irregular", radius)
+    elif kind == "spiculated":
+        shape = _shape(rng, "spiculated", radius)
     elif kind in ("juxta_pleural", "juxta_vascular"):
         shape = _shape(rng, "lobulated" if rng.random() < 0.4 else "sphere", radius)
     else:

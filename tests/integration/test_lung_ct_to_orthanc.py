@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from radfusion.evaluation import compare_with_truth, seg_label_volume
-from radfusion.synth.ct import synth_ct
+from radfusion.synth.ct_series import synth_ct
 from tests.conftest import require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration

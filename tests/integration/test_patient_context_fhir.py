@@ -27,7 +27,7 @@ GENE_STATUS = {"positive": "present", "wild-type": "absent", "untested": "not-te
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Four patients (one of each scenario): header, bundle and ground truth."""
     return cohort_patients(
-        tmp_path_factory.mktemp("cohort"), patients=4, seed=11, slices=12, size=48
+        tmp_path_factory.mktemp("cohort"), patients=4, seed=11, slices=24, size=48
     )
 
 

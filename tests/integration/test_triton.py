@@ -25,7 +25,7 @@ from radfusion.operators.segmentation_model import (
     load_torchscript,
     segment,
 )
-from radfusion.synth.ct import synth_ct
+from radfusion.synth.ct_series import synth_ct
 from tests.conftest import require_tool, start_triton, storescu, wait_for
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from radfusion.apps.lung_ct.app import run_folder
 from radfusion.config import parse_config
 from radfusion.evaluation import compare_with_truth, seg_label_volume
 from radfusion.operators.series_selector import NoSeriesQualifies
-from radfusion.synth.ct import synth_ct
+from radfusion.synth.ct_series import synth_ct
 from tests.conftest import REPO, require_tool
 
 CONFIG = parse_config({})

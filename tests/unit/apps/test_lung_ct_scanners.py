@@ -19,7 +19,8 @@ import pytest
 from radfusion.apps.lung_ct.app import run_folder
 from radfusion.config import parse_config
 from radfusion.evaluation import seg_label_volume
-from radfusion.synth.ct import LABELS, synth_ct
+from radfusion.synth.ct import LABELS
+from radfusion.synth.ct_series import synth_ct
 
 CONFIG = parse_config({})
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from radfusion.evaluation.grid import Mask, find_ct_series, kernel_class, longest_axial_diameter_mm
-from radfusion.synth.ct import synth_ct
+from radfusion.synth.ct_series import synth_ct
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from radfusion.evaluation.lidc import (
     reference_nodules,
 )
 from radfusion.evaluation.synthetic import dice
-from radfusion.synth.ct import synth_ct
+from radfusion.synth.ct_series import synth_ct
 from tests.unit.evaluation.support import LIDC_DICOM, LIDC_XML, lidc_xml, require_lidc, square
 
 

@@ -18,7 +18,7 @@ from radfusion.evaluation.reference_seg import (
     segment_role,
     volume_on_grid,
 )
-from radfusion.synth.ct import synth_ct
+from radfusion.synth.ct_series import synth_ct
 from tests.unit.evaluation.support import write_seg
 
 

@@ -25,14 +25,8 @@ from radfusion.operators.measurement import MIN_LUNG_ML, Measured, measure
 from radfusion.operators.nodules import FEATURES, NoduleCandidate
 from radfusion.operators.results import Finding, SegmentationResult
 from radfusion.operators.volume import Volume, assemble_volume
-from radfusion.synth.ct import (
-    LABELS,
-    NOISE_SIGMA_HU,
-    Phantom,
-    Tumour,
-    make_phantom,
-    write_ct_series,
-)
+from radfusion.synth.ct import LABELS, NOISE_SIGMA_HU, Phantom, Tumour, make_phantom
+from radfusion.synth.ct_series import write_ct_series
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1234.9."
 PIXEL_SPACING, SLICE_THICKNESS = 3.5, 5.0

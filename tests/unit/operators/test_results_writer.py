@@ -31,7 +31,8 @@ from radfusion.operators.series_selector import (
     select_series,
 )
 from radfusion.operators.volume import VolumeError
-from radfusion.synth.ct import SynthStudy, make_phantom, write_ct_series
+from radfusion.synth.ct import make_phantom
+from radfusion.synth.ct_series import SynthStudy, write_ct_series
 from tests.conftest import require_tool
 
 ALGORITHM = AlgorithmInfo(name="radfusion-lung-ct", version="0.1.0")

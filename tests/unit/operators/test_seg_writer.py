@@ -18,7 +18,8 @@ from radfusion.operators.measurement import measure
 from radfusion.operators.results import AlgorithmInfo, SegmentationResult
 from radfusion.operators.seg_writer import SERIES_NUMBER, build_seg, write_seg
 from radfusion.operators.volume import Volume, assemble_volume
-from radfusion.synth.ct import LABELS, TUMOUR_LABEL_BASE, make_phantom, write_ct_series
+from radfusion.synth.ct import LABELS, TUMOUR_LABEL_BASE, make_phantom
+from radfusion.synth.ct_series import write_ct_series
 from tests.conftest import require_tool, reversed_enhanced_ct
 from tests.detection_support import anatomy_from_truth
 

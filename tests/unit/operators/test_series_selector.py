@@ -22,6 +22,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from radfusion.logs import uid_tag
+from radfusion.operators.series_names import kernel_class, series_name
 from radfusion.operators.series_selector import (
     CT_IMAGE_STORAGE,
     ENHANCED_CT_IMAGE_STORAGE,
@@ -30,13 +31,12 @@ from radfusion.operators.series_selector import (
     SeriesCandidate,
     SeriesSelection,
     SkippedSeries,
-    kernel_class,
     read_headers,
     select_series,
-    series_name,
 )
 from radfusion.operators.volume import assemble_volume
-from radfusion.synth.ct import SynthStudy, make_phantom, write_ct_series
+from radfusion.synth.ct import make_phantom
+from radfusion.synth.ct_series import SynthStudy, write_ct_series
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 SLICES = 24

@@ -25,7 +25,8 @@ from radfusion.operators.result_identity import algorithm_device_uid
 from radfusion.operators.results import AlgorithmInfo, SegmentationResult
 from radfusion.operators.sr_writer import SERIES_NUMBER, build_sr, write_sr
 from radfusion.operators.volume import Volume, assemble_volume
-from radfusion.synth.ct import make_phantom, write_ct_series
+from radfusion.synth.ct import make_phantom
+from radfusion.synth.ct_series import write_ct_series
 from tests.conftest import require_tool, reversed_enhanced_ct
 from tests.detection_support import DETECTION_SCORES, anatomy_from_truth
 

@@ -33,7 +33,8 @@ from radfusion.operators.volume import (
     assemble_volume,
     read_series,
 )
-from radfusion.synth.ct import Phantom, SynthStudy, make_phantom, write_ct_series
+from radfusion.synth.ct import Phantom, make_phantom
+from radfusion.synth.ct_series import SynthStudy, write_ct_series
 
 SLICES, ROWS, COLUMNS = 24, 96, 96
 PIXEL_SPACING, SLICE_THICKNESS = 3.5, 5.0

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
@@ -26,7 +27,21 @@ from radfusion.synth.cohort import (
     SynthCohort,
     synth_cohort,
 )
-from radfusion.synth.cohort_clinical import OUTCOME_INTERCEPT, OUTCOME_WEIGHTS, stage_group
+from radfusion.synth.cohort_clinical import (
+    FOLLOW_UP_DAYS,
+    OUTCOME_INTERCEPT,
+    OUTCOME_WEIGHTS,
+    TUMOUR_TYPE_P,
+    Imaging,
+    draw_clinical,
+    draw_demographics,
+    draw_outcome,
+    draw_stage,
+    draw_tumour_types,
+    stage_group,
+    tumour_profile,
+)
+from radfusion.synth.cohort_genomics import draw_genotype
 
 SMALL: dict[str, Any] = {"patients": 4, "seed": 11, "slices": 24, "size": 48}
 LOINC = "http://loinc.org"
@@ -412,6 +427,61 @@ def test_outcome_follows_the_documented_logit(cohort: SynthCohort) -> None:
         driver = genotype["EGFR"]["status"] == "positive" or genotype["ALK"]["status"] == "positive"
         assert outcome["features"]["targetable_driver"] == float(driver)
         assert truth["synthetic"] is True and "not for clinical use" in truth["notice"]
+
+
+def test_time_to_event_and_the_12_month_label_agree(cohort: SynthCohort) -> None:
+    for _, truth in _patient_files(cohort):
+        outcome = truth["outcome"]
+        tte = outcome["time_to_event"]
+        assert outcome["label"] == (tte["true_days"] <= 365)
+        assert FOLLOW_UP_DAYS[0] <= tte["follow_up_days"] <= FOLLOW_UP_DAYS[1]
+        assert tte["event"] == (tte["true_days"] <= tte["follow_up_days"])
+        assert tte["days"] == min(tte["true_days"], tte["follow_up_days"])
+        imaging = truth["imaging"]
+        assert len(imaging["types"]) == imaging["tumour_count"]
+        assert outcome["features"]["primary_subsolid"] == float(
+            imaging["primary_density"] != "solid"
+        )
+        assert outcome["features"]["primary_spiculated"] == float(
+            imaging["primary_shape"] == "spiculated"
+        )
+
+
+def test_the_label_is_drawn_with_the_generators_probability() -> None:
+    """P(progression-free days <= 365) is the outcome's probability (2,000 draws, one patient's
+    features): the time carries the same risk as the logistic label."""
+    rng = np.random.default_rng(3)
+    demo = draw_demographics(rng)
+    genotype = draw_genotype(rng, "adenocarcinoma", "former")
+    imaging = Imaging(1, 1, ("right",), (22.0,), 5.6, "right", 7, ("solid",), "solid", "sphere")
+    stage = draw_stage(rng, imaging)
+    clinical = draw_clinical(rng, demo, "former", "adenocarcinoma", stage)
+    outcomes = [
+        draw_outcome(np.random.default_rng(i), demo, clinical, stage, imaging, genotype)
+        for i in range(2000)
+    ]
+    p = outcomes[0].probability
+    share = sum(o.label for o in outcomes) / len(outcomes)
+    assert abs(share - p) <= 3 * math.sqrt(p * (1 - p) / len(outcomes)) + 1e-3
+    assert all(o.label == (o.progression_free_days <= 365) for o in outcomes)
+    # Later progression is possible: the time is not cut at one year.
+    assert any(o.progression_free_days > 365 for o in outcomes)
+
+
+def test_tumour_types_follow_the_radiogenomic_associations() -> None:
+    rng = np.random.default_rng(0)
+    drawn = {profile: draw_tumour_types(rng, profile, 4000) for profile in TUMOUR_TYPE_P}
+
+    def share(profile: str, kinds: set[str]) -> float:
+        return sum(t in kinds for t in drawn[profile]) / len(drawn[profile])
+
+    subsolid, solid = {"ground_glass", "part_solid"}, {"solid", "spiculated"}
+    assert share("egfr", subsolid) > 0.5 > share("kras_or_smoker", subsolid)
+    assert share("kras_or_smoker", solid) > 0.6 > share("egfr", solid)
+    assert share("kras_or_smoker", {"spiculated"}) > 2 * share("egfr", {"spiculated"})
+    genotype = draw_genotype(np.random.default_rng(1), "adenocarcinoma", "never")
+    assert tumour_profile(genotype, "never") in ("egfr", "other")
+    assert tumour_profile(genotype, "current") in ("egfr", "kras_or_smoker")
 
 
 def test_cohort_index(cohort: SynthCohort) -> None:

@@ -19,11 +19,9 @@ from radfusion.synth.ct import (
     TUMOUR_LABEL_BASE,
     UID_ROOT,
     Phantom,
-    SynthStudy,
     make_phantom,
-    synth_ct,
-    write_ct_series,
 )
+from radfusion.synth.ct_series import SynthStudy, synth_ct, write_ct_series
 
 SMALL: dict[str, Any] = {"slices": 40, "rows": 128, "columns": 128, "seed": 3, "tumours": 2}
 SPACING = 360.0 / 128  # synth_ct's default: a 360 mm field of view
