@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,7 @@ __all__ = [
     "NoduleCandidate",
     "NoduleScorer",
     "ScorerError",
+    "TumourLookup",
     "default_scorer_path",
     "find_nodules",
 ]
@@ -72,6 +73,11 @@ FEATURES = (
     "model_tumour",  # share of the region the learned model calls tumour (0.5: no model)
 )
 """The features the false-positive stage scores, in the order of its weights."""
+
+
+TumourLookup = Callable[[tuple[slice, slice, slice]], np.ndarray]
+"""A box of the source grid → where (bool, the box's shape) the learned segmentation model
+sees tumour there."""
 
 
 @dataclass(frozen=True)
@@ -217,30 +223,27 @@ def find_nodules(
     fields: LungFields,
     *,
     scorer: NoduleScorer | None,
-    tumour_probability: np.ndarray | None = None,
+    model_tumour: TumourLookup | None = None,
 ) -> list[NoduleCandidate]:
     """Nodule and mass candidates inside the lung fields, best score first, none sharing
     much of its voxels with a better one.
 
     ``scorer`` is the false-positive stage (None: every candidate, duplicates included, with
     score 0 and in no particular order, for collecting training features).
-    ``tumour_probability`` is the learned segmentation model's tumour map on the source grid,
-    when a model ran.
+    ``model_tumour`` says where the learned segmentation model sees tumour, when a model ran.
 
     Raises:
-        ValueError: the masks or probability map do not have the volume's shape.
+        ValueError: the masks do not have the volume's shape.
     """
     if fields.search.shape != hu.shape:
         raise ValueError(f"lung fields shape {fields.search.shape} != volume shape {hu.shape}")
-    if tumour_probability is not None and tumour_probability.shape != hu.shape:
-        raise ValueError("tumour_probability: must have the volume's shape")
     lungs = fields.right | fields.left
     found: list[NoduleCandidate] = []
     envelope = fields.envelope if fields.envelope is not None else fields.search
     for search_pass, region in ((NODULE_PASS, fields.search), (MASS_PASS, envelope)):
         if region.any():
             found.extend(
-                _run_pass(search_pass, hu, spacing_mm, region, lungs, scorer, tumour_probability)
+                _run_pass(search_pass, hu, spacing_mm, region, lungs, scorer, model_tumour)
             )
     if scorer is None:  # unscored: every candidate, for collecting training features
         return found
@@ -296,7 +299,7 @@ def _run_pass(
     region: np.ndarray,
     lung_mask: np.ndarray,
     scorer: NoduleScorer | None,
-    tumour_probability: np.ndarray | None,
+    model_tumour: TumourLookup | None,
 ) -> list[NoduleCandidate]:
     box = _box_of(region)
     pixel = min(spacing_mm[1], spacing_mm[2])
@@ -380,8 +383,8 @@ def _run_pass(
         if not full_mask.any():
             continue
         model = 0.5
-        if tumour_probability is not None:
-            model = float(tumour_probability[full_box][full_mask].mean())
+        if model_tumour is not None:
+            model = float(model_tumour(full_box)[full_mask].mean())
         vector = (
             math.log(max(float(best[k, r, c]), 1e-3)),
             float(shape[index]),

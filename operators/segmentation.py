@@ -16,7 +16,7 @@ from radfusion.operators.segmentation_model import (
     Predictor,
     SegmentationModelConfig,
     default_model_config_path,
-    segment,
+    segment_map,
 )
 from radfusion.operators.volume import Volume
 
@@ -32,7 +32,8 @@ log = logging.getLogger("radfusion.operators.segmentation")
 
 class SegmentationOperator(Operator):
     """Input ``volume`` (:class:`Volume`, or a ``VolumeError`` passed through) → output
-    ``classes`` (uint8 class map, or ``None`` when there was no volume).
+    ``classes`` (:class:`ClassMap` on the volume's grid, resolved on demand; ``None`` when there
+    was no volume).
 
     ``predictor`` runs the network (in process, or on Triton); the app chooses it.
     :attr:`timings` holds the seconds per stage (preprocess, inference, postprocess) after a run.
@@ -59,7 +60,7 @@ class SegmentationOperator(Operator):
         volume = op_input.receive("volume")
         classes = None
         if isinstance(volume, Volume):
-            classes = segment(
+            classes = segment_map(
                 volume.hu,
                 volume.spacing_mm,
                 self.predictor,

@@ -132,7 +132,7 @@ def collect(seed: int) -> tuple[np.ndarray, np.ndarray]:
         volume.spacing_mm,
         fields,
         scorer=None,
-        tumour_probability=(classes == 2).astype(np.float32),
+        model_tumour=lambda box: classes[box] == 2,
     )
     x = np.array([c.features for c in candidates], dtype=np.float64).reshape(-1, len(FEATURES))
     y = np.array([_truth_of(c.mask, c.box, labels) > 0 for c in candidates], dtype=np.float64)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from radfusion.operators.segmentation_model import (
+    ClassMap,
     ModelConfigError,
     SegmentationModelConfig,
     default_model_config_path,
@@ -89,6 +90,27 @@ def test_boundary_only_resolution_equals_full_trilinear_interpolation(
         probabilities[None], size=shape, mode="trilinear", align_corners=False
     )[0].argmax(0)
     np.testing.assert_array_equal(probabilities_to_classes(probabilities, shape), expected)
+
+
+@pytest.mark.parametrize("shape", [(47, 71, 64), (9, 100, 13)])
+def test_a_region_of_the_class_map_equals_that_part_of_the_whole(
+    shape: tuple[int, int, int],
+) -> None:
+    """The detector resolves boxes only: each must hold exactly what the full map holds."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    logits = F.avg_pool3d(torch.randn(1, 3, 20, 30, 30, generator=generator) * 8, 3, 1, 1)[0]
+    classes = ClassMap.from_probabilities(torch.softmax(logits, 0), shape)
+    full = classes.full()
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        box = []
+        for n in shape:
+            a, b = sorted(int(v) for v in rng.integers(0, n + 1, size=2))
+            box.append(slice(a, max(b, a + 1)))
+        np.testing.assert_array_equal(classes.region(tuple(box)), full[tuple(box)])
+    assert (
+        classes.region((slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))).shape == shape
+    )
 
 
 @pytest.mark.parametrize(
