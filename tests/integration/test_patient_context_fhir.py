@@ -8,14 +8,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from radfusion.config import FhirConfig
+from radfusion.fusion.dataset import context_from_truth
 from radfusion.integrations.fhir.provider import (
     ContextOutcome,
     ContextUnavailable,
     PatientContextProvider,
 )
+from radfusion.operators.fusion_features import fusion_inputs
 from tests.fhir_support import cohort_patients, operation_outcome, registered_smart_client
 
 pytestmark = pytest.mark.integration
@@ -98,6 +101,14 @@ def test_context_equals_the_ground_truth(loaded: Any, cohort: list[dict[str, Any
         assert not keys & set(truth["excluded_after_study_date"]), pid
         if truth["excluded_after_study_date"]:
             assert context.excluded.get("after the study date", 0) >= 1
+        # The fusion model is trained on the ground truth's context: the context read from
+        # the server must give it the same inputs.
+        served, trained = (
+            fusion_inputs([], context),
+            fusion_inputs([], context_from_truth(expected)),
+        )
+        assert served.present == trained.present, pid
+        np.testing.assert_allclose(served.values, trained.values, atol=1e-6, err_msg=pid)
 
 
 def test_paging_follows_next_links(

@@ -1,0 +1,1 @@
+"""Fusion of imaging, clinical and genomic data: training data, model and metrics."""
