@@ -126,10 +126,12 @@ def _longest_axial_diameter(
     pieces: list[_Region], affine: np.ndarray
 ) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
     """Longest in-plane distance between voxel centres over all slices, with its end points
-    (on the first slice that reaches it)."""
+    (on the first slice that reaches it). A region of one voxel per slice has diameter 0,
+    both ends on its first voxel (never the origin: viewers draw the ends on the images)."""
     kk, rr, cc = _row_extremes(pieces)
     splits = np.flatnonzero(np.diff(kk)) + 1
-    best, ends = 0.0, (np.zeros(3), np.zeros(3))
+    first = affine @ np.array([cc[0], rr[0], kk[0], 1.0])
+    best, ends = 0.0, (first[:3], first[:3])
     for k_part, r_part, c_part in zip(
         np.split(kk, splits), np.split(rr, splits), np.split(cc, splits), strict=True
     ):

@@ -296,7 +296,10 @@ def tumour_features(
     if not tables or len(tables[0]) != 1:
         raise RadiomicsError("mirp returned no features for the region")
     row = tables[0].iloc[0]
-    values = shape_features(mask[box], spacing_mm)
+    try:
+        values = shape_features(mask[box], spacing_mm)
+    except (ValueError, ArithmeticError, RuntimeError) as err:  # a mesh scikit-image refuses
+        raise RadiomicsError(f"no shape for the region: {type(err).__name__}: {err}") from err
     values |= {f.name: _column(row, f.mirp) for f in LIBRARY}
     variance = values["variance"]
     values[SD] = math.sqrt(variance) if variance >= 0 else math.nan
@@ -340,6 +343,7 @@ def shape_features(mask: np.ndarray, spacing_mm: tuple[float, float, float]) -> 
     points = np.argwhere(mask) * spacing
     # The principal axes' variances, major first (a single voxel has none).
     axes = np.sort(np.linalg.eigvalsh(np.cov(points.T)))[::-1] if len(points) > 1 else np.zeros(3)
+    axes = np.clip(axes, 0.0, None)  # a flat region's least variance comes out as -1e-17
     return {
         "volume": volume,
         "surface_area": area,

@@ -476,6 +476,24 @@ def test_overlapping_candidates_keep_shared_voxels_for_the_better_one() -> None:
     np.testing.assert_array_equal(labels == 2, left & ~apart)
 
 
+def test_a_nodule_left_with_one_voxel_per_slice_has_its_ends_on_that_voxel() -> None:
+    """What a better candidate leaves of a worse one can be a thin sliver: its diameter is 0
+    and both ends lie on its voxel (they once defaulted to the origin, off every image, and
+    the SR writer failed the study)."""
+    right, left = box_lungs()
+    sliver = np.zeros_like(right)
+    sliver[10, 20, 14] = sliver[11, 20, 14] = True
+    anatomy = Anatomy(grid_fields(right, left), (candidate(sliver, 0.9),), (), 1)
+    volume = grid_volume()
+    measured = measure(anatomy, volume, uid_root=UID_ROOT)
+    assert measured.result is not None
+    (tumour,) = [f for f in measured.result.findings if f.kind == "tumour"]
+    assert tumour.longest_axial_diameter_mm == 0.0
+    voxel = volume.affine @ np.array([14, 20, 10, 1.0])
+    for end in tumour.diameter_endpoints_lps:
+        np.testing.assert_allclose(end, voxel[:3])
+
+
 def test_a_nodule_astride_the_lung_border_is_measured_whole() -> None:
     """A juxta-pleural nodule: partly outside the lung field; all of it is the nodule, and the
     lung loses only what it held."""
