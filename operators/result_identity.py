@@ -10,13 +10,15 @@ same device, carry the same dates and code the same structure alike.
 * The findings as codes: :func:`finding_concept` (CID 7150 category, CID 7151 type) and
   :func:`finding_laterality` (CID 244).
 * Determinism and value limits: :func:`drop_clock_stamps` and :func:`fit_lo`.
-* Writing: :func:`save_atomically` (a result file appears complete or not at all).
+* Writing: :func:`write_atomically` and :func:`save_atomically` for DICOM (a result file
+  appears complete or not at all).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple, TypedDict
 
@@ -42,7 +44,9 @@ __all__ = [
     "finding_laterality",
     "fit_lo",
     "general_equipment",
+    "save_atomically",
     "with_type2_attributes",
+    "write_atomically",
 ]
 
 LO_MAX = 64  # characters in an LO value (SeriesDescription, ContentDescription)
@@ -262,18 +266,27 @@ def drop_clock_stamps(ds: Dataset) -> None:
             del item.ContributionDateTime
 
 
-def save_atomically(ds: Dataset, path: Path) -> Path:
-    """Write ``ds`` as a DICOM file at ``path``, beside it first and then renamed, so an
-    exporter watching the folder never picks up half a file.
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write`` on a file beside ``path``, then rename it to ``path``, so an exporter
+    watching the folder never picks up half a file.
 
     Raises:
-        OSError: the file cannot be written.
+        OSError: the file cannot be written (and whatever ``write`` raises).
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     try:
-        ds.save_as(partial, enforce_file_format=True)
+        write(partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def save_atomically(ds: Dataset, path: Path) -> Path:
+    """Write ``ds`` as a DICOM file at ``path`` (:func:`write_atomically`).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    return write_atomically(path, lambda partial: ds.save_as(partial, enforce_file_format=True))

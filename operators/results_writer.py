@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from radfusion.logs import uid_tag
 from radfusion.operators.measurement import Measured
 from radfusion.operators.ports import InputPorts, OutputPorts
 from radfusion.operators.radiomics import Radiomics
-from radfusion.operators.result_identity import save_atomically
+from radfusion.operators.result_identity import save_atomically, write_atomically
 from radfusion.operators.results import AlgorithmInfo
 from radfusion.operators.seg_writer import build_seg
 from radfusion.operators.series_selector import SeriesCandidate, SeriesSelection
@@ -242,17 +241,10 @@ def write_radiomics(radiomics: Radiomics, series_instance_uid: str, output_dir: 
     Raises:
         OSError: the file cannot be written.
     """
-    path = output_dir / "radiomics.json"
-    partial = path.with_name(path.name + ".partial")
     record = {"SeriesInstanceUID": series_instance_uid} | radiomics.as_dict()
-    try:
-        # NaN (a feature undefined on a region) is not JSON: null.
-        text = json.dumps(_finite(record), indent=1, allow_nan=False)
-        partial.write_text(text + "\n")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    # NaN (a feature undefined on a region) is not JSON: null.
+    text = json.dumps(_finite(record), indent=1, allow_nan=False) + "\n"
+    return write_atomically(output_dir / "radiomics.json", lambda partial: partial.write_text(text))
 
 
 def _finite(value: object) -> object:

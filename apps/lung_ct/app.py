@@ -101,14 +101,7 @@ def radiomics_settings(settings: LungCTConfig) -> RadiomicsSettings | None:
     config = settings.radiomics
     if not config.enabled:
         return None
-    return RadiomicsSettings(
-        resampling_mm=config.resampling_mm,
-        interpolation_order=config.interpolation_order,
-        intensity_range_hu=config.intensity_range_hu,
-        discretisation=config.discretisation,
-        bin_width_hu=config.bin_width_hu,
-        ground_glass_hu=config.ground_glass_hu,
-    )
+    return RadiomicsSettings(**config.model_dump(exclude={"enabled"}))  # the same names
 
 
 def algorithm_info(
