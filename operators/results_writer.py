@@ -28,6 +28,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from radfusion.logs import uid_tag
+from radfusion.operators.fusion import FusionResult
+from radfusion.operators.fusion_sr import write_fusion_sr
 from radfusion.operators.measurement import Measured
 from radfusion.operators.ports import InputPorts, OutputPorts
 from radfusion.operators.radiomics import Radiomics
@@ -35,11 +37,12 @@ from radfusion.operators.result_identity import save_atomically, write_atomicall
 from radfusion.operators.results import AlgorithmInfo
 from radfusion.operators.seg_writer import build_seg
 from radfusion.operators.series_selector import SeriesCandidate, SeriesSelection
-from radfusion.operators.sr_writer import write_sr
+from radfusion.operators.sr_writer import build_sr, write_sr
 from radfusion.operators.volume import Volume, VolumeError
 from radfusion.patient_context import ContextOutcome
 
 __all__ = [
+    "FUSION_REPORTED",
     "IMAGING_ONLY",
     "ResultsWriterOperator",
     "source_series",
@@ -48,6 +51,10 @@ __all__ = [
 ]
 
 IMAGING_ONLY = "This algorithm uses imaging only."
+FUSION_REPORTED = (
+    "A fusion risk assessment (progression risk and EGFR probability from imaging, clinical "
+    "and genomic data) is reported in its own SR, series 903."
+)
 
 log = logging.getLogger("radfusion.operators.results_writer")
 
@@ -77,11 +84,14 @@ def write_results(
     labelmap: bool = False,
     timings: dict[str, float] | None = None,
     statements: Sequence[str] = (),
+    fusion: FusionResult | None = None,
 ) -> list[Path]:
     """Write SEG and SR for the outcome of one study; returns the files written.
 
     ``statements`` are added to the SR as text (see :func:`build_sr`). No selection: nothing is
     written. A refusal (no candidates): only an SR saying why (see the module's docstring).
+    ``fusion`` (with findings only) adds the fusion SR (:mod:`radfusion.operators.fusion_sr`),
+    whose UID changes with the fusion's content (a new context gives a new instance).
 
     Raises:
         ValueError, OSError: as :func:`write_sr` (and, for a SEG, :func:`build_seg`).
@@ -128,7 +138,7 @@ def write_results(
             timings["seg_encode"] = time.perf_counter() - started
     sr_path = output_dir / "sr.dcm"
     started = time.perf_counter()
-    write_sr(
+    sr_ds = build_sr(
         images,
         seg_ds,
         measured.result if reason is None and measured else None,
@@ -143,11 +153,26 @@ def write_results(
             *(measured.statements if measured is not None else ()),
             *statements,
         ],
-        path=sr_path,
     )
+    save_atomically(sr_ds, sr_path)
     written.append(sr_path)
     if timings is not None:
         timings["sr_encode"] = time.perf_counter() - started
+    if fusion is not None and reason is None:
+        started = time.perf_counter()
+        content = _fusion_digest(fusion)
+        written.append(
+            write_fusion_sr(
+                images,
+                fusion,
+                measurement_sr=sr_ds,
+                series_instance_uid=uid("fusion-sr-series"),
+                sop_instance_uid=uid(f"fusion-sr-{content}"),
+                path=output_dir / "fusion_sr.dcm",
+            )
+        )
+        if timings is not None:
+            timings["fusion_sr_encode"] = time.perf_counter() - started
     log.info(
         "series %s: wrote %s%s",
         uid_tag(source),
@@ -155,6 +180,22 @@ def write_results(
         f" (out of scope: {reason})" if reason else "",
     )
     return written
+
+
+def _fusion_digest(fusion: FusionResult) -> str:
+    """What the fusion SR says, as a digest: the same model, inputs and outputs give the same
+    instance UID; anything else a new one."""
+    record = repr(
+        (
+            fusion.model.sha256,
+            fusion.describe(),
+            sorted(fusion.missing.items()),
+            fusion.sources,
+            fusion.egfr,
+            [(c.name, round(c.log_odds, 6)) for c in (*fusion.modalities, *fusion.top_features)],
+        )
+    )
+    return hashlib.sha256(record.encode()).hexdigest()[:32]
 
 
 def _analysed(selection: SeriesSelection, series: SeriesCandidate) -> list[str]:
@@ -294,14 +335,18 @@ class ResultsWriterOperator(Operator):
         spec.input("measured")
         spec.input("context")
         spec.input("radiomics")
+        spec.input("fusion")
 
     def compute(self, op_input: InputPorts, op_output: OutputPorts, context: object) -> None:
         receive = op_input.receive
         selection, volume, measured = receive("selection"), receive("volume"), receive("measured")
         outcome: ContextOutcome | None = receive("context")
         radiomics: Radiomics | None = receive("radiomics")
+        fusion: FusionResult | None = receive("fusion")
         analysed = selection is not None and not selection.refused
         statements = [outcome.describe(), IMAGING_ONLY] if outcome is not None and analysed else []
+        if fusion is not None and analysed:
+            statements.append(FUSION_REPORTED)
         self.written = tuple(
             write_results(
                 selection,
@@ -313,6 +358,7 @@ class ResultsWriterOperator(Operator):
                 labelmap=self.labelmap,
                 timings=self.timings,
                 statements=statements,
+                fusion=fusion,
             )
         )
         self.records = ()

@@ -66,7 +66,16 @@ from radfusion.operators.result_identity import (
 )
 from radfusion.operators.results import AlgorithmInfo, Finding, SegmentationResult
 
-__all__ = ["SERIES_NUMBER", "build_sr", "write_sr"]
+__all__ = [
+    "SERIES_NUMBER",
+    "algorithm_identification",
+    "algorithm_report",
+    "build_sr",
+    "distinct_sources",
+    "image_library",
+    "observation_context",
+    "write_sr",
+]
 
 SERIES_NUMBER = 902  # after the SEG (901), so results sort after the acquired series
 
@@ -139,7 +148,7 @@ def build_sr(
             or matrix size, or a diameter end point that lies on no source image (off every
             plane by a quarter of a slice gap or more, or outside the image).
     """
-    sources = _distinct(source_images)
+    sources = distinct_sources(source_images)
     if (result is None) == (out_of_scope_reason is None):
         raise ValueError("give exactly one of result and out_of_scope_reason")
     if not all(text.strip() for text in statements):
@@ -147,9 +156,9 @@ def build_sr(
     study_uid = str(sources[0].StudyInstanceUID)
     first = with_type2_attributes(sources[0])
     evidence: list[Dataset] = [first, *sources[1:]]
-    observation_context = _observation_context(algorithm)
-    algorithm_id = _algorithm_id(algorithm)
-    library = _image_library(sources)
+    observer = observation_context(algorithm)
+    algorithm_id = algorithm_identification(algorithm)
+    library = image_library(sources)
     content: hd.sr.ContentSequence
     if result is not None:
         if not result.findings:
@@ -169,7 +178,7 @@ def build_sr(
             groups.append(_diameter_group(finding, planes, algorithm_id))
             groups.append(_volumetric_group(finding, seg, source_series, algorithm_id))
         report = hd.sr.MeasurementReport(
-            observation_context=observation_context,
+            observation_context=observer,
             procedure_reported=CT_CHEST,
             imaging_measurements=groups,
         )
@@ -182,17 +191,40 @@ def build_sr(
         evidence.append(seg)
     else:
         content = _out_of_scope_report(
-            observation_context,
+            observer,
             algorithm_id,
             library,
             [f"No findings reported: {out_of_scope_reason}", *statements],
         )
-    date, time = content_datetime(first)
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=content[0],
+    return algorithm_report(
+        content[0],
+        evidence,
+        algorithm,
         series_instance_uid=series_instance_uid,
         series_number=SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid,
+    )
+
+
+def algorithm_report(
+    content: Dataset,
+    evidence: Sequence[Dataset],
+    algorithm: AlgorithmInfo,
+    *,
+    series_instance_uid: str,
+    series_number: int,
+    sop_instance_uid: str,
+) -> hd.sr.Comprehensive3DSR:
+    """A Comprehensive 3D SR of ``content`` by ``algorithm`` about ``evidence`` (the first
+    the study's header, with its Type 2 attributes): instance 1, complete, unverified and
+    preliminary, the algorithm's equipment and series description, dated from the study,
+    nothing from the clock (the same inputs give the same bytes)."""
+    date, time = content_datetime(evidence[0])
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=content,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=1,
         **general_equipment(algorithm),
@@ -204,7 +236,7 @@ def build_sr(
         content_date=date,
         content_time=time,
     )
-    drop_clock_stamps(sr)  # nothing from the clock: the same inputs give the same bytes
+    drop_clock_stamps(sr)
     return sr
 
 
@@ -245,7 +277,7 @@ def write_sr(
 # -- inputs -------------------------------------------------------------------------------------
 
 
-def _distinct(source_images: Sequence[Dataset]) -> list[Dataset]:
+def distinct_sources(source_images: Sequence[Dataset]) -> list[Dataset]:
     """The sources, each SOP instance once, in order; checked to be one study."""
     sources: dict[str, Dataset] = {}
     for ds in source_images:
@@ -279,7 +311,7 @@ def _check_seg(seg: Dataset, study_uid: str, result: SegmentationResult) -> None
 # -- content ------------------------------------------------------------------------------------
 
 
-def _observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
+def observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
     """TID 1001: the algorithm is the observer (a device, TID 1004), not a person."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=algorithm_device_uid(algorithm),
@@ -296,7 +328,7 @@ def _observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
     )
 
 
-def _algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+def algorithm_identification(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
     """TID 4019; parameters as "name=value" texts (the template holds free text)."""
     return hd.sr.AlgorithmIdentification(
         name=algorithm.name,
@@ -306,7 +338,7 @@ def _algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def _image_library(sources: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
+def image_library(sources: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
     """TID 1600 with one group of plain image references (descriptors are optional).
 
     highdicom's ImageLibrary describes each image from top-level geometry attributes, which an

@@ -372,6 +372,13 @@ class FhirConfig(_Section):
         description="FHIR server unreachable: run imaging-only and say so in the SR, or fail "
         "the job so it is retried later.",
     )
+    writeback: bool = Field(
+        default=False,
+        description="Write the fusion results back to the patient's record: a RiskAssessment, "
+        "Observations (predicted EGFR, primary tumour volume and diameter) and a "
+        "DiagnosticReport for an ImagingStudy of the study, each citing the fusion SR. "
+        "Reprocessing updates them (found by identifier), never duplicates them.",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -429,6 +436,30 @@ class RadiomicsConfig(_Section):
         if value is not None and not value[0] < value[1]:
             raise ValueError(f"{list(value)} is not an increasing pair")
         return value
+
+
+class FusionConfig(_Section):
+    """The fusion model (operators/fusion.py): imaging + clinical + genomic data → progression
+    risk and EGFR probability, written as a second SR (series 903)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Run the fusion model on every analysed study with tumour radiomics or a "
+        "patient context.",
+    )
+    model: Path | None = Field(
+        default=None,
+        description="model.yaml of the fusion model. Default: the one shipped in "
+        "packaging/models/lung_fusion/ (trained on synthetic patients only: a demonstration, "
+        "not for clinical use).",
+    )
+    triton_model: str = Field(
+        default="lung_fusion",
+        description="The model's name on the Triton server (used when `triton:` is set).",
+    )
+    triton_model_version: str = Field(
+        default="", pattern=r"^\d*$", description="A version number; empty = the latest ready."
+    )
 
 
 class LungCTConfig(_Section):
@@ -513,6 +544,7 @@ class LungCTConfig(_Section):
         "thickness (what the slices can resolve), and the SR says so.",
     )
     radiomics: RadiomicsConfig = RadiomicsConfig()
+    fusion: FusionConfig = FusionConfig()
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores.")
     triton_model: str = Field(
         default="lung_ct_seg",

@@ -2,8 +2,13 @@
 
 A synthetic chest CT is generated, sent over C-STORE (pynetdicom plays the scanner) to a
 radfusion node started in this process, completed after the quiet period, routed to the
-``lung-ct`` app, and its DICOM SEG and SR land in a folder destination. The demo then compares
+``lung-ct`` app, and its DICOM SEG and SRs land in a folder destination. The demo then compares
 the SEG with the phantom's ground truth and saves a PNG preview.
+
+The network run has no FHIR server, so its fusion SR says that clinical and genomic data were
+missing. The demo then runs the app again with a synthetic patient record (made up in this
+file, not fetched) and shows the fused result with and without the record's genomics: the
+progression risk with its interval, the EGFR estimate and the top contributions.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from radfusion.logs import uid_tag
 from radfusion.service import Service
 
 if TYPE_CHECKING:  # imported where used, as the demo runs
+    from radfusion.patient_context import PatientContext
     from radfusion.synth.ct_series import SynthStudy
 
 __all__ = ["run_demo"]
@@ -184,12 +190,17 @@ def run_demo(workdir: Path | None, *, slices: int = 120, console: Console | None
 
 def _show_results(results: list[Path], study: SynthStudy, workdir: Path, console: Console) -> bool:
     from radfusion.evaluation import compare_with_truth, seg_label_volume
+    from radfusion.operators.fusion_sr import SERIES_NUMBER as FUSION_SERIES
     from radfusion.operators.volume import assemble_volume
     from radfusion.preview import render_preview
 
-    by_modality = {str(pydicom.dcmread(p, stop_before_pixels=True).Modality): p for p in results}
-    if "SEG" not in by_modality or "SR" not in by_modality:
-        console.print(f"[red]expected a SEG and an SR, got {sorted(by_modality)}")
+    by_modality: dict[str, Path] = {}
+    for p in results:
+        head = pydicom.dcmread(p, stop_before_pixels=True)
+        fusion = head.Modality == "SR" and head.get("SeriesNumber") == FUSION_SERIES
+        by_modality["FUSION" if fusion else str(head.Modality)] = p
+    if not {"SEG", "SR", "FUSION"} <= set(by_modality):
+        console.print(f"[red]expected a SEG and two SRs, got {sorted(by_modality)}")
         return False
     files = list(study.files)
     labels, names = seg_label_volume(by_modality["SEG"], files)
@@ -207,8 +218,91 @@ def _show_results(results: list[Path], study: SynthStudy, workdir: Path, console
             f"{c.dice:.3f}",
         )
     console.print(table)
+    notes = _show_fusion(files, workdir, console)
     volume = assemble_volume([pydicom.dcmread(f) for f in files])
-    png = render_preview(volume.hu, labels, names, workdir / "preview.png")
-    console.print(f"SEG: {by_modality['SEG']}\nSR:  {by_modality['SR']}")
+    png = render_preview(volume.hu, labels, names, workdir / "preview.png", notes=notes)
+    console.print(
+        f"SEG: {by_modality['SEG']}\nSR:  {by_modality['SR']}\nfusion SR: {by_modality['FUSION']}"
+    )
     console.print(f"preview: {png}")
-    return True
+    return bool(notes)
+
+
+def demo_context(*, genomics: bool) -> PatientContext:
+    """A made-up patient record (no FHIR server in the demo): stage IIIA adenocarcinoma, a
+    former smoker; with ``genomics``, an NGS panel with KRAS and TP53 mutated and TMB 12."""
+    import datetime as dt
+
+    from radfusion.patient_context import Coded, Fact, GeneResult, PatientContext, Source
+
+    record = (Source("Observation/demo-record", "1"),)
+    panel = (Source("Observation/demo-ngs-panel", "1"),)
+    calls = {"EGFR": "absent", "KRAS": "present", "ALK": "absent", "TP53": "present"}
+    calls |= {"STK11": "absent"}
+    return PatientContext(
+        patient=Source("Patient/demo", "1"),
+        study_date=dt.date(2026, 1, 1),
+        age_years=Fact(64, record),
+        sex=Fact("male", record),
+        genes={g: GeneResult(g, c, sources=panel) for g, c in calls.items()} if genomics else {},
+        tmb=Fact(12.0, panel) if genomics else Fact.unknown("no genomic report"),
+        msi=Fact.unknown("not reported"),
+        cancer=Fact.unknown("not used by the demo"),
+        stage_group=Fact(Coded("http://cancerstaging.org", "3A", "IIIA"), record),
+        ecog=Fact(1, record),
+        karnofsky=Fact.unknown("not reported"),
+        smoking=Fact(Coded("http://snomed.info/sct", "8517006", "Ex-smoker"), record),
+        tumour_markers={"CEA": Fact(6.2, record)},
+    )
+
+
+def _show_fusion(files: list[Path], workdir: Path, console: Console) -> list[str]:
+    """Run the app with the synthetic record, fuse with and without its genomics, print a
+    table; returns the preview's lines (empty when the fusion did not run)."""
+    import json
+
+    from radfusion.apps.lung_ct.app import LungCTRunner
+    from radfusion.operators.fusion import FusionResult, predict
+    from radfusion.patient_context import ContextOutcome
+
+    full = ContextOutcome("available", demo_context(genomics=True))
+    without = ContextOutcome("available", demo_context(genomics=False))
+    out = workdir / "fusion-with-record"
+    with LungCTRunner(parse_config({}), lookup=lambda header: full) as runner:
+        runner.process(files, out)
+        loaded = runner.fusion
+    radiomics = json.loads((out / "radiomics.json").read_text())
+    tumours = [t["values"] for t in radiomics["tumours"] if not t.get("error")]
+    if loaded is None:
+        console.print("[red]fusion is off")
+        return []
+    results: dict[str, FusionResult | None] = {
+        "with genomics": predict(loaded.model, loaded.config, tumours, None, full),
+        "without genomics": predict(loaded.model, loaded.config, tumours, None, without),
+    }
+    table = Table(title="fusion: this study's tumours + a synthetic patient record")
+    for col in (
+        "record",
+        "progression ≤ 12 mo (± SD)",
+        "risk",
+        "EGFR",
+        "from",
+        "top contributions",
+    ):
+        table.add_column(col)
+    notes = [f"fusion ({loaded.config.name} {loaded.config.version}, synthetic record):"]
+    for name, r in results.items():
+        if r is None:
+            continue
+        egfr = (
+            f"tested: {r.egfr.status}"
+            if r.egfr.tested
+            else f"{r.egfr.probability:.2f} ± {r.egfr.sd:.2f}"
+        )
+        top = ", ".join(f"{c.label} {c.log_odds:+.2f}" for c in r.top_features[:3])
+        risk = f"{r.progression_probability:.2f} ± {r.progression_sd:.2f}"
+        table.add_row(name, risk, r.risk_group, egfr, "+".join(r.used), top)
+        notes.append(f"  {name}: progression {risk} ({r.risk_group}); EGFR {egfr}; top: {top}")
+    console.print(table)
+    console.print(f"fusion SR with the record: {out / 'fusion_sr.dcm'}")
+    return notes

@@ -1,4 +1,4 @@
-"""A segmentation model's description (``model.yaml``): what a site edits to use its own model.
+"""A model's description (``model.yaml``): what a site edits to use its own model.
 
 Read by the operators that run the model and by the integration that serves it on Triton, so
 it sits below both. The format is described in :mod:`radfusion.operators.segmentation_model`.
@@ -15,21 +15,103 @@ import yaml
 
 from radfusion.errors import RadfusionError
 
-__all__ = ["ModelConfigError", "SegmentationModelConfig", "default_model_config_path"]
+__all__ = [
+    "FusionModelConfig",
+    "ModelConfigError",
+    "SegmentationModelConfig",
+    "default_fusion_config_path",
+    "default_model_config_path",
+]
 
 
 class ModelConfigError(RadfusionError, ValueError):
     """A model.yaml is missing, malformed or names a file that does not exist."""
 
 
+def _reference(model: str) -> Path:
+    package = Path(__file__).resolve().parent
+    installed = package / "models" / model / "model.yaml"
+    source = package.parent / "packaging" / "models" / model / "model.yaml"
+    return installed if installed.is_file() else source
+
+
 def default_model_config_path() -> Path:
     """The reference model shipped with radfusion (a demonstration, not for clinical use):
     ``packaging/models/lung_ct_seg/model.yaml`` in the source tree, ``radfusion/models/...``
     in an installed package (pyproject maps one onto the other)."""
-    package = Path(__file__).resolve().parent
-    installed = package / "models" / "lung_ct_seg" / "model.yaml"
-    source = package.parent / "packaging" / "models" / "lung_ct_seg" / "model.yaml"
-    return installed if installed.is_file() else source
+    return _reference("lung_ct_seg")
+
+
+def default_fusion_config_path() -> Path:
+    """The reference fusion model (a demonstration trained on synthetic patients):
+    ``packaging/models/lung_fusion/model.yaml`` or its installed copy."""
+    return _reference("lung_fusion")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelConfigError(f"{path}: cannot read model config: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def _model_file(path: Path, name: object) -> tuple[Path, str]:
+    model_path = (Path(path).parent / str(name)).resolve()
+    if not model_path.is_file():
+        raise ModelConfigError(f"{path}: model file {model_path} does not exist")
+    return model_path, hashlib.sha256(model_path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class FusionModelConfig:
+    """A fusion model's model.yaml: its TorchScript file, the input features it was trained
+    on (in order; the app refuses a model whose list differs from the vector it builds), its
+    output columns, and the progression probabilities that separate the risk groups."""
+
+    name: str
+    version: str
+    model_path: Path
+    features: tuple[str, ...]
+    outputs: tuple[str, ...]
+    risk_groups: tuple[float, float]  # low < first <= intermediate < second <= high
+    demonstration: bool = False
+    sha256: str = ""
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> FusionModelConfig:
+        """Read and check a fusion model.yaml.
+
+        Raises:
+            ModelConfigError: the file is missing or unreadable, a key is missing or has a bad
+                value, or the model file is absent.
+        """
+        raw = _read_yaml(path)
+        try:
+            name, version = str(raw["name"]), str(raw["version"])
+            features = tuple(str(f) for f in raw["features"])
+            outputs = tuple(str(o) for o in raw["outputs"])
+            low, high = (float(v) for v in raw["risk_groups"])
+            model = raw["model"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelConfigError(f"{path}: missing key or bad value: {exc!r}") from exc
+        if not 0 < low < high < 1:
+            raise ModelConfigError(f"{path}: risk_groups must be two increasing probabilities")
+        if not features or not outputs:
+            raise ModelConfigError(f"{path}: features and outputs must not be empty")
+        model_path, sha256 = _model_file(path, model)
+        return cls(
+            name=name,
+            version=version,
+            model_path=model_path,
+            features=features,
+            outputs=outputs,
+            risk_groups=(low, high),
+            demonstration=bool(raw.get("demonstration", False)),
+            sha256=sha256,
+        )
 
 
 @dataclass(frozen=True)
@@ -57,12 +139,7 @@ class SegmentationModelConfig:
                 value (the message names the file and the key), or the model file is absent.
         """
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise ModelConfigError(f"{path}: cannot read model config: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ModelConfigError(f"{path}: expected a mapping at the top level")
+        raw = _read_yaml(path)
 
         def need(key: str) -> Any:  # parsed YAML: checked (and converted) by the caller
             if key not in raw:
@@ -91,9 +168,7 @@ class SegmentationModelConfig:
             )
         if not 0 <= overlap < 1:
             raise ModelConfigError(f"{path}: overlap must be in [0, 1)")
-        model_path = (path.parent / str(need("model"))).resolve()
-        if not model_path.is_file():
-            raise ModelConfigError(f"{path}: model file {model_path} does not exist")
+        model_path, sha256 = _model_file(path, need("model"))
         return cls(
             name=str(need("name")),
             version=str(need("version")),
@@ -105,7 +180,7 @@ class SegmentationModelConfig:
             roi_size=roi,
             overlap=overlap,
             demonstration=bool(raw.get("demonstration", False)),
-            sha256=hashlib.sha256(model_path.read_bytes()).hexdigest(),
+            sha256=sha256,
         )
 
     def class_index(self, name: str) -> int:

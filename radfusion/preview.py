@@ -26,8 +26,10 @@ def render_preview(
     *,
     slices: Sequence[int] | None = None,
     panel: int = 320,
+    notes: Sequence[str] = (),
 ) -> Path:
-    """Write ``out`` (PNG): up to four axial slices, lung window, segments overlaid.
+    """Write ``out`` (PNG): up to four axial slices, lung window, segments overlaid, and
+    ``notes`` (e.g. the fusion result) as lines of text under them.
 
     ``hu`` and ``labels`` are [k, r, c]; by default the slices shown are the centre of each of
     the three largest tumours and the slice with the most lung.
@@ -54,11 +56,15 @@ def render_preview(
         )
         ImageDraw.Draw(tile).text((6, 6), f"slice {k + 1}", fill=(255, 255, 0))
         tiles.append(tile)
-    sheet = Image.new("RGB", (panel * len(tiles), panel + 22), (0, 0, 0))
+    line = 14
+    sheet = Image.new("RGB", (panel * len(tiles), panel + 22 + line * len(notes)), (0, 0, 0))
     for i, tile in enumerate(tiles):
         sheet.paste(tile, (i * panel, 0))
     legend = "blue: lungs   red: tumours   (demonstration model, not for clinical use)"
-    ImageDraw.Draw(sheet).text((6, panel + 5), legend, fill=(230, 230, 230))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, panel + 5), legend, fill=(230, 230, 230))
+    for i, text in enumerate(notes):
+        draw.text((6, panel + 5 + line * (i + 1)), text, fill=(255, 220, 120))
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return out

@@ -325,7 +325,7 @@ def start_triton(repository: Path, **options: Any) -> Any:
     )
 
     try:
-        server = LocalTritonServer(repository, ["lung_ct_seg"], **options)
+        server = LocalTritonServer(repository, ["lung_ct_seg", "lung_fusion"], **options)
     except TritonServerNotFound as err:
         if os.environ.get("CI"):
             pytest.fail(f"{err}; `make test` must install it")

@@ -3,14 +3,17 @@
 A MONAI Deploy application (Holoscan graph)::
 
     study ─▶ select_series ─┬─▶ volume ─▶ segment ─▶ detect ─▶ measure ─▶ write_results
-                            │     └────────────────────┴──────────┴──────────▲
-                            ├─▶ patient_context ─────────────────────────────▲
+                            │     ├────────────────────┴──────────┴──────────▲
+                            │     └─▶ radiomics (◀ measure) ─▶ fusion ───────▲
+                            ├─▶ patient_context ─────────────────┴───────────▲
                             └────────────────────────────────────────────────┘
 
-``segment`` runs the learned model; ``detect`` finds the lungs (classical, checked for
+``segment`` runs the learned segmentation model; ``detect`` finds the lungs (classical, checked for
 plausibility) and the nodules (shape and density, the model's tumour class as one piece of
 evidence) and applies the operating point (``apps.lung_ct.detection_threshold``,
-``max_findings``, ``min_nodule_diameter_mm``).
+``max_findings``, ``min_nodule_diameter_mm``). ``radiomics`` describes each tumour, and
+``fusion`` combines the radiomics with the patient context into progression risk and EGFR
+probability (``apps.lung_ct.fusion``), written as a second SR.
 
 Run once over a folder like any MONAI Deploy app (``HOLOSCAN_INPUT_PATH`` →
 ``HOLOSCAN_OUTPUT_PATH``, or ``radfusion run lung-ct --input DIR --output DIR``), or from the
@@ -19,29 +22,41 @@ service, which hands it each study the router assigns to ``lung-ct``.
 With a ``fhir:`` section, ``patient_context`` looks the patient's clinical and genomic data up
 while the images are processed (a second scheduler worker), and the SR says whether they were
 found and, if not, why. The segmentation itself
-uses imaging only (the SR says that too); the context is there for fusion models. Under
+uses imaging only (the SR says that too); the fusion model uses the context, and its SR says
+what it used and what was missing; with ``fhir.writeback`` the runner then writes the fusion
+result to the patient's FHIR record (``writeback.py``). Under
 ``fhir.on_unavailable: hold`` an unreachable FHIR server fails the study before anything is
 written, so that it is retried later.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime as dt
 import hashlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pydicom
 from holoscan.schedulers import EventBasedScheduler
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application, Fragment, Operator, OperatorSpec
 
 from radfusion import __version__
+from radfusion.apps.lung_ct.writeback import WritebackOutcome, write_back
 from radfusion.apps.registry import AppResult, StudyInput
 from radfusion.config import LungCTConfig, RadfusionConfig
+from radfusion.integrations.fhir.client import FhirClient
 from radfusion.integrations.fhir.provider import PatientContextProvider
+from radfusion.model_config import FusionModelConfig, default_fusion_config_path
 from radfusion.operators.detection import DetectionOperator, DetectionSettings
+from radfusion.operators.fusion import FusionModel, FusionOperator, FusionResult, check_model
 from radfusion.operators.measurement import MeasurementOperator
 from radfusion.operators.nodules import NoduleScorer, default_scorer_path
 from radfusion.operators.patient_context import ContextLookup, PatientContextOperator
@@ -64,7 +79,17 @@ from radfusion.operators.series_selector import (
 )
 from radfusion.operators.volume import VolumeOperator
 
-__all__ = ["LungCTApp", "LungCTRunner", "make_predictor", "run_folder"]
+if TYPE_CHECKING:
+    from radfusion.integrations.inference.triton import TritonPredictor
+
+__all__ = [
+    "LoadedFusion",
+    "LungCTApp",
+    "LungCTRunner",
+    "make_fusion",
+    "make_predictor",
+    "run_folder",
+]
 
 log = logging.getLogger("radfusion.apps.lung_ct")
 
@@ -139,21 +164,67 @@ def make_predictor(config: RadfusionConfig, model: SegmentationModelConfig) -> P
     """
     settings = config.apps.lung_ct
     if config.triton is not None:
-        from radfusion.integrations.inference.triton import TritonError, TritonPredictor
-
-        predictor = TritonPredictor(
-            config.triton, settings.triton_model, settings.triton_model_version
+        described = str(settings.model or "the reference model.yaml")
+        return _served(
+            config, settings.triton_model, settings.triton_model_version, model.sha256, described
         )
-        served = predictor.identity.weights_sha256
-        if served and served != model.sha256:
-            predictor.close()
-            # The model.yaml's preprocessing and labels would be applied to other weights.
-            raise TritonError(
-                f"{predictor.identity.describe()} serves weights {served[:16]}, but "
-                f"{settings.model or 'the reference model.yaml'} describes {model.sha256[:16]}"
-            )
-        return predictor
     return load_torchscript(model.model_path, settings.threads)
+
+
+def _served(
+    config: RadfusionConfig, name: str, version: str, sha256: str, described: str
+) -> TritonPredictor:
+    """The model ``name`` on the Triton server of ``config``, checked to serve the weights
+    the local model.yaml (``described``) describes: its preprocessing, labels or outputs
+    would otherwise be applied to other weights.
+
+    Raises:
+        TritonError: the server or model is not available, or it serves other weights.
+    """
+    from radfusion.integrations.inference.triton import TritonError, TritonPredictor
+
+    assert config.triton is not None
+    predictor = TritonPredictor(config.triton, name, version)
+    served = predictor.identity.weights_sha256
+    if served and served != sha256:
+        predictor.close()
+        raise TritonError(
+            f"{predictor.identity.describe()} serves weights {served[:16]}, but "
+            f"{described} describes {sha256[:16]}"
+        )
+    return predictor
+
+
+@dataclass(frozen=True)
+class LoadedFusion:
+    """The fusion model ready to run: the callable, its model.yaml and where it runs."""
+
+    model: FusionModel
+    config: FusionModelConfig
+    served_by: str
+
+
+def make_fusion(config: RadfusionConfig) -> LoadedFusion | None:
+    """The fusion model the configuration asks for (None when ``apps.lung_ct.fusion`` is
+    off): on the Triton server of ``triton:``, or in this process.
+
+    Raises:
+        ModelConfigError: the model.yaml or TorchScript file cannot be used, or the model was
+            trained on other inputs than this version builds.
+        TritonError: the server or model is not available, or it serves other weights.
+    """
+    settings = config.apps.lung_ct.fusion
+    if not settings.enabled:
+        return None
+    model = FusionModelConfig.from_yaml(settings.model or default_fusion_config_path())
+    check_model(model)
+    if config.triton is None:
+        return LoadedFusion(load_torchscript(model.model_path), model, "in process (TorchScript)")
+    described = str(settings.model or "the reference fusion model.yaml")
+    predictor = _served(
+        config, settings.triton_model, settings.triton_model_version, model.sha256, described
+    )
+    return LoadedFusion(predictor, model, predictor.identity.describe())
 
 
 class LungCTApp(Application):
@@ -175,9 +246,11 @@ class LungCTApp(Application):
         model: SegmentationModelConfig,
         predictor: Predictor,
         lookup: ContextLookup | None = None,
+        fusion: LoadedFusion | None = None,
         **kw: object,
     ) -> None:
         self._files = list(files)
+        self._fusion = fusion
         self._output_dir = Path(output_dir)
         self._settings = settings
         self._uid_root = uid_root
@@ -187,6 +260,7 @@ class LungCTApp(Application):
         self._timed: list[Timed] = []
         self._context: PatientContextOperator | None = None
         self._write: ResultsWriterOperator | None = None
+        self._fusion_op: FusionOperator | None = None
         # Holoscan would otherwise parse sys.argv (e.g. `radfusion serve --config FILE`) as its own
         # command line and load radfusion's config file as a Holoscan config.
         super().__init__(argv=[sys.executable, "lung-ct"], **kw)
@@ -214,6 +288,14 @@ class LungCTApp(Application):
         )
         measure = MeasurementOperator(self, uid_root=self._uid_root, name="measure")
         radiomics = RadiomicsOperator(self, settings=radiomics_settings(settings), name="radiomics")
+        loaded = self._fusion
+        fusion = FusionOperator(
+            self,
+            model=loaded.model if loaded else None,
+            config=loaded.config if loaded else None,
+            served_by=loaded.served_by if loaded else "",
+            name="fusion",
+        )
         write = ResultsWriterOperator(
             self,
             algorithm=algorithm_info(model, self._predictor, scorer_path),
@@ -237,14 +319,23 @@ class LungCTApp(Application):
         self.add_flow(volume, radiomics, {("volume", "volume")})
         self.add_flow(measure, radiomics, {("measured", "measured")})
         self.add_flow(radiomics, write, {("radiomics", "radiomics")})
+        self.add_flow(measure, fusion, {("measured", "measured")})
+        self.add_flow(radiomics, fusion, {("radiomics", "radiomics")})
+        self.add_flow(context, fusion, {("context", "context")})
+        self.add_flow(fusion, write, {("fusion", "fusion")})
         # Two workers: the patient context's network round trip runs beside the images.
         self.scheduler(
             EventBasedScheduler(
                 self, name="scheduler", worker_thread_number=2, stop_on_deadlock_timeout=0
             )
         )
-        self._timed = [context, volume, segment, detect, measure, radiomics, write]
-        self._context, self._write = context, write
+        self._timed = [context, volume, segment, detect, measure, radiomics, fusion, write]
+        self._context, self._write, self._fusion_op = context, write, fusion
+
+    @property
+    def fusion_result(self) -> FusionResult | None:
+        """The last :meth:`run`'s fusion result (None: off, not analysed or nothing to fuse)."""
+        return self._fusion_op.result if self._fusion_op is not None else None
 
     def result(self) -> AppResult:
         """What the last :meth:`run` wrote, what the site should know without failing the
@@ -263,7 +354,8 @@ class LungCTRunner:
     (``radfusion run``, the MAP entry point).
 
     The model is loaded on the first study and kept for the next ones; so is the FHIR client
-    (and its token). Close it (or use it as a context manager) to release them.
+    (and its token). Close it (or use it as a context manager) to release them. ``lookup``
+    replaces the FHIR client as the source of patient context (the demo's synthetic record).
 
     Raises (from the constructor, when the model is loaded):
         TritonError: the server or model of ``triton:`` is not available.
@@ -272,22 +364,31 @@ class LungCTRunner:
 
     name = "lung-ct"
 
-    def __init__(self, config: RadfusionConfig) -> None:
+    def __init__(self, config: RadfusionConfig, lookup: ContextLookup | None = None) -> None:
         self.config = config
         self._model: SegmentationModelConfig | None = None
         self._predictor: Predictor | None = None
+        self._fusion: LoadedFusion | None = None
         self._provider: PatientContextProvider | None = None
+        self._lookup = lookup  # instead of the FHIR provider (the demo's synthetic record)
+        self._writer: FhirClient | None = None
 
     def __enter__(self) -> LungCTRunner:
         return self
+
+    @property
+    def fusion(self) -> LoadedFusion | None:
+        """The fusion model, once the first study loaded it (None: off or not yet)."""
+        return self._fusion
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
         """Close the FHIR and Triton clients; the service calls this when it stops."""
-        _close(self._predictor, self._provider)
-        self._predictor = self._provider = None
+        fusion = self._fusion.model if self._fusion else None
+        _close(self._predictor, self._provider, fusion, self._writer)
+        self._predictor = self._provider = self._fusion = self._writer = None
 
     def process(self, files: Sequence[Path], output_dir: Path) -> AppResult:
         """Run the app on one study's ``files``, writing its results to ``output_dir``.
@@ -300,7 +401,8 @@ class LungCTRunner:
         if self._model is None or self._predictor is None:
             self._model = model_config(settings)
             self._predictor = make_predictor(self.config, self._model)
-        if self._provider is None and self.config.fhir is not None:
+            self._fusion = make_fusion(self.config)
+        if self._lookup is None and self._provider is None and self.config.fhir is not None:
             self._provider = PatientContextProvider(self.config.fhir)
         app = LungCTApp(
             files=files,
@@ -309,10 +411,37 @@ class LungCTRunner:
             uid_root=self.config.uid_root,
             model=self._model,
             predictor=self._predictor,
-            lookup=self._provider,
+            lookup=self._lookup or self._provider,
+            fusion=self._fusion,
         )
         app.run()
-        return app.result()
+        result = app.result()
+        fusion = app.fusion_result
+        if self.config.fhir is not None and self.config.fhir.writeback and fusion is not None:
+            outcome = self._write_back(fusion, result)
+            if outcome.status != "written":
+                result = dataclasses.replace(result, notes=(*result.notes, outcome.describe()))
+        return result
+
+    def _write_back(self, fusion: FusionResult, result: AppResult) -> WritebackOutcome:
+        """The fusion result to the FHIR record (after the DICOM results are written)."""
+        assert self.config.fhir is not None
+        paths = [p for p in result.files if p.name == "fusion_sr.dcm"]
+        if not paths:
+            return WritebackOutcome("skipped", reason="no fusion SR was written")
+        sr = pydicom.dcmread(paths[0], stop_before_pixels=True)
+        study_date = None
+        with contextlib.suppress(ValueError):
+            study_date = dt.datetime.strptime(str(sr.get("StudyDate", "")), "%Y%m%d").date()
+        if self._writer is None:
+            self._writer = FhirClient(self.config.fhir)
+        return write_back(
+            self._writer,
+            fusion,
+            study_uid=str(sr.StudyInstanceUID),
+            sr_uid=str(sr.SOPInstanceUID),
+            study_date=study_date,
+        )
 
     def run(self, study: StudyInput, work_dir: Path) -> AppResult:
         result = self.process(study.files, Path(work_dir) / "output")

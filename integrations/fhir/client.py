@@ -125,7 +125,8 @@ def _retry_after(response: httpx.Response | None) -> float | None:
 
 
 class FhirClient:
-    """Reads and searches one FHIR R4 server.
+    """Reads, searches and (for the write-back) creates and updates resources on one FHIR R4
+    server.
 
     Args:
         config: the ``fhir:`` configuration section.
@@ -221,7 +222,45 @@ class FhirClient:
                 raise FhirError(f"{resource_type} search: next link leaves the server's origin")
         return result
 
+    def create(
+        self, resource: Mapping[str, Any], *, if_none_exist: str | None = None
+    ) -> dict[str, Any]:
+        """``POST [base]/Type`` (with ``If-None-Exist: if_none_exist``, a conditional create
+        where the server supports it); returns the resource as stored.
+
+        Raises:
+            FhirError: refused (e.g. 403, 422 with its OperationOutcome's codes);
+                FhirUnavailable after the retries, as for reads.
+        """
+        kind = str(resource["resourceType"])
+        headers = {"If-None-Exist": if_none_exist} if if_none_exist else {}
+        return self._send("POST", f"{self.base_url}/{kind}", None, kind, resource, headers)
+
+    def update(self, resource: Mapping[str, Any]) -> dict[str, Any]:
+        """``PUT [base]/Type/id`` of a resource that has an ``id``; returns it as stored.
+
+        Raises:
+            FhirError, FhirUnavailable: as :meth:`create`.
+        """
+        kind, rid = str(resource["resourceType"]), str(resource["id"])
+        return self._send("PUT", f"{self.base_url}/{kind}/{rid}", None, kind, resource, {})
+
     def _get(self, url: str, params: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+        return self._send("GET", url, params, what, None, {})
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        params: Mapping[str, Any] | None,
+        what: str,
+        body: Mapping[str, Any] | None,
+        headers: Mapping[str, str],
+    ) -> dict[str, Any]:
+        """One request with the retries (transport errors, 429/5xx), a token refresh on a
+        first 401, and refusals as :class:`FhirError`. A write is sent again only after an
+        answer saying it was not done or no answer at all: the writes radfusion sends are
+        idempotent (an update by id, a create guarded by ``If-None-Exist``)."""
         delays = self.config.retry.delays()
         refreshed = False
         attempt = 0
@@ -229,7 +268,17 @@ class FhirClient:
             response: httpx.Response | None  # None: the request never got an answer
             try:
                 # params=None keeps a next link's own query (an empty dict would replace it).
-                response = self._http.get(url, params=params or None, headers=self.auth.headers())
+                response = self._http.request(
+                    method,
+                    url,
+                    params=params or None,
+                    json=body,
+                    headers={
+                        **self.auth.headers(),
+                        **headers,
+                        **({"Content-Type": "application/fhir+json"} if body is not None else {}),
+                    },
+                )
             except AuthError as err:
                 # Only an unreachable or failing token endpoint may pass; a refusal (say,
                 # invalid_client) is configuration, and waiting will not cure it.

@@ -4,17 +4,23 @@
 FusionTable`) and a seed, and returns weights: what a federated-learning client calls
 between rounds (start it from the global model's ``state`` to fine-tune).
 
-The model: a small network per task over the fusion inputs with absent modalities zeroed
-and their presence flags appended, trained with modalities dropped at random (so it works,
-and knows, when genomics or the clinical record are missing). Heads:
+The model is additive: per task, a linear function of the standardised fusion inputs (a
+missing modality's inputs are zero, i.e. the training mean) and of the modalities' presence
+flags, trained with modalities dropped at random so that it works, and knows, when genomics
+or the clinical record are missing. Additive because it generalised best: on 5-fold
+cross-validation of the 600-patient training cohort, AUC 0.835 against 0.794-0.821 for small
+networks (the model card has the numbers), and because its explanations are exact: a
+feature's contribution to the logit is its weight times its standardised value, which is also
+its SHAP value against the training mean. Heads:
 
 - progression within 12 months (a logit; binary cross-entropy),
 - a risk score for progression-free time (Cox partial likelihood, Breslow ties),
 - EGFR mutation (a logit, from inputs without the EGFR result, trained on the patients whose
   EGFR was tested: the label a site really has).
 
-An ensemble of members with different seeds gives the uncertainty (their spread); a
-temperature per logit head, fitted on held-out patients, calibrates the probabilities.
+An ensemble of members (different seeds and dropout draws) gives the uncertainty (their
+spread); a temperature per logit head, fitted on held-out patients, calibrates the
+probabilities.
 """
 
 from __future__ import annotations
@@ -27,21 +33,40 @@ import torch
 from torch import nn
 
 from radfusion.fusion.dataset import FusionTable
-from radfusion.operators.fusion_features import CLINICAL, FEATURES, GENOMIC, IMAGING
+from radfusion.operators.fusion_features import CLINICAL, FEATURES, GENOMIC, IMAGING, MODALITIES
 
 __all__ = [
+    "OUTPUTS",
     "FusionEnsemble",
     "FusionNet",
     "LogisticModel",
     "TrainSettings",
     "fit_logistic",
     "modality_columns",
+    "pack",
     "train_ensemble",
     "train_site",
 ]
 
+_CLIP = 4.0  # standard deviations
 _PROFILES = 24  # training patients whose modality fills in a missing one (multiple imputation)
 _EGFR_COLUMNS = [FEATURES.index("EGFR_mutated"), FEATURES.index("EGFR_tested")]
+
+OUTPUTS = (
+    "progression_probability",
+    "progression_sd",
+    "risk_score",
+    "risk_sd",
+    "egfr_probability",
+    "egfr_sd",
+    "baseline_log_odds",
+    *(f"contribution_{m}" for m in MODALITIES),
+    *(f"contribution_{f}" for f in FEATURES),
+)
+"""The columns of :class:`FusionEnsemble`'s output. Contributions are to the calibrated
+progression logit: ``baseline_log_odds`` + the three modality contributions = the logit of
+``progression_probability``'s central estimate; a modality's contribution is the sum of its
+features' plus the effect of its being absent."""
 
 
 def modality_columns() -> torch.Tensor:
@@ -49,22 +74,28 @@ def modality_columns() -> torch.Tensor:
     return torch.tensor([0] * len(IMAGING) + [1] * len(CLINICAL) + [2] * len(GENOMIC))
 
 
+def pack(x: np.ndarray, present: np.ndarray) -> torch.Tensor:
+    """The model's one input tensor ``[B, F + 3]``: the inputs, then the presence flags (one
+    tensor, so that every backend serves it as one FP32 input)."""
+    return torch.from_numpy(np.hstack([x, present]).astype(np.float32))
+
+
 @dataclass(frozen=True)
 class TrainSettings:
-    """How a member is trained (the defaults made the shipped model)."""
+    """How a member is trained (the defaults made the shipped model; ``l2`` is chosen by
+    cross-validation on the training cohort in ``packaging/models/lung_fusion/train.py``)."""
 
-    hidden: int = 32
-    dropout: float = 0.2
-    epochs: int = 400
-    learning_rate: float = 3e-3
-    weight_decay: float = 1e-3
+    l2: float = 0.03  # penalty on the weights, per patient
+    epochs: int = 300
+    learning_rate: float = 0.05
     drop_p: tuple[float, float, float] = (0.1, 0.2, 0.3)  # imaging, clinical, genomic
     modalities: tuple[bool, bool, bool] = (True, True, True)  # which the model may use
 
 
 class FusionNet(nn.Module):
     """One member: ``forward(x [B, F], present [B, 3])`` → ``[B, 3]`` (progression logit,
-    risk score, EGFR logit). ``mean``/``scale`` standardise the inputs (from training)."""
+    risk score, EGFR logit); :meth:`terms` gives the progression logit's parts. ``mean`` and
+    ``scale`` standardise the inputs (from training)."""
 
     mean: torch.Tensor
     scale: torch.Tensor
@@ -81,36 +112,46 @@ class FusionNet(nn.Module):
         egfr_mask = torch.ones(len(FEATURES))
         egfr_mask[_EGFR_COLUMNS] = 0.0
         self.register_buffer("egfr_mask", egfr_mask)
-        width = len(FEATURES) + 3
+        self.outcome = nn.Linear(len(FEATURES) + 3, 2)
+        self.egfr = nn.Linear(len(FEATURES) + 3, 1)
+        for layer in (self.outcome, self.egfr):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
-        def trunk() -> nn.Sequential:
-            return nn.Sequential(
-                nn.Linear(width, settings.hidden),
-                nn.ReLU(),
-                nn.Dropout(settings.dropout),
-                nn.Linear(settings.hidden, settings.hidden),
-                nn.ReLU(),
-            )
-
-        self.outcome = trunk()
-        self.egfr = trunk()
-        self.heads = nn.Linear(settings.hidden, 2)
-        self.egfr_head = nn.Linear(settings.hidden, 1)
+    def _standardised(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        keep = present[:, self.columns]  # [B, F]: 1 where the feature's modality is present
+        # An input far outside the training range (another scanner, an odd tumour) must not
+        # dominate an additive model: at most _CLIP standard deviations count.
+        z = ((x - self.mean) / self.scale).clamp(-_CLIP, _CLIP)
+        return z * keep
 
     def forward(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         present = present.float() * self.allowed
-        keep = present[:, self.columns]  # [B, F]: 1 where the feature's modality is present
-        z = (x - self.mean) / self.scale * keep
-        outcome = self.heads(self.outcome(torch.cat([z, present], dim=1)))
-        egfr = self.egfr_head(self.egfr(torch.cat([z * self.egfr_mask, present], dim=1)))
+        z = self._standardised(x, present)
+        outcome = self.outcome(torch.cat([z, present], dim=1))
+        egfr = self.egfr(torch.cat([z * self.egfr_mask, present], dim=1))
         return torch.cat([outcome, egfr], dim=1)
+
+    def terms(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``[B, 1 + 3 + F]`` adding up to the progression logit: the baseline (everything
+        present, every input at the training mean), per modality the effect of its absence,
+        per feature weight × standardised value."""
+        present = present.float() * self.allowed
+        z = self._standardised(x, present)
+        weight = self.outcome.weight[0]
+        features = z * weight[: len(FEATURES)]
+        flags = weight[len(FEATURES) :]
+        baseline = self.outcome.bias[0] + (flags * self.allowed).sum()
+        absent = (present - self.allowed) * flags
+        return torch.cat([baseline.expand(x.shape[0], 1), absent, features], dim=1)
 
 
 class FusionEnsemble(nn.Module):
-    """Members, temperatures and reference profiles: ``forward(x, present)`` → ``[B, 6]``:
-    progression probability and its uncertainty, risk score and its uncertainty, EGFR
-    probability and its uncertainty (probabilities after temperature scaling).
+    """Members, temperatures and reference profiles: ``forward(inputs [B, F + 3])`` (see
+    :func:`pack`) → ``[B, len(OUTPUTS)]``.
 
+    The progression and EGFR probabilities are the calibrated members' mean logit through the
+    sigmoid (the mean of additive models is additive, so the contributions add up exactly).
     The uncertainty is a standard deviation with two parts: the members' disagreement, and,
     for a patient whose clinical record or genomics are missing, how much the prediction
     moves when the missing modality is filled in from ``profiles`` of training patients who
@@ -120,6 +161,7 @@ class FusionEnsemble(nn.Module):
     temperature: torch.Tensor
     clinical_profiles: torch.Tensor
     genomic_profiles: torch.Tensor
+    membership: torch.Tensor
 
     def __init__(
         self,
@@ -133,25 +175,21 @@ class FusionEnsemble(nn.Module):
         self.register_buffer("temperature", torch.tensor(temperature, dtype=torch.float32))
         self.register_buffer("clinical_profiles", clinical_profiles.float())
         self.register_buffer("genomic_profiles", genomic_profiles.float())
+        membership = nn.functional.one_hot(modality_columns(), 3).float()  # [F, 3]
+        self.register_buffer("membership", membership)
 
-    def _outputs(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """Per member ``[M, B, 3]``: progression probability, risk, EGFR probability."""
+    def _logits(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Per member ``[M, B, 3]``: calibrated progression logit, risk, calibrated EGFR
+        logit."""
         outs = torch.stack([m(x, present) for m in self.members])
-        return torch.stack(
-            [
-                torch.sigmoid(outs[..., 0] / self.temperature[0]),
-                outs[..., 1],
-                torch.sigmoid(outs[..., 2] / self.temperature[1]),
-            ],
-            dim=2,
-        )
+        one = torch.ones_like(self.temperature[:1])
+        return outs / torch.cat([self.temperature[:1], one, self.temperature[1:]])
 
     def _imputed_variance(
         self, x: torch.Tensor, present: torch.Tensor, modality: int, profiles: torch.Tensor
     ) -> torch.Tensor:
-        """``[B, 3]``: variance of the members' mean over the profiles filled in for
-        ``modality`` (columns ``start:stop``), for every row (the caller keeps the rows that
-        miss it)."""
+        """``[B, 3]``: variance of the central estimate over the profiles filled in for
+        ``modality``, for every row (the caller keeps the rows that miss it)."""
         start = len(IMAGING) if modality == 1 else len(IMAGING) + len(CLINICAL)
         stop = start + profiles.shape[1]
         k, b = profiles.shape[0], x.shape[0]
@@ -166,20 +204,39 @@ class FusionEnsemble(nn.Module):
         flags = present.clone()
         flags[:, modality] = 1.0
         flags = flags.unsqueeze(0).expand(k, b, 3).reshape(k * b, 3)
-        outs = self._outputs(filled, flags).mean(0).reshape(k, b, 3)
-        return outs.var(0)
+        central = _probabilities(self._logits(filled, flags).mean(0)).reshape(k, b, 3)
+        return central.var(0)
 
-    def forward(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        present = present.float()
-        outs = self._outputs(x, present)  # [M, B, 3]
-        mean, variance = outs.mean(0), outs.var(0)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x, present = inputs[:, : len(FEATURES)], inputs[:, len(FEATURES) :]
+        logits = self._logits(x, present)  # [M, B, 3]
+        mean = _probabilities(logits.mean(0))
+        variance = _probabilities(logits).var(0)
         for modality, profiles in ((1, self.clinical_profiles), (2, self.genomic_profiles)):
             missing = (1.0 - present[:, modality]).unsqueeze(1)
             variance = variance + missing * self._imputed_variance(x, present, modality, profiles)
         spread = variance.sqrt()
-        return torch.stack(
+        terms = torch.stack([_member(m).terms(x, present) for m in self.members]).mean(0)
+        terms = terms / self.temperature[0]
+        features = terms[:, 4:]
+        by_modality = terms[:, 1:4] + features @ self.membership  # [B, 3]
+        summary = torch.stack(
             [mean[:, 0], spread[:, 0], mean[:, 1], spread[:, 1], mean[:, 2], spread[:, 2]], dim=1
         )
+        return torch.cat([summary, terms[:, :1], by_modality, features], dim=1)
+
+
+def _member(module: nn.Module) -> FusionNet:
+    if not isinstance(module, FusionNet):
+        raise TypeError(f"an ensemble member is a {type(module).__name__}, not a FusionNet")
+    return module
+
+
+def _probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """``[..., 3]`` logits → probabilities for the two logit heads; the risk score as is."""
+    return torch.stack(
+        [torch.sigmoid(logits[..., 0]), logits[..., 1], torch.sigmoid(logits[..., 2])], dim=-1
+    )
 
 
 def _cox_loss(risk: torch.Tensor, days: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
@@ -231,32 +288,30 @@ def train_site(
     net = FusionNet(mean, scale, settings)
     if state is not None:
         net.load_state_dict(state)
-    optimiser = torch.optim.AdamW(
-        net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
+    optimiser = torch.optim.Adam(net.parameters(), lr=settings.learning_rate)
     drop = torch.tensor(settings.drop_p)
     bce = nn.BCEWithLogitsLoss(reduction="none")
     generator = torch.Generator().manual_seed(seed)
-    net.train()
+    tested = data["egfr_tested"]
     for _ in range(settings.epochs):
         keep = (torch.rand(present.shape, generator=generator) >= drop).float()
         keep[keep.sum(dim=1) == 0, 0] = 1.0  # never drop everything
         out = net(x, present * keep)
         loss = bce(out[:, 0], data["label"]).mean()
         loss = loss + 0.5 * _cox_loss(out[:, 1], data["days"], data["event"])
-        tested = data["egfr_tested"]
         if tested.sum() > 0:
             loss = loss + (bce(out[:, 2], data["egfr"]) * tested).sum() / tested.sum()
+        penalty = net.outcome.weight.square().sum() + net.egfr.weight.square().sum()
+        loss = loss + settings.l2 * penalty
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    net.eval()
-    return net
+    return net.eval()
 
 
 def _temperature(logits: torch.Tensor, label: torch.Tensor) -> float:
-    """The temperature minimising the log-loss of ``sigmoid(logits / T)`` (grid, then
-    refined); 1 with one class only."""
+    """The temperature minimising the log-loss of ``sigmoid(logits / T)`` (grid); 1 with one
+    class only."""
     if label.min() == label.max():
         return 1.0
     bce = nn.BCEWithLogitsLoss()

@@ -42,19 +42,58 @@ def _config(base_url: str, results: Path, **fhir: Any) -> dict[str, Any]:
     }
 
 
-def _sr(folder: Path, study_uid: str) -> pydicom.Dataset | None:
+def _sr(folder: Path, study_uid: str, series_number: int = 902) -> pydicom.Dataset | None:
+    """The study's lung-ct SR (902) or fusion SR (903) in the PACS folder."""
     for path in folder.rglob("*.dcm"):
         ds = pydicom.dcmread(path)
-        if ds.StudyInstanceUID == study_uid and ds.Modality == "SR":
+        if (
+            ds.StudyInstanceUID == study_uid
+            and ds.Modality == "SR"
+            and ds.get("SeriesNumber") == series_number
+        ):
             return ds
     return None
 
 
 def _context_comments(sr: pydicom.Dataset) -> list[str]:
-    """The patient-context and imaging-only sentences: the last two TEXT "Comment" items of
-    the report's Qualitative Evaluations (the app's own, e.g. the series analysed, come
-    first)."""
-    return _comments(sr)[-2:]
+    """The patient-context and imaging-only sentences (the app's own, e.g. the series
+    analysed, come first; the pointer to the fusion SR last)."""
+    comments = _comments(sr)
+    start = next(i for i, c in enumerate(comments) if c.startswith("Clinical and genomic"))
+    return comments[start : start + 2]
+
+
+def _tumour_groups(sr: pydicom.Dataset) -> list[str]:
+    """The tracking identifiers of the measurement SR's tumours."""
+    found = []
+    for item in sr.ContentSequence:
+        for group in item.get("ContentSequence", []):
+            for child in group.get("ContentSequence", []):
+                text = str(child.get("TextValue", ""))
+                if text.startswith("Tumour"):
+                    found.append(text)
+    return sorted(set(found))
+
+
+def _fusion_items(sr: pydicom.Dataset) -> dict[str, list[Any]]:
+    """The fusion SR's private items by code: NUM values, CODE values, TEXT values."""
+    found: dict[str, list[Any]] = {}
+
+    def walk(ds: pydicom.Dataset) -> None:
+        for item in ds.get("ContentSequence", []):
+            name = item.ConceptNameCodeSequence[0]
+            if name.CodingSchemeDesignator == "99RADFUSION":
+                if item.ValueType == "NUM":
+                    value: Any = float(item.MeasuredValueSequence[0].NumericValue)
+                elif item.ValueType == "CODE":
+                    value = str(item.ConceptCodeSequence[0].CodeMeaning)
+                else:
+                    value = str(item.TextValue)
+                found.setdefault(str(name.CodeMeaning), []).append(value)
+            walk(item)
+
+    walk(sr)
+    return found
 
 
 def _comments(sr: pydicom.Dataset) -> list[str]:
@@ -107,7 +146,18 @@ def test_sr_and_status_say_whether_patient_context_was_found(
     )
     assert f"genes tested: {', '.join(tested)}" in context
     assert imaging_only == "This algorithm uses imaging only."
-    assert len(list(results.rglob("*.dcm"))) == 2  # SEG and SR: findings are not held back
+    # SEG, SR and fusion SR: findings are not held back
+    wait_for(lambda: len(list(results.rglob("*.dcm"))) == 3, 60, "the fusion SR")
+    # The fusion used the record read from the real FHIR server, and names what it read.
+    fusion = _sr(results, found["StudyInstanceUID"], 903)
+    assert fusion is not None
+    items = _fusion_items(fusion)
+    assert "Clinical record" in items["Input modality used"]
+    assert "Genomic results" in items["Input modality used"]
+    (probability,) = items["Probability of progression within 12 months"]
+    assert 0.0 < probability < 1.0
+    (used,) = items["FHIR resources used"]
+    assert "Patient/" in used and "/_history/" in used
 
     # Down: imaging-only results, and the SR and status say why.
     proxy.down = True
@@ -120,6 +170,10 @@ def test_sr_and_status_say_whether_patient_context_was_found(
         "Clinical and genomic data (FHIR): unavailable, the FHIR server could not be reached"
     ), context
     assert proxy.base_url in context
+    # No tumour was found in this phantom and the record is out of reach: nothing to fuse, so
+    # no fusion SR (nothing invented). The measurement SR is there.
+    assert not _tumour_groups(sr)
+    assert _sr(results, down["StudyInstanceUID"], 903) is None
 
     # Refused with an OperationOutcome: its codes, never its text, reach the SR and status.
     proxy.down = False
@@ -132,6 +186,18 @@ def test_sr_and_status_say_whether_patient_context_was_found(
     (context, _) = _context_comments(sr)
     assert "refused the request" in context and "forbidden" in context, context
     assert secret not in context
+    # The fusion ran on the image alone and says why the rest is missing.
+    assert _tumour_groups(sr)
+    wait_for(lambda: _sr(results, refused["StudyInstanceUID"], 903) is not None, 60, "fusion SR")
+    fusion = _sr(results, refused["StudyInstanceUID"], 903)
+    assert fusion is not None
+    items = _fusion_items(fusion)
+    assert items["Input modality used"] == ["Imaging (tumour radiomics)"]
+    reasons = items["Why an input modality is missing"]
+    assert any(r.startswith("clinical: ") and "refused the request" in r for r in reasons)
+    assert any(r.startswith("genomic: ") and "refused the request" in r for r in reasons)
+    assert all(secret not in r for r in reasons)
+    assert "FHIR resources used" not in items
 
     status = _status(node)
     assert status[uid_tag(found["StudyInstanceUID"])]["detail"] == ""

@@ -58,22 +58,22 @@ def test_chest_ct_sent_by_storescu_comes_back_as_seg_and_sr_in_orthanc(
     storescu(node.port, list(study.files))
     uid = study.StudyInstanceUID
 
-    def results_arrived() -> bool:
-        classes = set(orthanc_study_instances(orthanc, uid).values())
-        return SEG_CLASS in classes and SR_CLASS in classes
-
-    wait_for(results_arrived, 180, "SEG and SR in Orthanc")
+    wait_for(lambda: len(orthanc_study_instances(orthanc, uid)) == 3, 180, "3 results in Orthanc")
     instances = orthanc_study_instances(orthanc, uid)
-    assert len(instances) == 2  # only the results: the CT itself is not forwarded
+    # Only the results (SEG, SR, fusion SR): the CT itself is not forwarded.
+    assert sorted(instances.values()) == sorted([SEG_CLASS, SR_CLASS, SR_CLASS])
     results = {}
-    for instance_id, sop_class in instances.items():
+    for instance_id in instances:
         with urllib.request.urlopen(f"{orthanc.url}/instances/{instance_id}/file") as r:
-            path = tmp_path / f"{sop_class}.dcm"
-            path.write_bytes(r.read())
-        results[sop_class] = path
+            data = r.read()
+        path = tmp_path / f"{instance_id}.dcm"
+        path.write_bytes(data)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        results["FUSION" if ds.SeriesNumber == 903 else ds.SOPClassUID] = path
     seg = pydicom.dcmread(results[SEG_CLASS])
     sr = pydicom.dcmread(results[SR_CLASS])
-    assert seg.StudyInstanceUID == sr.StudyInstanceUID == uid
+    fusion = pydicom.dcmread(results["FUSION"])
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == fusion.StudyInstanceUID == uid
     for path in results.values():
         out = subprocess.run(
             [require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False

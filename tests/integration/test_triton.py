@@ -88,6 +88,21 @@ def test_segment_through_triton_gives_the_in_process_class_map(
     assert (local != remote).mean() < 1e-5
 
 
+def test_the_fusion_model_on_triton_equals_in_process(triton: Any) -> None:
+    from radfusion.model_config import FusionModelConfig, default_fusion_config_path
+
+    fusion = FusionModelConfig.from_yaml(default_fusion_config_path())
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(5, len(fusion.features) + 3, generator=generator)
+    x[:, -3:] = (x[:, -3:] > 0).float()  # presence flags
+    expected = load_torchscript(fusion.model_path)(x)
+    with TritonPredictor(TritonConfig(url=triton.grpc_url), "lung_fusion") as predictor:
+        got = predictor(x)
+        assert predictor.identity.weights_sha256 == fusion.sha256
+    assert got.shape == expected.shape == (5, len(fusion.outputs))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_predictor_names_server_model_and_what_the_server_has(triton: Any) -> None:
     with pytest.raises(TritonModelNotReady) as err:
         TritonPredictor(TritonConfig(url=triton.grpc_url), "lung_ct_segX", "3")
@@ -158,12 +173,13 @@ def _job_config(triton_url: str, results: Path) -> dict[str, Any]:
 
 
 def _results(folder: Path, study_uid: str) -> dict[str, Path]:
-    """Modality (SEG, SR) → result file of the study in an export folder."""
+    """SEG, SR and FUSION (the fusion SR, series 903) → result file of the study in an export
+    folder."""
     found = {}
     for path in folder.rglob("*.dcm"):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         if ds.StudyInstanceUID == study_uid:
-            found[str(ds.Modality)] = path
+            found["FUSION" if ds.get("SeriesNumber") == 903 else str(ds.Modality)] = path
     return found
 
 
@@ -203,7 +219,9 @@ def test_studies_survive_triton_down_at_start_and_killed_later(
     try:
         # 2. The server is back: a retry of the dead letter produces the results.
         assert node.cli("deadletter", "retry", str(letter.id)).returncode == 0
-        wait_for(lambda: len(_results(results, first.StudyInstanceUID)) == 2, 180, "results")
+        wait_for(
+            lambda: {"SEG", "SR"} <= set(_results(results, first.StudyInstanceUID)), 180, "results"
+        )
         # TID 4019 names the served model and the server.
         sr = _results(results, first.StudyInstanceUID)["SR"]
         assert b"inference=lung_ct_seg/1 on Triton 2.51.0" in sr.read_bytes()
@@ -216,7 +234,9 @@ def test_studies_survive_triton_down_at_start_and_killed_later(
         second_letter = dead_letter_for(second.StudyInstanceUID) or 0
         server.start()
         assert node.cli("deadletter", "retry", str(second_letter)).returncode == 0
-        wait_for(lambda: len(_results(results, second.StudyInstanceUID)) == 2, 180, "results")
+        wait_for(
+            lambda: {"SEG", "SR"} <= set(_results(results, second.StudyInstanceUID)), 180, "results"
+        )
     finally:
         server.close()
     assert "Triton request failed" in node.log()  # the retries were logged
@@ -269,6 +289,27 @@ def test_lung_ct_results_through_triton_match_in_process(
     a, b = seg_pixels(local), seg_pixels(remote)
     assert a.shape == b.shape and a.any()
     assert (a != b).mean() < 1e-5
+
+    def fusion_sr(paths: list[Path]) -> Path:
+        (path,) = [p for p in paths if p.name == "fusion_sr.dcm"]
+        return path
+
+    # The fusion ran on the server too, and says so; its numbers are the in-process ones.
+    local_sr, remote_sr = fusion_sr(local), fusion_sr(remote)
+    assert b"lung_fusion/1 on Triton 2.51.0" in remote_sr.read_bytes()
+    assert b"in process (TorchScript)" in local_sr.read_bytes()
+    numbers = _numbers(pydicom.dcmread(local_sr))
+    assert numbers and _numbers(pydicom.dcmread(remote_sr)) == pytest.approx(numbers, abs=1e-4)
+
+
+def _numbers(ds: Any) -> list[float]:
+    """Every NUM of an SR, depth first."""
+    found = []
+    for item in ds.get("ContentSequence", []):
+        if item.ValueType == "NUM":
+            found.append(float(item.MeasuredValueSequence[0].NumericValue))
+        found.extend(_numbers(item))
+    return found
 
 
 def _certificates(folder: Path) -> dict[str, Path]:

@@ -23,15 +23,21 @@ def main() -> None:
     args = parser.parse_args()
     index = json.loads((args.cohort / "cohort.json").read_text())
     started, done = time.perf_counter(), 0
+    failed: list[str] = []
     with LungCTRunner(parse_config({})) as runner:
         for row in index["patients"]:
             out = args.out / str(row["patient_id"])
             if (out / "sr.dcm").is_file():
                 continue  # done by an earlier run
             ct = args.cohort / str(row["directory"]) / "ct"
-            runner.process(sorted(ct.glob("*.dcm")), out)
+            try:
+                runner.process(sorted(ct.glob("*.dcm")), out)
+            except Exception as error:
+                failed.append(str(row["patient_id"]))
+                print(f"{row['patient_id']}: {type(error).__name__}: {error}", flush=True)
+                continue
             done += 1
-    print(f"{done} patient(s) in {time.perf_counter() - started:.0f} s")
+    print(f"{done} patient(s) in {time.perf_counter() - started:.0f} s; failed: {failed or 'none'}")
 
 
 if __name__ == "__main__":

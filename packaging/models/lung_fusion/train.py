@@ -8,13 +8,18 @@ A demonstration, not for clinical use: every patient comes from ``radfusion synt
     python packaging/models/lung_fusion/train.py --train /tmp/fusion_train \\
         --test /tmp/fusion_test --out packaging/models/lung_fusion
 
-Imaging inputs are the radiomics of the phantoms' true tumour masks (``--imaging truth``) or,
-for the test cohort, what the lung-ct app found (``--test-app-results DIR`` holding
-``<PatientID>/radiomics.json``). Printed, with bootstrap 95 % intervals on the test cohort:
-AUC of progression within 12 months and C-index of progression-free time for fusion,
-clinical-only (logistic regression), imaging-only and the generator's true probability (the
-ceiling); EGFR AUC on patients not tested for EGFR, fusion vs clinical-only; calibration (ECE,
-slope); subgroups by sex, by genomic availability and by testing scenario; two sanity checks.
+Imaging inputs are the radiomics of the phantoms' true tumour masks or what the lung-ct app
+found (``--train-app-results DIR`` / ``--test-app-results DIR`` holding
+``<PatientID>/radiomics.json``, written by ``app_radiomics.py``): the shipped model is trained
+and evaluated on the app's own output, what it sees at run time.
+
+Printed, with bootstrap 95 % intervals on the test cohort: AUC of progression within 12 months
+and C-index of progression-free time for fusion, clinical-only (logistic regression),
+imaging-only and the generator's true probability (the ceiling); EGFR AUC on patients not
+tested for EGFR, fusion vs clinical-only; calibration (ECE, slope); subgroups by sex, by
+genomic availability and by testing scenario; explanations (mean contribution per modality,
+top features); sanity checks. The l2 penalty is chosen by cross-validation on the training
+cohort; the test cohort is never used to choose anything.
 The last line: ``fusion auc fusion/clinical/imaging/oracle: a/b/c/d``.
 """
 
@@ -30,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from radfusion.fusion.dataset import FusionTable, load_table, read_cohort, save_table
 from radfusion.fusion.metrics import (
@@ -40,9 +46,11 @@ from radfusion.fusion.metrics import (
     expected_calibration_error,
 )
 from radfusion.fusion.model import (
+    OUTPUTS,
     FusionEnsemble,
     TrainSettings,
     fit_logistic,
+    pack,
     train_ensemble,
 )
 from radfusion.operators.fusion_features import CLINICAL, FEATURES, GENOMIC, IMAGING
@@ -65,10 +73,30 @@ def _predict(
     model: FusionEnsemble, table: FusionTable, present: np.ndarray | None = None
 ) -> np.ndarray:
     with torch.no_grad():
-        return model(
-            torch.from_numpy(table.x).float(),
-            torch.from_numpy(table.present if present is None else present).float(),
-        ).numpy()
+        return model(pack(table.x, table.present if present is None else present)).numpy()
+
+
+L2_GRID = (0.003, 0.01, 0.03, 0.1)
+
+
+def select_l2(train: FusionTable, folds: int = 5) -> float:
+    """The weight penalty with the best cross-validated AUC on the training cohort (the test
+    cohort is never looked at)."""
+    which = np.random.default_rng(7).permutation(len(train)) % folds
+    best, best_auc = L2_GRID[0], -1.0
+    for l2 in L2_GRID:
+        predicted = np.zeros(len(train))
+        for k in range(folds):
+            fit, held = np.flatnonzero(which != k), np.flatnonzero(which == k)
+            model = train_ensemble(
+                train.subset(fit), members=3, seed=k, settings=TrainSettings(l2=l2)
+            )
+            predicted[held] = _predict(model, train.subset(held))[:, 0]
+        score = auc(train.label, predicted)
+        print(f"  cross-validated AUC with l2 {l2:g}: {score:.4f}")
+        if score > best_auc:
+            best, best_auc = l2, score
+    return best
 
 
 def _ci(stat: Callable[[np.ndarray], float], n: int) -> dict[str, float]:
@@ -146,7 +174,24 @@ def evaluate(
     without = test.present.copy()
     without[:, 2] = False
     spread_without = _predict(fusion, test, without)[:, 1]
+    blank = test.present.copy()
+    blank[:, 0] = False
+    imaging_column = OUTPUTS.index("contribution_imaging")
+    contributions = {
+        name: round(float(np.abs(out[:, OUTPUTS.index(f"contribution_{name}")]).mean()), 3)
+        for name in ("imaging", "clinical", "genomic")
+    }
+    features = np.abs(out[:, OUTPUTS.index(f"contribution_{FEATURES[0]}") :]).mean(0)
+    result["explanations"] = {
+        "mean_abs_logit_contribution": contributions,
+        "top_features": [
+            [FEATURES[i], round(float(features[i]), 3)] for i in np.argsort(-features)[:8]
+        ],
+    }
     result["sanity"] = {
+        "mean_abs_imaging_contribution_tumour_blanked": round(
+            float(np.abs(_predict(fusion, test, blank)[:, imaging_column]).mean()), 3
+        ),
         "auc_genomics_shuffled": round(auc(test.label, _predict(fusion, shuffled)[:, 0]), 3),
         "mean_spread_with_genomics": round(float(out[test.present[:, 2], 1].mean()), 4),
         "mean_spread_genomics_removed": round(float(spread_without[test.present[:, 2]].mean()), 4),
@@ -184,6 +229,9 @@ def report(result: dict[str, Any]) -> None:
     print(f"  calibration: ECE {c['ece']}, slope {c['slope']}")
     for name, g in result["subgroups"].items():
         print(f"  subgroup {name:17s} n={g['patients']:4d} AUC {g['auc']}")
+    x = result["explanations"]
+    print(f"  mean |contribution| to the logit by modality: {x['mean_abs_logit_contribution']}")
+    print(f"  top features: {x['top_features']}")
     s = result["sanity"]
     print(
         f"  sanity: AUC with genomics shuffled {s['auc_genomics_shuffled']}; spread "
@@ -197,6 +245,28 @@ def report(result: dict[str, Any]) -> None:
     )
 
 
+VERSION = "0.2.0"
+
+
+def model_yaml() -> str:
+    """The model.yaml the app reads (radfusion.model_config.FusionModelConfig)."""
+    header = (
+        "# The reference lung fusion model: a DEMONSTRATION, NOT FOR CLINICAL USE.\n"
+        "# Trained on synthetic patients only (train.py beside this file); see MODEL_CARD.md.\n"
+    )
+    body = {
+        "name": "radfusion-lung-fusion",
+        "version": VERSION,
+        "model": "model.ts",
+        "demonstration": True,
+        # Progression probability: low below the first, high from the second.
+        "risk_groups": [0.3, 0.6],
+        "features": list(FEATURES),
+        "outputs": list(OUTPUTS),
+    }
+    return header + yaml.safe_dump(body, sort_keys=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=Path, required=True, help="training cohort folder")
@@ -204,10 +274,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/radfusion-fusion-cache"))
     parser.add_argument("--test-app-results", type=Path, help="<PatientID>/radiomics.json")
+    parser.add_argument(
+        "--train-app-results",
+        type=Path,
+        help="train on what the app found too (app_radiomics.py over the training cohort)",
+    )
     parser.add_argument("--members", type=int, default=5)
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
-    train = _table(args.train, args.cache / "train.npz")
+    if args.train_app_results:
+        train = _table(
+            args.train,
+            args.cache / "train_app.npz",
+            imaging="app",
+            app_results=args.train_app_results,
+        )
+    else:
+        train = _table(args.train, args.cache / "train.npz")
     if args.test_app_results:
         test = _table(
             args.test, args.cache / "test_app.npz", imaging="app", app_results=args.test_app_results
@@ -215,20 +298,29 @@ def main() -> None:
     else:
         test = _table(args.test, args.cache / "test.npz")
     started = time.perf_counter()
-    fusion = train_ensemble(train, members=args.members, seed=1)
+    l2 = select_l2(train)
+    fusion = train_ensemble(train, members=args.members, seed=1, settings=TrainSettings(l2=l2))
     imaging = train_ensemble(
-        train, members=args.members, seed=2, settings=TrainSettings(modalities=(True, False, False))
+        train,
+        members=args.members,
+        seed=2,
+        settings=TrainSettings(l2=l2, modalities=(True, False, False)),
     )
     print(f"trained {2 * args.members} members in {time.perf_counter() - started:.0f} s")
     result = evaluate(fusion, imaging, test, train)
-    result["imaging_source"] = "app" if args.test_app_results else "truth masks"
+    result["imaging_source"] = {
+        "train": "app" if args.train_app_results else "truth masks",
+        "test": "app" if args.test_app_results else "truth masks",
+    }
     result["training_patients"] = len(train)
+    result["l2"] = l2
     report(result)
     args.out.mkdir(parents=True, exist_ok=True)
-    example = (torch.zeros(2, len(FEATURES)), torch.ones(2, 3))
+    example = torch.cat([torch.zeros(2, len(FEATURES)), torch.ones(2, 3)], dim=1)
     torch.jit.trace(fusion, example).save(str(args.out / "model.ts"))
     (args.out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out / 'model.ts'} and metrics.json")
+    (args.out / "model.yaml").write_text(model_yaml())
+    print(f"wrote {args.out / 'model.ts'}, model.yaml and metrics.json")
     if not math.isfinite(result["auc"]["fusion"]["value"]):
         raise SystemExit("the test cohort has one outcome class only")
 

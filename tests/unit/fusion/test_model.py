@@ -1,5 +1,6 @@
 """The fusion model on a small numeric table: it learns what carries signal, uses the
-modalities it is given, widens its uncertainty when one is missing, and traces."""
+modalities it is given, widens its uncertainty when one is missing, explains itself exactly,
+and traces."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ import torch
 
 from radfusion.fusion.dataset import FusionTable
 from radfusion.fusion.metrics import auc
-from radfusion.fusion.model import TrainSettings, fit_logistic, train_ensemble, train_site
+from radfusion.fusion.model import (
+    OUTPUTS,
+    TrainSettings,
+    fit_logistic,
+    pack,
+    train_ensemble,
+    train_site,
+)
 from radfusion.operators.fusion_features import CLINICAL, FEATURES, IMAGING
 
 N = 400
 FAST = TrainSettings(epochs=150)
+IMAGING_CONTRIBUTION = OUTPUTS.index("contribution_imaging")
 
 
 def table(seed: int) -> FusionTable:
@@ -59,9 +68,7 @@ def trained() -> tuple[object, FusionTable]:
 
 def _run(model: object, t: FusionTable, present: np.ndarray | None = None) -> np.ndarray:
     with torch.no_grad():
-        return model(  # type: ignore[operator]
-            torch.from_numpy(t.x), torch.from_numpy(t.present if present is None else present)
-        ).numpy()
+        return model(pack(t.x, t.present if present is None else present)).numpy()  # type: ignore[operator]
 
 
 def test_it_learns_outcome_risk_and_egfr(trained: tuple[object, FusionTable]) -> None:
@@ -91,11 +98,28 @@ def test_missing_genomics_widen_the_uncertainty(trained: tuple[object, FusionTab
     assert _run(model, test, without)[rows, 1].mean() > _run(model, test)[rows, 1].mean()
 
 
-def test_blanking_the_tumour_changes_the_prediction(trained: tuple[object, FusionTable]) -> None:
+def test_blanking_the_tumour_changes_the_imaging_contribution(
+    trained: tuple[object, FusionTable],
+) -> None:
     model, test = trained
     blank = test.present.copy()
     blank[:, 0] = False
-    assert np.abs(_run(model, test, blank)[:, 0] - _run(model, test)[:, 0]).mean() > 0.05
+    before, after = _run(model, test), _run(model, test, blank)
+    assert np.abs(after[:, 0] - before[:, 0]).mean() > 0.05
+    # Without an image every patient gets the same imaging term (the absence's effect).
+    assert np.std(before[:, IMAGING_CONTRIBUTION]) > 0.3
+    assert np.std(after[:, IMAGING_CONTRIBUTION]) < 1e-5
+
+
+def test_the_contributions_add_up_to_the_logit(trained: tuple[object, FusionTable]) -> None:
+    model, test = trained
+    out = _run(model, test)
+    logit = np.log(out[:, 0] / (1 - out[:, 0]))
+    modalities = out[:, OUTPUTS.index("contribution_imaging") : IMAGING_CONTRIBUTION + 3]
+    np.testing.assert_allclose(out[:, 6] + modalities.sum(1), logit, atol=1e-4)
+    features = out[:, OUTPUTS.index(f"contribution_{FEATURES[0]}") :]
+    top = np.argsort(-np.abs(features).mean(0))[:2]
+    assert {FEATURES[i] for i in top} == {"primary_sphericity", "TP53_mutated"}
 
 
 def test_the_egfr_head_never_sees_the_egfr_result(trained: tuple[object, FusionTable]) -> None:
@@ -108,7 +132,7 @@ def test_the_egfr_head_never_sees_the_egfr_result(trained: tuple[object, FusionT
 
 def test_the_ensemble_traces_to_torchscript(trained: tuple[object, FusionTable], tmp_path) -> None:  # type: ignore[no-untyped-def]
     model, test = trained
-    example = (torch.zeros(2, len(FEATURES)), torch.ones(2, 3))
+    example = pack(np.zeros((2, len(FEATURES))), np.ones((2, 3)))
     torch.jit.trace(model, example).save(str(tmp_path / "m.ts"))
     loaded = torch.jit.load(str(tmp_path / "m.ts"))
     np.testing.assert_allclose(_run(loaded, test), _run(model, test), atol=1e-5)

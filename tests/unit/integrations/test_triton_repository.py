@@ -15,6 +15,7 @@ from radfusion.integrations.inference.repository import (
     model_config_text,
     write_repository,
 )
+from radfusion.model_config import FusionModelConfig, default_fusion_config_path
 from radfusion.operators.segmentation_model import (
     SegmentationModelConfig,
     default_model_config_path,
@@ -30,7 +31,13 @@ def _sha(path: Path) -> str:
 
 
 def test_default_repository_is_libtorch_on_gpu(tmp_path: Path) -> None:
-    (written,) = write_repository(tmp_path)
+    written, fusion = write_repository(tmp_path)
+    assert fusion.name == "lung_fusion" and _config(fusion.config).backend == "pytorch"
+    reference_fusion = FusionModelConfig.from_yaml(default_fusion_config_path())
+    assert _sha(fusion.weights) == reference_fusion.sha256
+    assert _config(fusion.config).parameters["model_sha256"].string_value == (
+        reference_fusion.sha256
+    )
     config = _config(written.config)
     assert config.name == "lung_ct_seg" and config.backend == "pytorch"
     assert config.default_model_filename == "model.pt"
@@ -47,7 +54,10 @@ def test_default_repository_is_libtorch_on_gpu(tmp_path: Path) -> None:
 
 
 def test_python_backend_on_cpu(tmp_path: Path) -> None:
-    (written,) = write_repository(tmp_path, cpu=True, backend="python")
+    written, fusion = write_repository(tmp_path, cpu=True, backend="python")
+    assert (tmp_path / "lung_fusion" / "1" / "model.py").is_file()
+    (fusion_out,) = _config(fusion.config).output
+    assert list(fusion_out.dims) == [-1]
     config = _config(written.config)
     assert config.backend == "python"
     assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
