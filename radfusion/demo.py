@@ -280,17 +280,11 @@ def _show_fusion(files: list[Path], workdir: Path, console: Console) -> list[str
         "with genomics": predict(loaded.model, loaded.config, tumours, None, full),
         "without genomics": predict(loaded.model, loaded.config, tumours, None, without),
     }
-    table = Table(title="fusion: this study's tumours + a synthetic patient record")
-    for col in (
-        "record",
-        "progression ≤ 12 mo (± SD)",
-        "risk",
-        "EGFR",
-        "from",
-        "top contributions",
-    ):
+    table = Table(title="fusion: this study's tumours + a made-up patient record")
+    for col in ("record", "progression ≤ 12 months", "risk", "EGFR mutation", "inputs"):
         table.add_column(col)
-    notes = [f"fusion ({loaded.config.name} {loaded.config.version}, synthetic record):"]
+    notes = [f"fusion ({loaded.config.name} {loaded.config.version}, made-up record):"]
+    tops = []
     for name, r in results.items():
         if r is None:
             continue
@@ -301,8 +295,12 @@ def _show_fusion(files: list[Path], workdir: Path, console: Console) -> list[str
         )
         top = ", ".join(f"{c.label} {c.log_odds:+.2f}" for c in r.top_features[:3])
         risk = f"{r.progression_probability:.2f} ± {r.progression_sd:.2f}"
-        table.add_row(name, risk, r.risk_group, egfr, "+".join(r.used), top)
+        table.add_row(name, risk, r.risk_group, egfr, " + ".join(r.used))
+        tops.append(f"  {name}: {top}")
         notes.append(f"  {name}: progression {risk} ({r.risk_group}); EGFR {egfr}; top: {top}")
     console.print(table)
+    console.print("top contributions to the log-odds of progression:")
+    for line in tops:
+        console.print(line)
     console.print(f"fusion SR with the record: {out / 'fusion_sr.dcm'}")
     return notes

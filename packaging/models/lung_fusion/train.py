@@ -5,8 +5,15 @@ A demonstration, not for clinical use: every patient comes from ``radfusion synt
 
     radfusion synth cohort --out /tmp/fusion_train --patients 600 --seed 101
     radfusion synth cohort --out /tmp/fusion_test --patients 300 --seed 202
+    python packaging/models/lung_fusion/app_radiomics.py --cohort /tmp/fusion_train \\
+        --out /tmp/fusion_train_app
+    python packaging/models/lung_fusion/app_radiomics.py --cohort /tmp/fusion_test \\
+        --out /tmp/fusion_test_app
     python packaging/models/lung_fusion/train.py --train /tmp/fusion_train \\
-        --test /tmp/fusion_test --out packaging/models/lung_fusion
+        --test /tmp/fusion_test --train-app-results /tmp/fusion_train_app \\
+        --test-app-results /tmp/fusion_test_app --out packaging/models/lung_fusion
+
+(the shipped model; without the two ``--*-app-results`` options, the true-mask experiment).
 
 Imaging inputs are the radiomics of the phantoms' true tumour masks or what the lung-ct app
 found (``--train-app-results DIR`` / ``--test-app-results DIR`` holding
