@@ -183,16 +183,28 @@ def write_results(
 
 
 def _fusion_digest(fusion: FusionResult) -> str:
-    """What the fusion SR says, as a digest: the same model, inputs and outputs give the same
-    instance UID; anything else a new one."""
+    """What the fusion SR says, as a digest: the same model, place of running, inputs and
+    outputs (at the precision the SR holds) give the same instance UID; anything else a new
+    one."""
+    numbers = (
+        fusion.progression_probability,
+        fusion.progression_sd,
+        fusion.risk_score,
+        fusion.risk_sd,
+        fusion.baseline_log_odds,
+        *(c.log_odds for c in (*fusion.modalities, *fusion.top_features)),
+    )
     record = repr(
         (
             fusion.model.sha256,
-            fusion.describe(),
+            fusion.served_by,
+            [round(v, 6) for v in numbers],
+            fusion.risk_group,
+            sorted(fusion.present.items()),
             sorted(fusion.missing.items()),
             fusion.sources,
             fusion.egfr,
-            [(c.name, round(c.log_odds, 6)) for c in (*fusion.modalities, *fusion.top_features)],
+            [c.name for c in fusion.top_features],
         )
     )
     return hashlib.sha256(record.encode()).hexdigest()[:32]

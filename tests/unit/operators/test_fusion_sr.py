@@ -4,6 +4,7 @@ as the test's result, and the lung-ct SR as evidence."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pydicom
@@ -127,3 +128,16 @@ def test_the_measurement_sr_is_evidence(sources: list[Dataset], tmp_path: Path) 
     assert measurement.SOPInstanceUID in referenced
     assert sources[0].SOPInstanceUID in referenced
     assert dciodvfy_errors(path) == []
+
+
+def test_the_fusion_srs_uid_follows_its_content() -> None:
+    from radfusion.operators.results_writer import _fusion_digest
+
+    result = _result(ContextOutcome("available", context()))
+    assert _fusion_digest(result) == _fusion_digest(_result(ContextOutcome("available", context())))
+    others = [
+        dataclasses.replace(result, served_by="lung_fusion/1 on Triton 2.51.0"),
+        dataclasses.replace(result, progression_probability=result.progression_probability + 1e-4),
+        _result(ContextOutcome("available", context(genes={}))),
+    ]
+    assert len({_fusion_digest(r) for r in others} | {_fusion_digest(result)}) == 4
