@@ -18,7 +18,6 @@ source), not the model's probability.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,13 @@ import torch
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from radfusion.model_config import FusionModelConfig, ModelConfigError
-from radfusion.operators.fusion_features import FEATURES, MODALITIES, FusionInputs, fusion_inputs
+from radfusion.operators.fusion_features import (
+    FEATURES,
+    MODALITIES,
+    FusionInputs,
+    fusion_inputs,
+    primary_tumour,
+)
 from radfusion.operators.measurement import Measured
 from radfusion.operators.ports import InputPorts, OutputPorts
 from radfusion.operators.radiomics import Radiomics
@@ -42,6 +47,7 @@ __all__ = [
     "FusionModel",
     "FusionOperator",
     "FusionResult",
+    "LoadedFusion",
     "check_model",
     "predict",
 ]
@@ -155,6 +161,16 @@ class FusionResult:
             f"{self.progression_sd:.2f} ({self.risk_group} risk); {egfr}; from "
             f"{', '.join(self.used) or 'nothing'}; top: {top}"
         )
+
+
+@dataclass(frozen=True)
+class LoadedFusion:
+    """A fusion model ready to run: the callable, its model.yaml and where it runs (for the
+    results: "in process (TorchScript)" or the Triton server and model version)."""
+
+    model: FusionModel
+    config: FusionModelConfig
+    served_by: str
 
 
 def check_model(model: FusionModelConfig) -> None:
@@ -283,7 +299,7 @@ def predict(
     features = [c for c in features if abs(c.log_odds) > 1e-6]
     features.sort(key=lambda c: -abs(c.log_odds))
     present = dict(zip(MODALITIES, inputs.present, strict=True))
-    primary = _primary(tumours) if inputs.present[0] else None
+    primary = primary_tumour(tumours)
     return FusionResult(
         model=config,
         served_by=served_by,
@@ -307,16 +323,6 @@ def predict(
     )
 
 
-def _primary(tumours: Sequence[dict[str, float]]) -> dict[str, float] | None:
-    usable = [
-        t
-        for t in tumours
-        if math.isfinite(float(t.get("volume", math.nan)))
-        and math.isfinite(float(t.get("max_3d_diameter", math.nan)))
-    ]
-    return max(usable, key=lambda t: float(t["volume"])) if usable else None
-
-
 def _tumour_values(radiomics: Radiomics | None) -> list[dict[str, float]]:
     if radiomics is None:
         return []
@@ -325,7 +331,7 @@ def _tumour_values(radiomics: Radiomics | None) -> list[dict[str, float]]:
 
 class FusionOperator(Operator):
     """Inputs ``measured``, ``radiomics``, ``context`` → output ``fusion`` (see the module
-    docstring). ``model`` None: fusion is off (emits None).
+    docstring). ``loaded`` None: fusion is off (emits None).
 
     Raises:
         ModelConfigError: from the constructor, when the model does not take this version's
@@ -336,14 +342,12 @@ class FusionOperator(Operator):
         self,
         fragment: Fragment,
         *args: object,
-        model: FusionModel | None,
-        config: FusionModelConfig | None,
-        served_by: str = "in process",
+        loaded: LoadedFusion | None,
         **kw: object,
     ) -> None:
-        if config is not None:
-            check_model(config)
-        self.model, self.config, self.served_by = model, config, served_by
+        if loaded is not None:
+            check_model(loaded.config)
+        self.loaded = loaded
         self.result: FusionResult | None = None  # the last run's, read by the app afterwards
         self.timings: dict[str, float] = {}  # this operator's stage seconds, read after a run
         super().__init__(fragment, *args, **kw)
@@ -361,15 +365,15 @@ class FusionOperator(Operator):
         self.timings.clear()
         result = None
         analysed = isinstance(measured, Measured) and measured.result is not None
-        if self.model is not None and self.config is not None and analysed:
+        if self.loaded is not None and analysed:
             started = time.perf_counter()
             result = predict(
-                self.model,
-                self.config,
+                self.loaded.model,
+                self.loaded.config,
                 _tumour_values(radiomics),
                 radiomics,
                 outcome,
-                served_by=self.served_by,
+                served_by=self.loaded.served_by,
             )
             self.timings["fusion"] = time.perf_counter() - started
             if result is not None:

@@ -32,6 +32,7 @@ __all__ = [
     "fusion_inputs",
     "genomic_features",
     "imaging_features",
+    "primary_tumour",
     "stage_number",
 ]
 
@@ -123,16 +124,25 @@ class FusionInputs:
         return tuple(m for m, p in zip(MODALITIES, self.present, strict=True) if not p)
 
 
+def _usable(tumours: Sequence[Mapping[str, float]]) -> list[Mapping[str, float]]:
+    """The tumours with every radiomic feature the imaging part reads."""
+    return [t for t in tumours if all(math.isfinite(float(t.get(k, math.nan))) for k in _RADIOMICS)]
+
+
+def primary_tumour(tumours: Sequence[Mapping[str, float]]) -> Mapping[str, float] | None:
+    """The tumour the imaging part describes as the primary: the largest usable one."""
+    usable = _usable(tumours)
+    return max(usable, key=lambda t: float(t["volume"])) if usable else None
+
+
 def imaging_features(tumours: Sequence[Mapping[str, float]]) -> np.ndarray | None:
     """The imaging part from the radiomics of each tumour (name → value, as
     ``operators/radiomics.py`` names them); the primary is the largest. None without a tumour
     with radiomics (the image then counts as missing, not as "no cancer")."""
-    usable = [
-        t for t in tumours if all(math.isfinite(float(t.get(k, math.nan))) for k in _RADIOMICS)
-    ]
-    if not usable:
+    usable = _usable(tumours)
+    primary = primary_tumour(usable)
+    if primary is None:
         return None
-    primary = max(usable, key=lambda t: float(t["volume"]))
     total_ml = sum(float(t["volume"]) for t in usable) / 1000.0
     values = [
         math.log1p(total_ml),

@@ -21,6 +21,7 @@ __all__ = [
     "SegmentationModelConfig",
     "default_fusion_config_path",
     "default_model_config_path",
+    "read_model_config",
 ]
 
 
@@ -193,3 +194,14 @@ class SegmentationModelConfig:
             if label == name:
                 return index
         raise KeyError(f"model {self.name} has no class {name!r} (has {self.labels})")
+
+
+def read_model_config(path: Path) -> SegmentationModelConfig | FusionModelConfig:
+    """A segmentation or a fusion model.yaml, told apart by its keys (a fusion model lists
+    the ``features`` it was trained on).
+
+    Raises:
+        ModelConfigError: as the class's ``from_yaml``.
+    """
+    fusion = "features" in _read_yaml(path)
+    return (FusionModelConfig if fusion else SegmentationModelConfig).from_yaml(path)

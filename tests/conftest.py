@@ -37,6 +37,16 @@ def require_tool(name: str) -> str:
     return path
 
 
+def evidence_uids(ds: Any) -> set[str]:
+    """Every SOP Instance UID in a result's Current Requested Procedure Evidence Sequence."""
+    return {
+        str(sop.ReferencedSOPInstanceUID)
+        for study in ds.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -39,7 +39,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,7 +55,7 @@ from radfusion.integrations.fhir.client import FhirClient
 from radfusion.integrations.fhir.provider import PatientContextProvider
 from radfusion.model_config import FusionModelConfig, default_fusion_config_path
 from radfusion.operators.detection import DetectionOperator, DetectionSettings
-from radfusion.operators.fusion import FusionModel, FusionOperator, FusionResult, check_model
+from radfusion.operators.fusion import FusionOperator, FusionResult, LoadedFusion, check_model
 from radfusion.operators.measurement import MeasurementOperator
 from radfusion.operators.nodules import NoduleScorer, default_scorer_path
 from radfusion.operators.patient_context import ContextLookup, PatientContextOperator
@@ -83,7 +82,6 @@ if TYPE_CHECKING:
     from radfusion.integrations.inference.triton import TritonPredictor
 
 __all__ = [
-    "LoadedFusion",
     "LungCTApp",
     "LungCTRunner",
     "make_fusion",
@@ -195,15 +193,6 @@ def _served(
     return predictor
 
 
-@dataclass(frozen=True)
-class LoadedFusion:
-    """The fusion model ready to run: the callable, its model.yaml and where it runs."""
-
-    model: FusionModel
-    config: FusionModelConfig
-    served_by: str
-
-
 def make_fusion(config: RadfusionConfig) -> LoadedFusion | None:
     """The fusion model the configuration asks for (None when ``apps.lung_ct.fusion`` is
     off): on the Triton server of ``triton:``, or in this process.
@@ -288,14 +277,7 @@ class LungCTApp(Application):
         )
         measure = MeasurementOperator(self, uid_root=self._uid_root, name="measure")
         radiomics = RadiomicsOperator(self, settings=radiomics_settings(settings), name="radiomics")
-        loaded = self._fusion
-        fusion = FusionOperator(
-            self,
-            model=loaded.model if loaded else None,
-            config=loaded.config if loaded else None,
-            served_by=loaded.served_by if loaded else "",
-            name="fusion",
-        )
+        fusion = FusionOperator(self, loaded=self._fusion, name="fusion")
         write = ResultsWriterOperator(
             self,
             algorithm=algorithm_info(model, self._predictor, scorer_path),

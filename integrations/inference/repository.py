@@ -23,11 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from radfusion.errors import RadfusionError
-from radfusion.model_config import (
-    FusionModelConfig,
-    SegmentationModelConfig,
-    default_model_config_path,
-)
+from radfusion.model_config import default_model_config_path, read_model_config
 
 __all__ = ["REFERENCE_MODELS", "RepositoryError", "template_dir", "write_repository"]
 
@@ -99,15 +95,6 @@ def model_config_text(name: str, *, cpu: bool, backend: Backend, sha256: str = "
     return header + text_format.MessageToString(config)
 
 
-def _read_model(path: Path) -> SegmentationModelConfig | FusionModelConfig:
-    """A segmentation or a fusion model.yaml (a fusion model lists its ``features``)."""
-    try:
-        fusion = "features:" in Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise RepositoryError(f"{path}: cannot read model config: {err}") from None
-    return (FusionModelConfig if fusion else SegmentationModelConfig).from_yaml(path)
-
-
 def write_repository(
     out: Path,
     *,
@@ -134,7 +121,7 @@ def write_repository(
     written = []
     for name, yaml_path in models.items():
         try:
-            model = _read_model(yaml_path)
+            model = read_model_config(yaml_path)
         except ValueError as err:
             raise RepositoryError(str(err)) from None
         text = model_config_text(name, cpu=cpu, backend=backend, sha256=model.sha256)

@@ -13,7 +13,7 @@ import pytest
 
 from radfusion.evaluation import compare_with_truth, seg_label_volume
 from radfusion.synth.ct_series import synth_ct
-from tests.conftest import require_tool, storescu, wait_for
+from tests.conftest import evidence_uids, require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -79,12 +79,7 @@ def test_chest_ct_sent_by_storescu_comes_back_as_seg_and_sr_in_orthanc(
             [require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False
         )
         assert [ln for ln in (out.stdout + out.stderr).splitlines() if "Error" in ln] == []
-    referenced = {
-        item.ReferencedSOPInstanceUID
-        for ref in sr.CurrentRequestedProcedureEvidenceSequence
-        for series in ref.ReferencedSeriesSequence
-        for item in series.ReferencedSOPSequence
-    }
+    referenced = evidence_uids(sr)
     assert seg.SOPInstanceUID in referenced
     labels, names = seg_label_volume(results[SEG_CLASS], study.files)
     rows = compare_with_truth(labels, names, study.directory)

@@ -20,7 +20,7 @@ from radfusion.config import parse_config
 from radfusion.evaluation import compare_with_truth, seg_label_volume
 from radfusion.operators.series_selector import NoSeriesQualifies
 from radfusion.synth.ct_series import synth_ct
-from tests.conftest import REPO, require_tool
+from tests.conftest import REPO, evidence_uids, require_tool
 
 CONFIG = parse_config({})
 
@@ -75,12 +75,7 @@ def test_writes_a_seg_an_sr_and_a_fusion_sr_in_the_source_study(
     # Without a FHIR server the fusion used the image only, and says why.
     text = sr_text(fusion)
     assert "clinical: no clinical data source is configured" in text
-    evidence = {
-        sop.ReferencedSOPInstanceUID
-        for study_item in fusion.CurrentRequestedProcedureEvidenceSequence
-        for series_item in study_item.ReferencedSeriesSequence
-        for sop in series_item.ReferencedSOPSequence
-    }
+    evidence = evidence_uids(fusion)
     assert sr.SOPInstanceUID in evidence
 
 

@@ -17,6 +17,7 @@ from radfusion.operators.fusion_sr import CODES, SCHEME, SERIES_NUMBER, write_fu
 from radfusion.operators.segmentation_model import load_torchscript
 from radfusion.patient_context import ContextOutcome, GeneResult, Source
 from radfusion.synth.ct_series import synth_ct
+from tests.conftest import evidence_uids
 from tests.unit.operators.test_fusion_features import TUMOUR, context
 from tests.unit.operators.test_sr_writer import dciodvfy_errors
 
@@ -119,12 +120,7 @@ def test_the_measurement_sr_is_evidence(sources: list[Dataset], tmp_path: Path) 
         sources, result, measurement_sr=measurement, path=tmp_path / "f.dcm", **UIDS
     )
     ds = pydicom.dcmread(path)
-    referenced = {
-        sop.ReferencedSOPInstanceUID
-        for study in ds.CurrentRequestedProcedureEvidenceSequence
-        for series in study.ReferencedSeriesSequence
-        for sop in series.ReferencedSOPSequence
-    }
+    referenced = evidence_uids(ds)
     assert measurement.SOPInstanceUID in referenced
     assert sources[0].SOPInstanceUID in referenced
     assert dciodvfy_errors(path) == []
