@@ -21,10 +21,11 @@ structures outside the lung (heart, chest wall, mediastinum). The detector says 
    between its core and the surrounding lung (again halfway to a ground-glass halo when there
    is one), inside a sphere a little larger than its scale, and opened so that a vessel it
    touches is cut off.
-5. **Score**: a logistic false-positive stage (:class:`NoduleScorer`) over the candidate's
-   features: blobness and its roundness, elongation of the grown region, how much of its
-   surroundings is lung, whether the analysis sphere cut it off, size, density, and the
-   learned segmentation model's tumour class when that model ran. Its weights were fitted on
+5. **Score**: a false-positive stage (:class:`NoduleScorer`, a small network) over the
+   candidate's features: blobness and its roundness, elongation of the grown region, how much
+   of its surroundings is lung, whether the analysis sphere cut it off, size, density and
+   contrast, a ground-glass halo, and the learned segmentation model's tumour class when that
+   model ran. Its weights were fitted on
    realistic synthetic phantoms (``packaging/models/lung_nodule_fp/train.py``), never on
    real cases.
 
@@ -37,7 +38,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,8 @@ FEATURES = (
     "solid_fraction",  # share of the region above -300 HU
     "mass_pass",  # 1 when found by the mass pass
     "model_tumour",  # share of the region the learned model calls tumour (0.5: no model)
+    "contrast",  # core density above the surrounding lung / 100
+    "halo",  # 1 when grown to a ground-glass halo around a denser core
 )
 """The features the false-positive stage scores, in the order of its weights."""
 
@@ -107,10 +110,16 @@ class ScorerError(RadfusionError, ValueError):
 
 @dataclass(frozen=True)
 class NoduleScorer:
-    """The false-positive stage: a logistic function of standardised :data:`FEATURES`.
+    """The false-positive stage: a small network over standardised :data:`FEATURES`.
+
+    ``hidden`` holds the hidden layers, each ``(weights, biases)`` with one row of weights per
+    unit, tanh between layers; ``weights`` and ``bias`` make the output logit from the last
+    hidden layer (from the standardised features when there is none: a logistic regression).
+    The score is the logit's sigmoid, shifted by the training script so that 0.5 is its stated
+    operating point.
 
     Raises:
-        ScorerError: the arrays do not all have one value per feature.
+        ScorerError: the arrays' sizes do not chain up, or a value is not finite.
     """
 
     features: tuple[str, ...]
@@ -118,17 +127,35 @@ class NoduleScorer:
     scale: tuple[float, ...]
     weights: tuple[float, ...]
     bias: float
+    hidden: tuple[tuple[tuple[tuple[float, ...], ...], tuple[float, ...]], ...] = ()
+    _layers: list[tuple[np.ndarray, np.ndarray]] = field(
+        init=False, repr=False, compare=False, default_factory=list
+    )
 
     def __post_init__(self) -> None:
         if self.features != FEATURES:
             raise ScorerError(f"scorer features {self.features} != {FEATURES}")
         n = len(FEATURES)
-        if not len(self.mean) == len(self.scale) == len(self.weights) == n:
-            raise ScorerError(f"scorer: mean, scale and weights need {n} values each")
-        if any(not math.isfinite(v) for v in (*self.mean, *self.weights, self.bias)) or any(
+        if not len(self.mean) == len(self.scale) == n:
+            raise ScorerError(f"scorer: mean and scale need {n} values each")
+        width = n
+        values = [*self.mean, *self.weights, self.bias]
+        for index, (rows, biases) in enumerate(self.hidden):
+            if not rows or len(rows) != len(biases) or any(len(r) != width for r in rows):
+                raise ScorerError(f"scorer: hidden layer {index + 1} does not take {width} inputs")
+            width = len(rows)
+            values += [v for row in rows for v in row] + list(biases)
+        if len(self.weights) != width:
+            raise ScorerError(f"scorer: the output needs {width} weights")
+        if any(not math.isfinite(v) for v in values) or any(
             not (math.isfinite(v) and v > 0) for v in self.scale
         ):
             raise ScorerError("scorer: values must be finite and scales positive")
+        layers = [
+            (np.asarray(rows, dtype=np.float64), np.asarray(b, dtype=np.float64))
+            for rows, b in self.hidden
+        ]
+        object.__setattr__(self, "_layers", layers)
 
     @classmethod
     def from_json(cls, path: Path) -> NoduleScorer:
@@ -145,17 +172,41 @@ class NoduleScorer:
                 scale=tuple(float(v) for v in data["scale"]),
                 weights=tuple(float(v) for v in data["weights"]),
                 bias=float(data["bias"]),
+                hidden=tuple(
+                    (
+                        tuple(tuple(float(v) for v in row) for row in layer["weights"]),
+                        tuple(float(v) for v in layer["biases"]),
+                    )
+                    for layer in data.get("hidden", ())
+                ),
             )
         except (OSError, ValueError, KeyError, TypeError) as err:
             if isinstance(err, ScorerError):
                 raise
             raise ScorerError(f"{path}: not a nodule scorer ({err})") from None
 
+    def to_json(self) -> dict[str, object]:
+        """The scorer as :meth:`from_json` reads it."""
+        return {
+            "features": list(self.features),
+            "mean": list(self.mean),
+            "scale": list(self.scale),
+            "hidden": [
+                {"weights": [list(r) for r in rows], "biases": list(b)} for rows, b in self.hidden
+            ],
+            "weights": list(self.weights),
+            "bias": self.bias,
+        }
+
+    def logit(self, values: Sequence[float]) -> float:
+        """The output before the sigmoid."""
+        x = (np.asarray(values, dtype=np.float64) - self.mean) / np.asarray(self.scale)
+        for rows, biases in self._layers:
+            x = np.tanh(rows @ x + biases)
+        return float(np.dot(self.weights, x) + self.bias)
+
     def __call__(self, values: Sequence[float]) -> float:
-        z = self.bias + sum(
-            w * (v - m) / s
-            for w, v, m, s in zip(self.weights, values, self.mean, self.scale, strict=True)
-        )
+        z = self.logit(values)
         return float(1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z)))))
 
 
@@ -398,6 +449,8 @@ def _run_pass(
             features["solid_fraction"],
             1.0 if search_pass is MASS_PASS else 0.0,
             model,
+            (features["core_hu"] - features["around_hu"]) / 100.0,
+            features["halo"],
         )
         out.append(
             NoduleCandidate(
@@ -459,6 +512,7 @@ def _grow_candidate(
     threshold = (core + around) / 2.0
     within = search[local] & (dist <= radius_mm)
     mask = (patch > threshold) & within
+    halo_found = 0.0
     # A part-solid nodule: ground glass around the solid core, denser than the lung outside
     # it. Its extent is the ground glass's, so threshold again halfway to that level. A halo
     # is a layer (still dense 2-4 mm out), not the partial-volume shell every solid nodule
@@ -476,6 +530,7 @@ def _grow_candidate(
             if min(halo, beyond) - around > _MIN_CONTRAST_HU and halo < threshold:
                 threshold = (min(halo, beyond) + around) / 2.0
                 mask = (patch > threshold) & within
+                halo_found = 1.0
     # Cut attached vessels: open by a ball of about a third of the scale.
     r_open = [max(0, round(sigma / 3.0 / s)) for s in spacing]
     if any(r_open):
@@ -521,6 +576,7 @@ def _grow_candidate(
             "lung_fraction": lung_fraction,
             "truncated": truncated,
             "solid_fraction": solid,
+            "halo": halo_found,
         },
     )
 

@@ -1,0 +1,98 @@
+"""The nodule false-positive stage as a file: what it computes, that the shipped one and any
+written by the training script read back identically, and that a broken file is refused with
+a clear :class:`ScorerError` rather than scoring nonsense."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radfusion.operators.nodules import FEATURES, NoduleScorer, ScorerError, default_scorer_path
+
+N = len(FEATURES)
+
+
+def logistic(weights: list[float], bias: float = 0.0) -> NoduleScorer:
+    return NoduleScorer(
+        features=FEATURES,
+        mean=tuple([1.0] * N),
+        scale=tuple([2.0] * N),
+        weights=tuple(weights),
+        bias=bias,
+    )
+
+
+def sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def test_without_hidden_layers_the_score_is_a_logistic_regression() -> None:
+    weights = [0.1 * (i + 1) for i in range(N)]
+    scorer = logistic(weights, bias=-0.5)
+    values = [float(i) for i in range(N)]
+    z = -0.5 + sum(w * (v - 1.0) / 2.0 for w, v in zip(weights, values, strict=True))
+    assert scorer(values) == pytest.approx(sigmoid(z))
+
+
+def test_a_hidden_layer_is_tanh_then_the_output_weights() -> None:
+    rows = ((1.0,) + (0.0,) * (N - 1), (0.0, -1.0) + (0.0,) * (N - 2))
+    scorer = NoduleScorer(
+        features=FEATURES,
+        mean=tuple([0.0] * N),
+        scale=tuple([1.0] * N),
+        weights=(2.0, 3.0),
+        bias=0.25,
+        hidden=((rows, (0.5, 0.0)),),
+    )
+    values = [0.3, 0.7] + [9.0] * (N - 2)  # the other features have no weight
+    z = 0.25 + 2.0 * math.tanh(0.3 + 0.5) + 3.0 * math.tanh(-0.7)
+    assert scorer.logit(values) == pytest.approx(z)
+    assert scorer(values) == pytest.approx(sigmoid(z))
+
+
+def test_the_shipped_scorer_reads_back_from_what_it_writes(tmp_path: Path) -> None:
+    shipped = NoduleScorer.from_json(default_scorer_path())
+    path = tmp_path / "scorer.json"
+    path.write_text(json.dumps(shipped.to_json()))
+    again = NoduleScorer.from_json(path)
+    assert again == shipped
+    rng = np.random.default_rng(0)
+    for values in rng.normal(shipped.mean, shipped.scale, size=(20, N)):
+        assert again(values) == shipped(values)
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"features": ["blobness"]}, "scorer features"),
+        ({"mean": [0.0]}, "mean and scale"),
+        ({"weights": [0.0] * (N + 1)}, f"needs {N} weights"),
+        ({"hidden": [{"weights": [[0.0] * (N - 1)], "biases": [0.0]}]}, "hidden layer 1"),
+        ({"hidden": [{"weights": [[0.0] * N] * 2, "biases": [0.0]}]}, "hidden layer 1"),
+        ({"hidden": [{"weights": [[0.0] * N] * 2, "biases": [0.0, 0.0]}]}, "needs 2 weights"),
+        ({"bias": float("nan")}, "finite"),
+        ({"scale": [0.0] * N}, "scales positive"),
+        ({"weights": None}, "not a nodule scorer"),
+    ],
+)
+def test_a_broken_scorer_file_is_refused(
+    tmp_path: Path, change: dict[str, object], said: str
+) -> None:
+    data = logistic([0.0] * N).to_json() | change
+    path = tmp_path / "scorer.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ScorerError, match=said):
+        NoduleScorer.from_json(path)
+
+
+def test_an_unreadable_scorer_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "scorer.json"
+    path.write_text("{not json")
+    with pytest.raises(ScorerError, match="not a nodule scorer"):
+        NoduleScorer.from_json(path)
+    with pytest.raises(ScorerError, match="not a nodule scorer"):
+        NoduleScorer.from_json(tmp_path / "missing.json")
