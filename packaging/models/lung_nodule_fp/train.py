@@ -181,14 +181,16 @@ def _logits(params: list[np.ndarray], z: np.ndarray) -> np.ndarray:
     return (z @ params[-2].T + params[-1]).ravel()
 
 
-def sensitivity_at(
-    logits: np.ndarray, y: np.ndarray, phantoms: int, fp_per_phantom: float
-) -> float:
-    """Share of the positive candidates scoring above the point where the negatives give
-    ``fp_per_phantom`` false positives per phantom."""
+def operating_point(logits: np.ndarray, y: np.ndarray, phantoms: int) -> float:
+    """The logit above which the negatives give :data:`FP_PER_PHANTOM` false positives per
+    phantom."""
     negatives = np.sort(logits[y == 0])[::-1]
-    cut = negatives[min(len(negatives) - 1, int(fp_per_phantom * phantoms))]
-    return float((logits[y == 1] > cut).mean())
+    return float(negatives[min(len(negatives) - 1, int(FP_PER_PHANTOM * phantoms))])
+
+
+def sensitivity_at(logits: np.ndarray, y: np.ndarray, phantoms: int) -> float:
+    """Share of the positive candidates scoring above :func:`operating_point`."""
+    return float((logits[y == 1] > operating_point(logits, y, phantoms)).mean())
 
 
 def fit(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[NoduleScorer, dict[str, object]]:
@@ -234,8 +236,8 @@ def fit(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[NoduleScorer,
             )
             oof[test] = _logits(params, z[test])
             oof_none[test] = _logits(params, z_none[test])
-        kept = sensitivity_at(oof, y, phantoms, FP_PER_PHANTOM)
-        kept_none = sensitivity_at(oof_none, y, phantoms, FP_PER_PHANTOM)
+        kept = sensitivity_at(oof, y, phantoms)
+        kept_none = sensitivity_at(oof_none, y, phantoms)
         trials.append(
             {
                 "hidden": hidden,
@@ -253,8 +255,7 @@ def fit(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[NoduleScorer,
     assert best is not None
     _, hidden, decay, oof = best
     params = _train_network(np.vstack([z, z_none]), np.concatenate([y, y]), hidden, decay, seed=0)
-    negatives = np.sort(oof[y == 0])[::-1]
-    shift = float(negatives[min(len(negatives) - 1, int(FP_PER_PHANTOM * phantoms))])
+    shift = operating_point(oof, y, phantoms)
     layers = (
         (
             (
