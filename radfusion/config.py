@@ -8,6 +8,7 @@ e.g. ``node.allowed_callers.0.ae_title``.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,6 +26,8 @@ __all__ = [
     "CompletionConfig",
     "ConfigError",
     "DicomDestination",
+    "DicomWebAuth",
+    "DicomWebDestination",
     "ExportConfig",
     "FhirAuth",
     "FhirConfig",
@@ -207,7 +210,112 @@ class FolderDestination(_Section):
     path: Path
 
 
-Destination = Annotated[DicomDestination | FolderDestination, Field(discriminator="type")]
+def _http_base_url(value: str, auth_section: str) -> str:
+    """``value`` checked as an http(s) base URL without credentials (it appears in logs,
+    status and reports: credentials go in ``auth_section``), trailing slash removed."""
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"{value!r} must be an http(s) URL")
+    if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        raise ValueError(f"must not hold credentials (user:password@); use {auth_section}")
+    return value.rstrip("/")
+
+
+def _refuse_plain_http_off_host(url: str, auth_type: str) -> None:
+    """Credentials and patient data must not cross a network in the clear: plain http only
+    to a server on this host when ``auth_type`` is not "none"."""
+    match = re.match(r"^http://(\[[^\]]+\]|[^/:]+)", url)
+    if auth_type != "none" and match and match.group(1) not in ("127.0.0.1", "localhost", "[::1]"):
+        raise ValueError(f"{url} is plain http: use https with auth {auth_type!r}")
+
+
+class DicomWebAuth(_Section):
+    """Credentials for a DICOMweb destination. Secrets come from a file or an environment
+    variable, read at each delivery (a rotated token is picked up), never from this file and
+    never logged."""
+
+    type: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = Field(default=None, description="basic: the user name.")
+    password_file: Path | None = Field(default=None, description="basic: file with the password.")
+    password_env: str | None = Field(
+        default=None, description="basic: environment variable with the password."
+    )
+    token_file: Path | None = Field(default=None, description="bearer: file with the token.")
+    token_env: str | None = Field(
+        default=None, description="bearer: environment variable with the token."
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> DicomWebAuth:
+        if self.type == "basic" and not self.username:
+            raise ValueError("auth type 'basic' needs username")
+        secret = {"basic": ("password_file", "password_env"), "bearer": ("token_file", "token_env")}
+        for kind, (from_file, from_env) in secret.items():
+            given = [k for k in (from_file, from_env) if getattr(self, k) not in (None, "")]
+            if self.type == kind and len(given) != 1:
+                raise ValueError(f"auth type {kind!r} needs exactly one of {from_file}, {from_env}")
+            if self.type != kind and given:
+                raise ValueError(f"{', '.join(given)} given for auth type {self.type!r}")
+        return self
+
+    def secret(self) -> str | None:
+        """The password or token (None for type none).
+
+        Raises:
+            ValueError: the file cannot be read or the variable is unset or empty (the
+                message names the file or variable, never the secret).
+        """
+        if self.type == "none":
+            return None
+        from_file = self.password_file if self.type == "basic" else self.token_file
+        from_env = self.password_env if self.type == "basic" else self.token_env
+        if from_file is not None:
+            try:
+                value = from_file.read_text(encoding="utf-8").strip()
+            except OSError as err:
+                raise ValueError(f"cannot read {from_file}: {err.strerror}") from None
+            where = str(from_file)
+        else:
+            assert from_env is not None
+            value = os.environ.get(from_env, "").strip()
+            where = f"environment variable {from_env}"
+        if not value:
+            raise ValueError(f"{where} is empty or unset")
+        return value
+
+
+class DicomWebDestination(_Section):
+    """A DICOMweb origin server that accepts STOW-RS (a PACS, a VNA, Orthanc's DICOMweb
+    plugin). Instances are POSTed to ``{url}/studies/{StudyInstanceUID}``."""
+
+    name: str
+    type: Literal["dicomweb"] = "dicomweb"
+    url: str = Field(description="DICOMweb base, e.g. https://pacs.hospital.local/dicom-web")
+    auth: DicomWebAuth = DicomWebAuth()
+    verify_tls: bool | Path = Field(
+        default=True, description="true, false (never in production) or a CA bundle (PEM)."
+    )
+    client_certificate: Path | None = Field(
+        default=None, description="PEM client certificate (mutual TLS)."
+    )
+    client_key: Path | None = Field(default=None, description="PEM client key (mutual TLS).")
+    timeout_s: float = Field(default=60, gt=0, description="Per HTTP request.")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return _http_base_url(value, "auth")
+
+    @model_validator(mode="after")
+    def _secure(self) -> DicomWebDestination:
+        if (self.client_certificate is None) != (self.client_key is None):
+            raise ValueError("mutual TLS needs both client_certificate and client_key")
+        _refuse_plain_http_off_host(self.url, self.auth.type)
+        return self
+
+
+Destination = Annotated[
+    DicomDestination | DicomWebDestination | FolderDestination, Field(discriminator="type")
+]
 
 
 class ExportConfig(_Section):
@@ -222,7 +330,7 @@ class ExportConfig(_Section):
             raise ValueError(f"destination names must be unique; repeated: {', '.join(dupes)}")
         return self
 
-    def destination(self, name: str) -> DicomDestination | FolderDestination:
+    def destination(self, name: str) -> DicomDestination | DicomWebDestination | FolderDestination:
         """The destination called ``name``; raises KeyError naming the known ones."""
         for d in self.destinations:
             if d.name == name:
@@ -383,23 +491,12 @@ class FhirConfig(_Section):
     @field_validator("base_url")
     @classmethod
     def _check_base(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"{value!r} must be an http(s) URL")
-        if "@" in value.split("://", 1)[1].split("/", 1)[0]:
-            # The URL appears in logs, status and reports: credentials go in fhir.auth.
-            raise ValueError("must not hold credentials (user:password@); use fhir.auth")
-        return value.rstrip("/")
+        return _http_base_url(value, "fhir.auth")
 
     @model_validator(mode="after")
     def _tokens_over_tls(self) -> FhirConfig:
-        # Tokens and identifier-bearing queries must not cross a network in the clear; plain
-        # http is only for a server on this host.
-        if self.auth.type == "none":
-            return self
         for url in (self.base_url, self.auth.token_url or ""):
-            match = re.match(r"^http://(\[[^\]]+\]|[^/:]+)", url)
-            if match and match.group(1) not in ("127.0.0.1", "localhost", "[::1]"):
-                raise ValueError(f"{url} is plain http: use https with auth {self.auth.type!r}")
+            _refuse_plain_http_off_host(url, self.auth.type)
         return self
 
 

@@ -202,16 +202,22 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
 
 @dataclass
 class Orthanc:
-    """A real Orthanc PACS (DICOM + REST), started once per session."""
+    """A real Orthanc PACS (DICOM + REST + DICOMweb), started once per session. ``settings``
+    are added to its configuration (e.g. TLS and registered users); ``user`` and ``ca`` are
+    what the tests' own REST calls then need."""
 
     root: Path
     dicom_port: int
     http_port: int
     proc: subprocess.Popen[bytes] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    user: tuple[str, str] | None = None
+    ca: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self.settings.get("SslEnabled") else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     def start(self) -> Orthanc:
         exe = require_tool("Orthanc")
@@ -229,6 +235,7 @@ class Orthanc:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "HttpTimeout": 30,
             "StableAge": 1,
+            **self.settings,
         }
         (self.root / "orthanc.json").write_text(json.dumps(config))
         log = open(self.root / "orthanc.log", "ab")  # noqa: SIM115 (held by the process)
@@ -248,14 +255,24 @@ class Orthanc:
             return False
         return True
 
+    def _open(self, request: urllib.request.Request) -> Any:
+        import base64
+        import ssl
+
+        if self.user is not None:
+            token = base64.b64encode(":".join(self.user).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        context = ssl.create_default_context(cafile=str(self.ca)) if self.ca else None
+        with urllib.request.urlopen(request, timeout=10, context=context) as r:
+            return json.loads(r.read())
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(30)
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=10) as r:
-            return json.loads(r.read())
+        return self._open(urllib.request.Request(self.url + path))
 
     def destination(self, **extra: Any) -> dict[str, Any]:
         """This Orthanc as a radfusion ``export.destinations`` entry named ``pacs``."""
@@ -275,8 +292,7 @@ class Orthanc:
             method="POST",
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=10) as r:
-            return json.loads(r.read())
+        return self._open(request)
 
     def instance_uids(self) -> set[str]:
         out = set()
@@ -290,6 +306,25 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     server = Orthanc(tmp_path_factory.mktemp("orthanc"), free_port(), free_port()).start()
     yield server
     server.stop()
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A CA and a server certificate (with its key) for 127.0.0.1, made with the openssl
+    command: ``ca``, ``ca-key``, ``server``, ``server-key``."""
+    openssl = require_tool("openssl")
+    files = {n: folder / f"{n}.pem" for n in ("ca", "ca-key", "server", "server-key")}
+    csr, ext = folder / "server.csr", folder / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+         "-keyout", files["ca-key"], "-out", files["ca"]],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-keyout", files["server-key"], "-out", csr],
+        ["x509", "-req", "-in", csr, "-CA", files["ca"], "-CAkey", files["ca-key"],
+         "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", files["server"]],
+    ):  # fmt: skip
+        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True)
+    return files
 
 
 def reversed_enhanced_ct(images: Sequence[Any], folder: Path) -> tuple[Any, Any]:

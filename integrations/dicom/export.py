@@ -2,9 +2,11 @@
 
 Files are first staged in an outbox folder (hard links, or copies across filesystems), one per
 destination, so a delivery that fails survives restarts and can be retried later. A delivery
-is tried with the retry policy's backoff; when every attempt fails, the outbox becomes a
-dead-letter record that ``radfusion deadletter list`` shows and ``radfusion deadletter retry``
-re-sends.
+is tried with the retry policy's backoff; files a destination confirms are taken out of the
+outbox, so a retry sends only what is still pending. When every attempt fails, or a failure
+that retrying cannot mend (refused, a conflict, wrong credentials), the outbox becomes a
+dead-letter record that says why; ``radfusion deadletter list`` shows it and ``radfusion
+deadletter retry`` re-sends it.
 """
 
 from __future__ import annotations
@@ -23,13 +25,20 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
-from radfusion.config import DicomDestination, ExportConfig, FolderDestination, RetryPolicy
+from radfusion.config import (
+    DicomDestination,
+    DicomWebDestination,
+    ExportConfig,
+    FolderDestination,
+    RetryPolicy,
+)
 from radfusion.errors import RadfusionError
 from radfusion.integrations.dicom.pynetdicom_internals import (
     on_connection_open,
     send_datasets_from_files,
     shorten_polling,
 )
+from radfusion.integrations.dicomweb.stow import StowError, stow
 from radfusion.integrations.store.catalog import Catalog
 from radfusion.logs import uid_tag
 
@@ -43,7 +52,19 @@ _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
 class DeliveryError(RadfusionError, RuntimeError):
-    """A destination did not accept every file; the message names the destination and why."""
+    """A destination did not accept every file; the message names the destination and why.
+
+    Attributes:
+        pending: the files still to deliver (None: all of them).
+        retryable: whether trying again may succeed without a person acting.
+    """
+
+    def __init__(
+        self, message: str, pending: Sequence[Path] | None = None, retryable: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.pending = None if pending is None else tuple(pending)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -89,12 +110,15 @@ def _send_dicom(dest: DicomDestination, files: Sequence[Path], calling_ae_title:
         (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
     }
     try:
-        for f, sop_class, ts in heads:
+        for i, (f, sop_class, ts) in enumerate(heads):
             status = assoc.send_c_store(_as_accepted(f, (sop_class, ts) in accepted))
             code = getattr(status, "Status", None)
             if code not in _STORED:
                 shown = "no response" if code is None else f"status 0x{code:04X}"
-                raise DeliveryError(f"{dest.name}: C-STORE of {f.name} failed: {shown}")
+                raise DeliveryError(
+                    f"{dest.name}: C-STORE of {f.name} failed: {shown}",
+                    pending=[h[0] for h in heads[i:]],
+                )
     finally:
         if assoc.is_established:
             assoc.release()
@@ -128,12 +152,30 @@ def _copy_to_folder(dest: FolderDestination, files: Sequence[Path]) -> None:
         raise DeliveryError(f"{dest.name}: cannot write to {dest.path}: {err.strerror}") from None
 
 
+def _send_stow(dest: DicomWebDestination, files: Sequence[Path]) -> None:
+    try:
+        stow(dest, files)
+    except StowError as err:
+        raise DeliveryError(str(err), pending=err.pending, retryable=err.retryable) from None
+    except ValueError as err:  # the secret cannot be read: configuration, not the network
+        raise DeliveryError(f"{dest.name}: {err}", retryable=False) from None
+
+
 def deliver(
-    dest: DicomDestination | FolderDestination, files: Sequence[Path], calling_ae_title: str
+    dest: DicomDestination | DicomWebDestination | FolderDestination,
+    files: Sequence[Path],
+    calling_ae_title: str,
 ) -> None:
-    """Deliver ``files`` to ``dest`` once. Raises DeliveryError on any failure."""
+    """Deliver ``files`` to ``dest`` once.
+
+    Raises:
+        DeliveryError: not every file was delivered; says which are pending and whether
+            trying again can help.
+    """
     if isinstance(dest, DicomDestination):
         _send_dicom(dest, files, dest.calling_ae_title or calling_ae_title)
+    elif isinstance(dest, DicomWebDestination):
+        _send_stow(dest, files)
     else:
         _copy_to_folder(dest, files)
 
@@ -149,6 +191,18 @@ def _stage(files: Sequence[Path], outbox: Path) -> list[Path]:
             shutil.copyfile(f, target)
         staged.append(target)
     return staged
+
+
+def _keep_pending(staged: list[Path], pending: Sequence[Path] | None) -> list[Path]:
+    """Take what was delivered out of the outbox, so that neither a retry nor the dead
+    letter sends it twice; returns what is left."""
+    if pending is None:
+        return staged
+    keep = set(pending)
+    for f in staged:
+        if f not in keep:
+            f.unlink(missing_ok=True)
+    return [f for f in staged if f in keep]
 
 
 class Exporter:
@@ -201,7 +255,7 @@ class Exporter:
 
     def _attempt(
         self,
-        dest: DicomDestination | FolderDestination,
+        dest: DicomDestination | DicomWebDestination | FolderDestination,
         staged: list[Path],
         outbox: Path,
         study_instance_uid: str,
@@ -210,25 +264,31 @@ class Exporter:
         policy = policy or self.config.retry
         delays = [*policy.delays(), None]
         error = ""
+        total = len(staged)
+        attempt = 0
         for attempt, delay in enumerate(delays, start=1):
             try:
                 deliver(dest, staged, self.calling_ae_title)
             except DeliveryError as err:
                 error = str(err)
+                staged = _keep_pending(staged, err.pending)
                 log.warning(
-                    "delivery to %s failed (attempt %d/%d): %s",
+                    "delivery to %s failed (attempt %d/%d%s): %s",
                     dest.name,
                     attempt,
                     policy.attempts,
+                    "" if err.retryable else ", not retryable",
                     error,
                 )
+                if not err.retryable:
+                    break
                 if delay is not None:
                     self._sleep(delay)
                 continue
             shutil.rmtree(outbox, ignore_errors=True)
             log.info(
                 "delivered %d file(s) of %s to %s",
-                len(staged),
+                total,
                 uid_tag(study_instance_uid) if study_instance_uid else "-",
                 dest.name,
             )
@@ -240,10 +300,10 @@ class Exporter:
             files=len(staged),
             study_instance_uid=study_instance_uid,
             error=error,
-            attempts=policy.attempts,
+            attempts=attempt,
         )
         log.error("delivery to %s dead-lettered as #%d: %s", dest.name, dl, error)
-        return ExportResult(dest.name, False, policy.attempts, error, dl)
+        return ExportResult(dest.name, False, attempt, error, dl)
 
     def retry_dead_letter(self, dead_letter_id: int) -> ExportResult:
         """Re-send a dead letter once (no backoff loop); resolves it on success.
@@ -262,6 +322,7 @@ class Exporter:
         try:
             deliver(dest, staged, self.calling_ae_title)
         except DeliveryError as err:
+            _keep_pending(staged, err.pending)
             self.catalog.update_dead_letter(dead_letter_id, resolved=False, error=str(err))
             return ExportResult(dest.name, False, 1, str(err), dead_letter_id)
         self.catalog.update_dead_letter(dead_letter_id, resolved=True)

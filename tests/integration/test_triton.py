@@ -26,7 +26,7 @@ from radfusion.operators.segmentation_model import (
     segment,
 )
 from radfusion.synth.ct_series import synth_ct
-from tests.conftest import require_tool, start_triton, storescu, wait_for
+from tests.conftest import make_certificates, start_triton, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -312,28 +312,8 @@ def _numbers(ds: Any) -> list[float]:
     return found
 
 
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A CA and a server certificate for 127.0.0.1, made with the openssl command."""
-    import subprocess
-
-    openssl = require_tool("openssl")
-    files = {n: folder / f"{n}.pem" for n in ("ca", "ca-key", "server", "server-key")}
-    csr, ext = folder / "server.csr", folder / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    for args in (
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-         "-keyout", files["ca-key"], "-out", files["ca"]],
-        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-         "-keyout", files["server-key"], "-out", csr],
-        ["x509", "-req", "-in", csr, "-CA", files["ca"], "-CAkey", files["ca-key"],
-         "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", files["server"]],
-    ):  # fmt: skip
-        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True)
-    return files
-
-
 def test_grpc_over_tls(triton_repository: Path, tmp_path: Path) -> None:
-    pem = _certificates(tmp_path)
+    pem = make_certificates(tmp_path)
     server = start_triton(
         triton_repository,
         extra_args=[
