@@ -1,9 +1,13 @@
-"""Export throughput: radfusion's DICOM export side by side with dcmtk storescu.
+"""Export: radfusion's DICOM export side by side with dcmtk storescu, and C-STORE vs STOW-RS.
 
-The same 300-slice 512×512 CT (synthetic) goes to the same kind of receiver, a ``storescp -B``
-(bit-preserving, writes each instance to disk), from (a) dcmtk ``storescu`` and (b) radfusion's
-``deliver`` (one association, as the exporter uses it), in alternating rounds. Prints images/s
-per round and the median for each, and as its last line ``export ratio radfusion/storescu: X.XX``.
+1. Throughput: the same 300-slice 512×512 CT (synthetic) goes to the same kind of receiver, a
+   ``storescp -B`` (bit-preserving, writes each instance to disk), from (a) dcmtk ``storescu``
+   and (b) radfusion's ``deliver`` (one association, as the exporter uses it), in alternating
+   rounds; prints images/s per round, the medians and ``export ratio radfusion/storescu: X.XX``.
+2. Results into a PACS: the SEG and SR the lung-ct app writes for that CT go into a real
+   Orthanc (emptied before each round) by dcmtk ``storescu`` (the peer), radfusion's C-STORE
+   and radfusion's STOW-RS (DICOMweb plugin), in rotating order; the last line is
+   ``export seconds c-store/stow: X.X/Y.Y`` (medians; storescu's median is printed above it).
 
     .venv/bin/python -m benchmarks.export [--rounds 5] [--slices 300]
 """
@@ -11,14 +15,21 @@ per round and the median for each, and as its last line ``export ratio radfusion
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from benchmarks.ingest import alternate, run_storescp
-from radfusion.config import DicomDestination
+from benchmarks.ingest import _free_port, _wait_listening, alternate, run_storescp
+from radfusion.config import DicomDestination, DicomWebDestination
 from radfusion.integrations.dicom.export import deliver
 from radfusion.synth.ct_series import synth_ct
 
@@ -37,6 +48,108 @@ def run_radfusion(files: list[Path], work: Path) -> float:
     return run_storescp(files, work, send)
 
 
+class Orthanc:
+    """A scratch Orthanc (DICOM, REST, DICOMweb) for the results round."""
+
+    def __init__(self, work: Path) -> None:
+        self.http_port, self.dicom_port = _free_port(), _free_port()
+        config = {
+            "Name": "bench",
+            "StorageDirectory": str(work / "orthanc"),
+            "IndexDirectory": str(work / "orthanc"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "Plugins": ["/usr/share/orthanc/plugins"],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        (work / "orthanc.json").write_text(json.dumps(config))
+        self.proc = subprocess.Popen(
+            ["Orthanc", str(work / "orthanc.json")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_listening(self.dicom_port, self.proc)
+        self.url = f"http://127.0.0.1:{self.http_port}"
+
+    def _call(self, path: str, method: str = "GET") -> object:
+        request = urllib.request.Request(self.url + path, method=method)
+        with urllib.request.urlopen(request, timeout=30) as r:
+            body = r.read()
+        return json.loads(body) if body else None
+
+    def empty(self) -> None:
+        studies = self._call("/studies")
+        assert isinstance(studies, list)
+        for study in studies:
+            self._call(f"/studies/{study}", "DELETE")
+
+    def count(self) -> int:
+        instances = self._call("/instances")
+        assert isinstance(instances, list)
+        return len(instances)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+@contextmanager
+def orthanc(work: Path) -> Iterator[Orthanc]:
+    server = Orthanc(work)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def lung_ct_results(ct: Path, out: Path) -> list[Path]:
+    """The SEG and SR of the lung-ct app on ``ct`` (in process, the embedded defaults)."""
+    subprocess.run(
+        [sys.executable, "-m", "radfusion.cli", "run", "lung-ct", "--input", str(ct),
+         "--output", str(out)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return sorted(out.glob("*.dcm"))
+
+
+def results_round(files: list[Path], server: Orthanc, rounds: int) -> dict[str, float]:
+    """Seconds to store ``files`` in ``server`` per sender (median of ``rounds``)."""
+    store = DicomDestination(
+        name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=server.dicom_port
+    )
+    web = DicomWebDestination(name="pacs-web", url=f"{server.url}/dicom-web")
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    storescu = ["storescu", "-R", "-aec", "ORTHANC", "127.0.0.1", str(server.dicom_port)]
+    senders: dict[str, Callable[[], object]] = {
+        "storescu": lambda: subprocess.run(
+            [*storescu, *map(str, files)], check=True, env=env, capture_output=True
+        ),
+        "c-store": lambda: deliver(store, files, "RADFUSION"),
+        "stow": lambda: deliver(web, files, "RADFUSION"),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in senders}
+    names = list(senders)
+    for i in range(rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            server.empty()
+            start = time.perf_counter()
+            senders[name]()
+            elapsed = time.perf_counter() - start
+            if server.count() != len(files):
+                raise RuntimeError(f"{name}: Orthanc holds {server.count()} of {len(files)}")
+            seconds[name].append(elapsed)
+            print(f"round {i + 1} {name:<9} {elapsed:6.2f} s")
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    for name, value in med.items():
+        print(f"median {name:<9} {value:6.2f} s")
+    return med
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -53,6 +166,15 @@ def main() -> None:
             {"storescu": run_storescu, "radfusion": run_radfusion}, files, work, args.rounds
         )
         print(f"export ratio radfusion/storescu: {med['radfusion'] / med['storescu']:.2f}")
+        if shutil.which("Orthanc") is None:
+            sys.exit("Orthanc (with orthanc-dicomweb) is required for the results round")
+        results = lung_ct_results(work / "ct", work / "results")
+        mb = sum(f.stat().st_size for f in results) / 1e6
+        names = ", ".join(f.name for f in results)
+        print(f"results: {names}, {mb:.1f} MB; {args.rounds} rounds into Orthanc")
+        with orthanc(work) as server:
+            seconds = results_round(results, server, args.rounds)
+        print(f"export seconds c-store/stow: {seconds['c-store']:.1f}/{seconds['stow']:.1f}")
 
 
 if __name__ == "__main__":
