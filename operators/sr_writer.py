@@ -5,25 +5,30 @@ pointing at its segment in the SEG and holding the finding's volume (mm³ and mL
 axial diameter ("Long axis") and mean and SD of attenuation (HU), with the algorithm
 identified (TID 4019) on the group and on every measurement.
 
-Each finding also gets a TID 1410 Planar ROI group with the same tracking identifier: its
-Image Region is a 2D SCOORD two-point POLYLINE from one end of the longest axial diameter to the
-other (a POINT when both ends coincide), and that diameter. The SCOORD is selected from the CT
-image the diameter lies in (for an Enhanced CT, the image and its frame number): the end points
-(LPS mm) are projected into the pixel grid of each source plane (Image Position/Orientation
-(Patient) and Pixel Spacing, per frame from the functional groups for a multi-frame image), the
-plane within a quarter of a slice gap is taken, and points on no plane or outside the image
-raise ``ValueError``. Coordinates are (column, row) with 0.0\\0.0 at the top left corner of the top
-left pixel (PS3.3 Table C.18.6-1), so a voxel centre (r, c) is (c + 0.5, r + 0.5).
+Each finding also gets a TID 1501 Measurement Group with the same Tracking Unique Identifier,
+placed before it, that a viewer can draw and track: its first (only) NUM is the longest axial
+diameter ("Long axis", mm), INFERRED FROM a 2D SCOORD two-point POLYLINE (TID 300 row 8, TID
+320) from one end of the diameter to the other (both points equal when the ends coincide),
+SELECTED FROM the CT image the diameter lies in (for an Enhanced CT, the image and its frame
+number); a TEXT "Comment" (TID 1501 row 12) names the finding for people, e.g. "Tumour 1, left
+lung, mean -20 HU". The end points (LPS mm) are projected into the pixel grid of each source
+plane (Image Position/Orientation (Patient) and Pixel Spacing, per frame from the functional
+groups for a multi-frame image), the plane within a quarter of a slice gap is taken, and points
+on no plane or outside the image raise ``ValueError``. Coordinates are (column, row) with
+0.0\\0.0 at the top left corner of the top left pixel (PS3.3 Table C.18.6-1), so a voxel centre
+(r, c) is (c + 0.5, r + 0.5).
 
-A TID 1411 group can reference a segment or a region but not both, and viewers draw the
-coordinates, not the segment reference. OHIF (extensions/cornerstone-dicom-sr) merges
-measurement groups by Tracking Unique Identifier and lists the merged NUM items as the
-annotation's labels. OHIF 3.13 fails to open an SR in which any merged group lacks coordinates
-(it reads the first coordinate of every measurement), so no finding is left without its line.
-Its stack SR viewport draws only 2D SCOORD, which names its image: with it, each line is drawn
-on its CT image with its labels and the viewport's arrows step through the findings; a SCOORD3D
-line (this writer's earlier form) was parsed but not drawn ("Unable to apply reference viewable
-… referencedImageId: null"). See tests/viewer/.
+Why this shape (OHIF 3.13, extensions/cornerstone-dicom-sr with @cornerstonejs/adapters 5.6):
+OHIF merges groups by Tracking Unique Identifier; it loads ("rehydrates") a finding into its
+Measurements panel only when the group's Tracking Identifier names a Cornerstone tool
+(``Cornerstone3DTools@^0.1.0:Length``) and the group's first NUM carries the SCOORD as its
+INFERRED FROM child (a group-level TID 1410 Image Region is drawn but never loaded, and makes
+OHIF list every merged NUM as a label, "Long axis" twice and HU as ``[hnsf'U]``); it labels the
+measurement with the group's Comment, and shows only the length with its unit, so the mean HU
+goes in the label. Every Tracking UID needs a SCOORD somewhere: OHIF fails to open an SR with a
+merged group without one. Its stack SR viewport draws only 2D SCOORD, which names its image; a
+SCOORD3D line was parsed but not drawn. The TID 1411 group keeps the readable Tracking
+Identifier ("Tumour 1"). See tests/viewer/.
 
 A study the app could not measure (``result`` None, ``out_of_scope_reason`` given) gets an SR
 with no measurement groups at all: TID 1500's "Qualitative Evaluations" container holds the
@@ -68,10 +73,12 @@ from radfusion.operators.results import AlgorithmInfo, Finding, SegmentationResu
 
 __all__ = [
     "SERIES_NUMBER",
+    "VIEWER_TRACKING_IDENTIFIER",
     "algorithm_identification",
     "algorithm_report",
     "build_sr",
     "distinct_sources",
+    "finding_label",
     "image_library",
     "observation_context",
     "write_sr",
@@ -103,6 +110,8 @@ _SOURCE_SERIES_FOR_SEGMENTATION = codes.DCM.SourceSeriesForSegmentation  # 12123
 # TID 1500 rows 12 and 14: with no measurement groups the report holds this container instead.
 _QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 _COMMENT = codes.DCM.Comment  # 121106
+# The Tracking Identifier OHIF (@cornerstonejs/adapters) loads a two-point line with.
+VIEWER_TRACKING_IDENTIFIER = "Cornerstone3DTools@^0.1.0:Length"
 _ENGLISH = hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")
 
 _SEGMENTATION_SOP_CLASSES = {
@@ -125,11 +134,11 @@ def build_sr(
     """Build the TID 1500 Measurement Report for one processed CT series (not written).
 
     With ``result``: one TID 1411 group per finding referencing its segment in ``seg`` (the SEG
-    written for the same result), plus one TID 1410 group per finding with the diameter as a
-    SCOORD line on the source image (and frame) it lies in. Without (``result`` None):
-    ``out_of_scope_reason`` is required, ``seg`` may be None (it is ignored), and the report
-    has no measurement groups, only the reason. ``statements`` are added as text to the
-    report's Qualitative Evaluations.
+    written for the same result), after one TID 1501 group per finding with the diameter
+    inferred from a SCOORD line on the source image (and frame) it lies in, and its label.
+    Without (``result`` None): ``out_of_scope_reason`` is required, ``seg`` may be None (it is
+    ignored), and the report has no measurement groups, only the reason. ``statements`` are
+    added as text to the report's Qualitative Evaluations.
 
     ``source_images`` are the series' datasets (metadata suffices; a dataset repeated per frame,
     as in :attr:`Volume.source_images`, is referenced once). Same study as the sources, series
@@ -169,12 +178,12 @@ def build_sr(
         planes = _planes(sources)
         source_series = _source_series(str(sources[0].SeriesInstanceUID))
         groups: list[
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+            hd.sr.MeasurementsAndQualitativeEvaluations
             | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
         ] = []
         for finding in result.findings:
-            # The planar group first: OHIF labels the drawn line with the first NUM of the
-            # merged groups, and for a line that should be its length.
+            # The drawable group first: OHIF takes a merged finding's Tracking Identifier (the
+            # tool it loads it with) from the first group of its Tracking UID.
             groups.append(_diameter_group(finding, planes, algorithm_id))
             groups.append(_volumetric_group(finding, seg, source_series, algorithm_id))
         report = hd.sr.MeasurementReport(
@@ -459,28 +468,55 @@ def _volumetric_group(
     )
 
 
+def finding_label(finding: Finding) -> str:
+    """What a viewer shows for a finding: which one, where, and its mean attenuation, e.g.
+    "Tumour 1, left lung, mean -20 HU" or "Right lung, mean -853 HU"."""
+    where = "" if finding.kind == "lung" else f", {finding.side} lung"
+    return f"{finding.tracking_id}{where}, mean {finding.mean_hu:.0f} HU"
+
+
 def _diameter_group(
     finding: Finding, planes: Sequence[_Plane], algorithm_id: hd.sr.AlgorithmIdentification
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 for a finding: its longest axial diameter as a SCOORD line on the CT image it
-    lies in (a POINT when the ends coincide), so viewers draw it."""
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for a finding: its longest axial diameter, inferred from a SCOORD line on the
+    CT image it lies in, and its label, so viewers draw, list and track it."""
     kind, category, site = _finding_codes(finding)
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        # The same tracking identifier as the finding's volumetric group: both describe the
-        # same finding, and OHIF merges groups with one Tracking UID into one annotation.
-        tracking_identifier=_tracking(finding),
-        referenced_region=_diameter_region(finding, planes),
+    long_axis = hd.sr.Measurement(
+        name=_LONG_AXIS,
+        value=finding.longest_axial_diameter_mm,
+        unit=_MM,
+        algorithm_id=algorithm_id,
+        referenced_coordinates=[_diameter_coordinates(finding, planes)],
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        # The finding's Tracking UID (OHIF merges the groups of one UID into one annotation),
+        # with the identifier of the Cornerstone tool that loads a two-point line.
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            identifier=VIEWER_TRACKING_IDENTIFIER, uid=finding.tracking_uid
+        ),
         finding_type=kind,
         finding_category=category,
         finding_sites=[site],
         algorithm_id=algorithm_id,
-        measurements=[_long_axis(finding, algorithm_id)],
+        measurements=[long_axis],
     )
+    # highdicom has no argument for a TEXT qualitative evaluation (TID 1501 row 12).
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=_COMMENT,
+            value=finding_label(finding),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
 
 
-def _diameter_region(finding: Finding, planes: Sequence[_Plane]) -> hd.sr.ImageRegion:
-    """The longest axial diameter's ends as a POLYLINE (or one POINT if they coincide) in pixel
-    coordinates of the source image (and frame) whose plane holds them."""
+def _diameter_coordinates(
+    finding: Finding, planes: Sequence[_Plane]
+) -> hd.sr.CoordinatesForMeasurement:
+    """The longest axial diameter's ends as a two-point POLYLINE (two equal points when they
+    coincide: a viewer's length tool needs two) in pixel coordinates of the source image (and
+    frame) whose plane holds them."""
     ends = np.asarray(finding.diameter_endpoints_lps, dtype=float)
     located = [_locate(end, planes, finding.tracking_id) for end in ends]
     (plane, first), (other, second) = located
@@ -489,13 +525,9 @@ def _diameter_region(finding: Finding, planes: Sequence[_Plane]) -> hd.sr.ImageR
             f"{finding.tracking_id}: the diameter's end points lie on different source images"
             f" ({plane.describe()} and {other.describe()}); an axial diameter lies in one"
         )
-    if np.allclose(ends[0], ends[1]):
-        graphic_type, graphic_data = hd.sr.GraphicTypeValues.POINT, first[None]
-    else:
-        graphic_type, graphic_data = hd.sr.GraphicTypeValues.POLYLINE, np.stack([first, second])
-    return hd.sr.ImageRegion(
-        graphic_type=graphic_type,
-        graphic_data=graphic_data,
+    return hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.stack([first, second]),
         source_image=hd.sr.SourceImageForRegion(
             referenced_sop_class_uid=str(plane.dataset.SOPClassUID),
             referenced_sop_instance_uid=str(plane.dataset.SOPInstanceUID),

@@ -140,7 +140,7 @@ def dicom_files(folder: Path) -> list[Path]:
 
 
 def sr_line_images(sr: Path, ct_files: list[Path]) -> list[str]:
-    """For each SCOORD Image Region in ``sr`` (the findings' diameter lines, in order), the CT
+    """For each SCOORD in ``sr`` (the findings' diameter lines, in order), the CT
     image it is selected from as OHIF's overlay names it ("I:<Instance Number>"), with the
     frame for a multi-frame image."""
     numbers = {}
@@ -163,20 +163,86 @@ def sr_line_images(sr: Path, ct_files: list[Path]) -> list[str]:
     return out
 
 
+def sr_labels(sr: Path) -> list[str]:
+    """The labels (TID 1501 Comments) of the SR's findings, as OHIF should list them."""
+    labels = []
+    for item in pydicom.dcmread(sr).ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue != "126010":  # Imaging Measurements
+            continue
+        for group in item.ContentSequence:
+            for child in group.ContentSequence:
+                if child.ValueType == "TEXT" and child.ConceptNameCodeSequence[0].CodeValue == (
+                    "121106"
+                ):
+                    labels.append(str(child.TextValue))
+    return labels
+
+
+def missing_from_panel(report: dict[str, Any]) -> list[str]:
+    """The SR's finding labels OHIF's Measurements panel does not list (all of them when it
+    did not offer to track the SR's measurements)."""
+    shown = {line.strip() for line in report.get("measurementsPanel", [])}
+    return [label for label in report.get("srLabels", []) if label not in shown]
+
+
 def summarise(report: dict[str, Any]) -> str:
     """A few lines for the terminal: what OHIF listed, loaded and drew."""
     lines = [f"series listed: {report['series']}", f"segments: {report['segments']}"]
     lines += [f"SR measurement parsed: {m}" for m in report["srMeasurements"]]
     lines += [f"step {s['name']}: {s['slice']} -> {s['file']}" for s in report["steps"]]
     if "srLineImages" in report:
-        images = ", ".join(report["srLineImages"]) or "none (no 2D SCOORD Image Region)"
+        images = ", ".join(report["srLineImages"]) or "none (no 2D SCOORD)"
         lines.append(f"SR lines are on: {images}")
         shown = [s["slice"] for s in report["steps"] if s["name"].startswith("04-sr-")]
         landed = [str(s or "").split(" ")[0] for s in shown]
         lines.append(f"SR steps landed on: {', '.join(landed)}")
     lines += [f"SR annotation not drawn: {u}" for u in report.get("undrawn", [])]
+    if "srLabels" in report:
+        lines.append(f"tracking the SR's measurements offered: {report['trackingOffered']}")
+        missing = missing_from_panel(report)
+        listed = len(report["srLabels"]) - len(missing)
+        lines.append(f"Measurements panel lists {listed} of {len(report['srLabels'])} findings")
+        lines += [f"not in the Measurements panel: {label}" for label in missing]
     lines += [f"console error: {e}" for e in report["errors"]]
     return "\n".join(lines)
+
+
+def check(ct: Path, results: Path | None, out: Path, work: Path) -> dict[str, Any]:
+    """Store ``ct`` and the lung-ct results (run first when ``results`` is None) in a scratch
+    Orthanc, look at them in OHIF, and return the report (also written to
+    ``out/report.json``, with the screenshots)."""
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    dist, node_dir = npm_packages(work)
+    if results is None:
+        results = out / "results"
+        run_lung_ct(ct, results)
+    outputs = [p for p in (results / "seg.dcm", results / "sr.dcm") if p.exists()]
+    files = dicom_files(ct) + outputs
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    with tempfile.TemporaryDirectory() as storage, orthanc(Path(storage)) as root:
+        store(root, files)
+        with viewer(dist, f"{root}/dicom-web", out / "serve.log") as url:
+            subprocess.run(
+                ["node", str(HERE / "ohif_shoot.mjs"), url, study, str(out)],
+                cwd=node_dir, check=True, timeout=300,
+            )  # fmt: skip
+    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    if (results / "sr.dcm").exists():
+        report["srLineImages"] = sr_line_images(results / "sr.dcm", dicom_files(ct))
+        report["srLabels"] = sr_labels(results / "sr.dcm")
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def problems(report: dict[str, Any]) -> list[str]:
+    """What makes the check fail: an SR annotation not drawn, a finding not in the
+    Measurements panel, the script itself failing."""
+    return [
+        *(f"not drawn: {u}" for u in report.get("undrawn", [])),
+        *(f"not in the Measurements panel: {m}" for m in missing_from_panel(report)),
+        *(e for e in report["errors"] if e.startswith(("script:", "viewer:"))),
+    ]
 
 
 def main() -> int:
@@ -189,29 +255,9 @@ def main() -> int:
     for tool in ("Orthanc", "node", "npm", "chromium"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed")
-    args.work.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    dist, node_dir = npm_packages(args.work)
-    results = args.results or args.out / "results"
-    if args.results is None:
-        run_lung_ct(args.ct, results)
-    outputs = [p for p in (results / "seg.dcm", results / "sr.dcm") if p.exists()]
-    files = dicom_files(args.ct) + outputs
-    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    with tempfile.TemporaryDirectory() as storage, orthanc(Path(storage)) as root:
-        store(root, files)
-        with viewer(dist, f"{root}/dicom-web", args.out / "serve.log") as url:
-            subprocess.run(
-                ["node", str(HERE / "ohif_shoot.mjs"), url, study, str(args.out)],
-                cwd=node_dir, check=True, timeout=300,
-            )  # fmt: skip
-    report = json.loads((args.out / "report.json").read_text())
-    if (results / "sr.dcm").exists():
-        report["srLineImages"] = sr_line_images(results / "sr.dcm", dicom_files(args.ct))
-        (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    report = check(args.ct, args.results, args.out, args.work)
     print(summarise(report))
-    failed = report.get("undrawn") or any(e.startswith("script:") for e in report["errors"])
-    return 1 if failed else 0
+    return 1 if problems(report) else 0
 
 
 if __name__ == "__main__":

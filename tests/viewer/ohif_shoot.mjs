@@ -26,7 +26,10 @@ if (!viewerUrl || !studyUid || !outDir) {
 }
 mkdirSync(outDir, { recursive: true });
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
-const report = { series: [], segments: [], steps: [], srMeasurements: [], undrawn: [], errors: [] };
+const report = {
+  series: [], segments: [], steps: [], srMeasurements: [], undrawn: [], errors: [],
+  trackingOffered: false, measurementsPanel: [],
+};
 
 const browser = await chromium.launch({
   executablePath: CHROMIUM,
@@ -110,6 +113,18 @@ try {
       await page.locator('[data-cy="viewport-action-arrows-right"]').first().click();
       await page.waitForTimeout(2500);
       await shoot(`04-sr-${i}`, 'SR: next measurement');
+    }
+    // A rehydratable SR makes OHIF ask whether to track its measurements; yes loads them into
+    // the Measurements panel (an SR it cannot load shows a "!" badge and never asks).
+    const prompt = page.getByText('Do you want to continue tracking measurements', { exact: false });
+    report.trackingOffered = (await prompt.count()) > 0;
+    if (report.trackingOffered) {
+      await page.getByRole('button', { name: 'Yes', exact: true }).first().click();
+      await page.waitForTimeout(5000);
+      await page.locator('[data-cy="trackedMeasurements-btn"]').first().click().catch(() => {});
+      await page.waitForTimeout(3000);
+      await shoot('05-measurements', 'SR measurements tracked, Measurements panel');
+      report.measurementsPanel = (await page.locator('body').innerText()).split('\n');
     }
   }
 } catch (error) {
