@@ -154,8 +154,10 @@ def _post(client: DICOMwebClient, study: str, datasets: list[Dataset]) -> _Answe
     except requests.exceptions.HTTPError as err:
         response = err.response
         code = response.status_code if response is not None else 0
-        phrase = HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else ""
-        problem = f"HTTP {code} {phrase}".rstrip()
+        try:
+            problem = f"HTTP {code} {HTTPStatus(code).phrase}"
+        except ValueError:
+            problem = f"HTTP {code}"
         if code in (401, 403):
             problem += ": check the destination's credentials"
         stored, failed = _outcome(_read_body(response) if response is not None else None)
