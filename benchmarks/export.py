@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -23,15 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.ingest import _free_port, _wait_listening, alternate, run_storescp
+from benchmarks.ingest import alternate, run_storescp
 from radfusion.config import DicomDestination, DicomWebDestination
 from radfusion.integrations.dicom.export import deliver
 from radfusion.synth.ct_series import synth_ct
+from tests.conftest import Orthanc, free_port
 
 
 def run_storescu(files: list[Path], work: Path) -> float:
@@ -48,62 +46,9 @@ def run_radfusion(files: list[Path], work: Path) -> float:
     return run_storescp(files, work, send)
 
 
-class Orthanc:
-    """A scratch Orthanc (DICOM, REST, DICOMweb) for the results round."""
-
-    def __init__(self, work: Path) -> None:
-        self.http_port, self.dicom_port = _free_port(), _free_port()
-        config = {
-            "Name": "bench",
-            "StorageDirectory": str(work / "orthanc"),
-            "IndexDirectory": str(work / "orthanc"),
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
-            "Plugins": ["/usr/share/orthanc/plugins"],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        }
-        (work / "orthanc.json").write_text(json.dumps(config))
-        self.proc = subprocess.Popen(
-            ["Orthanc", str(work / "orthanc.json")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        _wait_listening(self.dicom_port, self.proc)
-        self.url = f"http://127.0.0.1:{self.http_port}"
-
-    def _call(self, path: str, method: str = "GET") -> object:
-        request = urllib.request.Request(self.url + path, method=method)
-        with urllib.request.urlopen(request, timeout=30) as r:
-            body = r.read()
-        return json.loads(body) if body else None
-
-    def empty(self) -> None:
-        studies = self._call("/studies")
-        assert isinstance(studies, list)
-        for study in studies:
-            self._call(f"/studies/{study}", "DELETE")
-
-    def count(self) -> int:
-        instances = self._call("/instances")
-        assert isinstance(instances, list)
-        return len(instances)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-
-
-@contextmanager
-def orthanc(work: Path) -> Iterator[Orthanc]:
-    server = Orthanc(work)
-    try:
-        yield server
-    finally:
-        server.close()
+def empty(server: Orthanc) -> None:
+    for study in server.get("/studies"):
+        server.delete(f"/studies/{study}")
 
 
 def lung_ct_results(ct: Path, out: Path) -> list[Path]:
@@ -136,12 +81,13 @@ def results_round(files: list[Path], server: Orthanc, rounds: int) -> dict[str, 
     names = list(senders)
     for i in range(rounds):
         for name in names[i % len(names) :] + names[: i % len(names)]:
-            server.empty()
+            empty(server)
             start = time.perf_counter()
             senders[name]()
             elapsed = time.perf_counter() - start
-            if server.count() != len(files):
-                raise RuntimeError(f"{name}: Orthanc holds {server.count()} of {len(files)}")
+            held = len(server.get("/instances"))
+            if held != len(files):
+                raise RuntimeError(f"{name}: Orthanc holds {held} of {len(files)}")
             seconds[name].append(elapsed)
             print(f"round {i + 1} {name:<9} {elapsed:6.2f} s")
     med = {k: statistics.median(v) for k, v in seconds.items()}
@@ -172,8 +118,12 @@ def main() -> None:
         mb = sum(f.stat().st_size for f in results) / 1e6
         names = ", ".join(f.name for f in results)
         print(f"results: {names}, {mb:.1f} MB; {args.rounds} rounds into Orthanc")
-        with orthanc(work) as server:
+        (work / "orthanc").mkdir()
+        server = Orthanc(work / "orthanc", free_port(), free_port()).start()
+        try:
             seconds = results_round(results, server, args.rounds)
+        finally:
+            server.stop()
         print(f"export seconds c-store/stow: {seconds['c-store']:.1f}/{seconds['stow']:.1f}")
 
 

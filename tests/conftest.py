@@ -274,6 +274,9 @@ class Orthanc:
     def get(self, path: str) -> Any:
         return self._open(urllib.request.Request(self.url + path))
 
+    def delete(self, path: str) -> Any:
+        return self._open(urllib.request.Request(self.url + path, method="DELETE"))
+
     def destination(self, **extra: Any) -> dict[str, Any]:
         """This Orthanc as a radfusion ``export.destinations`` entry named ``pacs``."""
         return {

@@ -163,19 +163,23 @@ def sr_line_images(sr: Path, ct_files: list[Path]) -> list[str]:
     return out
 
 
-def sr_labels(sr: Path) -> list[str]:
-    """The labels (TID 1501 Comments) of the SR's findings, as OHIF should list them."""
-    labels = []
+def sr_findings(sr: Path) -> list[tuple[str, float]]:
+    """Each finding's label (its TID 1501 Comment, as OHIF should list it) and long axis (mm,
+    the group's NUM), in SR order."""
+    found = []
     for item in pydicom.dcmread(sr).ContentSequence:
         if item.ConceptNameCodeSequence[0].CodeValue != "126010":  # Imaging Measurements
             continue
         for group in item.ContentSequence:
-            for child in group.ContentSequence:
-                if child.ValueType == "TEXT" and child.ConceptNameCodeSequence[0].CodeValue == (
-                    "121106"
-                ):
-                    labels.append(str(child.TextValue))
-    return labels
+            label = next(
+                (str(c.TextValue) for c in group.ContentSequence if c.ValueType == "TEXT"
+                 and c.ConceptNameCodeSequence[0].CodeValue == "121106"),
+                None,
+            )  # fmt: skip
+            if label is not None:
+                (num,) = (c for c in group.ContentSequence if c.ValueType == "NUM")
+                found.append((label, float(num.MeasuredValueSequence[0].NumericValue)))
+    return found
 
 
 def missing_from_panel(report: dict[str, Any]) -> list[str]:
@@ -230,7 +234,7 @@ def check(ct: Path, results: Path | None, out: Path, work: Path) -> dict[str, An
     report: dict[str, Any] = json.loads((out / "report.json").read_text())
     if (results / "sr.dcm").exists():
         report["srLineImages"] = sr_line_images(results / "sr.dcm", dicom_files(ct))
-        report["srLabels"] = sr_labels(results / "sr.dcm")
+        report["srLabels"] = [label for label, _ in sr_findings(results / "sr.dcm")]
         (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 

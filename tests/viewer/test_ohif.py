@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from tests.conftest import REPO, require_tool
-from tests.viewer.ohif_check import check, problems, run_lung_ct
+from tests.viewer.ohif_check import check, problems, run_lung_ct, sr_findings
 
 pytestmark = pytest.mark.integration
 
@@ -35,24 +35,6 @@ def looked_at(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     return report, root / "results"
 
 
-def _sr_findings(sr: Path) -> list[tuple[str, float]]:
-    """Each finding's label (TID 1501 Comment) and long axis (mm), in SR order."""
-    found = []
-    for item in pydicom.dcmread(sr).ContentSequence:
-        if item.ConceptNameCodeSequence[0].CodeValue != "126010":
-            continue
-        for group in item.ContentSequence:
-            label = next(
-                (str(c.TextValue) for c in group.ContentSequence if c.ValueType == "TEXT"
-                 and c.ConceptNameCodeSequence[0].CodeValue == "121106"),
-                None,
-            )  # fmt: skip
-            if label is not None:
-                (num,) = (c for c in group.ContentSequence if c.ValueType == "NUM")
-                found.append((label, float(num.MeasuredValueSequence[0].NumericValue)))
-    return found
-
-
 def test_the_study_and_the_seg_segments_are_shown(looked_at: tuple[dict[str, Any], Path]) -> None:
     report, results = looked_at
     assert {"CT", "SEG", "SR"} <= set(report["series"]), report["series"]
@@ -66,7 +48,7 @@ def test_every_finding_is_in_the_measurements_panel_with_its_long_axis(
     report, results = looked_at
     assert report["trackingOffered"], "OHIF did not offer to track the SR (not rehydratable)"
     assert problems(report) == []
-    findings = _sr_findings(results / "sr.dcm")
+    findings = sr_findings(results / "sr.dcm")
     lines = [line.strip() for line in report["measurementsPanel"] if line.strip()]
     assert f"Measurements ({len(findings)})" in lines
     for label, long_axis in findings:
