@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from radfusion.config import RouteRule
 from radfusion.integrations.store.catalog import Catalog, Job
-from radfusion.logs import uid_tag
+from radfusion.logs import RepeatedFailure, uid_tag
 from radfusion.routing import SeriesFacts, matching_apps
 
 __all__ = ["StudyAssembler"]
@@ -71,8 +71,13 @@ class StudyAssembler:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.poll_interval_s):
+        failures = RepeatedFailure(log, "study assembly", wait_s=self.poll_interval_s)
+        wait = self.poll_interval_s
+        while not self._stop.wait(wait):
             try:
                 self.poll_once()
-            except Exception:  # the loop must outlive a bad study or a locked database
-                log.exception("study assembly failed; retrying")
+            except Exception as err:  # the loop must outlive a bad study or a full disk
+                wait = failures.failed(err)
+            else:
+                failures.succeeded()
+                wait = self.poll_interval_s

@@ -100,14 +100,32 @@ class NodeConfig(_Section):
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=0, le=65535)
     max_associations: int = Field(default=16, ge=1)
+    max_associations_per_address: int = Field(
+        default=8,
+        ge=1,
+        description="Open connections one IP address may hold; more are closed at once.",
+    )
+    maximum_pdu_size: int = Field(
+        default=1 << 20,
+        ge=4096,
+        description="Maximum Length Received offered to peers (bytes). A PDU announcing more "
+        "(or more than 256 KiB, for association requests) closes the connection unread.",
+    )
     allowed_callers: list[AllowedCaller] | None = Field(
         default=None,
         description="Calling AE titles allowed to associate. None (the default) accepts any "
         "caller; set it on every real network.",
     )
-    acse_timeout_s: float = Field(default=30, gt=0)
+    acse_timeout_s: float = Field(
+        default=15,
+        gt=0,
+        description="From TCP connect to a complete A-ASSOCIATE-RQ, however slowly it comes; "
+        "the connection is closed then.",
+    )
     dimse_timeout_s: float = Field(default=60, gt=0)
-    network_timeout_s: float = Field(default=60, gt=0)
+    network_timeout_s: float = Field(
+        default=60, gt=0, description="Longest wait for data on an open connection."
+    )
 
     _check_ae = field_validator("ae_title")(_check_ae_title)
 

@@ -24,7 +24,7 @@ from radfusion.integrations.dicom.header import HeaderError, read_part10_header
 from radfusion.integrations.dicom.node import DicomNode
 from radfusion.integrations.dicom.spool import Spool
 from radfusion.integrations.store.catalog import Catalog, InstanceRecord, Job
-from radfusion.logs import uid_tag
+from radfusion.logs import RepeatedFailure, uid_tag
 
 __all__ = ["Service", "open_catalog", "open_exporter"]
 
@@ -152,12 +152,14 @@ class Service:
 
     def _work(self) -> None:
         apps = sorted(known_apps())
+        failures = RepeatedFailure(log, "reading the job queue", wait_s=0.25)
         while not self._stop.is_set():
             try:
                 job = self.catalog.claim_job(apps)
-            except Exception:
-                log.exception("cannot read the job queue; retrying")
-                job = None
+            except Exception as err:
+                self._stop.wait(failures.failed(err))
+                continue
+            failures.succeeded()
             if job is None:
                 self._stop.wait(0.25)
                 continue
@@ -223,11 +225,14 @@ class Service:
     # -- retention --------------------------------------------------------------------------
 
     def _housekeeping(self) -> None:
+        purge_failures = RepeatedFailure(log, "retention purge", wait_s=60)
         while not self._stop.wait(60):
             try:
                 self.purge_expired()
-            except Exception:
-                log.exception("retention purge failed; retrying later")
+            except Exception as err:
+                purge_failures.failed(err)
+            else:
+                purge_failures.succeeded()
 
     def purge_expired(self, now: float | None = None) -> int:
         """Delete finished and unrouted studies older than the retention period."""

@@ -8,11 +8,13 @@ sent only after the instance is renamed into the spool and recorded in the catal
 from __future__ import annotations
 
 import logging
+import sqlite3
 import tempfile
 from typing import cast
 
 import pydicom.uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time
@@ -22,8 +24,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at impo
 from pynetdicom.transport import ThreadedAssociationServer
 
 from radfusion.config import RadfusionConfig
+from radfusion.integrations.dicom.guard import ConnectionGuard
 from radfusion.integrations.dicom.header import HeaderError, read_part10_header
 from radfusion.integrations.dicom.pynetdicom_internals import (
+    abort_undecodable_messages,
+    claim,
     on_connection_open,
     receive_datasets_into_files,
     shorten_polling,
@@ -78,13 +83,14 @@ class DicomNode:
         self.catalog = catalog
         self.spool = spool
         self._server: ThreadedAssociationServer | None = None
+        self._guard = ConnectionGuard(config.node)
         ae = AE(ae_title=config.node.ae_title)
-        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs from senders that allow it
+        ae.maximum_pdu_size = config.node.maximum_pdu_size
         ae.maximum_associations = config.node.max_associations
         ae.acse_timeout = config.node.acse_timeout_s
         ae.dimse_timeout = config.node.dimse_timeout_s
         ae.network_timeout = config.node.network_timeout_s
-        ae.require_called_aet = False
+        ae.require_called_aet = True
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, _TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, _TRANSFER_SYNTAXES)
@@ -99,9 +105,11 @@ class DicomNode:
         # files in the spool's tmp/ the handler renames it into place instead of copying it.
         # tempfile.tempdir is process-wide: the node owns its process (radfusion serve).
         receive_datasets_into_files()
+        abort_undecodable_messages()
         tempfile.tempdir = str(self.spool.tmp)
         handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, on_connection_open),
+            (evt.EVT_CONN_OPEN, self._guard.on_connection_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -112,6 +120,7 @@ class DicomNode:
         if server is None:  # only block=True returns None
             raise RuntimeError("pynetdicom returned no server")
         self._server = server
+        self._guard.start()
         port = int(server.server_address[1])
         log.info(
             "DICOM node %s listening on %s:%d",
@@ -133,6 +142,7 @@ class DicomNode:
             self._server.shutdown()
             self._server = None
         self._ae.shutdown()
+        self._guard.stop()
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -141,7 +151,18 @@ class DicomNode:
         # requestor.ae_title is filled in only after negotiation; the request has it now.
         primitive = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
+        called = str(primitive.called_ae_title).strip() if primitive is not None else ""
         address = assoc.requestor.address
+        if called != self.config.node.ae_title:
+            log.warning(
+                "rejected association from %r at %s: called AE title %r is not ours",
+                calling,
+                address,
+                called,
+            )
+            # Rejected-permanent, service user, "called AE title not recognised"
+            self._reject(assoc, 0x07)
+            return
         allowed = self.config.node.allowed_callers
         if allowed is None:
             return
@@ -151,7 +172,11 @@ class DicomNode:
         reason = "unknown calling AE title" if caller is None else "address not allowed"
         log.warning("rejected association from %r at %s: %s", calling, address, reason)
         # Rejected-permanent, service user, "calling AE title not recognised"
-        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        self._reject(assoc, 0x03)
+
+    @staticmethod
+    def _reject(assoc: Association, diagnostic: int) -> None:
+        assoc.acse.send_reject(0x01, 0x01, diagnostic)
         assoc.is_rejected = True
         assoc.kill()
 
@@ -164,14 +189,22 @@ class DicomNode:
         sop_class = str(req.AffectedSOPClassUID or "").strip()
         transfer_syntax = str(event.context.transfer_syntax)
         calling = event.assoc.requestor.ae_title.strip()
+        received = event.dataset_path  # written to spool/tmp by pynetdicom as it arrived
+        written = claim(received)
         if not sop_instance:
             log.warning("C-STORE from %r without Affected SOP Instance UID", calling)
             return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        if written is not None and written.error is not None:
+            log.error(
+                "instance %s refused with 0xA700: cannot write spool: %s",
+                uid_tag(sop_instance),
+                written.error.strerror or type(written.error).__name__,
+            )
+            return Status.OUT_OF_RESOURCES
         try:
             if self.catalog.has_instance(sop_instance):
                 log.debug("duplicate instance %s ignored", uid_tag(sop_instance))
                 return Status.SUCCESS
-            received = event.dataset_path  # written to spool/tmp by pynetdicom as it arrived
             try:
                 header = read_part10_header(received, transfer_syntax)
             except HeaderError as err:
@@ -200,6 +233,12 @@ class DicomNode:
             return Status.OUT_OF_RESOURCES
         except OSError as err:
             log.error("instance refused with 0xA700: cannot write spool: %s", err.strerror)
+            return Status.OUT_OF_RESOURCES
+        except sqlite3.OperationalError as err:
+            if err.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                log.exception("instance %s refused: catalog error", uid_tag(sop_instance))
+                return Status.PROCESSING_FAILURE
+            log.error("instance refused with 0xA700: catalog cannot grow: %s", err)
             return Status.OUT_OF_RESOURCES
         except Exception:
             log.exception("instance %s refused: internal error", uid_tag(sop_instance))
