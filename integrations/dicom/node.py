@@ -25,7 +25,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from radfusion.config import RadfusionConfig
 from radfusion.integrations.dicom.guard import ConnectionGuard
-from radfusion.integrations.dicom.header import HeaderError, read_part10_header
+from radfusion.integrations.dicom.header import (
+    HeaderError,
+    WireHeader,
+    check_part10_structure,
+    read_part10_header,
+)
 from radfusion.integrations.dicom.pynetdicom_internals import (
     abort_undecodable_messages,
     claim,
@@ -67,6 +72,26 @@ def storage_sop_classes(extra: list[str] | None = None) -> list[str]:
     return sorted(
         {*(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts), *(extra or [])}
     )
+
+
+def _check_identity(header: WireHeader, sop_instance: str, abstract_syntax: str) -> None:
+    """The dataset's SOP Instance and SOP Class UIDs must be there and agree with the C-STORE
+    request and its presentation context (PS3.4 B.2.3: 0xA900 when they do not)."""
+    if not header.SOPInstanceUID:
+        raise HeaderError("SOP Instance UID (0008,0018) is missing", status=0xA900)
+    if header.SOPInstanceUID != sop_instance:
+        raise HeaderError(
+            "SOP Instance UID (0008,0018) differs from the request's Affected SOP Instance UID",
+            status=0xA900,
+        )
+    if not header.SOPClassUID:
+        raise HeaderError("SOP Class UID (0008,0016) is missing", status=0xA900)
+    if header.SOPClassUID != abstract_syntax:
+        raise HeaderError(
+            f"SOP Class UID {header.SOPClassUID} differs from the presentation context's "
+            f"{abstract_syntax}",
+            status=0xA900,
+        )
 
 
 class DicomNode:
@@ -207,6 +232,8 @@ class DicomNode:
                 return Status.SUCCESS
             try:
                 header = read_part10_header(received, transfer_syntax)
+                _check_identity(header, sop_instance, str(event.context.abstract_syntax))
+                check_part10_structure(received, transfer_syntax)
             except HeaderError as err:
                 log.warning("instance %s from %r refused: %s", uid_tag(sop_instance), calling, err)
                 return err.status

@@ -4,6 +4,7 @@ sockets (or a really full disk) against a real ``radfusion serve`` process."""
 from __future__ import annotations
 
 import socket
+import sqlite3
 import struct
 import subprocess
 import threading
@@ -16,12 +17,15 @@ from typing import Any
 import psutil
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from tests.conftest import echoscu, storescu, wait_for
 
@@ -49,10 +53,13 @@ def _read_pdu(sock: socket.socket) -> bytes:
 
 
 def associate_rq(
-    calling: str = "ATTACKER", called: str = "RADFUSION", sop_class: str = Verification
+    calling: str = "ATTACKER",
+    called: str = "RADFUSION",
+    sop_class: str = Verification,
+    transfer_syntax: str = EXPLICIT_LE,
 ) -> bytes:
-    """The A-ASSOCIATE-RQ PDU pynetdicom sends for one context (``sop_class``, explicit VR
-    little endian, context ID 1), captured by a listener that never answers."""
+    """The A-ASSOCIATE-RQ PDU pynetdicom sends for one context (``sop_class`` in
+    ``transfer_syntax``, context ID 1), captured by a listener that never answers."""
     server = socket.create_server(("127.0.0.1", 0))
     captured: dict[str, bytes] = {}
 
@@ -65,7 +72,7 @@ def associate_rq(
     thread.start()
     ae = AE(ae_title=calling)
     ae.acse_timeout = 5
-    ae.add_requested_context(sop_class, EXPLICIT_LE)
+    ae.add_requested_context(sop_class, transfer_syntax)
     ae.associate("127.0.0.1", server.getsockname()[1], ae_title=called)
     thread.join(10)
     server.close()
@@ -86,11 +93,13 @@ def p_data(context_id: int, control: int, data: bytes) -> bytes:
     return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
 
 
-def c_store_pdus(dataset: bytes, sop_instance: str, max_pdu: int = 16384) -> list[bytes]:
+def c_store_pdus(
+    dataset: bytes, sop_instance: str, sop_class: str = CTImageStorage, max_pdu: int = 16384
+) -> list[bytes]:
     """The P-DATA-TF PDUs of one C-STORE request on context 1."""
     req = C_STORE()
     req.MessageID = 1
-    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPClassUID = sop_class
     req.AffectedSOPInstanceUID = sop_instance
     req.Priority = 2
     req.DataSet = BytesIO(dataset)
@@ -103,6 +112,42 @@ def c_store_pdus(dataset: bytes, sop_instance: str, max_pdu: int = 16384) -> lis
         pdu.from_primitive(primitive)
         pdus.append(pdu.encode())
     return pdus
+
+
+def store_raw(
+    port: int,
+    dataset: bytes,
+    sop_instance: str,
+    sop_class: str = CTImageStorage,
+    transfer_syntax: str = EXPLICIT_LE,
+) -> int:
+    """Send ``dataset`` (encoded bytes, as they are) by C-STORE; returns the status."""
+    sock = connect_raw(port, associate_rq(sop_class=sop_class, transfer_syntax=transfer_syntax))
+    with sock:
+        for pdu in c_store_pdus(dataset, sop_instance, sop_class):
+            sock.sendall(pdu)
+        command = b""
+        while True:  # the C-STORE-RSP command set, in one or more PDVs
+            pdu = _read_pdu(sock)
+            assert pdu[0] == 0x04, f"PDU type {pdu[0]:#x} instead of P-DATA-TF"
+            pos = 6
+            while pos < len(pdu):
+                (length,) = struct.unpack_from(">I", pdu, pos)
+                control = pdu[pos + 5]
+                command += pdu[pos + 6 : pos + 4 + length]
+                pos += 4 + length
+            if control & 0x02:
+                break
+        sock.sendall(struct.pack(">BBI", 0x05, 0, 4) + b"\0" * 4)  # A-RELEASE-RQ
+    rsp = pydicom.filereader.read_dataset(BytesIO(command), True, True)
+    return int(rsp.Status)
+
+
+def encode(ds: Dataset, implicit: bool = False) -> bytes:
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, implicit
+    pydicom.filewriter.write_dataset(buf, ds)
+    return buf.getvalue()
 
 
 def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
@@ -306,7 +351,114 @@ def test_full_disk_answers_a700_and_the_node_keeps_serving(
     assert "0xA700" in log
     assert "Traceback" not in log, log[-3000:]
     assert node.proc.poll() is None
-    import sqlite3
-
     db = sqlite3.connect(node.spool / "catalog.sqlite")
     assert db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == stored
+
+
+# -- datasets the node must not acknowledge ------------------------------------------------------
+
+
+def _ct(rows: int = 16, columns: int = 16) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.SamplesPerPixel = 1
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.PixelData = b"\0" * (rows * columns * 2)
+    return ds
+
+
+def test_datasets_that_disagree_with_their_request_are_refused(node_factory: Any) -> None:
+    """Attack 7: a dataset without SOP Instance UID, one whose UIDs disagree with the
+    request or its presentation context, one encoded against the negotiated transfer syntax,
+    and one with truncated Pixel Data were acknowledged."""
+    node = node_factory()
+    cases: list[tuple[str, Dataset, dict[str, Any], int, str]] = []
+    ds = _ct()
+    del ds.SOPInstanceUID
+    cases.append(("no SOPInstanceUID", ds, {}, 0xA900, "SOP Instance UID (0008,0018) is missing"))
+    ds = _ct()
+    cases.append(
+        (
+            "other SOPInstanceUID",
+            ds,
+            {"sop_instance": generate_uid()},
+            0xA900,
+            "differs from the request",
+        )
+    )
+    ds = _ct()
+    del ds.SOPClassUID
+    cases.append(("no SOPClassUID", ds, {}, 0xA900, "SOP Class UID (0008,0016) is missing"))
+    ds = _ct()
+    cases.append(
+        (
+            "CT under MR",
+            ds,
+            {"sop_class": MRImageStorage},
+            0xA900,
+            "differs from the presentation context",
+        )
+    )
+    ds = _ct()
+    cases.append(
+        ("implicit sent as explicit", ds, {"implicit": True}, 0xC210, "encoded Implicit VR")
+    )
+    ds = _ct()
+    cases.append(
+        (
+            "explicit sent as implicit",
+            ds,
+            {"transfer_syntax": "1.2.840.10008.1.2"},
+            0xC210,
+            "encoded Explicit VR",
+        )
+    )
+    ds = _ct(rows=64, columns=64)
+    ds.PixelData = b"\0" * 1000
+    cases.append(("short Pixel Data", ds, {}, 0xC210, "Pixel Data holds 1000 bytes"))
+    for name, ds, how, expected, reason in cases:
+        sop_instance = (
+            how.get("sop_instance") or str(ds.get("SOPInstanceUID", "")) or generate_uid()
+        )
+        data = encode(ds, implicit=how.get("implicit", False))
+        status = store_raw(
+            node.port,
+            data,
+            sop_instance,
+            sop_class=how.get("sop_class", CTImageStorage),
+            transfer_syntax=how.get("transfer_syntax", EXPLICIT_LE),
+        )
+        assert status == expected, f"{name}: {status:#06x}"
+        assert reason in node.log(), f"{name}: {reason!r} not logged"
+    cut = _ct(rows=64, columns=64)
+    truncated = encode(cut)[:-3000]  # the file ends inside Pixel Data
+    assert store_raw(node.port, truncated, str(cut.SOPInstanceUID)) == 0xC210
+    assert "(7FE0,0010) holds 5192 of its 8192 bytes: truncated" in node.log()
+    good = _ct()
+    assert store_raw(node.port, encode(good), str(good.SOPInstanceUID)) == 0x0000
+    db = sqlite3.connect(node.spool / "catalog.sqlite")
+    assert db.execute("SELECT SOPInstanceUID FROM instances").fetchall() == [(good.SOPInstanceUID,)]
+
+
+def test_deeply_nested_sequences_are_refused_without_recursion(node_factory: Any) -> None:
+    """Attack 7b: 3,000 nested sequences raised RecursionError (status 0x0110)."""
+    node = node_factory()
+    ds = _ct()
+    pixels = Dataset()
+    pixels.add_new(0x7FE00010, "OW", ds.PixelData)
+    del ds.PixelData
+    # (0040,A730) Content Sequence, undefined lengths, as a sender streaming a report writes
+    opening = b"\x40\x00\x30\xa7SQ\0\0\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    closing = b"\xfe\xff\x0d\xe0\0\0\0\0" + b"\xfe\xff\xdd\xe0\0\0\0\0"
+    nested = opening * 3000 + closing * 3000
+    data = encode(ds) + nested + encode(pixels)
+    status = store_raw(node.port, data, str(ds.SOPInstanceUID))
+    assert status == 0xC210, hex(status)
+    assert "sequences nested deeper than 32 levels" in node.log()
+    assert "RecursionError" not in node.log()
+    assert echoscu(node.port)

@@ -8,7 +8,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
-from radfusion.integrations.dicom.header import HeaderError, read_header
+from radfusion.integrations.dicom.header import HeaderError, check_part10_structure, read_header
 from radfusion.integrations.dicom.spool import Spool, SpoolFullError
 
 
@@ -183,3 +183,92 @@ def test_every_routing_attribute_is_a_standard_keyword_the_reader_reaches() -> N
     for keyword, tag in SERIES_ATTRIBUTES.items():
         assert keyword_for_tag(tag) == keyword and keyword.isalpha()
         assert tag < 0x00280008
+
+
+def _part10(path: Path, ds: Dataset, transfer_syntax: str) -> Path:
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.save_as(path, enforce_file_format=True, implicit_vr=transfer_syntax == IMPLICIT)
+    return path
+
+
+IMPLICIT, EXPLICIT = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+
+
+def image_ds(rows: int = 8, columns: int = 8) -> Dataset:
+    ds = header_ds()
+    del ds.NumberOfFrames
+    ds.SamplesPerPixel = 1
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = b"\x01\x00" * (rows * columns)
+    return ds
+
+
+@pytest.mark.parametrize("transfer_syntax", [IMPLICIT, EXPLICIT])
+def test_a_whole_image_passes_the_structure_check(tmp_path: Path, transfer_syntax: str) -> None:
+    check_part10_structure(
+        _part10(tmp_path / "ok.dcm", image_ds(), transfer_syntax), transfer_syntax
+    )
+
+
+def test_encapsulated_pixel_data_passes_whole_and_fails_cut(tmp_path: Path) -> None:
+    ds = image_ds(rows=32, columns=32)
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = EXPLICIT
+    ds.compress(pydicom.uid.RLELossless, encoding_plugin="pydicom")
+    path = _part10(tmp_path / "rle.dcm", ds, pydicom.uid.RLELossless)
+    check_part10_structure(path, pydicom.uid.RLELossless)
+    path.write_bytes(path.read_bytes()[:-40])  # inside the last fragment
+    with pytest.raises(HeaderError, match="truncated"):
+        check_part10_structure(path, pydicom.uid.RLELossless)
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_pixel_data_shorter_than_the_image_is_refused(tmp_path: Path, frames: int) -> None:
+    ds = image_ds()
+    if frames > 1:
+        ds.NumberOfFrames = frames
+        ds.PixelData = ds.PixelData * (frames - 1)  # one frame short
+    else:
+        ds.PixelData = ds.PixelData[:-2]
+    path = _part10(tmp_path / "short.dcm", ds, EXPLICIT)
+    with pytest.raises(HeaderError, match="Pixel Data holds") as err:
+        check_part10_structure(path, EXPLICIT)
+    assert err.value.status == 0xC210
+
+
+def test_one_bit_images_are_sized_in_bits(tmp_path: Path) -> None:
+    ds = image_ds(rows=8, columns=8)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+    ds.PixelData = b"\xff" * 8  # 64 pixels at one bit each
+    check_part10_structure(_part10(tmp_path / "bits.dcm", ds, EXPLICIT), EXPLICIT)
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_sequences_nested_too_deep_are_refused_at_any_length_encoding(
+    tmp_path: Path, implicit: bool
+) -> None:
+    ds = image_ds()
+    inner = Dataset()
+    inner.CodeValue = "1"
+    for _ in range(40):  # defined lengths: pydicom writes them so
+        outer = Dataset()
+        outer.ContentSequence = [inner]
+        inner = outer
+    ds.ContentSequence = [inner]
+    ts = IMPLICIT if implicit else EXPLICIT
+    with pytest.raises(HeaderError, match="nested deeper than 32"):
+        check_part10_structure(_part10(tmp_path / "deep.dcm", ds, ts), ts)
+
+
+def test_encoding_that_disagrees_with_the_transfer_syntax_is_named() -> None:
+    data = encode(header_ds(), implicit=True)
+    with pytest.raises(HeaderError, match="encoded Implicit VR, but was sent as Explicit VR"):
+        read_header(data, EXPLICIT)
+    data = encode(header_ds(), implicit=False)
+    with pytest.raises(HeaderError, match="encoded Explicit VR, but was sent as Implicit VR"):
+        read_header(data, IMPLICIT)
