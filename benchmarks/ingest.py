@@ -96,7 +96,7 @@ def run_radfusion(files: list[Path], work: Path) -> float:
     config.write_text(
         yaml.safe_dump(
             {
-                "node": {"host": "127.0.0.1", "port": port},
+                "node": {"host": "127.0.0.1", "port": port, "allowed_callers": [{"ae_title": "*"}]},
                 "spool": {"path": str(spool), "min_free_mb": 256},
                 "completion": {"quiet_period_s": 60},
             }

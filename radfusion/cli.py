@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -53,6 +54,9 @@ def main() -> None:
       radfusion deadletter list                   # work that failed after its retries
     Try it without a network: radfusion demo
     """
+    # Everything radfusion writes (spool, catalog, results, exports, logs it opens) holds
+    # patient data: readable by its own user only.
+    os.umask(0o077)
 
 
 # -- config -----------------------------------------------------------------------------------

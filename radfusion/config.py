@@ -25,6 +25,7 @@ __all__ = [
     "AppsConfig",
     "CompletionConfig",
     "ConfigError",
+    "DestinationTLS",
     "DicomDestination",
     "DicomWebAuth",
     "DicomWebDestination",
@@ -34,6 +35,7 @@ __all__ = [
     "FolderDestination",
     "LungCTConfig",
     "NodeConfig",
+    "NodeTLS",
     "RadfusionConfig",
     "RadiomicsConfig",
     "RetryPolicy",
@@ -65,7 +67,8 @@ class _Section(BaseModel):
 
 
 class AllowedCaller(_Section):
-    """A calling AE title that may associate, optionally bound to source addresses."""
+    """A calling AE title that may associate (``*``: any), optionally bound to source
+    addresses."""
 
     ae_title: str
     addresses: list[str] = Field(
@@ -93,11 +96,56 @@ class AllowedCaller(_Section):
         return any(ip in ipaddress.ip_network(a, strict=False) for a in self.addresses)
 
 
+def _existing_file(value: Path | None) -> Path | None:
+    if value is not None and not Path(value).is_file():
+        raise ValueError(f"{value} is not a readable file")
+    return value
+
+
+class NodeTLS(_Section):
+    """DICOM TLS on the node (PS3.15 Annex B, BCP 195: TLS 1.2 or later, forward-secret AEAD
+    ciphers). With it, the node accepts TLS only: plain TCP callers are refused."""
+
+    certificate: Path = Field(description="PEM certificate (chain) the node presents.")
+    private_key: Path = Field(description="PEM private key of that certificate.")
+    client_ca: Path | None = Field(
+        default=None,
+        description="PEM CA bundle. When set, every caller must present a certificate that "
+        "chains to it (mutual TLS); expired or foreign certificates are refused.",
+    )
+
+    _check_files = field_validator("certificate", "private_key", "client_ca")(_existing_file)
+
+
+class DestinationTLS(_Section):
+    """DICOM TLS to a C-STORE destination (BCP 195: TLS 1.2 or later). The peer's certificate
+    must chain to ``ca_certificates`` and name the destination's host."""
+
+    ca_certificates: Path | None = Field(
+        default=None, description="PEM CA bundle for the peer; default: the system's."
+    )
+    certificate: Path | None = Field(
+        default=None, description="PEM client certificate (mutual TLS)."
+    )
+    private_key: Path | None = Field(default=None, description="PEM client key (mutual TLS).")
+
+    _check_files = field_validator("ca_certificates", "certificate", "private_key")(_existing_file)
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTLS:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("mutual TLS needs both certificate and private_key")
+        return self
+
+
 class NodeConfig(_Section):
     """The DICOM node (Storage SCP + Verification SCP)."""
 
     ae_title: str = "RADFUSION"
-    host: str = "0.0.0.0"
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to listen on: this host only unless configured (0.0.0.0 = all).",
+    )
     port: int = Field(default=11112, ge=0, le=65535)
     max_associations: int = Field(default=16, ge=1)
     max_associations_per_address: int = Field(
@@ -111,10 +159,11 @@ class NodeConfig(_Section):
         description="Maximum Length Received offered to peers (bytes). A PDU announcing more "
         "(or more than 256 KiB, for association requests) closes the connection unread.",
     )
-    allowed_callers: list[AllowedCaller] | None = Field(
-        default=None,
-        description="Calling AE titles allowed to associate. None (the default) accepts any "
-        "caller; set it on every real network.",
+    allowed_callers: list[AllowedCaller] = Field(
+        default_factory=list,
+        description="Calling AE titles (optionally bound to addresses) allowed to associate; "
+        "every other caller is rejected. Empty (the default) rejects everyone; an entry with "
+        "ae_title '*' admits any AE title (from its addresses, if it lists any).",
     )
     acse_timeout_s: float = Field(
         default=15,
@@ -126,8 +175,15 @@ class NodeConfig(_Section):
     network_timeout_s: float = Field(
         default=60, gt=0, description="Longest wait for data on an open connection."
     )
+    tls: NodeTLS | None = Field(default=None, description="DICOM TLS; without it, plain TCP.")
 
     _check_ae = field_validator("ae_title")(_check_ae_title)
+
+    def caller(self, calling_ae_title: str) -> AllowedCaller | None:
+        """The allowed_callers entry for ``calling_ae_title``: its own, else a '*' entry."""
+        exact = [c for c in self.allowed_callers if c.ae_title == calling_ae_title]
+        wildcard = [c for c in self.allowed_callers if c.ae_title == "*"]
+        return next(iter(exact + wildcard), None)
 
 
 class SpoolConfig(_Section):
@@ -216,6 +272,7 @@ class DicomDestination(_Section):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = Field(default=None, description="Default: node.ae_title.")
     timeout_s: float = Field(default=30, gt=0)
+    tls: DestinationTLS | None = Field(default=None, description="DICOM TLS to this peer.")
 
     _check_ae = field_validator("ae_title")(_check_ae_title)
 
@@ -717,9 +774,9 @@ class RadfusionConfig(_Section):
 
     def quiet_period_for(self, calling_ae_title: str) -> float:
         """The completion quiet period for studies sent by ``calling_ae_title``."""
-        for caller in self.node.allowed_callers or []:
-            if caller.ae_title == calling_ae_title and caller.quiet_period_s is not None:
-                return caller.quiet_period_s
+        caller = self.node.caller(calling_ae_title)
+        if caller is not None and caller.quiet_period_s is not None:
+            return caller.quiet_period_s
         return self.completion.quiet_period_s
 
 

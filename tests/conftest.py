@@ -118,7 +118,9 @@ class NodeProcess:
     def spool(self) -> Path:
         return Path(self.config["spool"]["path"])
 
-    def start(self) -> NodeProcess:
+    def start(self, probe: bool = True) -> NodeProcess:
+        """Start the node and wait until it answers an association (``probe``) or, for a
+        node that only speaks TLS, until it logs that it listens."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (open while the process runs)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "radfusion.cli", "serve", "--config", str(self.config_path)],
@@ -126,8 +128,15 @@ class NodeProcess:
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
-        wait_for(self._listening, 30, "the radfusion node to listen")
+        ready = self._listening if probe else self._logged_listening
+        wait_for(ready, 30, "the radfusion node to listen")
         return self
+
+    def _logged_listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"node exited: {self.log()}")
+        return "listening on" in self.log()
 
     def _listening(self) -> bool:
         assert self.proc is not None
@@ -183,7 +192,7 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
         port = free_port()
         n = len(nodes)
         config: dict[str, Any] = {
-            "node": {"host": "127.0.0.1", "port": port},
+            "node": {"host": "127.0.0.1", "port": port, "allowed_callers": [{"ae_title": "*"}]},
             "spool": {"path": str(tmp_path / f"spool{n}"), "min_free_mb": 1},
             "completion": {"quiet_period_s": 1.5},
         }
@@ -327,6 +336,82 @@ def make_certificates(folder: Path) -> dict[str, Path]:
          "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", files["server"]],
     ):  # fmt: skip
         subprocess.run([openssl, *map(str, args)], check=True, capture_output=True)
+    return files
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """Certificates for DICOM TLS tests, made with ``cryptography``: a CA (``ca``), a server
+    certificate for 127.0.0.1 (``server``/``server-key``), a client (``client``/
+    ``client-key``), an expired client (``expired``/``expired-key``) of that CA, and a
+    client of another CA (``stranger``/``stranger-key``, CA ``stranger-ca``)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    files: dict[str, Path] = {}
+
+    def save(name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None) -> None:
+        files[name] = folder / f"{name}.pem"
+        files[name].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        if key is not None:
+            files[f"{name}-key"] = folder / f"{name}-key.pem"
+            files[f"{name}-key"].write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+
+    def issue(
+        cn: str,
+        issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+        *,
+        ca: bool = False,
+        server: bool = False,
+        days: tuple[int, int] = (-1, 2),
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer[0].subject if issuer else name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now + dt.timedelta(days=days[0]))
+            .not_valid_after(now + dt.timedelta(days=days[1]))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if ca:
+            builder = builder.add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                critical=True,
+            )
+        else:
+            usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        signer = issuer[1] if issuer else key
+        return builder.sign(signer, hashes.SHA256()), key
+
+    ca = issue("radfusion-test-ca", None, ca=True)
+    save("ca", ca[0], None)
+    save("server", *issue("127.0.0.1", ca, server=True))
+    save("client", *issue("CT_SCANNER", ca))
+    save("expired", *issue("OLD_SCANNER", ca, days=(-30, -1)))
+    stranger_ca = issue("someone-else-ca", None, ca=True)
+    save("stranger-ca", stranger_ca[0], None)
+    save("stranger", *issue("STRANGER", stranger_ca))
     return files
 
 

@@ -38,6 +38,7 @@ from radfusion.integrations.dicom.pynetdicom_internals import (
     send_datasets_from_files,
     shorten_polling,
 )
+from radfusion.integrations.dicom.tls import client_context
 from radfusion.integrations.dicomweb.stow import StowError, stow
 from radfusion.integrations.store.catalog import Catalog
 from radfusion.logs import uid_tag
@@ -102,9 +103,15 @@ def _send_dicom(dest: DicomDestination, files: Sequence[Path], calling_ae_title:
         dest.port,
         ae_title=dest.ae_title,
         evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
+        tls_args=(client_context(dest.tls), dest.host) if dest.tls else None,
     )
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "no association (peer unreachable or aborted)"
+        lost = (
+            "peer unreachable, TLS refused or aborted"
+            if dest.tls
+            else "peer unreachable or aborted"
+        )
+        why = "rejected" if assoc.is_rejected else f"no association ({lost})"
         raise DeliveryError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {why}")
     accepted = {
         (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts

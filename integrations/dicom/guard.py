@@ -11,7 +11,9 @@ must not hold an association slot or memory for long. :class:`ConnectionGuard` e
 - a longest PDU (``maximum_pdu_size``, at least 256 KiB for association requests with many
   presentation contexts): a longer one is refused before it is read;
 - at most ``max_associations_per_address`` open connections from one IP address, so one host
-  cannot take every slot of ``max_associations``.
+  cannot take every slot of ``max_associations``;
+- with DICOM TLS, the handshake in the connection's own thread, within the same deadline
+  (pynetdicom would do it in its accept loop, where one stalled caller blocks all others).
 
 It also deletes, within a second, the temporary file of any store whose connection ended
 before the dataset was complete.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 
@@ -30,6 +33,7 @@ from pynetdicom.events import Event
 
 from radfusion.config import NodeConfig
 from radfusion.integrations.dicom.pynetdicom_internals import discard_orphaned, limit_pdu_length
+from radfusion.integrations.dicom.tls import handshake
 
 __all__ = ["MIN_PDU_LIMIT", "ConnectionGuard"]
 
@@ -96,6 +100,15 @@ class ConnectionGuard:
             return
         with self._lock:
             self._awaiting[assoc] = time.monotonic() + self.request_timeout_s
+        if isinstance(raw, ssl.SSLSocket):
+            try:
+                peer = handshake(raw, self.request_timeout_s)
+            except (ssl.SSLError, OSError) as err:
+                reason = getattr(err, "reason", None) or type(err).__name__
+                log.warning("connection from %s closed: TLS handshake failed (%s)", address, reason)
+                _shut(assoc)
+                return
+            log.info("TLS connection from %s, certificate %r", address, peer or "(none)")
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._watch, name="connection-guard", daemon=True)

@@ -39,6 +39,7 @@ from radfusion.integrations.dicom.pynetdicom_internals import (
     shorten_polling,
 )
 from radfusion.integrations.dicom.spool import Spool, SpoolFullError
+from radfusion.integrations.dicom.tls import DeferredHandshake, server_context
 from radfusion.integrations.store.catalog import Catalog, InstanceRecord, StoreOutcome
 from radfusion.logs import uid_tag
 
@@ -139,8 +140,12 @@ class DicomNode:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        tls = self.config.node.tls
         server = self._ae.start_server(
-            (self.config.node.host, self.config.node.port), block=False, evt_handlers=handlers
+            (self.config.node.host, self.config.node.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=DeferredHandshake(server_context(tls)) if tls else None,  # type: ignore[arg-type]
         )
         if server is None:  # only block=True returns None
             raise RuntimeError("pynetdicom returned no server")
@@ -148,10 +153,11 @@ class DicomNode:
         self._guard.start()
         port = int(server.server_address[1])
         log.info(
-            "DICOM node %s listening on %s:%d",
+            "DICOM node %s listening on %s:%d (%s)",
             self.config.node.ae_title,
             self.config.node.host,
             port,
+            "plain TCP" if tls is None else "DICOM TLS" + (", mutual" if tls.client_ca else ""),
         )
         return port
 
@@ -188,10 +194,7 @@ class DicomNode:
             # Rejected-permanent, service user, "called AE title not recognised"
             self._reject(assoc, 0x07)
             return
-        allowed = self.config.node.allowed_callers
-        if allowed is None:
-            return
-        caller = next((c for c in allowed if c.ae_title == calling), None)
+        caller = self.config.node.caller(calling)
         if caller is not None and caller.permits(address):
             return
         reason = "unknown calling AE title" if caller is None else "address not allowed"

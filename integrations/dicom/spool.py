@@ -44,6 +44,9 @@ class Spool:
         self.studies = self.root / "studies"
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.studies.mkdir(parents=True, exist_ok=True)
+        # A spool made by an older version (or another umask) is closed to other users too.
+        for folder in (self.root, self.tmp, self.studies):
+            folder.chmod(0o700)
         for leftover in self.tmp.iterdir():  # partial writes of a crashed process
             leftover.unlink(missing_ok=True)
 

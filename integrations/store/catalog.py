@@ -254,6 +254,7 @@ class Catalog:
         self._local = threading.local()
         db = self._connection()
         db.executescript(_SCHEMA)
+        self.path.chmod(0o600)  # Patient IDs: the catalog is for radfusion's user only
         # Catalogs made before jobs could wait for a retry lack the column (checked again in
         # the transaction: another process may be opening the same catalog).
         with self._tx() as tx:

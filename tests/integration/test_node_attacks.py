@@ -7,10 +7,8 @@ import socket
 import sqlite3
 import struct
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -18,160 +16,26 @@ import psutil
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from tests.conftest import echoscu, storescu, wait_for
+from tests.dicom_support import (
+    EXPLICIT_LE,
+    associate_rq,
+    c_store_pdus,
+    closed_by_peer,
+    connect_raw,
+    dataset_bytes,
+    encode,
+    node_cpu_s,
+    p_data,
+    read_pdu,
+    store_raw,
+)
 
 pytestmark = pytest.mark.integration
-
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-
-
-# -- raw DICOM upper layer ---------------------------------------------------------------------
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
-
-
-def _read_pdu(sock: socket.socket) -> bytes:
-    head = _recv_exactly(sock, 6)
-    return head + _recv_exactly(sock, struct.unpack(">I", head[2:])[0])
-
-
-def associate_rq(
-    calling: str = "ATTACKER",
-    called: str = "RADFUSION",
-    sop_class: str = Verification,
-    transfer_syntax: str = EXPLICIT_LE,
-) -> bytes:
-    """The A-ASSOCIATE-RQ PDU pynetdicom sends for one context (``sop_class`` in
-    ``transfer_syntax``, context ID 1), captured by a listener that never answers."""
-    server = socket.create_server(("127.0.0.1", 0))
-    captured: dict[str, bytes] = {}
-
-    def capture() -> None:
-        conn, _ = server.accept()
-        with conn:
-            captured["pdu"] = _read_pdu(conn)
-
-    thread = threading.Thread(target=capture)
-    thread.start()
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = 5
-    ae.add_requested_context(sop_class, transfer_syntax)
-    ae.associate("127.0.0.1", server.getsockname()[1], ae_title=called)
-    thread.join(10)
-    server.close()
-    return captured["pdu"]
-
-
-def connect_raw(port: int, rq: bytes) -> socket.socket:
-    """A raw connection with an association accepted on it (asserted)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(rq)
-    ac = _read_pdu(sock)
-    assert ac[0] == 0x02, f"association not accepted: PDU type {ac[0]:#x}"
-    return sock
-
-
-def p_data(context_id: int, control: int, data: bytes) -> bytes:
-    pdv = struct.pack(">IBB", len(data) + 2, context_id, control) + data
-    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
-
-
-def c_store_pdus(
-    dataset: bytes, sop_instance: str, sop_class: str = CTImageStorage, max_pdu: int = 16384
-) -> list[bytes]:
-    """The P-DATA-TF PDUs of one C-STORE request on context 1."""
-    req = C_STORE()
-    req.MessageID = 1
-    req.AffectedSOPClassUID = sop_class
-    req.AffectedSOPInstanceUID = sop_instance
-    req.Priority = 2
-    req.DataSet = BytesIO(dataset)
-    msg = C_STORE_RQ()
-    msg.primitive_to_message(req)
-    pdus = []
-    for primitive in msg.encode_msg(1, max_pdu):
-        assert isinstance(primitive, P_DATA)
-        pdu = P_DATA_TF()
-        pdu.from_primitive(primitive)
-        pdus.append(pdu.encode())
-    return pdus
-
-
-def store_raw(
-    port: int,
-    dataset: bytes,
-    sop_instance: str,
-    sop_class: str = CTImageStorage,
-    transfer_syntax: str = EXPLICIT_LE,
-) -> int:
-    """Send ``dataset`` (encoded bytes, as they are) by C-STORE; returns the status."""
-    sock = connect_raw(port, associate_rq(sop_class=sop_class, transfer_syntax=transfer_syntax))
-    with sock:
-        for pdu in c_store_pdus(dataset, sop_instance, sop_class):
-            sock.sendall(pdu)
-        command = b""
-        while True:  # the C-STORE-RSP command set, in one or more PDVs
-            pdu = _read_pdu(sock)
-            assert pdu[0] == 0x04, f"PDU type {pdu[0]:#x} instead of P-DATA-TF"
-            pos = 6
-            while pos < len(pdu):
-                (length,) = struct.unpack_from(">I", pdu, pos)
-                control = pdu[pos + 5]
-                command += pdu[pos + 6 : pos + 4 + length]
-                pos += 4 + length
-            if control & 0x02:
-                break
-        sock.sendall(struct.pack(">BBI", 0x05, 0, 4) + b"\0" * 4)  # A-RELEASE-RQ
-    rsp = pydicom.filereader.read_dataset(BytesIO(command), True, True)
-    return int(rsp.Status)
-
-
-def encode(ds: Dataset, implicit: bool = False) -> bytes:
-    buf = DicomBytesIO()
-    buf.is_little_endian, buf.is_implicit_VR = True, implicit
-    pydicom.filewriter.write_dataset(buf, ds)
-    return buf.getvalue()
-
-
-def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
-    """True when the node closes ``sock`` within ``within_s`` seconds."""
-    sock.settimeout(within_s)
-    try:
-        while sock.recv(65536):
-            pass
-        return True
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-
-
-def node_cpu_s(node: Any) -> float:
-    times = psutil.Process(node.proc.pid).cpu_times()
-    return float(times.user + times.system)
-
-
-def dataset_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    (group_length,) = struct.unpack("<I", data[140:144])
-    return data[144 + group_length :]
 
 
 # -- before the association ---------------------------------------------------------------------
@@ -301,7 +165,7 @@ def test_control_characters_from_the_peer_never_start_a_log_line(node_factory: A
     rq[start : start + 16] = b"X\nFAKE: granted "
     sock = socket.create_connection(("127.0.0.1", node.port), timeout=10)
     sock.sendall(bytes(rq))
-    assert _read_pdu(sock)[0] == 0x07  # A-ABORT: pynetdicom refuses to decode such a title
+    assert read_pdu(sock)[0] == 0x07  # A-ABORT: pynetdicom refuses to decode such a title
     sock.close()
     wait_for(lambda: "Calling AE Title" in node.log(), 5, "the refusal in the log")
     assert not any(line.startswith("FAKE") for line in node.log().splitlines())
@@ -462,3 +326,28 @@ def test_deeply_nested_sequences_are_refused_without_recursion(node_factory: Any
     assert "sequences nested deeper than 32 levels" in node.log()
     assert "RecursionError" not in node.log()
     assert echoscu(node.port)
+
+
+# -- what the node leaves readable --------------------------------------------------------------
+
+
+def test_spool_and_catalog_are_closed_to_other_users(node_factory: Any, ct_study: Any) -> None:
+    """Attack 6b: catalog.sqlite (Patient IDs) was 0644, spool folders 0755."""
+    node = node_factory()
+    assert storescu(node.port, ct_study.files[:2]).returncode == 0
+    spool = node.spool
+    assert (spool / "catalog.sqlite").stat().st_mode & 0o777 == 0o600
+    for folder in [spool, *(p for p in spool.rglob("*") if p.is_dir())]:
+        assert folder.stat().st_mode & 0o077 == 0, f"{folder} is open to others"
+    files = [p for p in spool.rglob("*") if p.is_file()]
+    assert len(files) >= 3
+    for path in files:
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is open to others"
+
+
+def test_by_default_nobody_may_associate(node_factory: Any, ct_study: Any) -> None:
+    node = node_factory({"node": {"allowed_callers": []}})
+    assert storescu(node.port, [ct_study.files[0]]).returncode != 0
+    assert "rejected association from 'STORESCU' at 127.0.0.1: unknown calling AE title" in (
+        node.log()
+    )

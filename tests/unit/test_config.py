@@ -12,14 +12,15 @@ def test_embedded_defaults_are_valid() -> None:
     cfg = load_config(None)
     assert cfg.node.ae_title == "RADFUSION"
     assert cfg.completion.quiet_period_s > 0
-    assert cfg.node.allowed_callers is None
+    assert cfg.node.allowed_callers == []  # nobody, until configured
+    assert cfg.node.host == "127.0.0.1"
 
 
 def test_example_is_valid_and_commented() -> None:
     text = example_config()
     assert text.count("#") > 20
     cfg = parse_config(yaml.safe_load(text))
-    assert cfg.node.allowed_callers is not None
+    assert cfg.node.allowed_callers
     assert cfg.quiet_period_for("CT_SCANNER_1") == 10
     assert cfg.quiet_period_for("OTHER") == cfg.completion.quiet_period_s
     assert [d.name for d in cfg.export.destinations] == ["pacs", "results-folder"]
@@ -118,3 +119,22 @@ def test_fhir_tokens_only_over_https_or_loopback() -> None:
 def test_fhir_base_url_must_not_hold_credentials() -> None:
     with pytest.raises(ConfigError, match="must not hold credentials"):
         parse_config({"fhir": {"base_url": "https://radfusion:s3cret@fhir.example.org/R4"}})
+
+
+def test_a_wildcard_caller_admits_any_ae_title_and_an_exact_entry_wins() -> None:
+    cfg = parse_config(
+        {
+            "node": {
+                "allowed_callers": [
+                    {"ae_title": "*", "addresses": ["10.1.0.0/16"]},
+                    {"ae_title": "CT_1", "quiet_period_s": 12},
+                ]
+            }
+        }
+    )
+    ct = cfg.node.caller("CT_1")
+    assert ct is not None and ct.quiet_period_s == 12 and ct.permits("192.168.0.9")
+    other = cfg.node.caller("ANYONE")
+    assert other is not None and other.permits("10.1.2.3") and not other.permits("10.2.0.1")
+    assert cfg.quiet_period_for("ANYONE") == cfg.completion.quiet_period_s
+    assert parse_config({}).node.caller("ANYONE") is None
