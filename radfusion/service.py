@@ -7,6 +7,7 @@ once, and jobs interrupted mid-run are queued again.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pydicom
 
+from radfusion import __version__, audit
 from radfusion.apps.registry import App, StudyInput, get_app, known_apps
 from radfusion.assembler import StudyAssembler
 from radfusion.config import RadfusionConfig
@@ -69,6 +71,7 @@ class Service:
 
     def start(self) -> int:
         """Recover, then start receiving; returns the DICOM port."""
+        self._audit_start()
         self.recover()
         port = self.node.start()
         self.assembler.start()
@@ -81,7 +84,25 @@ class Service:
             self._threads.append(t)
         return port
 
+    def _audit_start(self) -> None:
+        trail = audit.open_trail(self.config.spool.path / "audit.jsonl", self.config.node.ae_title)
+        digest = hashlib.sha256(self.config.model_dump_json().encode()).hexdigest()
+        previous = trail.last(audit.APPLICATION_ACTIVITY, audit.APPLICATION_START)
+        trail.record(
+            audit.APPLICATION_ACTIVITY,
+            type=audit.APPLICATION_START,
+            detail=f"radfusion {__version__}, configuration sha256 {digest}",
+        )
+        if previous is not None and digest not in str(previous.get("detail", "")):
+            trail.record(
+                audit.SECURITY_ALERT,
+                type=audit.SOFTWARE_CONFIGURATION,
+                action="U",
+                detail=f"configuration changed since the last start (now sha256 {digest})",
+            )
+
     def stop(self) -> None:
+        audit.record(audit.APPLICATION_ACTIVITY, type=audit.APPLICATION_STOP)
         self._stop.set()
         self.node.stop()
         self.assembler.stop()

@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
+from radfusion import audit
 from radfusion.config import (
     DicomDestination,
     DicomWebDestination,
@@ -187,6 +188,31 @@ def deliver(
         _copy_to_folder(dest, files)
 
 
+def _audit_delivery(
+    dest: DicomDestination | DicomWebDestination | FolderDestination,
+    study_instance_uid: str,
+    files: int,
+    outcome: int,
+    detail: str,
+) -> None:
+    where = {"role": "destination", "name": dest.name}
+    event = audit.INSTANCES_TRANSFERRED
+    if isinstance(dest, FolderDestination):
+        event, where["path"] = audit.EXPORT, str(dest.path)
+    elif isinstance(dest, DicomWebDestination):
+        where["url"] = dest.url
+    else:
+        where |= {"ae_title": dest.ae_title, "address": f"{dest.host}:{dest.port}"}
+    audit.record(
+        event,
+        action="R",
+        outcome=outcome,
+        participants=[where],
+        objects=[{"StudyInstanceUID": study_instance_uid, "files": files}],
+        detail=detail,
+    )
+
+
 def _stage(files: Sequence[Path], outbox: Path) -> list[Path]:
     outbox.mkdir(parents=True)
     staged = []
@@ -293,6 +319,7 @@ class Exporter:
                     self._sleep(delay)
                 continue
             shutil.rmtree(outbox, ignore_errors=True)
+            _audit_delivery(dest, study_instance_uid, total, 0, "")
             log.info(
                 "delivered %d file(s) of %s to %s",
                 total,
@@ -310,6 +337,7 @@ class Exporter:
             attempts=attempt,
         )
         log.error("delivery to %s dead-lettered as #%d: %s", dest.name, dl, error)
+        _audit_delivery(dest, study_instance_uid, len(staged), 8, f"dead letter #{dl}: {error}")
         return ExportResult(dest.name, False, attempt, error, dl)
 
     def retry_dead_letter(self, dead_letter_id: int) -> ExportResult:

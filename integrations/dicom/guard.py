@@ -31,6 +31,7 @@ import time
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
+from radfusion import audit
 from radfusion.config import NodeConfig
 from radfusion.integrations.dicom.pynetdicom_internals import discard_orphaned, limit_pdu_length
 from radfusion.integrations.dicom.tls import handshake
@@ -41,6 +42,16 @@ log = logging.getLogger("radfusion.node")
 
 MIN_PDU_LIMIT = 256 * 1024  # an A-ASSOCIATE-RQ with 128 contexts and many syntaxes fits
 _CHECK_EVERY_S = 0.25
+
+
+def _closed(address: str, why: str, type: audit.Code = audit.RESTRICTED_FUNCTION) -> None:
+    audit.record(
+        audit.SECURITY_ALERT,
+        type=type,
+        outcome=4,
+        participants=[{"role": "calling", "address": address}],
+        detail=f"connection closed: {why}",
+    )
 
 
 def _shut(assoc: Association) -> None:
@@ -80,6 +91,7 @@ class ConnectionGuard:
                 length,
                 self.pdu_limit,
             )
+            _closed(address, f"PDU of {length} bytes announced, limit {self.pdu_limit}")
 
         limit_pdu_length(assoc, self.pdu_limit, refused)
         others = sum(
@@ -96,6 +108,7 @@ class ConnectionGuard:
                 others,
                 self.per_address,
             )
+            _closed(address, f"{others} connections already open (limit {self.per_address})")
             _shut(assoc)
             return
         with self._lock:
@@ -106,6 +119,7 @@ class ConnectionGuard:
             except (ssl.SSLError, OSError) as err:
                 reason = getattr(err, "reason", None) or type(err).__name__
                 log.warning("connection from %s closed: TLS handshake failed (%s)", address, reason)
+                _closed(address, f"TLS handshake failed ({reason})", audit.NODE_AUTHENTICATION)
                 _shut(assoc)
                 return
             log.info("TLS connection from %s, certificate %r", address, peer or "(none)")
@@ -137,6 +151,10 @@ class ConnectionGuard:
                     "connection from %s closed: no complete A-ASSOCIATE-RQ within %g s",
                     assoc.requestor.address,
                     self.request_timeout_s,
+                )
+                _closed(
+                    assoc.requestor.address,
+                    f"no complete A-ASSOCIATE-RQ within {self.request_timeout_s:g} s",
                 )
                 _shut(assoc)
             n = discard_orphaned()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import ssl
 import tempfile
+import threading
 from typing import cast
 
 import pydicom.uid
@@ -23,6 +25,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at impo
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from radfusion import audit
 from radfusion.config import RadfusionConfig
 from radfusion.integrations.dicom.guard import ConnectionGuard
 from radfusion.integrations.dicom.header import (
@@ -75,6 +78,17 @@ def storage_sop_classes(extra: list[str] | None = None) -> list[str]:
     )
 
 
+def _peer(assoc: Association) -> dict[str, str]:
+    """The calling side of ``assoc`` as an audit participant."""
+    primitive = assoc.requestor.primitive
+    calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
+    peer = {"role": "calling", "ae_title": calling, "address": assoc.requestor.address}
+    raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    if isinstance(raw, ssl.SSLSocket):
+        peer["tls"] = raw.version() or ""
+    return peer
+
+
 def _check_identity(header: WireHeader, sop_instance: str, abstract_syntax: str) -> None:
     """The dataset's SOP Instance and SOP Class UIDs must be there and agree with the C-STORE
     request and its presentation context (PS3.4 B.2.3: 0xA900 when they do not)."""
@@ -110,6 +124,9 @@ class DicomNode:
         self.spool = spool
         self._server: ThreadedAssociationServer | None = None
         self._guard = ConnectionGuard(config.node)
+        self._tallies: dict[int, dict[str, list[int]]] = {}  # association -> study -> counts
+        self._tally_lock = threading.Lock()
+        self._current = threading.local()  # the study of the instance being stored
         ae = AE(ae_title=config.node.ae_title)
         ae.maximum_pdu_size = config.node.maximum_pdu_size
         ae.maximum_associations = config.node.max_associations
@@ -137,6 +154,8 @@ class DicomNode:
             (evt.EVT_CONN_OPEN, on_connection_open),
             (evt.EVT_CONN_OPEN, self._guard.on_connection_open),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -192,7 +211,7 @@ class DicomNode:
                 called,
             )
             # Rejected-permanent, service user, "called AE title not recognised"
-            self._reject(assoc, 0x07)
+            self._reject(assoc, 0x07, f"called AE title {called!r} is not ours")
             return
         caller = self.config.node.caller(calling)
         if caller is not None and caller.permits(address):
@@ -200,18 +219,54 @@ class DicomNode:
         reason = "unknown calling AE title" if caller is None else "address not allowed"
         log.warning("rejected association from %r at %s: %s", calling, address, reason)
         # Rejected-permanent, service user, "calling AE title not recognised"
-        self._reject(assoc, 0x03)
+        self._reject(assoc, 0x03, reason)
 
     @staticmethod
-    def _reject(assoc: Association, diagnostic: int) -> None:
+    def _reject(assoc: Association, diagnostic: int, reason: str) -> None:
+        audit.record(
+            audit.SECURITY_ALERT,
+            type=audit.NODE_AUTHENTICATION,
+            outcome=4,
+            participants=[_peer(assoc)],
+            detail=f"association rejected: {reason}",
+        )
         assoc.acse.send_reject(0x01, 0x01, diagnostic)
         assoc.is_rejected = True
         assoc.kill()
+
+    def _on_accepted(self, event: Event) -> None:
+        audit.record(audit.USER_AUTHENTICATION, type=audit.LOGIN, participants=[_peer(event.assoc)])
+
+    def _on_closed(self, event: Event) -> None:
+        with self._tally_lock:
+            tally = self._tallies.pop(id(event.assoc), None)
+        if not tally:
+            return
+        refused = sum(counts[1] for counts in tally.values())
+        audit.record(
+            audit.INSTANCES_TRANSFERRED,
+            action="C",
+            outcome=0 if not refused else 4,
+            participants=[_peer(event.assoc)],
+            objects=[
+                {"StudyInstanceUID": uid, "stored": counts[0], "refused": counts[1]}
+                for uid, counts in tally.items()
+            ],
+        )
 
     def _on_echo(self, event: Event) -> int:
         return Status.SUCCESS
 
     def _on_store(self, event: Event) -> int:
+        self._current.study = ""
+        status = self._store(event)
+        with self._tally_lock:
+            tally = self._tallies.setdefault(id(event.assoc), {})
+            counts = tally.setdefault(self._current.study, [0, 0])
+            counts[0 if status == Status.SUCCESS else 1] += 1
+        return status
+
+    def _store(self, event: Event) -> int:
         req = cast(C_STORE, event.request)  # EVT_C_STORE: always a C-STORE request
         sop_instance = str(req.AffectedSOPInstanceUID or "").strip()
         sop_class = str(req.AffectedSOPClassUID or "").strip()
@@ -235,6 +290,7 @@ class DicomNode:
                 return Status.SUCCESS
             try:
                 header = read_part10_header(received, transfer_syntax)
+                self._current.study = header.StudyInstanceUID
                 _check_identity(header, sop_instance, str(event.context.abstract_syntax))
                 check_part10_structure(received, transfer_syntax)
             except HeaderError as err:

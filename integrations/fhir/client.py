@@ -26,6 +26,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from radfusion import audit
 from radfusion.config import FhirConfig
 from radfusion.errors import RadfusionError, Unavailable
 from radfusion.integrations.fhir.auth import Auth, AuthError, make_auth
@@ -185,6 +186,27 @@ class FhirClient:
                 searchset Bundle, sent a ``next`` link elsewhere, or had more pages than
                 ``max_pages``. FhirUnavailable as above.
         """
+        try:
+            result = self._search(resource_type, params)
+        except FhirError as err:
+            self._audit_query(resource_type, 8, type(err).__name__)
+            raise
+        self._audit_query(
+            resource_type, 0, f"{len(result.match)} match(es), {result.pages} page(s)"
+        )
+        return result
+
+    def _audit_query(self, resource_type: str, outcome: int, detail: str) -> None:
+        # The query's parameters identify the patient: the trail names the resource type only.
+        audit.record(
+            audit.QUERY,
+            outcome=outcome,
+            participants=[{"role": "server", "url": self.base_url}],
+            objects=[{"resource": resource_type}],
+            detail=detail,
+        )
+
+    def _search(self, resource_type: str, params: Mapping[str, str | list[str]]) -> SearchResult:
         query: dict[str, str | list[str]] = {"_count": str(self.config.page_size), **params}
         url: str | None = f"{self.base_url}/{resource_type}"
         result = SearchResult()
