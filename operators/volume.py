@@ -87,11 +87,36 @@ def _attr(ds: Dataset, keyword: str, sequence: str, frame: Dataset | None = None
 
 
 def _frames(ds: Dataset) -> list[tuple[Dataset | None, int]]:
-    n = int(ds.get("NumberOfFrames", 1) or 1)
+    n = _number(ds.get("NumberOfFrames", 1) or 1, "Number of Frames")
+    if n < 1 or n != int(n):
+        raise VolumeError(f"Number of Frames is {n}")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if n > 1 and per_frame is None:
-        raise VolumeError("multi-frame image without per-frame functional groups")
-    return [(per_frame[i] if per_frame is not None else None, i + 1) for i in range(n)]
+    if n > 1 and (per_frame is None or len(per_frame) < n):
+        raise VolumeError("multi-frame image without per-frame functional groups for each frame")
+    return [(per_frame[i] if per_frame is not None else None, i + 1) for i in range(int(n))]
+
+
+def _number(value: object, what: str) -> float:
+    """``value`` as a finite number, or VolumeError naming ``what``."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise VolumeError(f"{what} is not a number: {value!r}") from None
+    if not np.isfinite(number):
+        raise VolumeError(f"{what} is {number}")
+    return number
+
+
+def _vector(value: object, size: int, what: str) -> np.ndarray:
+    """``value`` as ``size`` finite numbers, or VolumeError naming ``what``."""
+    try:
+        vector = np.asarray(value, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        raise VolumeError(f"{what} is not numeric") from None
+    if vector.size != size or not np.isfinite(vector).all():
+        shown = ", ".join(f"{v:g}" for v in vector[:8])
+        raise VolumeError(f"{what} must hold {size} finite numbers, not [{shown}]")
+    return vector
 
 
 def _stored_value(value: object, bits: int, signed: bool) -> int | None:
@@ -170,13 +195,26 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
         ps = _attr(ds, "PixelSpacing", "PixelMeasuresSequence", item)
         if iop is None or ipp is None or ps is None:
             raise VolumeError("an image lacks orientation, position or pixel spacing")
-        orientations.append(np.asarray(iop, dtype=float))
-        positions.append(np.asarray(ipp, dtype=float))
-        spacings.append(np.asarray(ps, dtype=float))
+        orientations.append(_vector(iop, 6, "Image Orientation (Patient)"))
+        positions.append(_vector(ipp, 3, "Image Position (Patient)"))
+        spacing = _vector(ps, 2, "Pixel Spacing")
+        if (spacing <= 0).any():
+            raise VolumeError(f"Pixel Spacing must be positive, not {spacing[0]:g}\\{spacing[1]:g}")
+        spacings.append(spacing)
         if ds.get("Rows") is None or ds.get("Columns") is None:
             raise VolumeError("an image lacks Rows or Columns")
-        matrices.append((int(ds.Rows), int(ds.Columns)))
+        matrix = (int(_number(ds.Rows, "Rows")), int(_number(ds.Columns, "Columns")))
+        if min(matrix) < 1:
+            raise VolumeError(f"an image has {matrix[0]} rows and {matrix[1]} columns")
+        matrices.append(matrix)
     iop = orientations[0]
+    row_norm, col_norm = np.linalg.norm(iop[:3]), np.linalg.norm(iop[3:])
+    if abs(row_norm - 1) > 0.01 or abs(col_norm - 1) > 0.01 or abs(iop[:3] @ iop[3:]) > 0.01:
+        raise VolumeError(
+            "Image Orientation (Patient) "
+            + "\\".join(f"{v:g}" for v in iop)
+            + " is not two orthogonal unit vectors"
+        )
     if any(np.abs(o - iop).max() > 1e-3 for o in orientations):
         raise VolumeError("images have different orientations")
     if any(np.abs(s - spacings[0]).max() > 1e-3 for s in spacings):
@@ -206,7 +244,9 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
             )
     else:
         thickness = datasets[0].get("SliceThickness")
-        step = float(thickness) if thickness else 1.0
+        step = _number(thickness, "Slice Thickness") if thickness else 1.0
+        if step <= 0:
+            raise VolumeError(f"Slice Thickness is {step}")
     row_spacing, col_spacing = (float(v) for v in spacings[0])
     hu = np.empty((len(slices), *matrices[0]), dtype=np.float32)
     # Integer pixels are rescaled in float64 in one reused buffer: two fresh float64
@@ -224,10 +264,17 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
         except Exception as err:  # pydicom: missing decoder plugin, corrupt data, ...
             raise VolumeError(f"pixel data cannot be decoded: {err}") from None
         pixels = decoded[id(ds)]
+        if pixels.ndim == 3 and number > pixels.shape[0]:
+            raise VolumeError(f"frame {number} is missing: the pixel data holds {len(pixels)}")
         frame = pixels[number - 1] if pixels.ndim == 3 else pixels
+        if frame.shape != matrices[0]:
+            raise VolumeError(
+                f"pixel data decodes to {frame.shape[:2]}, not Rows x Columns {matrices[0]}"
+            )
         slope = _attr(ds, "RescaleSlope", "PixelValueTransformationSequence", item)
         intercept = _attr(ds, "RescaleIntercept", "PixelValueTransformationSequence", item)
-        scale, offset = float(slope if slope is not None else 1), float(intercept or 0)
+        scale = _number(slope if slope is not None else 1, "Rescale Slope")
+        offset = _number(intercept or 0, "Rescale Intercept")
         if frame.dtype.kind in "iu":  # stored integers: float64, as the expression below gives
             np.multiply(frame, scale, out=rescaled)
             np.add(rescaled, offset, out=rescaled)

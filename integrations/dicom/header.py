@@ -344,6 +344,7 @@ def read_part10_header(path: Path, transfer_syntax: str, prefix: int = 1 << 16) 
 
 
 _PIXEL_DATA = 0x7FE00010
+_PHOTOMETRIC = 0x00280004
 _IMAGE_US = {0x00280002: "samples", 0x00280010: "rows", 0x00280011: "columns", 0x00280100: "bits"}
 
 
@@ -429,7 +430,9 @@ def _walk_top_level(buf: memoryview, implicit: bool) -> tuple[dict[str, int], in
     values (:data:`_IMAGE_US`, plus ``frames``) and Pixel Data's defined length (None if
     absent or encapsulated). Raises HeaderError when an element runs past the end of the
     data or sequences nest deeper than :data:`_MAX_DEPTH`."""
-    seen: dict[int, tuple[int, int]] = dict.fromkeys([*_IMAGE_US, 0x00280008, _PIXEL_DATA], (0, -1))
+    seen: dict[int, tuple[int, int]] = dict.fromkeys(
+        [*_IMAGE_US, 0x00280008, _PHOTOMETRIC, _PIXEL_DATA], (0, -1)
+    )
     try:
         _walk_elements(buf, 0, len(buf), implicit, 0, seen)
     except struct.error:
@@ -445,8 +448,26 @@ def _walk_top_level(buf: memoryview, implicit: bool) -> tuple[dict[str, int], in
         elif tag == 0x00280008 and length > 0:
             text = bytes(buf[value : value + length]).decode("latin-1").strip(" \0")
             image["frames"] = int(text) if text.isdigit() else 1
+        elif tag == _PHOTOMETRIC and length > 0:
+            text = bytes(buf[value : value + length]).decode("latin-1").strip(" \0")
+            # 4:2:2 subsampled: two values per pixel, not three (PS3.3 C.7.6.3.1.2)
+            image["subsampled"] = int(text in ("YBR_FULL_422", "YBR_PARTIAL_422"))
     value, length = seen[_PIXEL_DATA]
     return image, (None if length in (-1, _UNDEFINED) else length)
+
+
+def _after_file_meta(buf: memoryview) -> int:
+    """Offset of the dataset after a Part 10 file's File Meta Information (group 0002,
+    explicit VR little endian), walked element by element: a missing or wrong group length
+    (some writers leave it out) does not matter."""
+    pos = 132
+    try:
+        while struct.unpack_from("<H", buf, pos)[0] == 0x0002:
+            _, _, length, value = _element(buf, pos, False)
+            pos = value + length
+    except (struct.error, _Unsupported):
+        raise HeaderError("File Meta Information is malformed", status=_CANNOT_UNDERSTAND) from None
+    return pos
 
 
 def check_part10_structure(path: Path, transfer_syntax: str) -> None:
@@ -469,16 +490,17 @@ def check_part10_structure(path: Path, transfer_syntax: str) -> None:
         failure = None
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             whole = memoryview(mapped)
-            (group_length,) = struct.unpack_from("<I", whole, 140)
-            data = whole[144 + group_length :]
+            data = None
             try:
+                data = whole[_after_file_meta(whole) :]
                 image, pixel_length = _walk_top_level(data, ts == _IMPLICIT_LE)
             except HeaderError as err:
                 # Raised again below: its traceback holds views of the map, which must be
                 # released before the map closes.
                 failure, image, pixel_length = (str(err), err.status), {}, None
             finally:
-                data.release()
+                if data is not None:
+                    data.release()
                 whole.release()
         if failure is not None:
             raise HeaderError(failure[0], status=failure[1])
@@ -486,12 +508,13 @@ def check_part10_structure(path: Path, transfer_syntax: str) -> None:
         return
     if not {"rows", "columns", "bits"} <= image.keys():
         return  # not an image the node can size; the app's own checks decide
-    pixels = image["rows"] * image["columns"] * image.get("frames", 1) * image.get("samples", 1)
+    samples = 2 if image.get("subsampled") else image.get("samples", 1)
+    pixels = image["rows"] * image["columns"] * image.get("frames", 1) * samples
     needed = (pixels * image["bits"] + 7) // 8
     if pixel_length < needed:
         raise HeaderError(
             f"Pixel Data holds {pixel_length} bytes; {image['rows']} rows x {image['columns']} "
-            f"columns x {image.get('frames', 1)} frame(s) x {image.get('samples', 1)} "
+            f"columns x {image.get('frames', 1)} frame(s) x {samples} "
             f"sample(s) x {image['bits']} bits need {needed}",
             status=_CANNOT_UNDERSTAND,
         )

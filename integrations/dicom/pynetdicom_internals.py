@@ -27,9 +27,11 @@ pynetdicom has no public way to do these, and each is worth it on a hospital net
   command set without a Command Field raises inside pynetdicom's network thread, which dies
   with a traceback and leaves the association to time out. :func:`abort_undecodable_messages`
   turns that into what pynetdicom does for other invalid messages: an A-ABORT.
-- **The PDU length a peer announces** (``AssociationSocket.recv`` per connection):
-  pynetdicom believes the 4-byte length of every PDU and reads until it has that many bytes;
-  :func:`limit_pdu_length` refuses one longer than the node's limit before reading it.
+- **The PDU headers a peer sends** (``AssociationSocket.recv`` per connection): pynetdicom
+  believes the 4-byte length of every PDU and reads until it has that many bytes, and after an
+  unknown PDU type reads on, logging an error per 6 bytes of whatever follows;
+  :func:`limit_pdu_length` refuses a PDU longer than the node's limit before reading it and
+  closes the connection at the first header that is not a PDU.
 
 :func:`check` says whether the pynetdicom installed still has all of them; the tests call it,
 so an upgrade that removes one fails loudly there instead of silently slowing the node, filling
@@ -269,23 +271,33 @@ def limit_pdu_length(
     assoc: Association, limit: int, refused: Callable[[int], None] | None = None
 ) -> None:
     """Refuse any PDU from ``assoc``'s peer announcing more than ``limit`` bytes: the
-    connection is shut down before its body is read, and ``refused(length)`` is called."""
+    connection is shut down before its body is read, and ``refused(length)`` is called.
+    A header with an unknown PDU type closes the connection too (after pynetdicom's one log
+    line about it)."""
     sock = assoc.dul.socket
     if sock is None:
         return
     read = sock.recv
+
+    def shut() -> None:
+        raw = sock.socket
+        if raw is not None:
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_RDWR)
 
     def recv(nr_bytes: int) -> bytearray:
         # pynetdicom reads the 6-byte PDU header, then asks for the whole announced length.
         if nr_bytes > limit:
             if refused is not None:
                 refused(nr_bytes)
-            raw = sock.socket
-            if raw is not None:
-                with contextlib.suppress(OSError):
-                    raw.shutdown(socket.SHUT_RDWR)
+            shut()
             return bytearray()  # pynetdicom: "PDU shorter than expected", connection closed
-        return read(nr_bytes)
+        data = read(nr_bytes)
+        if nr_bytes == 6 and data and not 0x01 <= data[0] <= 0x07:
+            # Not a PDU: pynetdicom would log "Unknown PDU type" for every 6 bytes of the
+            # rest of the stream (27,000 lines for 150 fuzzed connections). One is enough.
+            shut()
+        return data
 
     sock.recv = recv  # type: ignore[method-assign]
 

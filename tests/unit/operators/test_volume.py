@@ -605,7 +605,7 @@ def test_a_malformed_value_costs_only_that_candidate(series: Series, tmp_path: P
             ds.ImagePositionPatient = ds.ImagePositionPatient[:2]
 
     malformed = variant(series, tmp_path / "malformed", 6, change=two_coordinates)
-    with pytest.raises(VolumeError, match=r"series 6 .*malformed image attributes"):
+    with pytest.raises(VolumeError, match=r"series 6 .*Image Position \(Patient\) must hold 3"):
         assemble_first_usable([malformed])
     volume = assemble_first_usable([malformed, candidate(series.study.files, 2)])
     assert_matches_phantom(volume, series)
@@ -792,3 +792,26 @@ def test_enhanced_ct_padding_at_the_top_level(series: Series, tmp_path: Path) ->
     volume = assemble_volume([enhanced])
     padded = np.broadcast_to(_outside_circle(), volume.shape)
     np.testing.assert_array_equal(volume.hu, _expected(series, padded))
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason"),
+    [
+        ("PixelSpacing", [float("nan"), 0.7], "Pixel Spacing must hold 2 finite numbers"),
+        ("PixelSpacing", [0.0, 0.7], "Pixel Spacing must be positive"),
+        ("PixelSpacing", [], "Pixel Spacing must hold 2 finite numbers"),
+        ("ImageOrientationPatient", [1, 0, 0, 1, 0, 0], "not two orthogonal unit vectors"),
+        ("ImageOrientationPatient", [1, 0, 0, 0, 1], "must hold 6 finite numbers"),
+        ("ImagePositionPatient", [0, 0, float("inf")], "must hold 3 finite numbers"),
+        ("RescaleSlope", float("nan"), "Rescale Slope is nan"),
+    ],
+)
+def test_geometry_a_sender_got_wrong_is_refused_with_its_reason(
+    series: Series, keyword: str, value: object, reason: str
+) -> None:
+    """Found by the fuzz harness (tests/fuzz): these gave numpy errors or a NaN volume."""
+    datasets = series.datasets()
+    for ds in datasets if keyword == "ImageOrientationPatient" else datasets[5:6]:
+        setattr(ds, keyword, value)
+    with pytest.raises(VolumeError, match=reason):
+        assemble_volume(datasets)
