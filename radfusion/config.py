@@ -209,6 +209,12 @@ class CompletionConfig(_Section):
     """When a study counts as complete."""
 
     quiet_period_s: float = Field(default=5.0, gt=0)
+    after_restart_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="After a restart, a study that was still arriving waits at least this "
+        "long for its sender to reconnect and resume before it counts as complete.",
+    )
     late_arrival: Literal["rerun", "ignore"] = Field(
         default="rerun",
         description="Instances that arrive after a study was handed on: 'rerun' reopens the "

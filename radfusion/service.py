@@ -133,7 +133,9 @@ class Service:
                 continue
             if self._adopt(path):
                 adopted += 1
-        reopened = self.catalog.restart_quiet_periods(self.config.quiet_period_for)
+        reopened = self.catalog.restart_quiet_periods(
+            self.config.quiet_period_for, self.config.completion.after_restart_s
+        )
         requeued = self.catalog.requeue_interrupted_jobs()
         log.info(
             "recovery: %d orphan instance(s) adopted, %d study(ies) awaiting completion, "

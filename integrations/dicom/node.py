@@ -285,7 +285,9 @@ class DicomNode:
             )
             return Status.OUT_OF_RESOURCES
         try:
-            if self.catalog.has_instance(sop_instance):
+            if self.catalog.seen_again(
+                sop_instance, quiet_period_s=self.config.quiet_period_for(calling)
+            ):
                 log.debug("duplicate instance %s ignored", uid_tag(sop_instance))
                 return Status.SUCCESS
             try:

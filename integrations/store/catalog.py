@@ -300,13 +300,24 @@ class Catalog:
 
     # -- instances --------------------------------------------------------------------------
 
-    def has_instance(self, sop_instance_uid: str) -> bool:
-        row = (
-            self._connection()
-            .execute("SELECT 1 FROM instances WHERE SOPInstanceUID=?", (sop_instance_uid,))
-            .fetchone()
-        )
-        return row is not None
+    def seen_again(self, sop_instance_uid: str, *, quiet_period_s: float) -> bool:
+        """True when the instance is stored already (a duplicate). A duplicate is the sender
+        at work (resending a study after a broken association), so it restarts the quiet
+        period of its study if the study is still arriving: completing it mid-resend would
+        hand on half a study and re-run it when the rest arrives."""
+        db = self._connection()
+        row = db.execute(
+            "SELECT StudyInstanceUID FROM instances WHERE SOPInstanceUID=?", (sop_instance_uid,)
+        ).fetchone()
+        if row is None:
+            return False
+        with self._tx() as tx:
+            tx.execute(
+                "UPDATE studies SET quiet_until=MAX(quiet_until, ?) "
+                "WHERE StudyInstanceUID=? AND state=?",
+                (time.time() + quiet_period_s, row[0], StudyState.RECEIVING),
+            )
+        return True
 
     def instance_paths(self) -> set[str]:
         return {r[0] for r in self._connection().execute("SELECT path FROM instances")}
@@ -425,8 +436,11 @@ class Catalog:
 
     # -- study completion -------------------------------------------------------------------
 
-    def restart_quiet_periods(self, quiet_period_for: Callable[[str], float]) -> int:
-        """After a restart, give every unfinished study a fresh quiet period.
+    def restart_quiet_periods(
+        self, quiet_period_for: Callable[[str], float], at_least_s: float = 0.0
+    ) -> int:
+        """After a restart, give every unfinished study a fresh quiet period, at least
+        ``at_least_s`` long.
 
         Senders interrupted by the outage need time to reconnect and resume; completing their
         studies at once would hand on half a study and then re-run it. Returns the count.
@@ -440,7 +454,10 @@ class Catalog:
             for r in rows:
                 db.execute(
                     "UPDATE studies SET quiet_until=? WHERE StudyInstanceUID=?",
-                    (now + quiet_period_for(r["calling_ae"]), r["StudyInstanceUID"]),
+                    (
+                        now + max(quiet_period_for(r["calling_ae"]), at_least_s),
+                        r["StudyInstanceUID"],
+                    ),
                 )
         return len(rows)
 

@@ -235,7 +235,9 @@ def test_disk_reserve_refuses_with_a700_and_node_lives(node_factory: Any, ct_stu
 def test_kill_9_mid_study_loses_nothing_acknowledged_and_hands_on_once(
     node_factory: Any, ct_study: Any
 ) -> None:
-    node = node_factory({"routing": FORWARD_ALL, "completion": {"quiet_period_s": 2}})
+    node = node_factory(
+        {"routing": FORWARD_ALL, "completion": {"quiet_period_s": 2, "after_restart_s": 4}}
+    )
     files = list(ct_study.files)
     acknowledged: list[str] = []
 

@@ -187,3 +187,27 @@ def test_a_waiting_job_of_a_reopened_study_is_superseded(tmp_path: Path) -> None
     [new] = cat.hand_on("1.2.3", route_ct) or []
     claimed = cat.claim_job()
     assert claimed is not None and claimed.id == new.id and claimed.generation == 2
+
+
+def test_a_duplicate_keeps_its_arriving_study_open_but_not_a_finished_one(tmp_path: Path) -> None:
+    """A sender resending a whole study after a broken association sends duplicates first:
+    the study must not complete under it (it did, in benchmarks/load.py --faults, and was
+    run again when the rest arrived)."""
+    cat = Catalog(tmp_path / "c.sqlite")
+    cat.record_instance(rec("1"), quiet_period_s=0, late_arrival="rerun")
+    assert cat.due_studies() == ["1.2.3"]
+    assert cat.seen_again("1", quiet_period_s=60) is True
+    assert cat.due_studies() == []  # the resend restarted the quiet period
+    assert cat.seen_again("2", quiet_period_s=60) is False  # not stored: a new instance
+    cat.record_instance(rec("9", "7.7", "7.7.1"), quiet_period_s=0, late_arrival="rerun")
+    assert cat.hand_on("7.7", route_ct) is not None
+    assert cat.seen_again("9", quiet_period_s=60) is True
+    assert cat.study("7.7").state == "routed"  # a finished study is not reopened by it
+
+
+def test_after_a_restart_arriving_studies_wait_at_least_the_grace(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite")
+    cat.record_instance(rec("1"), quiet_period_s=0, late_arrival="rerun")
+    assert cat.restart_quiet_periods(lambda ae: 2.0, at_least_s=30) == 1
+    assert cat.due_studies(now=time.time() + 10) == []
+    assert cat.due_studies(now=time.time() + 31) == ["1.2.3"]
