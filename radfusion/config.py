@@ -153,6 +153,12 @@ class NodeConfig(_Section):
         ge=1,
         description="Open connections one IP address may hold; more are closed at once.",
     )
+    associations_per_minute_per_address: int = Field(
+        default=600,
+        ge=1,
+        description="New connections one IP address may open per minute (a scanner opening "
+        "one association per image at 10/s fits); more are closed at once.",
+    )
     maximum_pdu_size: int = Field(
         default=1 << 20,
         ge=4096,

@@ -11,7 +11,8 @@ must not hold an association slot or memory for long. :class:`ConnectionGuard` e
 - a longest PDU (``maximum_pdu_size``, at least 256 KiB for association requests with many
   presentation contexts): a longer one is refused before it is read;
 - at most ``max_associations_per_address`` open connections from one IP address, so one host
-  cannot take every slot of ``max_associations``;
+  cannot take every slot of ``max_associations``, and at most
+  ``associations_per_minute_per_address`` new ones a minute;
 - with DICOM TLS, the handshake in the connection's own thread, within the same deadline
   (pynetdicom would do it in its accept loop, where one stalled caller blocks all others).
 
@@ -21,6 +22,7 @@ before the dataset was complete.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import socket
@@ -72,6 +74,8 @@ class ConnectionGuard:
         self.network_timeout_s = node.network_timeout_s
         self.pdu_limit = max(node.maximum_pdu_size, MIN_PDU_LIMIT)
         self.per_address = node.max_associations_per_address
+        self.per_minute = node.associations_per_minute_per_address
+        self._recent: dict[str, collections.deque[float]] = {}  # address -> connect times
         self._awaiting: dict[Association, float] = {}  # connection -> deadline for its request
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -94,6 +98,15 @@ class ConnectionGuard:
             _closed(address, f"PDU of {length} bytes announced, limit {self.pdu_limit}")
 
         limit_pdu_length(assoc, self.pdu_limit, refused)
+        if not self._within_rate(address):
+            log.warning(
+                "connection from %s closed: more than %d connections in a minute",
+                address,
+                self.per_minute,
+            )
+            _closed(address, f"more than {self.per_minute} connections in a minute")
+            _shut(assoc)
+            return
         others = sum(
             1
             for a in assoc.ae.active_associations
@@ -123,6 +136,18 @@ class ConnectionGuard:
                 _shut(assoc)
                 return
             log.info("TLS connection from %s, certificate %r", address, peer or "(none)")
+
+    def _within_rate(self, address: str) -> bool:
+        """Count a connection from ``address``; False when it is over the per-minute limit."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._recent) > 10_000:  # many addresses: forget the idle ones
+                self._recent = {a: q for a, q in self._recent.items() if q and now - q[-1] < 60}
+            recent = self._recent.setdefault(address, collections.deque())
+            while recent and now - recent[0] > 60:
+                recent.popleft()
+            recent.append(now)
+            return len(recent) <= self.per_minute
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._watch, name="connection-guard", daemon=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +88,10 @@ def test_a_stalled_handshake_does_not_hold_up_other_callers(
     """pynetdicom handshakes in its accept loop: one silent connection stopped every other."""
     silent = [socket.create_connection(("127.0.0.1", tls_node.port)) for _ in range(3)]
     try:
-        started = time.monotonic()
+        # Before, the accept loop waited on the silent handshakes and this caller's own TLS
+        # handshake timed out ("TLS read operation did not complete").
         r = storescu(tls_node.port, [ct_study.files[0]], extra=tls_args(pki, "client"))
         assert r.returncode == 0, r.stderr
-        assert time.monotonic() - started < 2.5, "the caller waited for the silent handshakes"
         wait_for(
             lambda: tls_node.log().count("TLS handshake failed") >= 3,
             10,
