@@ -50,6 +50,7 @@ log = logging.getLogger("radfusion.operators.volume")
 _SPACING_TOLERANCE = 0.1  # relative deviation of a slice gap from the median gap
 _TILT_TOLERANCE_MM = 0.5  # in-plane drift of slice positions allowed over the series
 PADDING_HU = -1024.0  # what padded pixels (outside the scan circle) become: air
+_HU_LIMIT = float(np.finfo(np.float32).max)  # the volume holds float32
 
 
 class VolumeError(RadfusionError, ValueError):
@@ -276,11 +277,16 @@ def assemble_volume(datasets: Sequence[Dataset]) -> Volume:
         scale = _number(slope if slope is not None else 1, "Rescale Slope")
         offset = _number(intercept or 0, "Rescale Intercept")
         if frame.dtype.kind in "iu":  # stored integers: float64, as the expression below gives
+            info = np.iinfo(frame.dtype)
+            if abs(scale) * max(-float(info.min), float(info.max)) + abs(offset) > _HU_LIMIT:
+                raise VolumeError(f"Rescale Slope {scale:g} and Intercept {offset:g} overflow")
             np.multiply(frame, scale, out=rescaled)
             np.add(rescaled, offset, out=rescaled)
             hu[k] = rescaled
         else:  # float pixel data keeps its own precision
             hu[k] = frame * scale + offset
+            if not np.isfinite(hu[k]).all():
+                raise VolumeError("float pixel data rescales to values that are not finite")
         if id(ds) not in padding:
             padding[id(ds)] = _padding_range(ds, pixels)
         if (pad := padding[id(ds)]) is not None:

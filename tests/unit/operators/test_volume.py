@@ -815,3 +815,11 @@ def test_geometry_a_sender_got_wrong_is_refused_with_its_reason(
         setattr(ds, keyword, value)
     with pytest.raises(VolumeError, match=reason):
         assemble_volume(datasets)
+
+
+def test_a_rescale_that_overflows_the_volume_is_refused(series: Series) -> None:
+    """Found by a long fuzz run: a finite slope of 1e35 gave -inf HU."""
+    datasets = series.datasets()
+    datasets[3].RescaleSlope = 1e35
+    with pytest.raises(VolumeError, match="overflow"):
+        assemble_volume(datasets)
