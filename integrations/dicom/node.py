@@ -285,9 +285,11 @@ class DicomNode:
             )
             return Status.OUT_OF_RESOURCES
         try:
-            if self.catalog.seen_again(
+            study = self.catalog.seen_again(
                 sop_instance, quiet_period_s=self.config.quiet_period_for(calling)
-            ):
+            )
+            if study is not None:
+                self._current.study = study
                 log.debug("duplicate instance %s ignored", uid_tag(sop_instance))
                 return Status.SUCCESS
             try:

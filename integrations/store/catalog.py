@@ -300,8 +300,9 @@ class Catalog:
 
     # -- instances --------------------------------------------------------------------------
 
-    def seen_again(self, sop_instance_uid: str, *, quiet_period_s: float) -> bool:
-        """True when the instance is stored already (a duplicate). A duplicate is the sender
+    def seen_again(self, sop_instance_uid: str, *, quiet_period_s: float) -> str | None:
+        """The Study Instance UID of the instance when it is stored already (a duplicate),
+        else None. A duplicate is the sender
         at work (resending a study after a broken association), so it restarts the quiet
         period of its study if the study is still arriving: completing it mid-resend would
         hand on half a study and re-run it when the rest arrives."""
@@ -310,14 +311,14 @@ class Catalog:
             "SELECT StudyInstanceUID FROM instances WHERE SOPInstanceUID=?", (sop_instance_uid,)
         ).fetchone()
         if row is None:
-            return False
+            return None
         with self._tx() as tx:
             tx.execute(
                 "UPDATE studies SET quiet_until=MAX(quiet_until, ?) "
                 "WHERE StudyInstanceUID=? AND state=?",
                 (time.time() + quiet_period_s, row[0], StudyState.RECEIVING),
             )
-        return True
+        return str(row[0])
 
     def instance_paths(self) -> set[str]:
         return {r[0] for r in self._connection().execute("SELECT path FROM instances")}

@@ -196,12 +196,12 @@ def test_a_duplicate_keeps_its_arriving_study_open_but_not_a_finished_one(tmp_pa
     cat = Catalog(tmp_path / "c.sqlite")
     cat.record_instance(rec("1"), quiet_period_s=0, late_arrival="rerun")
     assert cat.due_studies() == ["1.2.3"]
-    assert cat.seen_again("1", quiet_period_s=60) is True
+    assert cat.seen_again("1", quiet_period_s=60) == "1.2.3"
     assert cat.due_studies() == []  # the resend restarted the quiet period
-    assert cat.seen_again("2", quiet_period_s=60) is False  # not stored: a new instance
+    assert cat.seen_again("2", quiet_period_s=60) is None  # not stored: a new instance
     cat.record_instance(rec("9", "7.7", "7.7.1"), quiet_period_s=0, late_arrival="rerun")
     assert cat.hand_on("7.7", route_ct) is not None
-    assert cat.seen_again("9", quiet_period_s=60) is True
+    assert cat.seen_again("9", quiet_period_s=60) == "7.7"
     assert cat.study("7.7").state == "routed"  # a finished study is not reopened by it
 
 
