@@ -210,6 +210,7 @@ def build_fusion_sr(
         series_instance_uid=series_instance_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_instance_uid,
+        holds="Progression risk and EGFR estimate",
     )
     scheme = Dataset()
     for keyword, value in _SCHEME_ITEM.items():

@@ -36,6 +36,15 @@ class AlgorithmInfo:
         base = f"{self.name} {self.version}"
         return f"{base} ({DEMONSTRATION_NOTICE})" if self.demonstration else base
 
+    def describe(self, content: str) -> str:
+        """A results series' description: what it holds, and that it is a demonstration
+        (else which algorithm made it), e.g. "Lung nodule measurements (demonstration, not for
+        clinical use)". Viewers list series by it; the algorithm and version are in the
+        Contributing Equipment either way."""
+        if self.demonstration:
+            return f"{content} ({DEMONSTRATION_NOTICE})"
+        return f"{content}, {self.name} {self.version}"
+
 
 @dataclass(frozen=True)
 class Finding:

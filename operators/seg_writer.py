@@ -70,9 +70,10 @@ def build_seg(
       slice normal, as :func:`assemble_volume` orders them.
 
     Same study as the source, series number 901, instance 1, SeriesDescription
-    ``algorithm.series_description``. ``labelmap`` selects Label Map Segmentation Storage
-    instead of a BINARY Segmentation. Sources without optional or Type 2 attributes (patient
-    name, study ID, series number, …) are fine; the caller's datasets are not modified.
+    ``algorithm.describe("Lung and nodule segmentation")``. ``labelmap`` selects Label Map
+    Segmentation Storage instead of a BINARY Segmentation. Sources without optional or Type 2
+    attributes (patient name, study ID, series number, …) are fine; the caller's datasets are
+    not modified.
 
     Raises:
         ValueError: ``result`` has no findings (a SEG needs at least one segment); the label
@@ -101,7 +102,7 @@ def build_seg(
         parameters=dict(algorithm.parameters) or None,
     )
     descriptions = [_segment(f, algorithm_id) for f in result.findings]
-    description = fit_lo(algorithm.series_description)
+    description = fit_lo(algorithm.describe("Lung and nodule segmentation"))
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixel_array,

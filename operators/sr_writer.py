@@ -142,10 +142,10 @@ def build_sr(
 
     ``source_images`` are the series' datasets (metadata suffices; a dataset repeated per frame,
     as in :attr:`Volume.source_images`, is referenced once). Same study as the sources, series
-    number 902, instance 1, SeriesDescription ``algorithm.series_description``, complete,
-    unverified and preliminary (an algorithm's output is never the definitive report). Sources
-    without optional or Type 2 attributes (patient name, accession number, series number, …)
-    are fine; the caller's datasets are not modified.
+    number 902, instance 1, SeriesDescription saying what it holds (``AlgorithmInfo.describe``),
+    complete, unverified and preliminary (an algorithm's output is never the definitive
+    report). Sources without optional or Type 2 attributes (patient name, accession number,
+    series number, …) are fine; the caller's datasets are not modified.
 
     Raises:
         ValueError: no source images, or sources from several studies or without SOP
@@ -212,6 +212,7 @@ def build_sr(
         series_instance_uid=series_instance_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_instance_uid,
+        holds="Lung nodule measurements" if result is not None else "Lung CT not analysed",
     )
 
 
@@ -223,6 +224,7 @@ def algorithm_report(
     series_instance_uid: str,
     series_number: int,
     sop_instance_uid: str,
+    holds: str,
 ) -> hd.sr.Comprehensive3DSR:
     """A Comprehensive 3D SR of ``content`` by ``algorithm`` about ``evidence`` (the first
     the study's header, with its Type 2 attributes): instance 1, complete, unverified and
@@ -237,7 +239,7 @@ def algorithm_report(
         sop_instance_uid=sop_instance_uid,
         instance_number=1,
         **general_equipment(algorithm),
-        series_description=fit_lo(algorithm.series_description),
+        series_description=fit_lo(algorithm.describe(holds)),
         is_complete=True,
         is_final=False,
         is_verified=False,
