@@ -23,9 +23,7 @@ before the dataset was complete.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -35,7 +33,11 @@ from pynetdicom.events import Event
 
 from radfusion import audit
 from radfusion.config import NodeConfig
-from radfusion.integrations.dicom.pynetdicom_internals import discard_orphaned, limit_pdu_length
+from radfusion.integrations.dicom.pynetdicom_internals import (
+    close_connection,
+    discard_orphaned,
+    limit_pdu_length,
+)
 from radfusion.integrations.dicom.tls import handshake
 
 __all__ = ["MIN_PDU_LIMIT", "ConnectionGuard"]
@@ -54,15 +56,6 @@ def _closed(address: str, why: str, type: audit.Code = audit.RESTRICTED_FUNCTION
         participants=[{"role": "calling", "address": address}],
         detail=f"connection closed: {why}",
     )
-
-
-def _shut(assoc: Association) -> None:
-    """Close ``assoc``'s connection under pynetdicom: its reads end, and so does it."""
-    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
-    if sock is None:
-        return
-    with contextlib.suppress(OSError):  # already closed
-        sock.shutdown(socket.SHUT_RDWR)
 
 
 class ConnectionGuard:
@@ -105,7 +98,7 @@ class ConnectionGuard:
                 self.per_minute,
             )
             _closed(address, f"more than {self.per_minute} connections in a minute")
-            _shut(assoc)
+            close_connection(assoc)
             return
         others = sum(
             1
@@ -122,7 +115,7 @@ class ConnectionGuard:
                 self.per_address,
             )
             _closed(address, f"{others} connections already open (limit {self.per_address})")
-            _shut(assoc)
+            close_connection(assoc)
             return
         with self._lock:
             self._awaiting[assoc] = time.monotonic() + self.request_timeout_s
@@ -133,7 +126,7 @@ class ConnectionGuard:
                 reason = getattr(err, "reason", None) or type(err).__name__
                 log.warning("connection from %s closed: TLS handshake failed (%s)", address, reason)
                 _closed(address, f"TLS handshake failed ({reason})", audit.NODE_AUTHENTICATION)
-                _shut(assoc)
+                close_connection(assoc)
                 return
             log.info("TLS connection from %s, certificate %r", address, peer or "(none)")
 
@@ -181,7 +174,7 @@ class ConnectionGuard:
                     assoc.requestor.address,
                     f"no complete A-ASSOCIATE-RQ within {self.request_timeout_s:g} s",
                 )
-                _shut(assoc)
+                close_connection(assoc)
             n = discard_orphaned()
             if n:
                 log.warning("%d partly received instance(s) of closed connections deleted", n)

@@ -93,19 +93,24 @@ def _check_identity(header: WireHeader, sop_instance: str, abstract_syntax: str)
     """The dataset's SOP Instance and SOP Class UIDs must be there and agree with the C-STORE
     request and its presentation context (PS3.4 B.2.3: 0xA900 when they do not)."""
     if not header.SOPInstanceUID:
-        raise HeaderError("SOP Instance UID (0008,0018) is missing", status=0xA900)
+        raise HeaderError(
+            "SOP Instance UID (0008,0018) is missing",
+            status=Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        )
     if header.SOPInstanceUID != sop_instance:
         raise HeaderError(
             "SOP Instance UID (0008,0018) differs from the request's Affected SOP Instance UID",
-            status=0xA900,
+            status=Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
         )
     if not header.SOPClassUID:
-        raise HeaderError("SOP Class UID (0008,0016) is missing", status=0xA900)
+        raise HeaderError(
+            "SOP Class UID (0008,0016) is missing", status=Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        )
     if header.SOPClassUID != abstract_syntax:
         raise HeaderError(
             f"SOP Class UID {header.SOPClassUID} differs from the presentation context's "
             f"{abstract_syntax}",
-            status=0xA900,
+            status=Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
         )
 
 
@@ -126,7 +131,6 @@ class DicomNode:
         self._guard = ConnectionGuard(config.node)
         self._tallies: dict[int, dict[str, list[int]]] = {}  # association -> study -> counts
         self._tally_lock = threading.Lock()
-        self._current = threading.local()  # the study of the instance being stored
         ae = AE(ae_title=config.node.ae_title)
         ae.maximum_pdu_size = config.node.maximum_pdu_size
         ae.maximum_associations = config.node.max_associations
@@ -258,48 +262,49 @@ class DicomNode:
         return Status.SUCCESS
 
     def _on_store(self, event: Event) -> int:
-        self._current.study = ""
-        status = self._store(event)
+        status, study = self._store(event)
         with self._tally_lock:
             tally = self._tallies.setdefault(id(event.assoc), {})
-            counts = tally.setdefault(self._current.study, [0, 0])
+            counts = tally.setdefault(study, [0, 0])
             counts[0 if status == Status.SUCCESS else 1] += 1
         return status
 
-    def _store(self, event: Event) -> int:
+    def _store(self, event: Event) -> tuple[int, str]:
+        """Store one instance; returns its status and its study ("" when not known)."""
         req = cast(C_STORE, event.request)  # EVT_C_STORE: always a C-STORE request
         sop_instance = str(req.AffectedSOPInstanceUID or "").strip()
         sop_class = str(req.AffectedSOPClassUID or "").strip()
         transfer_syntax = str(event.context.transfer_syntax)
         calling = event.assoc.requestor.ae_title.strip()
+        study = ""
         received = event.dataset_path  # written to spool/tmp by pynetdicom as it arrived
         written = claim(received)
         if not sop_instance:
             log.warning("C-STORE from %r without Affected SOP Instance UID", calling)
-            return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+            return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, study
         if written is not None and written.error is not None:
             log.error(
                 "instance %s refused with 0xA700: cannot write spool: %s",
                 uid_tag(sop_instance),
                 written.error.strerror or type(written.error).__name__,
             )
-            return Status.OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES, study
         try:
-            study = self.catalog.seen_again(
+            stored_in = self.catalog.seen_again(
                 sop_instance, quiet_period_s=self.config.quiet_period_for(calling)
             )
-            if study is not None:
-                self._current.study = study
+            if stored_in is not None:
+                study = stored_in
                 log.debug("duplicate instance %s ignored", uid_tag(sop_instance))
-                return Status.SUCCESS
+                return Status.SUCCESS, study
             try:
                 header = read_part10_header(received, transfer_syntax)
-                self._current.study = header.StudyInstanceUID
+                study = header.StudyInstanceUID
                 _check_identity(header, sop_instance, str(event.context.abstract_syntax))
                 check_part10_structure(received, transfer_syntax)
             except HeaderError as err:
                 log.warning("instance %s from %r refused: %s", uid_tag(sop_instance), calling, err)
-                return err.status
+                return err.status, study
             path = self.spool.path_for(
                 header.StudyInstanceUID, header.SeriesInstanceUID, sop_instance
             )
@@ -320,19 +325,19 @@ class DicomNode:
             )
         except SpoolFullError as err:
             log.error("instance refused with 0xA700: %s", err)
-            return Status.OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES, study
         except OSError as err:
             log.error("instance refused with 0xA700: cannot write spool: %s", err.strerror)
-            return Status.OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES, study
         except sqlite3.OperationalError as err:
             if err.sqlite_errorcode != sqlite3.SQLITE_FULL:
                 log.exception("instance %s refused: catalog error", uid_tag(sop_instance))
-                return Status.PROCESSING_FAILURE
+                return Status.PROCESSING_FAILURE, study
             log.error("instance refused with 0xA700: catalog cannot grow: %s", err)
-            return Status.OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES, study
         except Exception:
             log.exception("instance %s refused: internal error", uid_tag(sop_instance))
-            return Status.PROCESSING_FAILURE
+            return Status.PROCESSING_FAILURE, study
         if outcome is StoreOutcome.REOPENED:
             log.info("study %s reopened by a late instance", uid_tag(rec.StudyInstanceUID))
         elif outcome is StoreOutcome.LATE_IGNORED:
@@ -340,4 +345,4 @@ class DicomNode:
                 "late instance for handed-on study %s stored, study not re-run (policy ignore)",
                 uid_tag(rec.StudyInstanceUID),
             )
-        return Status.SUCCESS
+        return Status.SUCCESS, study

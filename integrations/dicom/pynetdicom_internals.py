@@ -72,6 +72,7 @@ __all__ = [
     "abort_undecodable_messages",
     "check",
     "claim",
+    "close_connection",
     "discard_orphaned",
     "limit_pdu_length",
     "on_connection_open",
@@ -279,27 +280,30 @@ def limit_pdu_length(
         return
     read = sock.recv
 
-    def shut() -> None:
-        raw = sock.socket
-        if raw is not None:
-            with contextlib.suppress(OSError):
-                raw.shutdown(socket.SHUT_RDWR)
-
     def recv(nr_bytes: int) -> bytearray:
         # pynetdicom reads the 6-byte PDU header, then asks for the whole announced length.
         if nr_bytes > limit:
             if refused is not None:
                 refused(nr_bytes)
-            shut()
+            close_connection(assoc)
             return bytearray()  # pynetdicom: "PDU shorter than expected", connection closed
         data = read(nr_bytes)
         if nr_bytes == 6 and data and not 0x01 <= data[0] <= 0x07:
             # Not a PDU: pynetdicom would log "Unknown PDU type" for every 6 bytes of the
             # rest of the stream (27,000 lines for 150 fuzzed connections). One is enough.
-            shut()
+            close_connection(assoc)
         return data
 
     sock.recv = recv  # type: ignore[method-assign]
+
+
+def close_connection(assoc: Association) -> None:
+    """Shut ``assoc``'s socket down under pynetdicom: its blocked reads end, and with them
+    the association."""
+    raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    if raw is not None:
+        with contextlib.suppress(OSError):  # already closed
+            raw.shutdown(socket.SHUT_RDWR)
 
 
 def on_connection_open(event: Event) -> None:
