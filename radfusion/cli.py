@@ -165,6 +165,13 @@ def status(config_path: Path | None, limit: int, as_json: bool) -> None:
             s.detail,
         )
     console.print(table)
+    awaiting = catalog.commitments()
+    if awaiting:
+        oldest = min(c.requested for c in awaiting)
+        console.print(
+            f"{len(awaiting)} delivery(ies) awaiting the destination's storage commitment "
+            f"(oldest requested {_when(oldest)})"
+        )
     pending = len(catalog.dead_letters())
     if pending:
         console.print(f"[yellow]{pending} dead letter(s): radfusion deadletter list[/yellow]")

@@ -42,6 +42,7 @@ __all__ = [
     "RouteRule",
     "RoutingConfig",
     "SpoolConfig",
+    "StorageCommitment",
     "TritonConfig",
     "TritonTLS",
     "example_config",
@@ -274,6 +275,22 @@ class JobsConfig(_Section):
     )
 
 
+class StorageCommitment(_Section):
+    """DICOM Storage Commitment (push model, PS3.4 Annex J) towards a C-STORE destination:
+    after the results are stored, radfusion asks the peer (N-ACTION) to take responsibility
+    for them and keeps them in its spool until the peer's report (N-EVENT-REPORT, on a new
+    association to the node) says so. The peer must know the node (AE title, host, port) to
+    report back, and the node must admit the peer's AE title in ``node.allowed_callers``."""
+
+    wait_s: float = Field(
+        default=3600,
+        gt=0,
+        description="How long to wait for the report. Instances the peer reports as not "
+        "committed, or all of them when no report came in time, go to the dead letters "
+        "(files kept; `radfusion deadletter retry` sends them again and asks again).",
+    )
+
+
 class DicomDestination(_Section):
     """A DICOM peer that accepts C-STORE (a PACS, a viewer, another router)."""
 
@@ -285,6 +302,9 @@ class DicomDestination(_Section):
     calling_ae_title: str | None = Field(default=None, description="Default: node.ae_title.")
     timeout_s: float = Field(default=30, gt=0)
     tls: DestinationTLS | None = Field(default=None, description="DICOM TLS to this peer.")
+    storage_commitment: StorageCommitment | None = Field(
+        default=None, description="Ask this peer to commit to storing what it received."
+    )
 
     _check_ae = field_validator("ae_title")(_check_ae_title)
 
@@ -782,6 +802,24 @@ class RadfusionConfig(_Section):
                         f"routing.rules.{i}.apps.{j}: unknown app {app!r} "
                         f"(installed: {', '.join(sorted(known))})"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _commitment_reports_reach_the_node(self) -> RadfusionConfig:
+        # The peer sends its report to the AE title that asked: it must be the node's.
+        for i, dest in enumerate(self.export.destinations):
+            if not isinstance(dest, DicomDestination) or dest.storage_commitment is None:
+                continue
+            if dest.calling_ae_title not in (None, self.node.ae_title):
+                raise ValueError(
+                    f"export.destinations.{i}: with storage_commitment, calling_ae_title must "
+                    f"be the node's AE title {self.node.ae_title!r} (the peer reports to it)"
+                )
+            if self.node.caller(dest.ae_title) is None:
+                raise ValueError(
+                    f"export.destinations.{i}: with storage_commitment, node.allowed_callers "
+                    f"must admit {dest.ae_title!r} (it reports on an association of its own)"
+                )
         return self
 
     def quiet_period_for(self, calling_ae_title: str) -> float:

@@ -75,7 +75,7 @@ class Service:
         self.recover()
         port = self.node.start()
         self.assembler.start()
-        targets = [self._housekeeping]
+        targets = [self._housekeeping, self._commitments]
         if self.run_jobs:
             targets.append(self._work)
         for target in targets:
@@ -244,6 +244,18 @@ class Service:
             time.monotonic() - started,
         )
         return not failed
+
+    # -- storage commitment -----------------------------------------------------------------
+
+    def _commitments(self) -> None:
+        failures = RepeatedFailure(log, "settling storage commitments", wait_s=1)
+        while not self._stop.wait(1):
+            try:
+                self.exporter.settle_commitments()
+            except Exception as err:
+                self._stop.wait(failures.failed(err))
+            else:
+                failures.succeeded()
 
     # -- retention --------------------------------------------------------------------------
 

@@ -273,7 +273,8 @@ class Orthanc:
             request.add_header("Authorization", f"Basic {token}")
         context = ssl.create_default_context(cafile=str(self.ca)) if self.ca else None
         with urllib.request.urlopen(request, timeout=10, context=context) as r:
-            return json.loads(r.read())
+            body = r.read()
+            return json.loads(body) if body.strip() else None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -297,14 +298,17 @@ class Orthanc:
             **extra,
         }
 
-    def post(self, path: str, body: Any) -> Any:
+    def post(self, path: str, body: Any, method: str = "POST") -> Any:
         request = urllib.request.Request(
             self.url + path,
             data=json.dumps(body).encode(),
-            method="POST",
+            method=method,
             headers={"Content-Type": "application/json"},
         )
         return self._open(request)
+
+    def put(self, path: str, body: Any) -> Any:
+        return self.post(path, body, method="PUT")
 
     def instance_uids(self) -> set[str]:
         out = set()

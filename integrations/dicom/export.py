@@ -7,6 +7,11 @@ outbox, so a retry sends only what is still pending. When every attempt fails, o
 that retrying cannot mend (refused, a conflict, wrong credentials), the outbox becomes a
 dead-letter record that says why; ``radfusion deadletter list`` shows it and ``radfusion
 deadletter retry`` re-sends it.
+
+A DICOM destination with ``storage_commitment`` is asked, once it has everything, to commit
+to storing it (:mod:`radfusion.integrations.dicom.commitment`). The delivered files then wait
+in the outbox's ``.sent`` folder until the peer's report reaches the node: committed files
+are deleted, the rest (and everything, when no report came in time) become a dead letter.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from radfusion import audit
@@ -32,8 +39,17 @@ from radfusion.config import (
     ExportConfig,
     FolderDestination,
     RetryPolicy,
+    StorageCommitment,
 )
 from radfusion.errors import RadfusionError
+from radfusion.integrations.dicom.commitment import (
+    REQUEST_STORAGE_COMMITMENT,
+    STORAGE_COMMITMENT_PUSH_MODEL,
+    STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
+    commitment_request,
+    describe_failures,
+    record_report,
+)
 from radfusion.integrations.dicom.pynetdicom_internals import (
     on_connection_open,
     send_datasets_from_files,
@@ -41,16 +57,17 @@ from radfusion.integrations.dicom.pynetdicom_internals import (
 )
 from radfusion.integrations.dicom.tls import client_context
 from radfusion.integrations.dicomweb.stow import StowError, stow
-from radfusion.integrations.store.catalog import Catalog
+from radfusion.integrations.store.catalog import Catalog, Commitment, CommitmentState
 from radfusion.logs import uid_tag
 
-__all__ = ["DeliveryError", "ExportResult", "Exporter", "deliver"]
+__all__ = ["DeliveryError", "ExportResult", "Exporter", "deliver", "request_commitment"]
 
 log = logging.getLogger("radfusion.export")
 
 _UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 # C-STORE statuses that mean "stored": success and the Storage Service warnings.
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+_SENT = ".sent"  # in an outbox: delivered, awaiting the peer's storage commitment
 
 
 class DeliveryError(RadfusionError, RuntimeError):
@@ -76,6 +93,7 @@ class ExportResult:
     attempts: int
     error: str = ""
     dead_letter_id: int | None = None
+    commitment: str = ""  # the Transaction UID of the storage commitment awaited, if any
 
 
 def _send_dicom(dest: DicomDestination, files: Sequence[Path], calling_ae_title: str) -> None:
@@ -95,9 +113,37 @@ def _send_dicom(dest: DicomDestination, files: Sequence[Path], calling_ae_title:
     if len(wanted) > 128:
         raise DeliveryError(f"{dest.name}: more than 128 presentation contexts in one delivery")
     send_datasets_from_files()
+    assoc = _associate(dest, calling_ae_title, wanted)
+    accepted = {
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
+    }
+    try:
+        for i, (f, sop_class, ts) in enumerate(heads):
+            status = assoc.send_c_store(_as_accepted(f, (sop_class, ts) in accepted))
+            code = getattr(status, "Status", None)
+            if code not in _STORED:
+                shown = "no response" if code is None else f"status 0x{code:04X}"
+                raise DeliveryError(
+                    f"{dest.name}: C-STORE of {f.name} failed: {shown}",
+                    pending=[h[0] for h in heads[i:]],
+                )
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _associate(
+    dest: DicomDestination, calling_ae_title: str, contexts: dict[tuple[str, tuple[str, ...]], None]
+) -> Association:
+    """An established association to ``dest`` proposing ``contexts`` (abstract syntax,
+    transfer syntaxes).
+
+    Raises:
+        DeliveryError: rejected, unreachable, TLS refused or aborted.
+    """
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
-    ae.requested_contexts = [build_context(c, list(ts)) for c, ts in wanted]
+    ae.requested_contexts = [build_context(c, list(ts)) for c, ts in contexts]
     shorten_polling()
     assoc = ae.associate(
         dest.host,
@@ -114,19 +160,54 @@ def _send_dicom(dest: DicomDestination, files: Sequence[Path], calling_ae_title:
         )
         why = "rejected" if assoc.is_rejected else f"no association ({lost})"
         raise DeliveryError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {why}")
-    accepted = {
-        (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
-    }
+    return assoc
+
+
+def request_commitment(
+    dest: DicomDestination,
+    instances: dict[str, str],
+    transaction_uid: str,
+    calling_ae_title: str,
+    catalog: Catalog,
+) -> None:
+    """Ask ``dest`` to commit to storing ``instances`` (SOP Instance UID -> SOP Class UID)
+    under ``transaction_uid``, which must be in ``catalog``. The report usually comes later,
+    to the node; one the peer sends on this association is recorded in ``catalog`` too.
+
+    Raises:
+        DeliveryError: no association, the peer does not offer storage commitment, or it
+            refused the request (not retryable: the peer's configuration must change).
+    """
+    contexts = {(STORAGE_COMMITMENT_PUSH_MODEL, tuple(_UNCOMPRESSED)): None}
+    assoc = _associate(dest, dest.calling_ae_title or calling_ae_title, contexts)
+    assoc.bind(
+        evt.EVT_N_EVENT_REPORT,
+        lambda event: (record_report(catalog, event, dest.ae_title), None),
+    )
     try:
-        for i, (f, sop_class, ts) in enumerate(heads):
-            status = assoc.send_c_store(_as_accepted(f, (sop_class, ts) in accepted))
-            code = getattr(status, "Status", None)
-            if code not in _STORED:
-                shown = "no response" if code is None else f"status 0x{code:04X}"
-                raise DeliveryError(
-                    f"{dest.name}: C-STORE of {f.name} failed: {shown}",
-                    pending=[h[0] for h in heads[i:]],
-                )
+        if not assoc.accepted_contexts:
+            raise DeliveryError(
+                f"{dest.name}: the peer does not accept storage commitment requests",
+                pending=(),
+                retryable=False,
+            )
+        status, _ = assoc.send_n_action(
+            commitment_request(instances, transaction_uid),
+            REQUEST_STORAGE_COMMITMENT,
+            STORAGE_COMMITMENT_PUSH_MODEL,
+            STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
+        )
+        code = getattr(status, "Status", None)
+        if code is None:
+            raise DeliveryError(
+                f"{dest.name}: no response to the storage commitment request", pending=()
+            )
+        if code != 0x0000:
+            raise DeliveryError(
+                f"{dest.name}: storage commitment request refused: status 0x{code:04X}",
+                pending=(),
+                retryable=False,
+            )
     finally:
         if assoc.is_established:
             assoc.release()
@@ -226,16 +307,28 @@ def _stage(files: Sequence[Path], outbox: Path) -> list[Path]:
     return staged
 
 
-def _keep_pending(staged: list[Path], pending: Sequence[Path] | None) -> list[Path]:
+def _keep_pending(
+    staged: list[Path], pending: Sequence[Path] | None, sent: Path | None = None
+) -> list[Path]:
     """Take what was delivered out of the outbox, so that neither a retry nor the dead
-    letter sends it twice; returns what is left."""
+    letter sends it twice (into ``sent`` when a storage commitment must still cover it);
+    returns what is left."""
     if pending is None:
         return staged
     keep = set(pending)
     for f in staged:
         if f not in keep:
-            f.unlink(missing_ok=True)
+            if sent is None:
+                f.unlink(missing_ok=True)
+            elif f.exists():
+                sent.mkdir(exist_ok=True)
+                f.replace(sent / f.name)
     return [f for f in staged if f in keep]
+
+
+def _pending_files(outbox: Path) -> list[Path]:
+    """The files of an outbox still to deliver (not those awaiting commitment)."""
+    return sorted(f for f in outbox.glob("*") if f.is_file())
 
 
 class Exporter:
@@ -299,12 +392,13 @@ class Exporter:
         error = ""
         total = len(staged)
         attempt = 0
+        commit = _commitment_of(dest)
         for attempt, delay in enumerate(delays, start=1):
             try:
-                deliver(dest, staged, self.calling_ae_title)
+                transaction = self._deliver(dest, staged, outbox, study_instance_uid)
             except DeliveryError as err:
                 error = str(err)
-                staged = _keep_pending(staged, err.pending)
+                staged = _keep_pending(staged, err.pending, outbox / _SENT if commit else None)
                 log.warning(
                     "delivery to %s failed (attempt %d/%d%s): %s",
                     dest.name,
@@ -318,15 +412,15 @@ class Exporter:
                 if delay is not None:
                     self._sleep(delay)
                 continue
-            shutil.rmtree(outbox, ignore_errors=True)
             _audit_delivery(dest, study_instance_uid, total, 0, "")
             log.info(
-                "delivered %d file(s) of %s to %s",
+                "delivered %d file(s) of %s to %s%s",
                 total,
                 uid_tag(study_instance_uid) if study_instance_uid else "-",
                 dest.name,
+                f"; storage commitment {uid_tag(transaction)} requested" if transaction else "",
             )
-            return ExportResult(dest.name, True, attempt)
+            return ExportResult(dest.name, True, attempt, commitment=transaction)
         dl = self.catalog.add_dead_letter(
             kind="export",
             destination=dest.name,
@@ -340,8 +434,62 @@ class Exporter:
         _audit_delivery(dest, study_instance_uid, len(staged), 8, f"dead letter #{dl}: {error}")
         return ExportResult(dest.name, False, attempt, error, dl)
 
+    def _deliver(
+        self,
+        dest: DicomDestination | DicomWebDestination | FolderDestination,
+        staged: list[Path],
+        outbox: Path,
+        study_instance_uid: str,
+    ) -> str:
+        """Deliver ``staged`` (the outbox's pending files) once; then, when ``dest`` wants
+        storage commitment, ask for it over everything delivered from ``outbox``. Returns
+        the commitment's Transaction UID ("" without one). The outbox is gone once nothing
+        more needs it.
+
+        Raises:
+            DeliveryError: as :func:`deliver` (what was delivered is no longer pending).
+        """
+        if staged:
+            deliver(dest, staged, self.calling_ae_title)
+        commit = _commitment_of(dest)
+        if commit is None:
+            shutil.rmtree(outbox, ignore_errors=True)
+            return ""
+        assert isinstance(dest, DicomDestination)  # only DICOM peers commit
+        sent = outbox / _SENT
+        _keep_pending(staged, (), sent)
+        instances: dict[str, tuple[str, str]] = {}
+        for f in sorted(sent.glob("*")):
+            ds = pydicom.dcmread(
+                f, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
+            )
+            instances[str(ds.SOPInstanceUID)] = (str(ds.SOPClassUID), f.name)
+        transaction = generate_uid()
+        self.catalog.add_commitment(
+            transaction_uid=transaction,
+            destination=dest.name,
+            ae_title=dest.ae_title,
+            outbox=outbox,
+            study_instance_uid=study_instance_uid,
+            instances=instances,
+            deadline=time.time() + commit.wait_s,
+        )
+        try:
+            request_commitment(
+                dest,
+                {uid: sop_class for uid, (sop_class, _) in instances.items()},
+                transaction,
+                self.calling_ae_title,
+                self.catalog,
+            )
+        except DeliveryError:
+            self.catalog.drop_commitment(transaction)
+            raise
+        return transaction
+
     def retry_dead_letter(self, dead_letter_id: int) -> ExportResult:
-        """Re-send a dead letter once (no backoff loop); resolves it on success.
+        """Re-send a dead letter once (no backoff loop); resolves it on success (for a
+        destination with storage commitment: once the commitment is asked for again).
 
         Raises:
             KeyError: no such dead letter, it is already resolved, or its destination is no
@@ -353,13 +501,80 @@ class Exporter:
         if dl.resolved is not None:
             raise KeyError(f"dead letter #{dead_letter_id} was already delivered")
         dest = self.config.destination(dl.destination)
-        staged = sorted(dl.outbox.glob("*"))
+        staged = _pending_files(dl.outbox)
         try:
-            deliver(dest, staged, self.calling_ae_title)
+            transaction = self._deliver(dest, staged, dl.outbox, dl.StudyInstanceUID)
         except DeliveryError as err:
-            _keep_pending(staged, err.pending)
+            _keep_pending(staged, err.pending, dl.outbox / _SENT if _commitment_of(dest) else None)
             self.catalog.update_dead_letter(dead_letter_id, resolved=False, error=str(err))
             return ExportResult(dest.name, False, 1, str(err), dead_letter_id)
         self.catalog.update_dead_letter(dead_letter_id, resolved=True)
-        shutil.rmtree(dl.outbox, ignore_errors=True)
-        return ExportResult(dest.name, True, 1, "", dead_letter_id)
+        return ExportResult(dest.name, True, 1, "", dead_letter_id, commitment=transaction)
+
+    # -- storage commitment -----------------------------------------------------------------
+
+    def settle_commitments(self, now: float | None = None) -> int:
+        """Act on the storage commitment reports the node recorded, and on requests whose
+        wait ended without one: committed files are deleted, the others dead-lettered
+        (moved back to be sent again on retry). Returns how many were settled."""
+        due = self.catalog.commitments_to_settle(now)
+        for commitment in due:
+            self._settle(commitment)
+        return len(due)
+
+    def _settle(self, c: Commitment) -> None:
+        tag = uid_tag(c.TransactionUID)
+        if c.state is CommitmentState.REQUESTED:
+            failed = dict.fromkeys(c.instances, 0)
+            waited = c.deadline - c.requested
+            why = (
+                f"storage commitment {tag}: no report from {c.ae_title} within {waited:g} s "
+                f"({len(failed)} instance(s) not known to be committed)"
+            )
+        else:
+            failed = dict(c.failed)
+            why = f"storage commitment {tag} by {c.ae_title}: " + describe_failures(
+                failed, len(c.instances)
+            )
+        sent = c.outbox / _SENT
+        for uid, (_, name) in c.instances.items():
+            f = sent / name
+            if uid in failed:
+                if f.exists():
+                    f.replace(c.outbox / name)
+            else:
+                f.unlink(missing_ok=True)
+        where = {"role": "destination", "name": c.destination, "ae_title": c.ae_title}
+        objects = [{"StudyInstanceUID": c.StudyInstanceUID, "files": len(c.instances)}]
+        dead_letter = None
+        if failed:
+            dead_letter = self.catalog.add_dead_letter(
+                kind="export",
+                destination=c.destination,
+                outbox=c.outbox,
+                files=len(failed),
+                study_instance_uid=c.StudyInstanceUID,
+                error=why,
+                attempts=1,
+            )
+            log.error("%s; dead-lettered as #%d", why, dead_letter)
+            detail = f"dead letter #{dead_letter}: {why}"
+        else:
+            shutil.rmtree(c.outbox, ignore_errors=True)
+            detail = f"storage commitment {tag}: {len(c.instances)} instance(s) committed"
+            log.info("%s by %s", detail, c.ae_title)
+        audit.record(
+            audit.INSTANCES_TRANSFERRED,
+            action="R",
+            outcome=8 if failed else 0,
+            participants=[where],
+            objects=objects,
+            detail=detail,
+        )
+        self.catalog.settle_commitment(c.TransactionUID, dead_letter_id=dead_letter, detail=detail)
+
+
+def _commitment_of(
+    dest: DicomDestination | DicomWebDestination | FolderDestination,
+) -> StorageCommitment | None:
+    return dest.storage_commitment if isinstance(dest, DicomDestination) else None

@@ -2,7 +2,9 @@
 
 The rest of radfusion never sees sockets: it reads what arrived, and study state, from the
 catalog. A C-STORE success status is
-sent only after the instance is renamed into the spool and recorded in the catalog.
+sent only after the instance is renamed into the spool and recorded in the catalog. The node
+also takes the storage commitment reports (N-EVENT-REPORT) of peers radfusion asked to commit
+to its results, and records them in the catalog for the exporter to act on.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from radfusion import audit
 from radfusion.config import RadfusionConfig
+from radfusion.integrations.dicom.commitment import STORAGE_COMMITMENT_PUSH_MODEL, record_report
 from radfusion.integrations.dicom.guard import ConnectionGuard
 from radfusion.integrations.dicom.header import (
     HeaderError,
@@ -141,6 +144,11 @@ class DicomNode:
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, _TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, _TRANSFER_SYNTAXES)
+        # Reports of the peers asked to commit to our results; the peer may propose SCU/SCP
+        # role selection (it is the Storage Commitment SCP reporting to the SCU).
+        ae.add_supported_context(
+            STORAGE_COMMITMENT_PUSH_MODEL, _TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+        )
         self._ae = ae
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -162,6 +170,7 @@ class DicomNode:
             (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self._on_event_report),
         ]
         tls = self.config.node.tls
         server = self._ae.start_server(
@@ -260,6 +269,9 @@ class DicomNode:
 
     def _on_echo(self, event: Event) -> int:
         return Status.SUCCESS
+
+    def _on_event_report(self, event: Event) -> tuple[int, None]:
+        return record_report(self.catalog, event, event.assoc.requestor.ae_title.strip()), None
 
     def _on_store(self, event: Event) -> int:
         status, study = self._store(event)

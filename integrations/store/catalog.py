@@ -14,6 +14,7 @@ Study states::
 from __future__ import annotations
 
 import enum
+import json
 import sqlite3
 import threading
 import time
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Catalog",
+    "Commitment",
+    "CommitmentState",
     "DeadLetter",
     "InstanceRecord",
     "Job",
@@ -107,6 +110,22 @@ CREATE TABLE IF NOT EXISTS deadletter (
     updated REAL NOT NULL,
     resolved REAL
 );
+CREATE TABLE IF NOT EXISTS commitments (
+    TransactionUID TEXT PRIMARY KEY,
+    destination TEXT NOT NULL,
+    ae_title TEXT NOT NULL,
+    outbox TEXT NOT NULL,
+    StudyInstanceUID TEXT NOT NULL DEFAULT '',
+    instances TEXT NOT NULL,
+    requested REAL NOT NULL,
+    deadline REAL NOT NULL,
+    state TEXT NOT NULL,
+    failed TEXT NOT NULL DEFAULT '{}',
+    reported REAL,
+    settled REAL,
+    dead_letter_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS commitments_state ON commitments(state, deadline);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     time REAL NOT NULL,
@@ -134,6 +153,14 @@ class JobState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     SUPERSEDED = "superseded"  # its study was reopened by late arrivals before it ran
+
+
+class CommitmentState(enum.StrEnum):
+    """A storage commitment request's state, stored as its text in the catalog."""
+
+    REQUESTED = "requested"  # N-ACTION sent; the report is awaited
+    REPORTED = "reported"  # the peer's N-EVENT-REPORT is recorded; not yet acted on
+    SETTLED = "settled"  # committed files deleted, the rest dead-lettered
 
 
 _HANDED_ON = (StudyState.ROUTED, StudyState.UNROUTED, StudyState.DONE, StudyState.FAILED)
@@ -238,6 +265,28 @@ class DeadLetter:
     attempts: int
     created: float
     resolved: float | None
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """A storage commitment request: what was asked of whom, and what the peer reported.
+
+    ``instances`` maps each SOP Instance UID asked about to its SOP Class UID and its file's
+    name in ``outbox``; ``failed`` maps those the peer did not commit to the Failure Reason it
+    gave (PS3.3 C.14.1.1; 0 when it did not mention them).
+    """
+
+    TransactionUID: str
+    destination: str
+    ae_title: str  # the peer that must report
+    outbox: Path
+    StudyInstanceUID: str
+    instances: Mapping[str, tuple[str, str]]
+    requested: float
+    deadline: float
+    state: CommitmentState
+    failed: Mapping[str, int]
+    dead_letter_id: int | None
 
 
 class Catalog:
@@ -800,6 +849,155 @@ class Catalog:
             r["attempts"],
             r["created"],
             r["resolved"],
+        )
+
+    # -- storage commitment ----------------------------------------------------------------
+
+    def add_commitment(
+        self,
+        *,
+        transaction_uid: str,
+        destination: str,
+        ae_title: str,
+        outbox: Path,
+        study_instance_uid: str,
+        instances: Mapping[str, tuple[str, str]],
+        deadline: float,
+    ) -> None:
+        """Record a storage commitment request before it is sent, so that however early the
+        report comes, and after a crash, it finds its request."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO commitments (TransactionUID, destination, ae_title, outbox, "
+                "StudyInstanceUID, instances, requested, deadline, state) "
+                "VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    transaction_uid,
+                    destination,
+                    ae_title,
+                    str(outbox),
+                    study_instance_uid,
+                    json.dumps({k: list(v) for k, v in instances.items()}),
+                    now,
+                    deadline,
+                    CommitmentState.REQUESTED,
+                ),
+            )
+
+    def drop_commitment(self, transaction_uid: str) -> None:
+        """Forget a request that was never sent (its N-ACTION failed)."""
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM commitments WHERE TransactionUID=? AND state=?",
+                (transaction_uid, CommitmentState.REQUESTED),
+            )
+
+    def record_commitment_report(
+        self,
+        transaction_uid: str,
+        *,
+        reported_by: str,
+        committed: Sequence[str],
+        failed: Mapping[str, int],
+    ) -> str:
+        """Record a peer's report: the instances it ``committed`` and those it ``failed``
+        with their Failure Reason. An instance asked about and in neither list counts as not
+        committed (reason 0); an instance not asked about is ignored.
+
+        Returns "recorded", "again" (this transaction was already reported: nothing
+        changed), "unknown" (no such request) or "wrong peer" (``reported_by`` is not the
+        AE title the request went to).
+        """
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT ae_title, state, instances FROM commitments WHERE TransactionUID=?",
+                (transaction_uid,),
+            ).fetchone()
+            if row is None:
+                return "unknown"
+            if row["ae_title"] != reported_by:
+                return "wrong peer"
+            if row["state"] != CommitmentState.REQUESTED:
+                return "again"
+            asked = json.loads(row["instances"])
+            done = set(committed) - set(failed)
+            not_committed = {
+                uid: int(failed.get(uid, 0)) for uid in asked if uid not in done or uid in failed
+            }
+            db.execute(
+                "UPDATE commitments SET state=?, failed=?, reported=? WHERE TransactionUID=?",
+                (
+                    CommitmentState.REPORTED,
+                    json.dumps(not_committed),
+                    time.time(),
+                    transaction_uid,
+                ),
+            )
+            return "recorded"
+
+    def commitments_to_settle(self, now: float | None = None) -> list[Commitment]:
+        """Requests with a report to act on, and those whose wait ended without one."""
+        now = time.time() if now is None else now
+        return [
+            self._commitment(r)
+            for r in self._connection().execute(
+                "SELECT * FROM commitments WHERE state=? OR (state=? AND deadline<?) "
+                "ORDER BY requested",
+                (CommitmentState.REPORTED, CommitmentState.REQUESTED, now),
+            )
+        ]
+
+    def commitment(self, transaction_uid: str) -> Commitment | None:
+        r = (
+            self._connection()
+            .execute("SELECT * FROM commitments WHERE TransactionUID=?", (transaction_uid,))
+            .fetchone()
+        )
+        return None if r is None else self._commitment(r)
+
+    def commitments(self) -> list[Commitment]:
+        """Every request not yet settled, oldest first."""
+        return [
+            self._commitment(r)
+            for r in self._connection().execute(
+                "SELECT * FROM commitments WHERE state!=? ORDER BY requested",
+                (CommitmentState.SETTLED,),
+            )
+        ]
+
+    def settle_commitment(
+        self, transaction_uid: str, *, dead_letter_id: int | None, detail: str
+    ) -> None:
+        """Mark a request acted on (its committed files deleted, the rest dead-lettered as
+        ``dead_letter_id``)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE commitments SET state=?, settled=?, dead_letter_id=? "
+                "WHERE TransactionUID=?",
+                (CommitmentState.SETTLED, time.time(), dead_letter_id, transaction_uid),
+            )
+            row = db.execute(
+                "SELECT StudyInstanceUID FROM commitments WHERE TransactionUID=?",
+                (transaction_uid,),
+            ).fetchone()
+            if row is not None and row[0]:
+                self._event(db, row[0], "storage-commitment", detail)
+
+    @staticmethod
+    def _commitment(r: sqlite3.Row) -> Commitment:
+        return Commitment(
+            r["TransactionUID"],
+            r["destination"],
+            r["ae_title"],
+            Path(r["outbox"]),
+            r["StudyInstanceUID"],
+            {k: (v[0], v[1]) for k, v in json.loads(r["instances"]).items()},
+            r["requested"],
+            r["deadline"],
+            CommitmentState(r["state"]),
+            {k: int(v) for k, v in json.loads(r["failed"]).items()},
+            r["dead_letter_id"],
         )
 
     @staticmethod

@@ -52,8 +52,12 @@ def test_chest_ct_sent_by_storescu_comes_back_as_seg_and_sr_in_orthanc(
             "routing": {
                 "rules": [{"name": "chest", "when": {"Modality": "CT"}, "apps": ["lung-ct"]}]
             },
-            "export": {"destinations": [orthanc.destination()]},
+            # Orthanc is asked to commit to the results and reports back to the node.
+            "export": {"destinations": [orthanc.destination(storage_commitment={})]},
         }
+    )
+    orthanc.put(
+        "/modalities/radfusion", {"AET": "RADFUSION", "Host": "127.0.0.1", "Port": node.port}
     )
     storescu(node.port, list(study.files))
     uid = study.StudyInstanceUID
@@ -87,3 +91,7 @@ def test_chest_ct_sent_by_storescu_comes_back_as_seg_and_sr_in_orthanc(
     assert len(lungs) == 2 and min(lungs) >= 0.95
     assert np.all([r.dice >= 0.85 for r in rows if r.diameter_mm >= 10])
     assert "lung-ct stage seconds" in node.log()
+    # Committed by Orthanc: nothing is left waiting in the node's outbox.
+    wait_for(lambda: not any((node.spool / "outbox").iterdir()), 30, "the commitment")
+    assert "3 instance(s) committed by ORTHANC" in node.log()
+    assert "dead letter" not in node.cli("status").stdout

@@ -138,3 +138,18 @@ def test_a_wildcard_caller_admits_any_ae_title_and_an_exact_entry_wins() -> None
     assert other is not None and other.permits("10.1.2.3") and not other.permits("10.2.0.1")
     assert cfg.quiet_period_for("ANYONE") == cfg.completion.quiet_period_s
     assert parse_config({}).node.caller("ANYONE") is None
+
+
+def test_storage_commitment_needs_reports_to_reach_the_node() -> None:
+    pacs = {"name": "pacs", "type": "dicom", "ae_title": "PACS", "host": "h", "port": 104}
+    committed = {**pacs, "storage_commitment": {"wait_s": 600}}
+    with pytest.raises(ConfigError, match="allowed_callers must admit 'PACS'"):
+        parse_config({"export": {"destinations": [committed]}})
+    admitted = {"node": {"allowed_callers": [{"ae_title": "PACS"}]}}
+    cfg = parse_config({**admitted, "export": {"destinations": [committed]}})
+    assert cfg.export.destinations[0].storage_commitment.wait_s == 600  # type: ignore[union-attr]
+    other = {**committed, "calling_ae_title": "OTHER"}
+    with pytest.raises(ConfigError, match="calling_ae_title must be the node's AE title"):
+        parse_config({**admitted, "export": {"destinations": [other]}})
+    # Without commitment a destination may call as any AE, and need not call back.
+    parse_config({"export": {"destinations": [{**pacs, "calling_ae_title": "OTHER"}]}})

@@ -211,3 +211,56 @@ def test_after_a_restart_arriving_studies_wait_at_least_the_grace(tmp_path: Path
     assert cat.restart_quiet_periods(lambda ae: 2.0, at_least_s=30) == 1
     assert cat.due_studies(now=time.time() + 10) == []
     assert cat.due_studies(now=time.time() + 31) == ["1.2.3"]
+
+
+def _asked(cat: Catalog, transaction: str = "9.1", deadline: float = 1e12) -> None:
+    cat.add_commitment(
+        transaction_uid=transaction,
+        destination="pacs",
+        ae_title="ORTHANC",
+        outbox=Path("/outbox/pacs-1"),
+        study_instance_uid="1.2.3",
+        instances={"1.1": ("1.2.840.10008.5.1.4.1.1.66.4", "00000_seg.dcm"), "1.2": ("c", "f")},
+        deadline=deadline,
+    )
+
+
+def test_a_commitment_report_is_recorded_once_and_only_from_the_peer_asked(
+    tmp_path: Path,
+) -> None:
+    cat = Catalog(tmp_path / "c.sqlite")
+    _asked(cat)
+    report = {"committed": ["1.1"], "failed": {"1.2": 0x0112}}
+    assert cat.record_commitment_report("9.9", reported_by="ORTHANC", **report) == "unknown"
+    assert cat.record_commitment_report("9.1", reported_by="OTHER", **report) == "wrong peer"
+    assert cat.commitments_to_settle() == []  # neither changed anything
+    assert cat.record_commitment_report("9.1", reported_by="ORTHANC", **report) == "recorded"
+    again = {"committed": ["1.1", "1.2"], "failed": {}}
+    assert cat.record_commitment_report("9.1", reported_by="ORTHANC", **again) == "again"
+    [due] = cat.commitments_to_settle()
+    assert due.failed == {"1.2": 0x0112}  # the first report stands
+    assert due.instances["1.1"] == ("1.2.840.10008.5.1.4.1.1.66.4", "00000_seg.dcm")
+    cat.settle_commitment("9.1", dead_letter_id=4, detail="1 of 2 not committed")
+    assert cat.commitments_to_settle() == [] and cat.commitments() == []
+    settled = cat.commitment("9.1")
+    assert settled is not None and settled.dead_letter_id == 4
+    assert ("storage-commitment", "1 of 2 not committed") in cat.events_of("1.2.3")
+
+
+def test_an_instance_the_report_leaves_out_is_not_committed(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite")
+    _asked(cat)
+    # "1.2" in neither list; "7.7" was never asked about.
+    cat.record_commitment_report("9.1", reported_by="ORTHANC", committed=["1.1", "7.7"], failed={})
+    [due] = cat.commitments_to_settle()
+    assert due.failed == {"1.2": 0}
+
+
+def test_a_request_without_report_is_due_when_its_wait_ends(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "c.sqlite")
+    _asked(cat, deadline=time.time() + 100)
+    assert cat.commitments_to_settle() == []
+    [due] = cat.commitments_to_settle(now=time.time() + 101)
+    assert due.state.value == "requested" and due.failed == {}
+    cat.drop_commitment("9.1")  # as when its N-ACTION was refused
+    assert cat.commitment("9.1") is None
