@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from radfusion.logs import uid_tag
+from radfusion.operators.change import Change, Comparison
 from radfusion.operators.fusion import FusionResult
 from radfusion.operators.fusion_sr import write_fusion_sr
 from radfusion.operators.measurement import Measured
@@ -85,8 +86,12 @@ def write_results(
     timings: dict[str, float] | None = None,
     statements: Sequence[str] = (),
     fusion: FusionResult | None = None,
+    comparison: Comparison | None = None,
 ) -> list[Path]:
     """Write SEG and SR for the outcome of one study; returns the files written.
+
+    ``comparison`` (with findings only) makes the SR cite the prior images compared with
+    (Pertinent Other Evidence); its sentences come with ``statements``.
 
     ``statements`` are added to the SR as text (see :func:`build_sr`). No selection: nothing is
     written. A refusal (no candidates): only an SR saying why (see the module's docstring).
@@ -154,6 +159,8 @@ def write_results(
             *statements,
         ],
     )
+    if comparison is not None and reason is None and comparison.evidence:
+        sr_ds.PertinentOtherEvidenceSequence = [_evidence(comparison)]
     save_atomically(sr_ds, sr_path)
     written.append(sr_path)
     if timings is not None:
@@ -180,6 +187,23 @@ def write_results(
         f" (out of scope: {reason})" if reason else "",
     )
     return written
+
+
+def _evidence(comparison: Comparison) -> Dataset:
+    """The prior study's images compared with, as a Hierarchical SOP Instance Reference."""
+    series = Dataset()
+    series.SeriesInstanceUID = comparison.SeriesInstanceUID
+    items = []
+    for sop_class, sop_instance in comparison.evidence:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        items.append(item)
+    series.ReferencedSOPSequence = items
+    study = Dataset()
+    study.StudyInstanceUID = comparison.StudyInstanceUID
+    study.ReferencedSeriesSequence = [series]
+    return study
 
 
 def _fusion_digest(fusion: FusionResult) -> str:
@@ -348,6 +372,7 @@ class ResultsWriterOperator(Operator):
         spec.input("context")
         spec.input("radiomics")
         spec.input("fusion")
+        spec.input("change")
 
     def compute(self, op_input: InputPorts, op_output: OutputPorts, context: object) -> None:
         receive = op_input.receive
@@ -355,10 +380,13 @@ class ResultsWriterOperator(Operator):
         outcome: ContextOutcome | None = receive("context")
         radiomics: Radiomics | None = receive("radiomics")
         fusion: FusionResult | None = receive("fusion")
+        change: Change | None = receive("change")
         analysed = selection is not None and not selection.refused
         statements = [outcome.describe(), IMAGING_ONLY] if outcome is not None and analysed else []
         if fusion is not None and analysed:
             statements.append(FUSION_REPORTED)
+        if change is not None and analysed:
+            statements.extend(change.statements)
         self.written = tuple(
             write_results(
                 selection,
@@ -371,6 +399,7 @@ class ResultsWriterOperator(Operator):
                 timings=self.timings,
                 statements=statements,
                 fusion=fusion,
+                comparison=change.comparison if change is not None else None,
             )
         )
         self.records = ()

@@ -36,6 +36,7 @@ __all__ = [
     "LungCTConfig",
     "NodeConfig",
     "NodeTLS",
+    "PriorsConfig",
     "RadfusionConfig",
     "RadiomicsConfig",
     "RetryPolicy",
@@ -666,6 +667,20 @@ class FusionConfig(_Section):
     )
 
 
+class PriorsConfig(_Section):
+    """Comparison with the patient's prior chest CT (``apps.lung_ct.priors``)."""
+
+    enabled: bool = False
+    pacs: str = Field(
+        default="pacs",
+        description="Name of the DICOM export destination to ask (C-FIND, Study Root) for "
+        "the patient's earlier studies and to retrieve the latest earlier CT from (C-GET).",
+    )
+    max_age_days: int = Field(
+        default=3650, ge=1, description="Earlier studies older than this are not compared."
+    )
+
+
 class LungCTConfig(_Section):
     """The ``lung-ct`` app."""
 
@@ -749,6 +764,12 @@ class LungCTConfig(_Section):
     )
     radiomics: RadiomicsConfig = RadiomicsConfig()
     fusion: FusionConfig = FusionConfig()
+    priors: PriorsConfig = Field(
+        default=PriorsConfig(),
+        description="Find the patient's latest earlier CT in the PACS, analyse it alike, "
+        "register its lungs to this CT's and report each nodule's change (volume, doubling "
+        "time, new, not found again) in the SR.",
+    )
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores.")
     triton_model: str = Field(
         default="lung_ct_seg",
@@ -802,6 +823,22 @@ class RadfusionConfig(_Section):
                         f"routing.rules.{i}.apps.{j}: unknown app {app!r} "
                         f"(installed: {', '.join(sorted(known))})"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _priors_pacs_is_a_dicom_destination(self) -> RadfusionConfig:
+        priors = self.apps.lung_ct.priors
+        if not priors.enabled:
+            return self
+        try:
+            dest = self.export.destination(priors.pacs)
+        except KeyError as err:
+            raise ValueError(f"apps.lung_ct.priors.pacs: {err.args[0]}") from None
+        if not isinstance(dest, DicomDestination):
+            raise ValueError(
+                f"apps.lung_ct.priors.pacs: {priors.pacs!r} is a {dest.type} destination; "
+                "priors are queried and retrieved over DICOM"
+            )
         return self
 
     @model_validator(mode="after")

@@ -4,7 +4,8 @@ A MONAI Deploy application (Holoscan graph)::
 
     study ─▶ select_series ─┬─▶ volume ─▶ segment ─▶ detect ─▶ measure ─▶ write_results
                             │     ├────────────────────┴──────────┴──────────▲
-                            │     └─▶ radiomics (◀ measure) ─▶ fusion ───────▲
+                            │     ├─▶ radiomics (◀ measure) ─▶ fusion ───────▲
+                            │     └─▶ change (◀ detect, measure) ────────────▲
                             ├─▶ patient_context ─────────────────┴───────────▲
                             └────────────────────────────────────────────────┘
 
@@ -13,7 +14,9 @@ plausibility) and the nodules (shape and density, the model's tumour class as on
 evidence) and applies the operating point (``apps.lung_ct.detection_threshold``,
 ``max_findings``, ``min_nodule_diameter_mm``). ``radiomics`` describes each tumour, and
 ``fusion`` combines the radiomics with the patient context into progression risk and EGFR
-probability (``apps.lung_ct.fusion``), written as a second SR.
+probability (``apps.lung_ct.fusion``), written as a second SR. With ``apps.lung_ct.priors``,
+``change`` finds the patient's latest earlier CT in the PACS, analyses it alike, registers its
+lungs to this CT's and reports each nodule's change in the SR (``priors.py``).
 
 Run once over a folder like any MONAI Deploy app (``HOLOSCAN_INPUT_PATH`` →
 ``HOLOSCAN_OUTPUT_PATH``, or ``radfusion run lung-ct --input DIR --output DIR``), or from the
@@ -48,15 +51,17 @@ from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application, Fragment, Operator, OperatorSpec
 
 from radfusion import __version__
+from radfusion.apps.lung_ct.priors import PriorFinder
 from radfusion.apps.lung_ct.writeback import WritebackOutcome, write_back
 from radfusion.apps.registry import AppResult, StudyInput
 from radfusion.config import LungCTConfig, RadfusionConfig
 from radfusion.integrations.fhir.client import FhirClient
 from radfusion.integrations.fhir.provider import PatientContextProvider
 from radfusion.model_config import FusionModelConfig, default_fusion_config_path
-from radfusion.operators.detection import DetectionOperator, DetectionSettings
+from radfusion.operators.change import ChangeOperator, PriorLookup
+from radfusion.operators.detection import Anatomy, DetectionOperator, DetectionSettings, detect
 from radfusion.operators.fusion import FusionOperator, FusionResult, LoadedFusion, check_model
-from radfusion.operators.measurement import MeasurementOperator
+from radfusion.operators.measurement import Measured, MeasurementOperator, measure
 from radfusion.operators.nodules import NoduleScorer, default_scorer_path
 from radfusion.operators.patient_context import ContextLookup, PatientContextOperator
 from radfusion.operators.ports import InputPorts, OutputPorts, Timed
@@ -68,7 +73,7 @@ from radfusion.operators.segmentation import (
     SegmentationOperator,
     default_model_config_path,
 )
-from radfusion.operators.segmentation_model import Predictor, load_torchscript
+from radfusion.operators.segmentation_model import Predictor, load_torchscript, segment_map
 from radfusion.operators.series_selector import (
     NoSeriesQualifies,
     SelectionRule,
@@ -76,7 +81,7 @@ from radfusion.operators.series_selector import (
     read_headers,
     select_series,
 )
-from radfusion.operators.volume import VolumeOperator
+from radfusion.operators.volume import Volume, VolumeOperator
 
 if TYPE_CHECKING:
     from radfusion.integrations.inference.triton import TritonPredictor
@@ -236,9 +241,11 @@ class LungCTApp(Application):
         predictor: Predictor,
         lookup: ContextLookup | None = None,
         fusion: LoadedFusion | None = None,
+        priors: PriorLookup | None = None,
         **kw: object,
     ) -> None:
         self._files = list(files)
+        self._priors = priors
         self._fusion = fusion
         self._output_dir = Path(output_dir)
         self._settings = settings
@@ -278,6 +285,7 @@ class LungCTApp(Application):
         measure = MeasurementOperator(self, uid_root=self._uid_root, name="measure")
         radiomics = RadiomicsOperator(self, settings=radiomics_settings(settings), name="radiomics")
         fusion = FusionOperator(self, loaded=self._fusion, name="fusion")
+        change = ChangeOperator(self, lookup=self._priors, name="change")
         write = ResultsWriterOperator(
             self,
             algorithm=algorithm_info(model, self._predictor, scorer_path),
@@ -305,13 +313,17 @@ class LungCTApp(Application):
         self.add_flow(radiomics, fusion, {("radiomics", "radiomics")})
         self.add_flow(context, fusion, {("context", "context")})
         self.add_flow(fusion, write, {("fusion", "fusion")})
+        self.add_flow(volume, change, {("volume", "volume")})
+        self.add_flow(detect, change, {("anatomy", "anatomy")})
+        self.add_flow(measure, change, {("measured", "measured")})
+        self.add_flow(change, write, {("change", "change")})
         # Two workers: the patient context's network round trip runs beside the images.
         self.scheduler(
             EventBasedScheduler(
                 self, name="scheduler", worker_thread_number=2, stop_on_deadlock_timeout=0
             )
         )
-        self._timed = [context, volume, segment, detect, measure, radiomics, fusion, write]
+        self._timed = [context, volume, segment, detect, measure, radiomics, fusion, change, write]
         self._context, self._write, self._fusion_op = context, write, fusion
 
     @property
@@ -354,6 +366,7 @@ class LungCTRunner:
         self._provider: PatientContextProvider | None = None
         self._lookup = lookup  # instead of the FHIR provider (the demo's synthetic record)
         self._writer: FhirClient | None = None
+        self._priors: PriorFinder | None = None
 
     def __enter__(self) -> LungCTRunner:
         return self
@@ -386,6 +399,8 @@ class LungCTRunner:
             self._fusion = make_fusion(self.config)
         if self._lookup is None and self._provider is None and self.config.fhir is not None:
             self._provider = PatientContextProvider(self.config.fhir)
+        if settings.priors.enabled and self._priors is None:
+            self._priors = PriorFinder(self.config, self._analyse)
         app = LungCTApp(
             files=files,
             output_dir=Path(output_dir),
@@ -395,6 +410,7 @@ class LungCTRunner:
             predictor=self._predictor,
             lookup=self._lookup or self._provider,
             fusion=self._fusion,
+            priors=self._priors,
         )
         app.run()
         result = app.result()
@@ -404,6 +420,21 @@ class LungCTRunner:
             if outcome.status != "written":
                 result = dataclasses.replace(result, notes=(*result.notes, outcome.describe()))
         return result
+
+    def _analyse(self, volume: Volume) -> tuple[Anatomy, Measured]:
+        """A prior's analysis: the same model, detector and operating point as the study's."""
+        assert self._model is not None and self._predictor is not None
+        settings = self.config.apps.lung_ct
+        classes = segment_map(
+            volume.hu,
+            volume.spacing_mm,
+            self._predictor,
+            self._model,
+            windows_per_call=getattr(self._predictor, "windows_per_call", 1),
+        )
+        scorer = NoduleScorer.from_json(settings.nodule_scorer or default_scorer_path())
+        anatomy = detect(volume, classes, detection_settings(settings), scorer)
+        return anatomy, measure(anatomy, volume, uid_root=self.config.uid_root)
 
     def _write_back(self, fusion: FusionResult, result: AppResult) -> WritebackOutcome:
         """The fusion result to the FHIR record (after the DICOM results are written)."""

@@ -34,6 +34,7 @@ Everything is deterministic: the same arguments give byte-identical arrays and f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -220,6 +221,24 @@ class Phantom:
         a[2, 2] = self.spacing_z
         a[:3, 3] = self.origin
         return a
+
+    def moved(self, offset_mm: tuple[float, float, float]) -> Phantom:
+        """The same phantom with the patient moved by ``offset_mm`` (LPS) in the scanner's
+        frame: every position, the tumours' centres included, shifted."""
+        dx, dy, dz = (float(v) for v in offset_mm)
+        tumours = tuple(
+            dataclasses.replace(
+                t,
+                centre_mm=(
+                    round(t.centre_mm[0] + dx, 3),
+                    round(t.centre_mm[1] + dy, 3),
+                    round(t.centre_mm[2] + dz, 3),
+                ),
+            )
+            for t in self.tumours
+        )
+        origin = (self.origin[0] + dx, self.origin[1] + dy, self.origin[2] + dz)
+        return dataclasses.replace(self, origin=origin, tumours=tumours)
 
 
 def _positive(value: float) -> bool:
@@ -439,12 +458,14 @@ def _place_tumours(
     axes: tuple[np.ndarray, np.ndarray, np.ndarray],
     spacing: tuple[float, float, float],
     voxel_mm3: float,
+    scale: float = 1.0,
 ) -> list[tuple[Tumour, int]]:
     """Draw ``count`` spheres wholly inside a lung; returns each with its tissue class.
 
     A candidate is accepted only if every voxel within ``radius + largest spacing`` of its centre
     is lung of that side, so each tumour voxel's 6-neighbours are tumour or lung, and tumours
-    never touch each other (an earlier tumour is no longer lung).
+    never touch each other (an earlier tumour is no longer lung). The sphere drawn has the
+    drawn radius times ``scale`` (at most 1): the same seed places the same tumours, smaller.
     """
     xs, ys, zs = axes
     ps_row, ps_col, st = spacing
@@ -484,6 +505,7 @@ def _place_tumours(
             )
             if not np.all(box[d2 <= reach * reach] == lung):
                 continue
+            radius = round(radius * scale, 2)
             sphere = d2 <= radius * radius
             voxels = int(np.count_nonzero(sphere))
             if voxels == 0:
@@ -531,8 +553,13 @@ def make_phantom(
     emphysema: bool = False,
     effusion: bool = False,
     tumour_types: tuple[str, ...] | list[str] | None = None,
+    tumour_scale: float = 1.0,
 ) -> Phantom:
     """Build a phantom in memory: HU volume, label map, geometry and tumour truth.
+
+    ``tumour_scale`` (simple style, 0 < scale <= 1) shrinks every tumour's radius and leaves
+    everything else as the seed draws it: the same patient with smaller tumours, e.g. the
+    prior of a follow-up scan with known growth.
 
     ``style="realistic"`` (chest only) draws clinical-looking anatomy and tumours of
     :data:`TUMOUR_TYPES` (``tumour_types[i % len]`` for tumour ``i``, else drawn at random),
@@ -578,6 +605,10 @@ def make_phantom(
         "effusion": bool(effusion),
         "tumour_types": tumour_types is not None,
     }
+    if not isinstance(tumour_scale, (int, float)) or not 0.0 < tumour_scale <= 1.0:
+        raise ValueError(f"tumour_scale: must be in (0, 1], got {tumour_scale!r}")
+    if tumour_scale != 1.0 and (style != "simple" or not chest):
+        raise ValueError("tumour_scale: only for style='simple' chest phantoms")
     if style == "simple" or not chest:
         given = [name for name, used in realistic_only.items() if used]
         if given:
@@ -627,7 +658,7 @@ def make_phantom(
     if chest:
         lungs = _chest_slices(rng, tissue, xs32, ys32, zs, scale)
         placed = _place_tumours(
-            rng, tissue, tumours, lungs, (xs, ys, zs), (ps, ps, st), ps * ps * st
+            rng, tissue, tumours, lungs, (xs, ys, zs), (ps, ps, st), ps * ps * st, tumour_scale
         )
     else:
         _abdomen_slices(rng, tissue, xs32, ys32, zs, scale)

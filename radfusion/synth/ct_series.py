@@ -443,8 +443,15 @@ def synth_ct(
     emphysema: bool = False,
     effusion: bool = False,
     tumour_types: tuple[str, ...] | list[str] | None = None,
+    tumour_scale: float = 1.0,
+    study_date: str = "20260101",
+    position_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> SynthStudy:
     """Make a phantom and write it: :func:`make_phantom` then :func:`write_ct_series`.
+
+    ``position_offset_mm`` moves the patient in the scanner's frame (LPS mm added to every
+    position, the truth's too): how a follow-up scan of the same patient differs from the
+    prior besides the tumours (``tumour_scale``) and the date.
 
     ``pixel_spacing`` defaults to a 360 mm field of view (360 / max(rows, columns)); for the
     realistic style to a field of view of 330-430 mm drawn by seed. A ``chest=False`` phantom
@@ -478,11 +485,15 @@ def synth_ct(
         emphysema=emphysema,
         effusion=effusion,
         tumour_types=tumour_types,
+        tumour_scale=tumour_scale,
     )
+    if any(position_offset_mm):
+        phantom = phantom.moved(position_offset_mm)
     return write_ct_series(
         phantom,
         out_dir,
         patient_id=patient_id,
+        study_date=study_date,
         seed=seed,
         patient_name="Phantom^Chest" if chest else "Phantom^Abdomen",
         body_part="CHEST" if chest else "ABDOMEN",

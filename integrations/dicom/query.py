@@ -1,0 +1,210 @@
+"""Query/retrieve from a PACS: a patient's earlier studies (C-FIND) and their images (C-GET).
+
+Study Root Query/Retrieve (PS3.4 Annex C). C-GET brings the images back on the same
+association (the PACS needs no route to us, unlike C-MOVE), into a folder the caller owns.
+The peer is a configured DICOM destination: the archive radfusion stores its results in is the
+one it asks for priors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+from radfusion.config import DicomDestination
+from radfusion.errors import RadfusionError
+from radfusion.integrations.dicom.pynetdicom_internals import on_connection_open, shorten_polling
+from radfusion.integrations.dicom.tls import client_context
+
+__all__ = ["QueryError", "StudyMatch", "find_ct_series", "find_studies", "retrieve_series"]
+
+log = logging.getLogger("radfusion.query")
+
+_PENDING = {0xFF00, 0xFF01}
+_RETRIEVED_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+_SYNTAXES = [
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.5",  # RLE
+]
+
+
+class QueryError(RadfusionError, RuntimeError):
+    """The PACS could not be asked, or refused; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class StudyMatch:
+    """A study the PACS holds for the patient."""
+
+    StudyInstanceUID: str
+    StudyDate: str  # YYYYMMDD, "" when the PACS does not say
+    StudyTime: str
+    ModalitiesInStudy: tuple[str, ...]
+    StudyDescription: str
+
+
+def _ae(peer: DicomDestination, calling_ae_title: str) -> AE:
+    ae = AE(ae_title=peer.calling_ae_title or calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = peer.timeout_s
+    shorten_polling()
+    return ae
+
+
+def _associate(ae: AE, peer: DicomDestination, **kw: Any) -> Association:
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
+        tls_args=(client_context(peer.tls), peer.host) if peer.tls else None,
+        **kw,
+    )
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "unreachable, TLS refused or aborted"
+        raise QueryError(f"{peer.name} ({peer.ae_title}@{peer.host}:{peer.port}): {why}")
+    return assoc
+
+
+def _find(peer: DicomDestination, calling_ae_title: str, query: Dataset) -> list[Dataset]:
+    ae = _ae(peer, calling_ae_title)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = _associate(ae, peer)
+    found = []
+    try:
+        for status, identifier in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind
+        ):
+            code = getattr(status, "Status", None)
+            if code in _PENDING and identifier is not None:
+                found.append(identifier)
+            elif code != 0x0000:
+                shown = "no response" if code is None else f"status 0x{code:04X}"
+                raise QueryError(f"{peer.name}: C-FIND failed: {shown}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return found
+
+
+def find_studies(
+    peer: DicomDestination, calling_ae_title: str, patient_id: str, issuer: str = ""
+) -> list[StudyMatch]:
+    """The studies ``peer`` holds for the patient (Patient ID and, when known, its issuer).
+
+    Raises:
+        QueryError: no association, or the query failed.
+    """
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientID = patient_id
+    if issuer:
+        query.IssuerOfPatientID = issuer
+    for keyword in ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription"):
+        setattr(query, keyword, "")
+    query.ModalitiesInStudy = ""
+    out = []
+    for ds in _find(peer, calling_ae_title, query):
+        # A PACS that ignores the issuer key answers for other domains' patients too.
+        if issuer and str(ds.get("IssuerOfPatientID", issuer) or issuer) != issuer:
+            continue
+        modalities = ds.get("ModalitiesInStudy", "")
+        values = [modalities] if isinstance(modalities, str) else list(modalities)
+        out.append(
+            StudyMatch(
+                StudyInstanceUID=str(ds.get("StudyInstanceUID", "")),
+                StudyDate=str(ds.get("StudyDate", "") or ""),
+                StudyTime=str(ds.get("StudyTime", "") or ""),
+                ModalitiesInStudy=tuple(str(v) for v in values if v),
+                StudyDescription=str(ds.get("StudyDescription", "") or ""),
+            )
+        )
+    return [m for m in out if m.StudyInstanceUID]
+
+
+def find_ct_series(
+    peer: DicomDestination, calling_ae_title: str, study_instance_uid: str
+) -> list[str]:
+    """The Series Instance UIDs of the CT series of a study.
+
+    Raises:
+        QueryError: no association, or the query failed.
+    """
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_instance_uid
+    query.SeriesInstanceUID = ""
+    query.Modality = "CT"
+    return [
+        str(ds.SeriesInstanceUID)
+        for ds in _find(peer, calling_ae_title, query)
+        if str(ds.get("Modality", "CT")) == "CT" and ds.get("SeriesInstanceUID")
+    ]
+
+
+def retrieve_series(
+    peer: DicomDestination,
+    calling_ae_title: str,
+    study_instance_uid: str,
+    series_instance_uids: Sequence[str],
+    folder: Path,
+) -> list[Path]:
+    """C-GET the series into ``folder``; returns the files written.
+
+    Raises:
+        QueryError: no association, the peer does not offer C-GET, or a retrieval failed or
+            brought nothing.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def on_store(event: Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        path = folder / f"{len(written):05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        written.append(path)
+        return 0x0000
+
+    ae = _ae(peer, calling_ae_title)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    for sop_class in _RETRIEVED_CLASSES:
+        ae.add_requested_context(sop_class, _SYNTAXES)
+    roles = [build_role(sop_class, scp_role=True) for sop_class in _RETRIEVED_CLASSES]
+    assoc = _associate(ae, peer, ext_neg=roles)
+    assoc.bind(evt.EVT_C_STORE, on_store)
+    try:
+        for series in series_instance_uids:
+            query = Dataset()
+            query.QueryRetrieveLevel = "SERIES"
+            query.StudyInstanceUID = study_instance_uid
+            query.SeriesInstanceUID = series
+            last = None
+            for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
+                last = getattr(status, "Status", None)
+            if last not in (0x0000, 0xB000):
+                shown = "no response" if last is None else f"status 0x{last:04X}"
+                raise QueryError(f"{peer.name}: C-GET of a series failed: {shown}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if not written:
+        raise QueryError(f"{peer.name}: C-GET brought no CT images")
+    return written

@@ -1,0 +1,163 @@
+"""Priors: a follow-up chest CT compared with the prior that a real Orthanc holds.
+
+The prior is the same synthetic patient 120 days earlier with every tumour at 0.7 of its
+radius (0.343 of its volume) and lying 16.5 mm elsewhere in the scanner; the app finds it by
+C-FIND, retrieves it by C-GET, analyses it alike, registers the lungs and must report each
+nodule matched, with a volume doubling time within 15 % of the phantoms' true one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from radfusion.apps.lung_ct.app import run_folder
+from radfusion.config import parse_config
+from radfusion.synth.ct_series import synth_ct
+from tests.conftest import free_port, require_tool
+
+pytestmark = pytest.mark.integration
+
+PATIENT = "RF-IT-PRIOR"
+GEOMETRY = {
+    "slices": 100,
+    "rows": 256,
+    "columns": 256,
+    "pixel_spacing": 1.4,
+    "slice_thickness": 2.5,
+    "seed": 6100,
+    "tumours": 3,
+    "patient_id": PATIENT,
+}
+
+
+def _text(sr: pydicom.Dataset) -> list[str]:
+    out = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if "TextValue" in item:
+                out.append(str(item.TextValue))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return out
+
+
+@pytest.fixture(scope="module")
+def follow_up(orthanc: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("priors")
+    prior = synth_ct(
+        root / "prior",
+        **GEOMETRY,
+        tumour_scale=0.7,
+        study_date="20260101",
+        position_offset_mm=(6.0, -9.0, 12.5),
+    )
+    current = synth_ct(root / "current", **GEOMETRY, study_date="20260501")
+    subprocess.run(
+        [
+            require_tool("storescu"),
+            "-aec",
+            "ORTHANC",
+            "127.0.0.1",
+            str(orthanc.dicom_port),
+            *map(str, prior.files),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    # Orthanc answers C-FIND and C-GET from AE titles it knows.
+    orthanc.put("/modalities/radfusion", {"AET": "RADFUSION", "Host": "127.0.0.1", "Port": 1})
+    config = parse_config(
+        {
+            "export": {"destinations": [orthanc.destination()]},
+            "apps": {"lung_ct": {"priors": {"enabled": True, "pacs": "pacs"}}},
+        }
+    )
+    written = run_folder(current.directory, root / "out", config)
+    return prior, current, written
+
+
+def test_each_nodule_is_matched_with_its_prior_and_its_doubling_time_is_right(
+    follow_up: Any,
+) -> None:
+    prior, current, written = follow_up
+    sr = pydicom.dcmread(next(p for p in written if p.name == "sr.dcm"))
+    lines = _text(sr)
+    summary = next(line for line in lines if line.startswith("Compared with the prior CT"))
+    assert "of 2026-01-01 (120 days earlier" in summary
+    assert "3 nodule(s) matched, 0 new, 0 prior nodule(s) not found again" in summary
+    volumes = [
+        [t["volume_mm3"] for t in json.loads(study.truth_json.read_text())["tumours"]]
+        for study in (current, prior)
+    ]
+    truth_vdt = sorted(
+        120 * math.log(2) / math.log(now / then) for now, then in zip(*volumes, strict=True)
+    )
+    reported = sorted(
+        float(m) for line in lines for m in re.findall(r"volume doubling time (\d+) days", line)
+    )
+    assert len(reported) == 3
+    for ours, true in zip(reported, truth_vdt, strict=True):
+        assert abs(ours - true) <= 0.15 * true, (reported, truth_vdt)
+
+
+def test_the_sr_cites_the_prior_images_and_stays_valid(follow_up: Any) -> None:
+    prior, _, written = follow_up
+    sr_path = next(p for p in written if p.name == "sr.dcm")
+    sr = pydicom.dcmread(sr_path)
+    [study] = sr.PertinentOtherEvidenceSequence
+    first = pydicom.dcmread(prior.files[0], stop_before_pixels=True)
+    assert study.StudyInstanceUID == first.StudyInstanceUID
+    [series] = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    cited = {item.ReferencedSOPInstanceUID for item in series.ReferencedSOPSequence}
+    assert cited == {
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in prior.files
+    }
+    out = subprocess.run(
+        [require_tool("dciodvfy"), str(sr_path)], capture_output=True, text=True, check=False
+    )
+    assert [ln for ln in (out.stdout + out.stderr).splitlines() if "Error" in ln] == []
+
+
+@pytest.mark.parametrize("pacs_up", [True, False])
+def test_without_a_prior_the_sr_says_why_and_the_results_are_written(
+    orthanc: Any, tmp_path: Path, pacs_up: bool
+) -> None:
+    study = synth_ct(
+        tmp_path / "ct",
+        slices=60,
+        rows=128,
+        columns=128,
+        seed=6101,
+        tumours=1,
+        patient_id="RF-IT-NO-PRIOR",
+    )
+    orthanc.put("/modalities/radfusion", {"AET": "RADFUSION", "Host": "127.0.0.1", "Port": 1})
+    pacs = orthanc.destination(timeout_s=5)
+    if not pacs_up:
+        pacs["port"] = free_port()  # nobody listens there
+    config = parse_config(
+        {
+            "export": {"destinations": [pacs]},
+            "apps": {"lung_ct": {"priors": {"enabled": True, "pacs": "pacs"}}},
+        }
+    )
+    written = run_folder(study.directory, tmp_path / "out", config)
+    assert [p.name for p in written][:2] == ["seg.dcm", "sr.dcm"]
+    lines = _text(pydicom.dcmread(written[1]))
+    [reason] = [line for line in lines if line.startswith("No comparison with prior CT")]
+    if pacs_up:
+        assert "no earlier CT of this patient in pacs" in reason
+    else:
+        assert "the PACS could not be asked" in reason
