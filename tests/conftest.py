@@ -47,6 +47,21 @@ def evidence_uids(ds: Any) -> set[str]:
     }
 
 
+def sr_texts(sr: Any) -> list[str]:
+    """Every TEXT content item's value of an SR, in document order."""
+    out = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if "TextValue" in item:
+                out.append(str(item.TextValue))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

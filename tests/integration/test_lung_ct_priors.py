@@ -21,7 +21,7 @@ import pytest
 from radfusion.apps.lung_ct.app import run_folder
 from radfusion.config import parse_config
 from radfusion.synth.ct_series import synth_ct
-from tests.conftest import free_port, require_tool
+from tests.conftest import free_port, require_tool, sr_texts
 
 pytestmark = pytest.mark.integration
 
@@ -36,20 +36,6 @@ GEOMETRY = {
     "tumours": 3,
     "patient_id": PATIENT,
 }
-
-
-def _text(sr: pydicom.Dataset) -> list[str]:
-    out = []
-
-    def walk(items: Any) -> None:
-        for item in items:
-            if "TextValue" in item:
-                out.append(str(item.TextValue))
-            if "ContentSequence" in item:
-                walk(item.ContentSequence)
-
-    walk(sr.ContentSequence)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +78,7 @@ def test_each_nodule_is_matched_with_its_prior_and_its_doubling_time_is_right(
 ) -> None:
     prior, current, written = follow_up
     sr = pydicom.dcmread(next(p for p in written if p.name == "sr.dcm"))
-    lines = _text(sr)
+    lines = sr_texts(sr)
     summary = next(line for line in lines if line.startswith("Compared with the prior CT"))
     assert "of 2026-01-01 (120 days earlier" in summary
     assert "3 nodule(s) matched, 0 new, 0 prior nodule(s) not found again" in summary
@@ -155,7 +141,7 @@ def test_without_a_prior_the_sr_says_why_and_the_results_are_written(
     )
     written = run_folder(study.directory, tmp_path / "out", config)
     assert [p.name for p in written][:2] == ["seg.dcm", "sr.dcm"]
-    lines = _text(pydicom.dcmread(written[1]))
+    lines = sr_texts(pydicom.dcmread(written[1]))
     [reason] = [line for line in lines if line.startswith("No comparison with prior CT")]
     if pacs_up:
         assert "no earlier CT of this patient in pacs" in reason

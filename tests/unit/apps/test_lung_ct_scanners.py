@@ -21,6 +21,7 @@ from radfusion.config import parse_config
 from radfusion.evaluation import seg_label_volume
 from radfusion.synth.ct import LABELS
 from radfusion.synth.ct_series import synth_ct
+from tests.conftest import sr_texts
 
 CONFIG = parse_config({})
 
@@ -31,20 +32,6 @@ CASES = {
     "ge-2.5mm-soft": ("ge", 2.5, 120, "soft"),
     "canon-1mm-sharp": ("canon", 1.0, 300, "sharp"),
 }
-
-
-def _text(sr: pydicom.Dataset) -> str:
-    out = []
-
-    def walk(items: Any) -> None:
-        for item in items:
-            if "TextValue" in item:
-                out.append(str(item.TextValue))
-            if "ContentSequence" in item:
-                walk(item.ContentSequence)
-
-    walk(sr.ContentSequence)
-    return "\n".join(out)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -89,7 +76,7 @@ def test_the_series_is_analysed_with_plausible_lungs_on_the_right_sides(analysed
 
 def test_the_sr_says_which_series_and_what_the_slices_cannot_resolve(analysed: Any) -> None:
     name, _, written = analysed
-    text = _text(pydicom.dcmread(written[1]))
+    text = "\n".join(sr_texts(pydicom.dcmread(written[1])))
     assert "Series analysed: series" in text, name
     thickness = CASES[name][1]
     if 2 * thickness > 4.0:
