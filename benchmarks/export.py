@@ -8,6 +8,11 @@
    Orthanc (emptied before each round) by dcmtk ``storescu`` (the peer), radfusion's C-STORE
    and radfusion's STOW-RS (DICOMweb plugin), in rotating order; the last line is
    ``export seconds c-store/stow: X.X/Y.Y`` (medians; storescu's median is printed above it).
+3. Finding and fetching a prior: with the CT in that Orthanc, the seconds to find the patient's
+   study (C-FIND, study level), list its CT series (C-FIND, series level) and retrieve them
+   (C-GET) by radfusion (``integrations/dicom/query.py``, what the lung-ct app's priors use) and
+   by dcmtk ``findscu`` + ``getscu``, in alternating rounds; printed as
+   ``prior fetch seconds radfusion/dcmtk: X.X/Y.Y (ratio R.RR)`` before the last line.
 
     .venv/bin/python -m benchmarks.export [--rounds 5] [--slices 300]
 """
@@ -28,6 +33,7 @@ from pathlib import Path
 from benchmarks.ingest import alternate, run_storescp
 from radfusion.config import DicomDestination, DicomWebDestination
 from radfusion.integrations.dicom.export import deliver
+from radfusion.integrations.dicom.query import find_ct_series, find_studies, retrieve_series
 from radfusion.synth.ct_series import synth_ct
 from tests.conftest import Orthanc, free_port
 
@@ -96,6 +102,74 @@ def results_round(files: list[Path], server: Orthanc, rounds: int) -> dict[str, 
     return med
 
 
+def prior_round(files: list[Path], server: Orthanc, work: Path, rounds: int) -> dict[str, float]:
+    """Seconds to find and fetch the CT of ``files`` from ``server`` (medians of ``rounds``)."""
+    empty(server)
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    port = str(server.dicom_port)
+    subprocess.run(
+        ["storescu", "-aec", "ORTHANC", "127.0.0.1", port, *map(str, files)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    for aet in ("RADFUSION", "GETSCU", "FINDSCU"):  # Orthanc answers AE titles it knows
+        server.put(f"/modalities/{aet.lower()}", {"AET": aet, "Host": "127.0.0.1", "Port": 1})
+    pacs = DicomDestination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=int(port))
+    patient = "RF-0001"
+
+    def radfusion(target: Path) -> None:
+        [study] = find_studies(pacs, "RADFUSION", patient)
+        series = find_ct_series(pacs, "RADFUSION", study.StudyInstanceUID)
+        retrieve_series(pacs, "RADFUSION", study.StudyInstanceUID, series, target)
+
+    def dcmtk(target: Path) -> None:
+        target.mkdir(parents=True)
+        find = ["findscu", "-S", "-aec", "ORTHANC", "127.0.0.1", port, "-k"]
+        studies = subprocess.run(
+            [*find, "QueryRetrieveLevel=STUDY", "-k", f"PatientID={patient}",
+             "-k", "StudyInstanceUID"],
+            check=True, env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        study = _uid_in(studies.stderr + studies.stdout, "0020,000d")
+        series = subprocess.run(
+            [*find, "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
+             "-k", "Modality=CT", "-k", "SeriesInstanceUID"],
+            check=True, env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        uid = _uid_in(series.stderr + series.stdout, "0020,000e")
+        subprocess.run(
+            ["getscu", "-S", "-aec", "ORTHANC", "-od", str(target), "127.0.0.1", port,
+             "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
+             "-k", f"SeriesInstanceUID={uid}"],
+            check=True, env=env, capture_output=True,
+        )  # fmt: skip
+
+    fetchers = {"radfusion": radfusion, "dcmtk": dcmtk}
+    seconds: dict[str, list[float]] = {name: [] for name in fetchers}
+    for i in range(rounds):
+        for name in ["radfusion", "dcmtk"] if i % 2 == 0 else ["dcmtk", "radfusion"]:
+            target = work / f"prior-{name}-{i}"
+            start = time.perf_counter()
+            fetchers[name](target)
+            elapsed = time.perf_counter() - start
+            got = len(list(target.glob("*")))
+            if got != len(files):
+                raise RuntimeError(f"{name}: fetched {got} of {len(files)} images")
+            shutil.rmtree(target)
+            seconds[name].append(elapsed)
+            print(f"round {i + 1} prior {name:<9} {elapsed:6.2f} s")
+    return {k: statistics.median(v) for k, v in seconds.items()}
+
+
+def _uid_in(output: str, tag: str) -> str:
+    """The first UID value of ``tag`` (e.g. "0020,000d") in findscu's response dump."""
+    for line in output.splitlines():
+        if f"({tag})" in line and "[" in line:
+            return line.split("[", 1)[1].split("]", 1)[0].strip()
+    raise RuntimeError(f"findscu returned no ({tag})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -122,8 +196,13 @@ def main() -> None:
         server = Orthanc(work / "orthanc", free_port(), free_port()).start()
         try:
             seconds = results_round(results, server, args.rounds)
+            prior = prior_round(files, server, work, args.rounds)
         finally:
             server.stop()
+        print(
+            f"prior fetch seconds radfusion/dcmtk: {prior['radfusion']:.1f}/{prior['dcmtk']:.1f}"
+            f" (ratio {prior['radfusion'] / prior['dcmtk']:.2f})"
+        )
         print(f"export seconds c-store/stow: {seconds['c-store']:.1f}/{seconds['stow']:.1f}")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,6 @@ from radfusion.integrations.dicom.query import (
     find_studies,
     retrieve_series,
 )
-from radfusion.logs import uid_tag
 from radfusion.operators.change import PriorAnalysis
 from radfusion.operators.detection import Anatomy
 from radfusion.operators.measurement import Measured
@@ -33,6 +33,8 @@ from radfusion.operators.volume import Volume, VolumeError, assemble_first_usabl
 __all__ = ["PriorFinder"]
 
 log = logging.getLogger("radfusion.apps.lung_ct.priors")
+
+_CHEST = re.compile(r"CHEST|LUNG|THORAX|TORSO|WHOLE.?BODY|CHEST.?ABDOMEN")
 
 Analyse = Callable[[Volume], tuple[Anatomy, Measured]]
 """A volume → its lungs and nodules, measured: the app's own analysis."""
@@ -83,55 +85,90 @@ class PriorFinder:
         except QueryError as err:
             log.warning("priors: %s", err)
             return f"the PACS could not be asked ({err})"
+        issuer = str(header.get("IssuerOfPatientID", "") or "").strip()
+        issuers = {m.IssuerOfPatientID for m in matches if m.IssuerOfPatientID}
+        if not issuer and len(issuers) > 1:
+            return (
+                f"{self.peer.name} holds {len(issuers)} patients with this Patient ID (their "
+                "issuers differ) and this study names none"
+            )
+        born = str(header.get("PatientBirthDate", "") or "").strip()
         earlier = []
+        others = 0
         for match in matches:
             when = _date(match.StudyDate)
             is_ct = "CT" in match.ModalitiesInStudy or not match.ModalitiesInStudy
             if match.StudyInstanceUID == this_study or when is None or not is_ct:
                 continue
+            if born and match.PatientBirthDate and match.PatientBirthDate != born:
+                others += 1  # the same ID, another patient
+                continue
             if when < today and (today - when).days <= self.max_age_days:
                 earlier.append((when, match.StudyTime, match))
         if not earlier:
+            also = f" ({others} study(ies) of another patient with this ID left out)"
             return (
                 f"no earlier CT of this patient in {self.peer.name} within the last "
-                f"{self.max_age_days} days"
+                f"{self.max_age_days} days{also if others else ''}"
             )
-        when, _, latest = max(earlier, key=lambda e: (e[0], e[1]))
-        log.info("priors: comparing with study %s of %s", uid_tag(latest.StudyInstanceUID), when)
-        with tempfile.TemporaryDirectory(prefix="radfusion-prior-") as folder:
-            try:
-                series = find_ct_series(self.peer, self.calling_ae_title, latest.StudyInstanceUID)
-                if not series:
-                    return f"the prior study of {when.isoformat()} has no CT series"
-                files = retrieve_series(
-                    self.peer,
-                    self.calling_ae_title,
-                    latest.StudyInstanceUID,
-                    series,
-                    Path(folder),
-                )
-            except QueryError as err:
-                log.warning("priors: %s", err)
-                return f"the prior CT of {when.isoformat()} could not be retrieved ({err})"
-            selection = select_series(read_headers(files), rule=self.rule)
-            if selection is None or selection.refused:
-                return f"the prior CT of {when.isoformat()} has no series this app can analyse"
-            try:
-                prior = assemble_first_usable(selection.candidates)
-            except VolumeError as err:
-                return f"the prior CT of {when.isoformat()} cannot be read ({err})"
+        # Newest first; a study of another body part is passed over for the next older one.
+        chosen = None
+        not_chest = []
+        for when, _, study in sorted(earlier, key=lambda e: (e[0], e[1]), reverse=True):
+            found = self._analysable(study.StudyInstanceUID, when)
+            if isinstance(found, str):
+                return found
+            if found is not None:
+                chosen = (study, when, *found)
+                break
+            not_chest.append(when.isoformat())
+        if chosen is None:
+            return f"no earlier chest CT of this patient (other body parts: {', '.join(not_chest)})"
+        study, when, prior, series = chosen
         anatomy, measured = self.analyse(prior)
         if measured.result is None:
             return (
                 f"the prior CT of {when.isoformat()} could not be analysed "
                 f"({measured.out_of_scope_reason})"
             )
-        header = prior.source_images[0]
         return PriorAnalysis(
-            StudyInstanceUID=latest.StudyInstanceUID,
-            SeriesInstanceUID=str(header.SeriesInstanceUID),
+            StudyInstanceUID=study.StudyInstanceUID,
+            SeriesInstanceUID=series,
             StudyDate=when,
             volume=prior,
             lungs=anatomy.fields.right | anatomy.fields.left,
             nodules=tuple(f for f in measured.result.findings if f.kind == "tumour"),
         )
+
+    def _analysable(
+        self, study_instance_uid: str, when: dt.date
+    ) -> tuple[Volume, str] | str | None:
+        """The volume of the prior study's chest CT series the app would choose and its
+        Series Instance UID; None when the study has no chest CT (another body part); the
+        reason when it cannot be had."""
+        day = when.isoformat()
+        try:
+            series = find_ct_series(self.peer, self.calling_ae_title, study_instance_uid)
+            chest = [s.SeriesInstanceUID for s in series if _chest(s.BodyPartExamined)]
+            if not chest:
+                return None
+            with tempfile.TemporaryDirectory(prefix="radfusion-prior-") as folder:
+                files = retrieve_series(
+                    self.peer, self.calling_ae_title, study_instance_uid, chest, Path(folder)
+                )
+                selection = select_series(read_headers(files), rule=self.rule)
+                if selection is None or selection.refused:
+                    return f"the prior CT of {day} has no series this app can analyse"
+                try:
+                    volume = assemble_first_usable(selection.candidates)
+                except VolumeError as err:
+                    return f"the prior CT of {day} cannot be read ({err})"
+        except QueryError as err:
+            log.warning("priors: %s", err)
+            return f"the prior CT of {day} could not be retrieved ({err})"
+        return volume, str(volume.source_images[0].SeriesInstanceUID)
+
+
+def _chest(body_part: str) -> bool:
+    """Whether a series' Body Part Examined covers the chest (unstated: assumed to)."""
+    return not body_part or bool(_CHEST.search(body_part.upper()))

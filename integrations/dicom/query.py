@@ -30,7 +30,14 @@ from radfusion.errors import RadfusionError
 from radfusion.integrations.dicom.pynetdicom_internals import on_connection_open, shorten_polling
 from radfusion.integrations.dicom.tls import client_context
 
-__all__ = ["QueryError", "StudyMatch", "find_ct_series", "find_studies", "retrieve_series"]
+__all__ = [
+    "QueryError",
+    "SeriesMatch",
+    "StudyMatch",
+    "find_ct_series",
+    "find_studies",
+    "retrieve_series",
+]
 
 log = logging.getLogger("radfusion.query")
 
@@ -59,6 +66,16 @@ class StudyMatch:
     StudyTime: str
     ModalitiesInStudy: tuple[str, ...]
     StudyDescription: str
+    IssuerOfPatientID: str = ""  # "" when the PACS does not say
+    PatientBirthDate: str = ""
+
+
+@dataclass(frozen=True)
+class SeriesMatch:
+    """A CT series of a study."""
+
+    SeriesInstanceUID: str
+    BodyPartExamined: str  # "" when the PACS does not say
 
 
 def _ae(peer: DicomDestination, calling_ae_title: str) -> AE:
@@ -117,8 +134,11 @@ def find_studies(
     query.PatientID = patient_id
     if issuer:
         query.IssuerOfPatientID = issuer
-    for keyword in ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription"):
+    keys = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription", "PatientBirthDate")
+    for keyword in keys:
         setattr(query, keyword, "")
+    if not issuer:
+        query.IssuerOfPatientID = ""  # returned, to tell patients who share the ID apart
     query.ModalitiesInStudy = ""
     out = []
     for ds in _find(peer, calling_ae_title, query):
@@ -134,6 +154,8 @@ def find_studies(
                 StudyTime=str(ds.get("StudyTime", "") or ""),
                 ModalitiesInStudy=tuple(str(v) for v in values if v),
                 StudyDescription=str(ds.get("StudyDescription", "") or ""),
+                IssuerOfPatientID=str(ds.get("IssuerOfPatientID", "") or "").strip(),
+                PatientBirthDate=str(ds.get("PatientBirthDate", "") or "").strip(),
             )
         )
     return [m for m in out if m.StudyInstanceUID]
@@ -141,8 +163,8 @@ def find_studies(
 
 def find_ct_series(
     peer: DicomDestination, calling_ae_title: str, study_instance_uid: str
-) -> list[str]:
-    """The Series Instance UIDs of the CT series of a study.
+) -> list[SeriesMatch]:
+    """The CT series of a study.
 
     Raises:
         QueryError: no association, or the query failed.
@@ -152,8 +174,9 @@ def find_ct_series(
     query.StudyInstanceUID = study_instance_uid
     query.SeriesInstanceUID = ""
     query.Modality = "CT"
+    query.BodyPartExamined = ""
     return [
-        str(ds.SeriesInstanceUID)
+        SeriesMatch(str(ds.SeriesInstanceUID), str(ds.get("BodyPartExamined", "") or "").strip())
         for ds in _find(peer, calling_ae_title, query)
         if str(ds.get("Modality", "CT")) == "CT" and ds.get("SeriesInstanceUID")
     ]
@@ -176,10 +199,9 @@ def retrieve_series(
     written: list[Path] = []
 
     def on_store(event: Event) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
+        # The bytes as received, with their File Meta: nothing decoded or encoded again.
         path = folder / f"{len(written):05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        path.write_bytes(event.encoded_dataset(include_meta=True))
         written.append(path)
         return 0x0000
 

@@ -147,3 +147,63 @@ def test_without_a_prior_the_sr_says_why_and_the_results_are_written(
         assert "no earlier CT of this patient in pacs" in reason
     else:
         assert "the PACS could not be asked" in reason
+
+
+def _rewrite(files: Any, **attributes: str | None) -> None:
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in attributes.items():
+            if value is not None:
+                setattr(ds, keyword, value)
+            elif keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("abdomen", "no earlier chest CT of this patient (other body parts: 2026-01-01)"),
+        ("other-patient", "1 study(ies) of another patient with this ID left out"),
+        ("two-issuers", "holds 2 patients with this Patient ID (their issuers differ)"),
+    ],
+)
+def test_a_prior_that_is_not_this_patients_chest_ct_is_not_compared(
+    orthanc: Any, tmp_path: Path, case: str, reason: str
+) -> None:
+    patient = f"RF-IT-{case.upper()}"
+    small = {"slices": 60, "rows": 128, "columns": 128, "patient_id": patient}
+    earlier = synth_ct(
+        tmp_path / "earlier", **small, seed=6102, tumours=0, study_date="20260101",
+        chest=case != "abdomen",
+    )  # fmt: skip
+    current = synth_ct(tmp_path / "current", **small, seed=6103, tumours=1, study_date="20260501")
+    if case == "other-patient":
+        _rewrite(earlier.files, PatientBirthDate="19400101")
+        _rewrite(current.files, PatientBirthDate="19600101")
+    sent = [earlier.files]
+    if case == "two-issuers":
+        namesake = synth_ct(
+            tmp_path / "namesake", **small, seed=6104, tumours=0, study_date="20251201"
+        )
+        _rewrite(earlier.files, IssuerOfPatientID="HOSPITAL-A")
+        _rewrite(namesake.files, IssuerOfPatientID="HOSPITAL-B")
+        _rewrite(current.files, IssuerOfPatientID=None)
+        sent.append(namesake.files)
+    for files in sent:
+        subprocess.run(
+            [require_tool("storescu"), "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port),
+             *map(str, files)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    orthanc.put("/modalities/radfusion", {"AET": "RADFUSION", "Host": "127.0.0.1", "Port": 1})
+    config = parse_config(
+        {
+            "export": {"destinations": [orthanc.destination(timeout_s=10)]},
+            "apps": {"lung_ct": {"priors": {"enabled": True, "pacs": "pacs"}}},
+        }
+    )
+    written = run_folder(current.directory, tmp_path / "out", config)
+    lines = sr_texts(pydicom.dcmread(written[1]))
+    [said] = [line for line in lines if line.startswith("No comparison with prior CT")]
+    assert reason in said
