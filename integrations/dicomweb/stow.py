@@ -8,6 +8,8 @@ whether it was stored and, when not, whether sending it again can help:
 - 202 and any error answer with a DICOM JSON body: the Referenced SOP Sequence was stored
   (servers such as Orthanc list what they stored even in a 400), the Failed SOP Sequence was
   not, with its Failure Reason; an instance in neither is not known to be stored;
+- 202 without a body: some instances were not stored and the server does not say which, so
+  none is known to be stored (sent again, which a server takes as the same instances);
 - 408, 429, 5xx, a dropped connection or a timeout: worth retrying;
 - 400, 401, 403, 404, 409, 413, 415, a TLS failure: not worth retrying; a person must act.
 """
@@ -142,7 +144,25 @@ def _outcome(body: Dataset | None) -> tuple[set[str], dict[str, int]]:
     return stored, failed
 
 
-def _post(client: DICOMwebClient, study: str, datasets: list[Dataset]) -> _Answer:
+def _post(
+    client: DICOMwebClient, session: requests.Session, study: str, datasets: list[Dataset]
+) -> _Answer:
+    statuses: list[int] = []  # dicomweb-client returns the body only; the status decides
+
+    def record(response: requests.Response, *args: object, **kwargs: object) -> None:
+        statuses.append(response.status_code)
+
+    hooks = session.hooks.setdefault("response", [])
+    hooks.append(record)
+    try:
+        return _answer(client, study, datasets, statuses)
+    finally:
+        hooks.remove(record)
+
+
+def _answer(
+    client: DICOMwebClient, study: str, datasets: list[Dataset], statuses: list[int]
+) -> _Answer:
     try:
         body = client.store_instances(datasets, study_instance_uid=study or None)
     except requests.exceptions.SSLError as err:
@@ -164,6 +184,8 @@ def _post(client: DICOMwebClient, study: str, datasets: list[Dataset]) -> _Answe
         return _Answer(stored, failed, problem, code in RETRYABLE_HTTP)
     stored, failed = _outcome(body if len(body) else None)
     if not failed and not stored:
+        if statuses and statuses[-1] == 202:
+            return _Answer(set(), {}, "HTTP 202 Accepted without saying what was stored", True)
         stored = {str(ds.get("SOPInstanceUID", "")) for ds in datasets}  # 200, no body: all stored
     return _Answer(stored, failed, "", True)
 
@@ -188,7 +210,7 @@ def stow(dest: DicomWebDestination, files: Sequence[Path]) -> None:
     retryable = True
     try:
         for study, members in by_study.items():
-            answer = _post(client, study, [ds for _, ds in members])
+            answer = _post(client, session, study, [ds for _, ds in members])
             if answer.problem:
                 problems.append(answer.problem)
             retryable = retryable and answer.retryable

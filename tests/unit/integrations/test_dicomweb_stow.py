@@ -195,6 +195,20 @@ def test_202_with_a_refusal_is_not_retryable(server: Any, files: list[Path]) -> 
     assert caught.value.pending == (files[0],) and not caught.value.retryable
 
 
+def test_202_without_a_body_stores_nothing_known(server: Any, files: list[Path]) -> None:
+    url, script = server
+    script.answers = [(202, None)]  # "some failed", and not which
+    with pytest.raises(StowError, match="3 of 3 instance.*202 Accepted without saying") as caught:
+        stow(_dest(url), files)
+    assert caught.value.pending == tuple(files) and caught.value.retryable
+
+
+def test_200_without_a_body_stores_everything(server: Any, files: list[Path]) -> None:
+    url, script = server
+    script.answers = [(200, None)]
+    stow(_dest(url), files)
+
+
 def test_409_is_not_retryable_and_says_so(server: Any, files: list[Path]) -> None:
     url, script = server
     script.answers = [(409, lambda uids: response([], dict.fromkeys(uids, 0xA900)))]
