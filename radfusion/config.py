@@ -673,8 +673,9 @@ class PriorsConfig(_Section):
     enabled: bool = False
     pacs: str = Field(
         default="pacs",
-        description="Name of the DICOM export destination to ask (C-FIND, Study Root) for "
-        "the patient's earlier studies and to retrieve the latest earlier CT from (C-GET).",
+        description="Name of the export destination to ask for the patient's earlier studies "
+        "and to retrieve the latest earlier CT from: a dicom one (C-FIND, Study Root; C-GET) "
+        "or a dicomweb one (QIDO-RS; WADO-RS).",
     )
     max_age_days: int = Field(
         default=3650, ge=1, description="Earlier studies older than this are not compared."
@@ -834,10 +835,10 @@ class RadfusionConfig(_Section):
             dest = self.export.destination(priors.pacs)
         except KeyError as err:
             raise ValueError(f"apps.lung_ct.priors.pacs: {err.args[0]}") from None
-        if not isinstance(dest, DicomDestination):
+        if isinstance(dest, FolderDestination):
             raise ValueError(
-                f"apps.lung_ct.priors.pacs: {priors.pacs!r} is a {dest.type} destination; "
-                "priors are queried and retrieved over DICOM"
+                f"apps.lung_ct.priors.pacs: {priors.pacs!r} is a folder; priors are queried "
+                "and retrieved from a dicom (C-FIND, C-GET) or dicomweb (QIDO-RS, WADO-RS) one"
             )
         return self
 

@@ -1,9 +1,10 @@
 """The lung-ct app's prior: the patient's latest earlier CT in the PACS, analysed alike.
 
 :class:`PriorFinder` is the app's :data:`~radfusion.operators.change.PriorLookup`: it asks the
-PACS of ``apps.lung_ct.priors.pacs`` for the patient's studies (C-FIND by Patient ID and Issuer
-of Patient ID), takes the latest CT study dated before this one (within ``max_age_days``),
-retrieves its CT series (C-GET) into a temporary folder, chooses a series by the app's own
+PACS of ``apps.lung_ct.priors.pacs`` for the patient's studies (C-FIND, or QIDO-RS for a
+DICOMweb destination, by Patient ID and Issuer of Patient ID), takes the latest CT study dated
+before this one (within ``max_age_days``), retrieves its chest CT series (C-GET, or WADO-RS)
+into a temporary folder, chooses a series by the app's own
 rule and analyses it with the same model, detector and operating point as the current study.
 Every way this can come to nothing returns the reason, for the SR; nothing is invented.
 """
@@ -12,18 +13,18 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from radfusion.config import DicomDestination, RadfusionConfig
+from radfusion.config import DicomDestination, DicomWebDestination, RadfusionConfig
 from radfusion.integrations.dicom.query import (
+    DimseQuery,
+    PriorSource,
     QueryError,
-    find_ct_series,
-    find_studies,
-    retrieve_series,
+    chest_ct_series,
 )
+from radfusion.integrations.dicomweb.query import DicomWebQuery
 from radfusion.operators.change import PriorAnalysis
 from radfusion.operators.detection import Anatomy
 from radfusion.operators.measurement import Measured
@@ -33,8 +34,6 @@ from radfusion.operators.volume import Volume, VolumeError, assemble_first_usabl
 __all__ = ["PriorFinder"]
 
 log = logging.getLogger("radfusion.apps.lung_ct.priors")
-
-_CHEST = re.compile(r"CHEST|LUNG|THORAX|TORSO|WHOLE.?BODY|CHEST.?ABDOMEN")
 
 Analyse = Callable[[Volume], tuple[Anatomy, Measured]]
 """A volume → its lungs and nodules, measured: the app's own analysis."""
@@ -59,11 +58,15 @@ class PriorFinder:
     def __init__(self, config: RadfusionConfig, analyse: Analyse) -> None:
         settings = config.apps.lung_ct.priors
         peer = config.export.destination(settings.pacs)
-        if not isinstance(peer, DicomDestination):  # the configuration checks this too
-            raise ValueError(f"apps.lung_ct.priors.pacs: {settings.pacs!r} is not DICOM")
-        self.peer = peer
+        source: PriorSource
+        if isinstance(peer, DicomDestination):
+            source = DimseQuery(peer, config.node.ae_title)
+        elif isinstance(peer, DicomWebDestination):
+            source = DicomWebQuery(peer)
+        else:  # the configuration checks this too
+            raise ValueError(f"apps.lung_ct.priors.pacs: {settings.pacs!r} is a folder")
+        self.source = source
         self.max_age_days = settings.max_age_days
-        self.calling_ae_title = config.node.ae_title
         self.rule = SelectionRule.from_settings(config.apps.lung_ct)
         self.analyse = analyse
 
@@ -76,9 +79,7 @@ class PriorFinder:
             return "the study has no Study Date"
         this_study = str(header.get("StudyInstanceUID", ""))
         try:
-            matches = find_studies(
-                self.peer,
-                self.calling_ae_title,
+            matches = self.source.find_studies(
                 str(header.PatientID).strip(),
                 str(header.get("IssuerOfPatientID", "") or "").strip(),
             )
@@ -89,7 +90,7 @@ class PriorFinder:
         issuers = {m.IssuerOfPatientID for m in matches if m.IssuerOfPatientID}
         if not issuer and len(issuers) > 1:
             return (
-                f"{self.peer.name} holds {len(issuers)} patients with this Patient ID (their "
+                f"{self.source.name} holds {len(issuers)} patients with this Patient ID (their "
                 "issuers differ) and this study names none"
             )
         born = str(header.get("PatientBirthDate", "") or "").strip()
@@ -108,7 +109,7 @@ class PriorFinder:
         if not earlier:
             also = f" ({others} study(ies) of another patient with this ID left out)"
             return (
-                f"no earlier CT of this patient in {self.peer.name} within the last "
+                f"no earlier CT of this patient in {self.source.name} within the last "
                 f"{self.max_age_days} days{also if others else ''}"
             )
         # Newest first; a study of another body part is passed over for the next older one.
@@ -148,14 +149,11 @@ class PriorFinder:
         reason when it cannot be had."""
         day = when.isoformat()
         try:
-            series = find_ct_series(self.peer, self.calling_ae_title, study_instance_uid)
-            chest = [s.SeriesInstanceUID for s in series if _chest(s.BodyPartExamined)]
+            chest = chest_ct_series(self.source.find_ct_series(study_instance_uid))
             if not chest:
                 return None
             with tempfile.TemporaryDirectory(prefix="radfusion-prior-") as folder:
-                files = retrieve_series(
-                    self.peer, self.calling_ae_title, study_instance_uid, chest, Path(folder)
-                )
+                files = self.source.retrieve_series(study_instance_uid, chest, Path(folder))
                 selection = select_series(read_headers(files), rule=self.rule)
                 if selection is None or selection.refused:
                     return f"the prior CT of {day} has no series this app can analyse"
@@ -167,8 +165,3 @@ class PriorFinder:
             log.warning("priors: %s", err)
             return f"the prior CT of {day} could not be retrieved ({err})"
         return volume, str(volume.source_images[0].SeriesInstanceUID)
-
-
-def _chest(body_part: str) -> bool:
-    """Whether a series' Body Part Examined covers the chest (unstated: assumed to)."""
-    return not body_part or bool(_CHEST.search(body_part.upper()))

@@ -3,16 +3,19 @@
 Study Root Query/Retrieve (PS3.4 Annex C). C-GET brings the images back on the same
 association (the PACS needs no route to us, unlike C-MOVE), into a folder the caller owns.
 The peer is a configured DICOM destination: the archive radfusion stores its results in is the
-one it asks for priors.
+one it asks for priors. :class:`DimseQuery` here and
+:class:`radfusion.integrations.dicomweb.query.DicomWebQuery` (QIDO-RS, WADO-RS) are the two
+:class:`PriorSource` implementations.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
@@ -31,9 +34,12 @@ from radfusion.integrations.dicom.pynetdicom_internals import on_connection_open
 from radfusion.integrations.dicom.tls import client_context
 
 __all__ = [
+    "DimseQuery",
+    "PriorSource",
     "QueryError",
     "SeriesMatch",
     "StudyMatch",
+    "chest_ct_series",
     "find_ct_series",
     "find_studies",
     "retrieve_series",
@@ -42,6 +48,7 @@ __all__ = [
 log = logging.getLogger("radfusion.query")
 
 _PENDING = {0xFF00, 0xFF01}
+_CHEST = re.compile(r"CHEST|LUNG|THORAX|TORSO|WHOLE.?BODY")
 _RETRIEVED_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
 _SYNTAXES = [
     "1.2.840.10008.1.2.1",
@@ -230,3 +237,62 @@ def retrieve_series(
     if not written:
         raise QueryError(f"{peer.name}: C-GET brought no CT images")
     return written
+
+
+class PriorSource(Protocol):
+    """Where a patient's earlier studies are found and fetched from."""
+
+    @property
+    def name(self) -> str:
+        """The destination's name, for reports."""
+        ...
+
+    def find_studies(self, patient_id: str, issuer: str = "") -> list[StudyMatch]:
+        """The patient's studies. Raises QueryError."""
+        ...
+
+    def find_ct_series(self, study_instance_uid: str) -> list[SeriesMatch]:
+        """A study's CT series. Raises QueryError."""
+        ...
+
+    def retrieve_series(
+        self, study_instance_uid: str, series_instance_uids: Sequence[str], folder: Path
+    ) -> list[Path]:
+        """The series' images into ``folder``. Raises QueryError."""
+        ...
+
+
+@dataclass(frozen=True)
+class DimseQuery:
+    """A DICOM peer as a :class:`PriorSource`: C-FIND and C-GET, calling as ``calling_ae_title``
+    (the PACS must allow both to that AE title)."""
+
+    peer: DicomDestination
+    calling_ae_title: str
+
+    @property
+    def name(self) -> str:
+        return self.peer.name
+
+    def find_studies(self, patient_id: str, issuer: str = "") -> list[StudyMatch]:
+        return find_studies(self.peer, self.calling_ae_title, patient_id, issuer)
+
+    def find_ct_series(self, study_instance_uid: str) -> list[SeriesMatch]:
+        return find_ct_series(self.peer, self.calling_ae_title, study_instance_uid)
+
+    def retrieve_series(
+        self, study_instance_uid: str, series_instance_uids: Sequence[str], folder: Path
+    ) -> list[Path]:
+        return retrieve_series(
+            self.peer, self.calling_ae_title, study_instance_uid, series_instance_uids, folder
+        )
+
+
+def chest_ct_series(series: Sequence[SeriesMatch]) -> list[str]:
+    """The Series Instance UIDs of those whose Body Part Examined covers the chest (unstated:
+    assumed to)."""
+    return [
+        s.SeriesInstanceUID
+        for s in series
+        if not s.BodyPartExamined or _CHEST.search(s.BodyPartExamined.upper())
+    ]

@@ -17,21 +17,19 @@ whether it was stored and, when not, whether sending it again can help:
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
-from requests.adapters import HTTPAdapter
 
 from radfusion.config import DicomWebDestination
 from radfusion.errors import RadfusionError
+from radfusion.integrations.dicomweb.session import session_for
 from radfusion.logs import uid_tag
 
 __all__ = ["StowError", "stow"]
@@ -63,49 +61,6 @@ def failure_is_retryable(reason: int) -> bool:
     Resources) and 0x0213 (Resource Limitation). Refusals, SOP classes not supported,
     data set errors and processing failures are not."""
     return 0xA700 <= reason <= 0xA7FF or reason == 0x0213
-
-
-class _TLSAdapter(HTTPAdapter):
-    """TLS 1.2 or later (BCP 195) whatever the system's OpenSSL allows, with the
-    destination's CA bundle and client certificate loaded into the one context used."""
-
-    def __init__(self, dest: DicomWebDestination) -> None:
-        try:
-            context = ssl.create_default_context(
-                cafile=str(dest.verify_tls) if isinstance(dest.verify_tls, Path) else None
-            )
-        except (OSError, ssl.SSLError) as err:
-            raise ValueError(f"cannot load the CA bundle {dest.verify_tls}: {err}") from None
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if dest.verify_tls is False:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if dest.client_certificate is not None and dest.client_key is not None:
-            try:
-                context.load_cert_chain(dest.client_certificate, dest.client_key)
-            except (OSError, ssl.SSLError) as err:
-                raise ValueError(
-                    f"cannot load the client certificate {dest.client_certificate}: {err}"
-                ) from None
-        self._context = context
-        super().__init__()
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["ssl_context"] = self._context
-        super().init_poolmanager(*args, **kwargs)
-
-
-def _session(dest: DicomWebDestination) -> requests.Session:
-    session = requests.Session()
-    session.mount("https://", _TLSAdapter(dest))
-    session.verify = dest.verify_tls is not False
-    secret = dest.auth.secret()
-    if dest.auth.type == "basic":
-        assert dest.auth.username is not None and secret is not None
-        session.auth = (dest.auth.username, secret)
-    elif dest.auth.type == "bearer":
-        session.headers["Authorization"] = f"Bearer {secret}"
-    return session
 
 
 @dataclass
@@ -197,7 +152,7 @@ def stow(dest: DicomWebDestination, files: Sequence[Path]) -> None:
         StowError: some files were not stored; names them, why, and whether a retry can help.
         ValueError: the destination's secret, CA bundle or client certificate cannot be read.
     """
-    session = _session(dest)
+    session = session_for(dest)
     client = DICOMwebClient(url=dest.url, session=session, timeout=dest.timeout_s)
     # Retries, with their backoff and dead letter, are the exporter's: one policy, not two.
     client.set_http_retry_params(retry=False)

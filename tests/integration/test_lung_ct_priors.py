@@ -2,7 +2,7 @@
 
 The prior is the same synthetic patient 120 days earlier with every tumour at 0.7 of its
 radius (0.343 of its volume) and lying 16.5 mm elsewhere in the scanner; the app finds it by
-C-FIND, retrieves it by C-GET, analyses it alike, registers the lungs and must report each
+C-FIND or QIDO-RS, retrieves it by C-GET or WADO-RS, analyses it alike, registers the lungs and must report each
 nodule matched, with a volume doubling time within 15 % of the phantoms' true one.
 """
 
@@ -38,8 +38,12 @@ GEOMETRY = {
 }
 
 
-@pytest.fixture(scope="module")
-def follow_up(orthanc: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+@pytest.fixture(scope="module", params=["dicom", "dicomweb"])
+def follow_up(
+    orthanc: Any, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Any:
+    """The follow-up analysed with priors from Orthanc by C-FIND + C-GET, or by QIDO-RS +
+    WADO-RS through its DICOMweb plugin."""
     root = tmp_path_factory.mktemp("priors")
     prior = synth_ct(
         root / "prior",
@@ -63,9 +67,12 @@ def follow_up(orthanc: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     )
     # Orthanc answers C-FIND and C-GET from AE titles it knows.
     orthanc.put("/modalities/radfusion", {"AET": "RADFUSION", "Host": "127.0.0.1", "Port": 1})
+    pacs = orthanc.destination()
+    if request.param == "dicomweb":
+        pacs = {"name": "pacs", "type": "dicomweb", "url": f"{orthanc.url}/dicom-web"}
     config = parse_config(
         {
-            "export": {"destinations": [orthanc.destination()]},
+            "export": {"destinations": [pacs]},
             "apps": {"lung_ct": {"priors": {"enabled": True, "pacs": "pacs"}}},
         }
     )

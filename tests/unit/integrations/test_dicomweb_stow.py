@@ -198,7 +198,7 @@ def test_202_with_a_refusal_is_not_retryable(server: Any, files: list[Path]) -> 
 def test_202_without_a_body_stores_nothing_known(server: Any, files: list[Path]) -> None:
     url, script = server
     script.answers = [(202, None)]  # "some failed", and not which
-    with pytest.raises(StowError, match="3 of 3 instance.*202 Accepted without saying") as caught:
+    with pytest.raises(StowError, match=r"3 of 3 instance.*202 Accepted without saying") as caught:
         stow(_dest(url), files)
     assert caught.value.pending == tuple(files) and caught.value.retryable
 
