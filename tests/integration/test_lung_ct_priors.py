@@ -2,8 +2,9 @@
 
 The prior is the same synthetic patient 120 days earlier with every tumour at 0.7 of its
 radius (0.343 of its volume) and lying 16.5 mm elsewhere in the scanner; the app finds it by
-C-FIND or QIDO-RS, retrieves it by C-GET or WADO-RS, analyses it alike, registers the lungs and must report each
-nodule matched, with a volume doubling time within 15 % of the phantoms' true one.
+C-FIND or QIDO-RS, retrieves it by C-GET or WADO-RS, analyses it alike, registers the lungs
+and must report each nodule matched, with a volume doubling time within 15 % of the phantoms'
+true one.
 """
 
 from __future__ import annotations
