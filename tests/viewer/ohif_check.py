@@ -208,6 +208,7 @@ def summarise(report: dict[str, Any]) -> str:
         lines.append(f"Measurements panel lists {listed} of {len(report['srLabels'])} findings")
         lines += [f"not in the Measurements panel: {label}" for label in missing]
     lines += [f"console error: {e}" for e in report["errors"]]
+    lines += report.get("failedRequests", [])
     return "\n".join(lines)
 
 
@@ -232,6 +233,8 @@ def check(ct: Path, results: Path | None, out: Path, work: Path) -> dict[str, An
                 cwd=node_dir, check=True, timeout=300,
             )  # fmt: skip
     report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    served = (out / "serve.log").read_text(errors="replace").splitlines()
+    report["failedRequests"] = [ln for ln in served if ln.startswith("failed request:")]
     if (results / "sr.dcm").exists():
         report["srLineImages"] = sr_line_images(results / "sr.dcm", dicom_files(ct))
         report["srLabels"] = [label for label, _ in sr_findings(results / "sr.dcm")]
@@ -241,9 +244,11 @@ def check(ct: Path, results: Path | None, out: Path, work: Path) -> dict[str, An
 
 def problems(report: dict[str, Any]) -> list[str]:
     """What makes the check fail: an SR annotation not drawn, a finding not in the
-    Measurements panel, the script itself failing."""
+    Measurements panel, a request of the viewer that failed, the script itself failing."""
     return [
         *(f"not drawn: {u}" for u in report.get("undrawn", [])),
+        *report.get("failedRequests", []),
+        *(e for e in report["errors"] if e.startswith("Failed to load resource")),
         *(f"not in the Measurements panel: {m}" for m in missing_from_panel(report)),
         *(e for e in report["errors"] if e.startswith(("script:", "viewer:"))),
     ]

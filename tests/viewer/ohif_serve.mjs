@@ -43,7 +43,10 @@ function appConfig() {
   const text = readFileSync(path.join(dist, 'app-config.js'), 'utf8');
   const patched = text
     .replace(/(wadoUriRoot|qidoRoot|wadoRoot):\s*'[^']*'/g, `$1: '${ownRoot}'`)
-    .replace(/staticWado:\s*true/g, 'staticWado: false');
+    .replace(/staticWado:\s*true/g, 'staticWado: false')
+    // Orthanc 1.10's DICOMweb plugin has no /thumbnail resource (a 404 per series): OHIF
+    // renders thumbnails from the WADO-RS pixel data instead.
+    .replace(/thumbnailRendering:\s*'[^']*'/g, "thumbnailRendering: 'wadors'");
   if (!patched.includes(ownRoot)) {
     throw new Error('app-config.js has no wadoUriRoot/qidoRoot/wadoRoot to point at the proxy');
   }
@@ -55,6 +58,9 @@ function proxy(req, res) {
   const target = new URL(upstream.pathname + req.url.slice('/dicom-web'.length), upstream);
   const headers = { ...req.headers, host: upstream.host };
   const upstreamReq = http.request(target, { method: req.method, headers }, upstreamRes => {
+    if ((upstreamRes.statusCode ?? 502) >= 400) {
+      console.log(`failed request: ${req.method} ${req.url} -> ${upstreamRes.statusCode}`);
+    }
     res.writeHead(upstreamRes.statusCode ?? 502, upstreamRes.headers);
     upstreamRes.pipe(res);
   });
