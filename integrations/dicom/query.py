@@ -28,6 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at impo
     StudyRootQueryRetrieveInformationModelGet,
 )
 
+from radfusion import audit
 from radfusion.config import DicomDestination
 from radfusion.errors import RadfusionError
 from radfusion.integrations.dicom.pynetdicom_internals import on_connection_open, shorten_polling
@@ -107,7 +108,35 @@ def _associate(ae: AE, peer: DicomDestination, **kw: Any) -> Association:
     return assoc
 
 
+def _where(peer: DicomDestination) -> dict[str, str]:
+    return {
+        "role": "archive",
+        "name": peer.name,
+        "ae_title": peer.ae_title,
+        "address": f"{peer.host}:{peer.port}",
+    }
+
+
 def _find(peer: DicomDestination, calling_ae_title: str, query: Dataset) -> list[Dataset]:
+    # The query's keys identify the patient: the trail names the level only.
+    level = {"QueryRetrieveLevel": str(query.QueryRetrieveLevel)}
+    try:
+        found = _find_once(peer, calling_ae_title, query)
+    except QueryError as err:
+        audit.record(
+            audit.QUERY, outcome=8, participants=[_where(peer)], objects=[level], detail=str(err)
+        )
+        raise
+    audit.record(
+        audit.QUERY,
+        participants=[_where(peer)],
+        objects=[level],
+        detail=f"C-FIND: {len(found)} match(es)",
+    )
+    return found
+
+
+def _find_once(peer: DicomDestination, calling_ae_title: str, query: Dataset) -> list[Dataset]:
     ae = _ae(peer, calling_ae_title)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = _associate(ae, peer)
@@ -236,6 +265,13 @@ def retrieve_series(
             assoc.release()
     if not written:
         raise QueryError(f"{peer.name}: C-GET brought no CT images")
+    audit.record(
+        audit.INSTANCES_TRANSFERRED,
+        action="R",
+        participants=[_where(peer)],
+        objects=[{"StudyInstanceUID": study_instance_uid, "retrieved": len(written)}],
+        detail="C-GET of a prior",
+    )
     return written
 
 

@@ -19,9 +19,11 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
+from radfusion import audit
 from radfusion.config import DicomWebDestination
 from radfusion.integrations.dicom.query import QueryError, SeriesMatch, StudyMatch
 from radfusion.integrations.dicomweb.session import session_for
+from radfusion.logs import uid_tag
 
 __all__ = ["DicomWebQuery"]
 
@@ -45,7 +47,17 @@ class DicomWebQuery:
     def name(self) -> str:
         return self.peer.name
 
-    def _call(self, what: str, action: Any) -> Any:
+    def _call(self, what: str, action: Any, event: audit.Code = audit.QUERY) -> Any:
+        where = [{"role": "archive", "name": self.peer.name, "url": self.peer.url}]
+        try:
+            result = self._call_once(what, action)
+        except QueryError as err:
+            audit.record(event, outcome=8, participants=where, detail=str(err))
+            raise
+        audit.record(event, participants=where, detail=what)
+        return result
+
+    def _call_once(self, what: str, action: Any) -> Any:
         try:
             session = session_for(self.peer)
         except ValueError as err:
@@ -133,7 +145,11 @@ class DicomWebQuery:
                     ds.save_as(path, enforce_file_format=True)
                     written.append(path)
 
-        self._call("WADO-RS retrieval", fetch)
+        self._call(
+            f"WADO-RS retrieval of study {uid_tag(study_instance_uid)}",
+            fetch,
+            audit.INSTANCES_TRANSFERRED,
+        )
         if not written:
             raise QueryError(f"{self.peer.name}: WADO-RS brought no CT images")
         return written

@@ -105,3 +105,18 @@ def test_fhir_searches_are_audited_without_their_parameters(trail: Path) -> None
     assert found["objects"] == [{"resource": "Patient"}]
     assert refused["outcome"] == 8 and refused["objects"] == [{"resource": "Observation"}]
     assert "PATIENT-42" not in trail.read_text()
+
+
+def test_prior_queries_are_audited_without_the_patient(trail: Path) -> None:
+    from radfusion.config import DicomDestination
+    from radfusion.integrations.dicom.query import DimseQuery, QueryError
+    from tests.conftest import free_port
+
+    pacs = DicomDestination(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port())
+    with pytest.raises(QueryError):
+        DimseQuery(pacs, "RADFUSION").find_studies("PATIENT-42", "HOSPITAL-A")
+    [refused] = events(trail)
+    assert refused["event"] == ["110112", "Query"] and refused["outcome"] == 8
+    assert refused["objects"] == [{"QueryRetrieveLevel": "STUDY"}]
+    assert refused["participants"][0]["ae_title"] == "PACS"
+    assert "PATIENT-42" not in trail.read_text() and "HOSPITAL-A" not in trail.read_text()
