@@ -3,7 +3,8 @@
 The prior's nodules come from the same analysis run on the prior's images (so both sides are
 measured alike). Patients lie differently from one scan to the next, so positions are not
 compared raw: the prior's lungs are registered rigidly to the current lungs (SimpleITK, mean
-squares of the smoothed lung masks, initialised by their centres of mass), and each prior
+squares of the lungs' signed distance maps on a 6 mm grid, starting from their centres of
+mass), and each prior
 nodule's centroid is carried into the current frame before matching. A match is the nearest
 pair within ``max(10 mm, 0.75 × the larger diameter)``, nearest first; what is left is new
 (now only) or not found again (prior only).
@@ -48,7 +49,8 @@ __all__ = [
 
 log = logging.getLogger("radfusion.operators.change")
 
-_REGISTRATION_MM = 4.0  # working grid of the registration
+_REGISTRATION_MM = 6.0  # working grid of the registration
+_CLAMP_MM = 20.0  # signed distances beyond this do not matter
 _MATCH_FLOOR_MM = 10.0
 
 
@@ -156,21 +158,29 @@ def _size(diameter: float | None, volume: float | None) -> str:
 
 
 def _image(mask: np.ndarray, volume: Volume) -> object:
-    """``mask`` as a SimpleITK image in patient LPS mm, on a grid of about 4 mm, smoothed so
-    the metric has a slope to follow."""
+    """The signed distance (mm, clamped) to the edge of ``mask`` as a SimpleITK image in
+    patient LPS mm, on a grid of about 6 mm: unlike the mask itself, it has a slope to follow
+    wherever the two lungs do not overlap yet."""
     import SimpleITK as sitk
 
     steps = [max(1, round(_REGISTRATION_MM / s)) for s in volume.spacing_mm]  # k, r, c
-    small = mask[:: steps[0], :: steps[1], :: steps[2]].astype(np.float32)
-    spacing_kr_c = np.array(volume.spacing_mm) * steps
-    small = ndimage.gaussian_filter(small, [4.0 / s for s in spacing_kr_c])
-    image = sitk.GetImageFromArray(small)
+    small = mask[:: steps[0], :: steps[1], :: steps[2]]
+    spacing_krc = np.array(volume.spacing_mm) * steps
+    inside = ndimage.distance_transform_edt(small, sampling=spacing_krc)
+    outside = ndimage.distance_transform_edt(~small, sampling=spacing_krc)
+    distance = np.clip(outside - inside, -_CLAMP_MM, _CLAMP_MM).astype(np.float32)
+    image = sitk.GetImageFromArray(distance)
     affine = volume.affine
     columns = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     image.SetOrigin(tuple(float(v) for v in affine[:3, 3]))
-    image.SetSpacing(tuple(float(v) for v in spacing_kr_c[::-1]))  # c, r, k
+    image.SetSpacing(tuple(float(v) for v in spacing_krc[::-1]))  # c, r, k
     image.SetDirection(tuple(float(v) for v in columns.ravel()))
     return image
+
+
+def _centroid(mask: np.ndarray, volume: Volume) -> np.ndarray:
+    ks, rs, cs = (float(v.mean()) for v in np.nonzero(mask))
+    return (volume.affine @ np.array([cs, rs, ks, 1.0]))[:3]
 
 
 def register_lungs(
@@ -188,18 +198,17 @@ def register_lungs(
         raise RegistrationError("no lungs to register")
     fixed = _image(current_lungs, current)
     moving = _image(prior_lungs, prior)
+    start = _centroid(current_lungs, current)
     try:
-        initial = sitk.CenteredTransformInitializer(
-            fixed,
-            moving,
-            sitk.Euler3DTransform(),
-            sitk.CenteredTransformInitializerFilter.MOMENTS,
-        )
+        # Rotation about the current lungs' centre, starting from the centres' offset.
+        initial = sitk.Euler3DTransform()
+        initial.SetCenter(tuple(float(v) for v in start))
+        initial.SetTranslation(tuple(float(v) for v in _centroid(prior_lungs, prior) - start))
         method = sitk.ImageRegistrationMethod()
         method.SetMetricAsMeanSquares()
         method.SetInterpolator(sitk.sitkLinear)
         method.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=4.0, minStep=0.01, numberOfIterations=200
+            learningRate=2.0, minStep=0.01, numberOfIterations=100, relaxationFactor=0.5
         )
         method.SetOptimizerScalesFromPhysicalShift()
         method.SetShrinkFactorsPerLevel([2, 1])
@@ -214,9 +223,8 @@ def register_lungs(
         x, y, z = inverse.TransformPoint(tuple(float(v) for v in point))
         return (x, y, z)
 
-    ks, rs, cs = (float(v.mean()) for v in np.nonzero(prior_lungs))
-    centre = prior.affine @ np.array([cs, rs, ks, 1.0])
-    shift = float(np.linalg.norm(np.array(to_current(centre[:3])) - centre[:3]))
+    centre = _centroid(prior_lungs, prior)
+    shift = float(np.linalg.norm(np.array(to_current(centre)) - centre))
     return to_current, shift
 
 
@@ -370,16 +378,22 @@ class ChangeOperator(Operator):
         today = _study_date(volume)
         if today is None:
             return Change(None, ("No comparison with prior CT: this study has no Study Date.",))
-        prior = self.lookup(volume)
-        if isinstance(prior, str):
-            return Change(None, (f"No comparison with prior CT: {prior}.",))
         try:
+            prior = self.lookup(volume)
+            if isinstance(prior, str):
+                return Change(None, (f"No comparison with prior CT: {prior}.",))
             to_current, shift = register_lungs(
                 volume, anatomy.fields.right | anatomy.fields.left, prior.volume, prior.lungs
             )
         except RegistrationError as err:
-            log.warning("prior %s not compared: %s", uid_tag(prior.StudyInstanceUID), err)
+            log.warning("prior not compared: %s", err)
             return Change(None, (f"No comparison with prior CT: {err}.",))
+        except Exception as err:
+            # The prior is extra: whatever goes wrong with it, this study's results stand.
+            log.warning("prior not compared: %s", type(err).__name__)
+            return Change(
+                None, (f"No comparison with prior CT: the prior failed ({type(err).__name__}).",)
+            )
         nodules = [f for f in measured.result.findings if f.kind == "tumour"]
         comparison = compare(nodules, prior, today, to_current, shift)
         log.info(

@@ -149,7 +149,8 @@ def write_results(
         measured.result if reason is None and measured else None,
         algorithm,
         series_instance_uid=uid("sr-series"),
-        sop_instance_uid=uid("sr"),
+        # The comparison depends on what the PACS held: another prior, another instance.
+        sop_instance_uid=uid("sr" if comparison is None else f"sr-{_digest(comparison)}"),
         out_of_scope_reason=reason,
         statements=[
             # Which series was analysed and why, then the detection's own decisions
@@ -187,6 +188,11 @@ def write_results(
         f" (out of scope: {reason})" if reason else "",
     )
     return written
+
+
+def _digest(comparison: Comparison) -> str:
+    text = "\n".join([*comparison.statements(), *(i for _, i in comparison.evidence)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _evidence(comparison: Comparison) -> Dataset:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -67,6 +68,7 @@ log = logging.getLogger("radfusion.export")
 _UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 # C-STORE statuses that mean "stored": success and the Storage Service warnings.
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+_VERIFICATION = "1.2.840.10008.1.1"
 _SENT = ".sent"  # in an outbox: delivered, awaiting the peer's storage commitment
 
 
@@ -178,14 +180,20 @@ def request_commitment(
         DeliveryError: no association, the peer does not offer storage commitment, or it
             refused the request (not retryable: the peer's configuration must change).
     """
-    contexts = {(STORAGE_COMMITMENT_PUSH_MODEL, tuple(_UNCOMPRESSED)): None}
+    # Verification too: a peer that accepts nothing else still establishes the association,
+    # so "no storage commitment here" is told apart from "unreachable".
+    contexts = {
+        (STORAGE_COMMITMENT_PUSH_MODEL, tuple(_UNCOMPRESSED)): None,
+        (_VERIFICATION, tuple(_UNCOMPRESSED)): None,
+    }
     assoc = _associate(dest, dest.calling_ae_title or calling_ae_title, contexts)
     assoc.bind(
         evt.EVT_N_EVENT_REPORT,
         lambda event: (record_report(catalog, event, dest.ae_title), None),
     )
     try:
-        if not assoc.accepted_contexts:
+        offered = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        if STORAGE_COMMITMENT_PUSH_MODEL not in offered:
             raise DeliveryError(
                 f"{dest.name}: the peer does not accept storage commitment requests",
                 pending=(),
@@ -421,17 +429,19 @@ class Exporter:
                 f"; storage commitment {uid_tag(transaction)} requested" if transaction else "",
             )
             return ExportResult(dest.name, True, attempt, commitment=transaction)
+        # With storage commitment, delivered files wait in .sent: they are in the letter too.
+        files = len(staged) + (len(list((outbox / _SENT).glob("*"))) if commit else 0)
         dl = self.catalog.add_dead_letter(
             kind="export",
             destination=dest.name,
             outbox=outbox,
-            files=len(staged),
+            files=files,
             study_instance_uid=study_instance_uid,
             error=error,
             attempts=attempt,
         )
         log.error("delivery to %s dead-lettered as #%d: %s", dest.name, dl, error)
-        _audit_delivery(dest, study_instance_uid, len(staged), 8, f"dead letter #{dl}: {error}")
+        _audit_delivery(dest, study_instance_uid, files, 8, f"dead letter #{dl}: {error}")
         return ExportResult(dest.name, False, attempt, error, dl)
 
     def _deliver(
@@ -458,22 +468,30 @@ class Exporter:
         assert isinstance(dest, DicomDestination)  # only DICOM peers commit
         sent = outbox / _SENT
         _keep_pending(staged, (), sent)
-        instances: dict[str, tuple[str, str]] = {}
-        for f in sorted(sent.glob("*")):
-            ds = pydicom.dcmread(
-                f, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
-            )
-            instances[str(ds.SOPInstanceUID)] = (str(ds.SOPClassUID), f.name)
+        # Everything is delivered now: whatever fails from here on, nothing is to be sent
+        # again (pending=()); the request is what a retry repeats.
         transaction = generate_uid()
-        self.catalog.add_commitment(
-            transaction_uid=transaction,
-            destination=dest.name,
-            ae_title=dest.ae_title,
-            outbox=outbox,
-            study_instance_uid=study_instance_uid,
-            instances=instances,
-            deadline=time.time() + commit.wait_s,
-        )
+        try:
+            instances: dict[str, tuple[str, str]] = {}
+            for f in sorted(sent.glob("*")):
+                ds = pydicom.dcmread(
+                    f, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
+                )
+                instances[str(ds.SOPInstanceUID)] = (str(ds.SOPClassUID), f.name)
+            self.catalog.add_commitment(
+                transaction_uid=transaction,
+                destination=dest.name,
+                ae_title=dest.ae_title,
+                outbox=outbox,
+                study_instance_uid=study_instance_uid,
+                instances=instances,
+                deadline=time.time() + commit.wait_s,
+            )
+        except (OSError, sqlite3.Error, pydicom.errors.InvalidDicomError) as err:
+            raise DeliveryError(
+                f"{dest.name}: storage commitment not requested: {type(err).__name__}: {err}",
+                pending=(),
+            ) from None
         try:
             request_commitment(
                 dest,
@@ -482,9 +500,9 @@ class Exporter:
                 self.calling_ae_title,
                 self.catalog,
             )
-        except DeliveryError:
+        except DeliveryError as err:
             self.catalog.drop_commitment(transaction)
-            raise
+            raise DeliveryError(str(err), pending=(), retryable=err.retryable) from None
         return transaction
 
     def retry_dead_letter(self, dead_letter_id: int) -> ExportResult:
@@ -536,6 +554,21 @@ class Exporter:
             why = f"storage commitment {tag} by {c.ae_title}: " + describe_failures(
                 failed, len(c.instances)
             )
+        if failed:
+            detail = why
+        else:
+            detail = f"storage commitment {tag}: {len(c.instances)} instance(s) committed"
+        # Settled (with its dead letter) before any file moves: a report recorded meanwhile
+        # wins, and a crash after this leaves files in the outbox, never a second letter.
+        settled, dead_letter = self.catalog.settle_commitment(
+            c.TransactionUID,
+            expected=c.state,
+            detail=detail,
+            dead_letter_error=why if failed else None,
+            dead_letter_files=len(failed),
+        )
+        if not settled:
+            return
         sent = c.outbox / _SENT
         for uid, (_, name) in c.instances.items():
             f = sent / name
@@ -544,34 +577,20 @@ class Exporter:
                     f.replace(c.outbox / name)
             else:
                 f.unlink(missing_ok=True)
-        where = {"role": "destination", "name": c.destination, "ae_title": c.ae_title}
-        objects = [{"StudyInstanceUID": c.StudyInstanceUID, "files": len(c.instances)}]
-        dead_letter = None
         if failed:
-            dead_letter = self.catalog.add_dead_letter(
-                kind="export",
-                destination=c.destination,
-                outbox=c.outbox,
-                files=len(failed),
-                study_instance_uid=c.StudyInstanceUID,
-                error=why,
-                attempts=1,
-            )
             log.error("%s; dead-lettered as #%d", why, dead_letter)
             detail = f"dead letter #{dead_letter}: {why}"
         else:
             shutil.rmtree(c.outbox, ignore_errors=True)
-            detail = f"storage commitment {tag}: {len(c.instances)} instance(s) committed"
             log.info("%s by %s", detail, c.ae_title)
         audit.record(
             audit.INSTANCES_TRANSFERRED,
             action="R",
             outcome=8 if failed else 0,
-            participants=[where],
-            objects=objects,
+            participants=[{"role": "destination", "name": c.destination, "ae_title": c.ae_title}],
+            objects=[{"StudyInstanceUID": c.StudyInstanceUID, "files": len(c.instances)}],
             detail=detail,
         )
-        self.catalog.settle_commitment(c.TransactionUID, dead_letter_id=dead_letter, detail=detail)
 
 
 def _commitment_of(

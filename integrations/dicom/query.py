@@ -54,10 +54,13 @@ _RETRIEVED_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
 _SYNTAXES = [
     "1.2.840.10008.1.2.1",
     "1.2.840.10008.1.2",
-    "1.2.840.10008.1.2.4.70",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless, first-order prediction
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
     "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
     "1.2.840.10008.1.2.5",  # RLE
+    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
 ]
 
 
@@ -243,8 +246,11 @@ def retrieve_series(
 
     ae = _ae(peer, calling_ae_title)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    # One context per syntax: the PACS sends each image in the syntax it holds it in, with
+    # no need to transcode (a context with several syntaxes is accepted with one).
     for sop_class in _RETRIEVED_CLASSES:
-        ae.add_requested_context(sop_class, _SYNTAXES)
+        for syntax in _SYNTAXES:
+            ae.add_requested_context(sop_class, syntax)
     roles = [build_role(sop_class, scp_role=True) for sop_class in _RETRIEVED_CLASSES]
     assoc = _associate(ae, peer, ext_neg=roles)
     assoc.bind(evt.EVT_C_STORE, on_store)

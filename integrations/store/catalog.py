@@ -967,22 +967,52 @@ class Catalog:
         ]
 
     def settle_commitment(
-        self, transaction_uid: str, *, dead_letter_id: int | None, detail: str
-    ) -> None:
-        """Mark a request acted on (its committed files deleted, the rest dead-lettered as
-        ``dead_letter_id``)."""
+        self,
+        transaction_uid: str,
+        *,
+        expected: CommitmentState,
+        detail: str,
+        dead_letter_error: str | None = None,
+        dead_letter_files: int = 0,
+    ) -> tuple[bool, int | None]:
+        """Mark a request settled, in one transaction with its dead letter when
+        ``dead_letter_error`` is given, if it is still in the state ``expected`` (a report
+        recorded meanwhile, or another settler, wins: nothing changes). Returns whether it
+        was settled here and the dead letter's id."""
+        now = time.time()
         with self._tx() as db:
+            row = db.execute(
+                "SELECT state, destination, outbox, StudyInstanceUID FROM commitments "
+                "WHERE TransactionUID=?",
+                (transaction_uid,),
+            ).fetchone()
+            if row is None or row["state"] != expected:
+                return False, None
+            dead_letter = None
+            if dead_letter_error is not None:
+                cur = db.execute(
+                    "INSERT INTO deadletter (kind, job_id, destination, outbox, files, "
+                    "StudyInstanceUID, error, attempts, created, updated) "
+                    "VALUES ('export', NULL, ?, ?, ?, ?, ?, 1, ?, ?)",
+                    (
+                        row["destination"],
+                        row["outbox"],
+                        dead_letter_files,
+                        row["StudyInstanceUID"],
+                        dead_letter_error,
+                        now,
+                        now,
+                    ),
+                )
+                dead_letter = cur.lastrowid
             db.execute(
                 "UPDATE commitments SET state=?, settled=?, dead_letter_id=? "
                 "WHERE TransactionUID=?",
-                (CommitmentState.SETTLED, time.time(), dead_letter_id, transaction_uid),
+                (CommitmentState.SETTLED, now, dead_letter, transaction_uid),
             )
-            row = db.execute(
-                "SELECT StudyInstanceUID FROM commitments WHERE TransactionUID=?",
-                (transaction_uid,),
-            ).fetchone()
-            if row is not None and row[0]:
-                self._event(db, row[0], "storage-commitment", detail)
+            if row["StudyInstanceUID"]:
+                self._event(db, row["StudyInstanceUID"], "storage-commitment", detail)
+            return True, dead_letter
 
     @staticmethod
     def _commitment(r: sqlite3.Row) -> Commitment:

@@ -3,7 +3,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from radfusion.integrations.store.catalog import Catalog, InstanceRecord, StoreOutcome
+from radfusion.integrations.store.catalog import (
+    Catalog,
+    CommitmentState,
+    InstanceRecord,
+    StoreOutcome,
+)
 
 
 def rec(
@@ -240,10 +245,23 @@ def test_a_commitment_report_is_recorded_once_and_only_from_the_peer_asked(
     [due] = cat.commitments_to_settle()
     assert due.failed == {"1.2": 0x0112}  # the first report stands
     assert due.instances["1.1"] == ("1.2.840.10008.5.1.4.1.1.66.4", "00000_seg.dcm")
-    cat.settle_commitment("9.1", dead_letter_id=4, detail="1 of 2 not committed")
+    requested = CommitmentState.REQUESTED  # as a settler that read it before the report
+    assert cat.settle_commitment("9.1", expected=requested, detail="x") == (False, None)
+    done, letter = cat.settle_commitment(
+        "9.1",
+        expected=CommitmentState.REPORTED,
+        detail="1 of 2 not committed",
+        dead_letter_error="1 of 2 not committed",
+        dead_letter_files=1,
+    )
+    assert done and letter is not None
+    again = cat.settle_commitment("9.1", expected=CommitmentState.REPORTED, detail="x")
+    assert again == (False, None)  # a second settler changes nothing
     assert cat.commitments_to_settle() == [] and cat.commitments() == []
     settled = cat.commitment("9.1")
-    assert settled is not None and settled.dead_letter_id == 4
+    assert settled is not None and settled.dead_letter_id == letter
+    [dead] = cat.dead_letters()
+    assert dead.id == letter and dead.files == 1 and dead.outbox == Path("/outbox/pacs-1")
     assert ("storage-commitment", "1 of 2 not committed") in cat.events_of("1.2.3")
 
 

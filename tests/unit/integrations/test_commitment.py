@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
-from radfusion.config import DicomDestination
+from radfusion.config import DicomDestination, parse_config
+from radfusion.integrations.dicom import export
 from radfusion.integrations.dicom.commitment import (
     STORAGE_COMMITMENT_PUSH_MODEL,
     STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
@@ -18,7 +20,7 @@ from radfusion.integrations.dicom.commitment import (
     describe_failures,
     read_report,
 )
-from radfusion.integrations.dicom.export import request_commitment
+from radfusion.integrations.dicom.export import Exporter, request_commitment
 from radfusion.integrations.store.catalog import Catalog
 from tests.conftest import free_port
 
@@ -118,3 +120,84 @@ def test_a_report_on_the_requests_own_association_is_recorded(tmp_path: Path) ->
     assert replies == [0x0000]
     [due] = catalog.commitments_to_settle()
     assert due.TransactionUID == "9.1" and due.failed == {}
+
+
+@pytest.fixture
+def store_only_peer(tmp_path: Path) -> Iterator[tuple[int, list[str]]]:
+    """A C-STORE (and Verification) SCP that offers no storage commitment."""
+    stored: list[str] = []
+
+    def on_store(event: Event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    peer = AE(ae_title="ARCHIVE")
+    peer.add_supported_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+    peer.add_supported_context("1.2.840.10008.1.1")
+    port = free_port()
+    server = peer.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    yield port, stored
+    server.shutdown()
+
+
+def _exporter(tmp_path: Path, port: int) -> Exporter:
+    config = parse_config(
+        {
+            "node": {"allowed_callers": [{"ae_title": "ARCHIVE"}]},
+            "export": {
+                "destinations": [
+                    {
+                        "name": "archive",
+                        "type": "dicom",
+                        "ae_title": "ARCHIVE",
+                        "host": "127.0.0.1",
+                        "port": port,
+                        "storage_commitment": {"wait_s": 60},
+                    }
+                ],
+                "retry": {"attempts": 2, "initial_backoff_s": 0},
+            },
+        }
+    )
+    return Exporter(config.export, Catalog(tmp_path / "c.sqlite"), tmp_path / "outbox", "RF")
+
+
+def _ct_files(folder: Path, n: int) -> list[Path]:
+    from radfusion.synth.ct_series import synth_ct
+
+    return list(synth_ct(folder, slices=n, rows=32, columns=32, seed=9, tumours=0).files)
+
+
+def test_a_peer_without_storage_commitment_leaves_a_dead_letter_of_everything(
+    tmp_path: Path, store_only_peer: tuple[int, list[str]]
+) -> None:
+    port, stored = store_only_peer
+    exporter = _exporter(tmp_path, port)
+    files = _ct_files(tmp_path / "ct", 2)
+    [result] = exporter.export(files, study_instance_uid="1.2.3")
+    assert len(stored) == 2  # delivered once, not again on the second attempt
+    assert not result.delivered and result.attempts == 1  # not retryable
+    assert "does not accept storage commitment" in result.error
+    [letter] = exporter.catalog.dead_letters()
+    assert letter.files == 2 and len(list((letter.outbox / ".sent").iterdir())) == 2
+    assert exporter.catalog.commitments() == []
+
+
+def test_a_lost_association_to_ask_for_commitment_loses_no_file(
+    tmp_path: Path, store_only_peer: tuple[int, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unit test of the exporter's bookkeeping: the request fails as an unreachable peer
+    makes it fail (DeliveryError with nothing pending named)."""
+    port, stored = store_only_peer
+
+    def unreachable(*args: object) -> None:
+        raise export.DeliveryError("archive: no association (peer unreachable or aborted)")
+
+    monkeypatch.setattr(export, "request_commitment", unreachable)
+    exporter = _exporter(tmp_path, port)
+    [result] = exporter.export(_ct_files(tmp_path / "ct", 2), study_instance_uid="1.2.3")
+    assert len(stored) == 2 and not result.delivered and result.attempts == 2
+    [letter] = exporter.catalog.dead_letters()
+    assert letter.files == 2 and len(list((letter.outbox / ".sent").iterdir())) == 2

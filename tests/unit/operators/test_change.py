@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 
@@ -71,12 +72,12 @@ def test_nodules_are_matched_nearest_first_and_the_rest_are_new_or_not_found() -
         ]
     )
     now = [
-        _finding("Tumour 1", (3.0, 0.0, 0.0), 1000.0),
+        _finding("Tumour 1", (3.0, 0.0, 0.0), 1500.0),
         _finding("Tumour 2", (8.0, 0.0, 0.0), 300.0),  # also near prior 1, but farther
         _finding("Tumour 3", (-80.0, 0.0, 0.0), 200.0, side="left"),
     ]
-    comparison = compare(now, prior, dt.date(2026, 3, 2), _identity, 0.0)
-    assert comparison.interval_days == 60
+    comparison = compare(now, prior, dt.date(2026, 4, 1), _identity, 0.0)
+    assert comparison.interval_days == 90
     by_name = {(c.status, c.tracking_id): c for c in comparison.changes}
     assert set(by_name) == {
         ("matched", "Tumour 1"),
@@ -86,12 +87,13 @@ def test_nodules_are_matched_nearest_first_and_the_rest_are_new_or_not_found() -
     }
     grown = by_name["matched", "Tumour 1"]
     assert grown.prior_tracking_id == "Tumour 1" and grown.distance_mm == pytest.approx(3.0)
-    assert grown.volume_change_percent == pytest.approx(100.0)
-    assert grown.doubling_time_days(60) == pytest.approx(60.0)  # doubled in 60 days
+    assert grown.volume_change_percent == pytest.approx(200.0)
+    # Tripled in 90 days: 90 × ln 2 / ln 3 (the inverse formula would give 142.6).
+    assert grown.doubling_time_days(90) == pytest.approx(56.78, abs=0.01)
     assert comparison.evidence == (("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"),)
     text = comparison.statements()
     assert "1 nodule(s) matched, 2 new, 1 prior nodule(s) not found again" in text[0]
-    assert any("Tumour 1 (right lung)" in t and "volume doubling time 60 days" in t for t in text)
+    assert any("Tumour 1 (right lung)" in t and "volume doubling time 57 days" in t for t in text)
     assert any(t.startswith("Prior Tumour 2 (right lung)") and "not found again" in t for t in text)
 
 
@@ -103,18 +105,29 @@ def test_a_nodule_that_did_not_grow_has_no_doubling_time() -> None:
     assert grown.doubling_time_days(0) is None  # same day: no interval
 
 
+def _turned(volume: Volume, degrees: float, offset: np.ndarray) -> Volume:
+    """The same voxels with the patient turned about the z axis and moved: another
+    positioning in the scanner."""
+    a = math.radians(degrees)
+    turn = np.eye(4)
+    turn[:2, :2] = [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]
+    turn[:3, 3] = offset
+    return dataclasses.replace(volume, affine=turn @ volume.affine)
+
+
 def test_registration_undoes_a_change_of_position() -> None:
     kw = {"slices": 60, "rows": 128, "columns": 128, "pixel_spacing": 2.8, "seed": 4, "tumours": 0}
+    current = _volume(make_phantom(**kw))
     offset = np.array([6.0, -9.0, 12.5])
-    now, then = make_phantom(**kw), make_phantom(**kw).moved(tuple(offset))
-    current, prior = _volume(now), _volume(then)
-    lungs = [
-        (lambda f: f.right | f.left)(find_lung_fields(v.hu, v.spacing_mm, v.affine))
-        for v in (current, prior)
-    ]
-    to_current, shift = register_lungs(current, lungs[0], prior, lungs[1])
-    assert shift == pytest.approx(float(np.linalg.norm(offset)), abs=1.5)
-    point = np.array([40.0, 10.0, -120.0])
-    assert np.allclose(to_current(point + offset), point, atol=2.0)
+    prior = _turned(current, 8.0, offset)
+    lungs = (lambda f: f.right | f.left)(
+        find_lung_fields(current.hu, current.spacing_mm, current.affine)
+    )
+    # The prior's lungs are the same voxels, so the same mask: only the positioning differs.
+    to_current, shift = register_lungs(current, lungs, prior, lungs)
+    for point in ([40.0, 10.0, -120.0], [-60.0, -20.0, -90.0]):
+        moved = (prior.affine @ np.linalg.inv(current.affine) @ [*point, 1.0])[:3]
+        assert np.allclose(to_current(moved), point, atol=2.5), point
+    assert shift > 10.0
     with pytest.raises(RegistrationError, match="no lungs"):
-        register_lungs(current, np.zeros_like(lungs[0]), prior, lungs[1])
+        register_lungs(current, np.zeros_like(lungs), prior, lungs)
