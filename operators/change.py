@@ -224,7 +224,8 @@ def register_lungs(
         return (x, y, z)
 
     centre = _centroid(prior_lungs, prior)
-    shift = float(np.linalg.norm(np.array(to_current(centre)) - centre))
+    moved = to_current([float(v) for v in centre])
+    shift = float(np.linalg.norm(np.asarray(moved, dtype=np.float64) - centre))
     return to_current, shift
 
 
