@@ -40,8 +40,10 @@ from radfusion.operators.result_identity import save_atomically, with_type2_attr
 from radfusion.operators.results import AlgorithmInfo
 from radfusion.operators.sr_writer import (
     CT_CHEST,
+    PRIVATE_SCHEME,
     algorithm_identification,
     algorithm_report,
+    declare_private_scheme,
     distinct_sources,
     image_library,
     observation_context,
@@ -58,12 +60,7 @@ __all__ = [
 
 SERIES_NUMBER = 903  # after the SEG (901) and the lung-ct SR (902)
 
-SCHEME = "99RADFUSION"
-_SCHEME_ITEM = {
-    "CodingSchemeDesignator": SCHEME,
-    "CodingSchemeName": "radfusion fusion model outputs",
-    "CodingSchemeResponsibleOrganization": "radfusion project",
-}
+SCHEME = PRIVATE_SCHEME
 
 
 def _private(value: str, meaning: str) -> Code:
@@ -212,11 +209,7 @@ def build_fusion_sr(
         sop_instance_uid=sop_instance_uid,
         holds="Progression risk and EGFR estimate",
     )
-    scheme = Dataset()
-    for keyword, value in _SCHEME_ITEM.items():
-        setattr(scheme, keyword, value)
-    schemes = list(sr.get("CodingSchemeIdentificationSequence") or [])
-    sr.CodingSchemeIdentificationSequence = [*schemes, scheme]
+    declare_private_scheme(sr)
     return sr
 
 

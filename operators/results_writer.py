@@ -159,9 +159,8 @@ def write_results(
             *(measured.statements if measured is not None else ()),
             *statements,
         ],
+        comparison=comparison,
     )
-    if comparison is not None and reason is None and comparison.evidence:
-        sr_ds.PertinentOtherEvidenceSequence = [_evidence(comparison)]
     save_atomically(sr_ds, sr_path)
     written.append(sr_path)
     if timings is not None:
@@ -193,23 +192,6 @@ def write_results(
 def _digest(comparison: Comparison) -> str:
     text = "\n".join([*comparison.statements(), *(i for _, i in comparison.evidence)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _evidence(comparison: Comparison) -> Dataset:
-    """The prior study's images compared with, as a Hierarchical SOP Instance Reference."""
-    series = Dataset()
-    series.SeriesInstanceUID = comparison.SeriesInstanceUID
-    items = []
-    for sop_class, sop_instance in comparison.evidence:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop_instance
-        items.append(item)
-    series.ReferencedSOPSequence = items
-    study = Dataset()
-    study.StudyInstanceUID = comparison.StudyInstanceUID
-    study.ReferencedSeriesSequence = [series]
-    return study
 
 
 def _fusion_digest(fusion: FusionResult) -> str:

@@ -56,6 +56,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from radfusion.logs import uid_tag
+from radfusion.operators.change import Comparison, NoduleChange
 from radfusion.operators.result_identity import (
     algorithm_device_uid,
     algorithm_equipment,
@@ -72,11 +73,13 @@ from radfusion.operators.result_identity import (
 from radfusion.operators.results import AlgorithmInfo, Finding, SegmentationResult
 
 __all__ = [
+    "PRIVATE_SCHEME",
     "SERIES_NUMBER",
     "VIEWER_TRACKING_IDENTIFIER",
     "algorithm_identification",
     "algorithm_report",
     "build_sr",
+    "declare_private_scheme",
     "distinct_sources",
     "finding_label",
     "image_library",
@@ -114,6 +117,13 @@ _COMMENT = codes.DCM.Comment  # 121106
 VIEWER_TRACKING_IDENTIFIER = "Cornerstone3DTools@^0.1.0:Length"
 _ENGLISH = hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")
 
+# Concepts without a standard code: radfusion's private scheme, declared in each SR using it.
+PRIVATE_SCHEME = "99RADFUSION"
+_VOLUME_DOUBLING_TIME = Code("RF0101", PRIVATE_SCHEME, "Volume doubling time")
+_VOLUME_CHANGE = codes.DCM.FractionalChange  # 125314, of the volume, in per cent
+_DAYS = Code("d", "UCUM", "day")
+_PERCENT = Code("%", "UCUM", "percent")
+
 _SEGMENTATION_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage
     "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation Storage
@@ -130,8 +140,14 @@ def build_sr(
     sop_instance_uid: str,
     out_of_scope_reason: str | None = None,
     statements: Sequence[str] = (),
+    comparison: Comparison | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report for one processed CT series (not written).
+
+    With a ``comparison`` to a prior CT, each matched nodule's TID 1411 group also holds its
+    volume change (DCM Fractional Change, %) and volume doubling time (``99RADFUSION``
+    RF0101, days; the scheme is declared), and the report cites the prior's images in its
+    Pertinent Other Evidence Sequence.
 
     With ``result``: one TID 1411 group per finding referencing its segment in ``seg`` (the SEG
     written for the same result), after one TID 1501 group per finding with the diameter
@@ -181,11 +197,22 @@ def build_sr(
             hd.sr.MeasurementsAndQualitativeEvaluations
             | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
         ] = []
+        matched = {}
+        if comparison is not None:
+            matched = {
+                c.tracking_id: (c, comparison.interval_days)
+                for c in comparison.changes
+                if c.status == "matched"
+            }
         for finding in result.findings:
             # The drawable group first: OHIF takes a merged finding's Tracking Identifier (the
             # tool it loads it with) from the first group of its Tracking UID.
             groups.append(_diameter_group(finding, planes, algorithm_id))
-            groups.append(_volumetric_group(finding, seg, source_series, algorithm_id))
+            groups.append(
+                _volumetric_group(
+                    finding, seg, source_series, algorithm_id, matched.get(finding.tracking_id)
+                )
+            )
         report = hd.sr.MeasurementReport(
             observation_context=observer,
             procedure_reported=CT_CHEST,
@@ -205,7 +232,7 @@ def build_sr(
             library,
             [f"No findings reported: {out_of_scope_reason}", *statements],
         )
-    return algorithm_report(
+    sr = algorithm_report(
         content[0],
         evidence,
         algorithm,
@@ -214,6 +241,39 @@ def build_sr(
         sop_instance_uid=sop_instance_uid,
         holds="Lung nodule measurements" if result is not None else "Lung CT not analysed",
     )
+    if comparison is not None and result is not None:
+        if any(c.status == "matched" for c in comparison.changes):
+            declare_private_scheme(sr)
+        if comparison.evidence:
+            sr.PertinentOtherEvidenceSequence = [_prior_evidence(comparison)]
+    return sr
+
+
+def declare_private_scheme(sr: Dataset) -> None:
+    """Declare ``99RADFUSION`` in the SR's Coding Scheme Identification Sequence."""
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = PRIVATE_SCHEME
+    scheme.CodingSchemeName = "radfusion concepts without a standard code"
+    scheme.CodingSchemeResponsibleOrganization = "radfusion project"
+    schemes = list(sr.get("CodingSchemeIdentificationSequence") or [])
+    sr.CodingSchemeIdentificationSequence = [*schemes, scheme]
+
+
+def _prior_evidence(comparison: Comparison) -> Dataset:
+    """The prior study's images compared with, as a Hierarchical SOP Instance Reference."""
+    series = Dataset()
+    series.SeriesInstanceUID = comparison.SeriesInstanceUID
+    items = []
+    for sop_class, sop_instance in comparison.evidence:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        items.append(item)
+    series.ReferencedSOPSequence = items
+    study = Dataset()
+    study.StudyInstanceUID = comparison.StudyInstanceUID
+    study.ReferencedSeriesSequence = [series]
+    return study
 
 
 def algorithm_report(
@@ -416,8 +476,11 @@ def _volumetric_group(
     seg: Dataset,
     source_series: hd.sr.SourceSeriesForSegmentation,
     algorithm_id: hd.sr.AlgorithmIdentification,
+    change: tuple[NoduleChange, int] | None = None,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """TID 1411 for one finding, its ROI being the finding's segment in the SEG."""
+    """TID 1411 for one finding, its ROI being the finding's segment in the SEG; with the
+    ``change`` since the prior (and the interval in days) when it was matched to a prior
+    nodule: the volume's change in per cent and its doubling time (when it grew)."""
     kind, category, site = _finding_codes(finding)
     # Built directly rather than with ReferencedSegment.from_segmentation, which reads per-frame
     # segment numbers that a Label Map SEG does not have.
@@ -459,6 +522,28 @@ def _volumetric_group(
                 algorithm_id=algorithm_id,
             )
         )
+    if change is not None:
+        matched, interval_days = change
+        percent = matched.volume_change_percent
+        if percent is not None:
+            measurements.append(
+                hd.sr.Measurement(
+                    name=_VOLUME_CHANGE,
+                    value=round(percent, 1),
+                    unit=_PERCENT,
+                    algorithm_id=algorithm_id,
+                )
+            )
+        doubling = matched.doubling_time_days(interval_days)
+        if doubling is not None:
+            measurements.append(
+                hd.sr.Measurement(
+                    name=_VOLUME_DOUBLING_TIME,
+                    value=round(doubling, 1),
+                    unit=_DAYS,
+                    algorithm_id=algorithm_id,
+                )
+            )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(finding),
         referenced_segment=segment,

@@ -103,6 +103,17 @@ def test_each_nodule_is_matched_with_its_prior_and_its_doubling_time_is_right(
     assert len(reported) == 3
     for ours, true in zip(reported, truth_vdt, strict=True):
         assert abs(ours - true) <= 0.15 * true, (reported, truth_vdt)
+    # The same values, coded, in each nodule's TID 1411 group (99RADFUSION declared).
+    coded = sorted(
+        float(item.MeasuredValueSequence[0].NumericValue)
+        for item in _items(sr)
+        if "ConceptNameCodeSequence" in item
+        and item.ConceptNameCodeSequence[0].CodeValue == "RF0101"
+    )
+    assert [round(v) for v in coded] == reported
+    assert "99RADFUSION" in {
+        s.CodingSchemeDesignator for s in sr.CodingSchemeIdentificationSequence
+    }
 
 
 def test_the_sr_cites_the_prior_images_and_stays_valid(follow_up: Any) -> None:
@@ -155,6 +166,19 @@ def test_without_a_prior_the_sr_says_why_and_the_results_are_written(
         assert "no earlier CT of this patient in pacs" in reason
     else:
         assert "the PACS could not be asked" in reason
+
+
+def _items(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    out = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            out.append(item)
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return out
 
 
 def _rewrite(files: Any, **attributes: str | None) -> None:
