@@ -544,7 +544,7 @@ class Exporter:
         tag = uid_tag(c.TransactionUID)
         if c.state is CommitmentState.REQUESTED:
             failed = dict.fromkeys(c.instances, 0)
-            waited = c.deadline - c.requested
+            waited = round(c.deadline - c.requested, 3)  # two clock reads: 1.99999 is 2
             why = (
                 f"storage commitment {tag}: no report from {c.ae_title} within {waited:g} s "
                 f"({len(failed)} instance(s) not known to be committed)"
