@@ -29,9 +29,8 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
-from pynetdicom.presentation import build_context
 
 from radfusion import audit
 from radfusion.config import (
@@ -43,6 +42,7 @@ from radfusion.config import (
     StorageCommitment,
 )
 from radfusion.errors import RadfusionError
+from radfusion.integrations.dicom.association import NoAssociation, associate
 from radfusion.integrations.dicom.commitment import (
     REQUEST_STORAGE_COMMITMENT,
     STORAGE_COMMITMENT_PUSH_MODEL,
@@ -52,11 +52,8 @@ from radfusion.integrations.dicom.commitment import (
     record_report,
 )
 from radfusion.integrations.dicom.pynetdicom_internals import (
-    on_connection_open,
     send_datasets_from_files,
-    shorten_polling,
 )
-from radfusion.integrations.dicom.tls import client_context
 from radfusion.integrations.dicomweb.stow import StowError, stow
 from radfusion.integrations.store.catalog import Catalog, Commitment, CommitmentState
 from radfusion.logs import uid_tag
@@ -137,32 +134,10 @@ def _send_dicom(dest: DicomDestination, files: Sequence[Path], calling_ae_title:
 def _associate(
     dest: DicomDestination, calling_ae_title: str, contexts: dict[tuple[str, tuple[str, ...]], None]
 ) -> Association:
-    """An established association to ``dest`` proposing ``contexts`` (abstract syntax,
-    transfer syntaxes).
-
-    Raises:
-        DeliveryError: rejected, unreachable, TLS refused or aborted.
-    """
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
-    ae.requested_contexts = [build_context(c, list(ts)) for c, ts in contexts]
-    shorten_polling()
-    assoc = ae.associate(
-        dest.host,
-        dest.port,
-        ae_title=dest.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
-        tls_args=(client_context(dest.tls), dest.host) if dest.tls else None,
-    )
-    if not assoc.is_established:
-        lost = (
-            "peer unreachable, TLS refused or aborted"
-            if dest.tls
-            else "peer unreachable or aborted"
-        )
-        why = "rejected" if assoc.is_rejected else f"no association ({lost})"
-        raise DeliveryError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {why}")
-    return assoc
+    try:
+        return associate(dest, calling_ae_title, contexts)
+    except NoAssociation as err:
+        raise DeliveryError(str(err)) from None
 
 
 def request_commitment(
@@ -186,7 +161,7 @@ def request_commitment(
         (STORAGE_COMMITMENT_PUSH_MODEL, tuple(_UNCOMPRESSED)): None,
         (_VERIFICATION, tuple(_UNCOMPRESSED)): None,
     }
-    assoc = _associate(dest, dest.calling_ae_title or calling_ae_title, contexts)
+    assoc = _associate(dest, calling_ae_title, contexts)
     assoc.bind(
         evt.EVT_N_EVENT_REPORT,
         lambda event: (record_report(catalog, event, dest.ae_title), None),

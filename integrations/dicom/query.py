@@ -15,12 +15,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -31,8 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at impo
 from radfusion import audit
 from radfusion.config import DicomDestination
 from radfusion.errors import RadfusionError
-from radfusion.integrations.dicom.pynetdicom_internals import on_connection_open, shorten_polling
-from radfusion.integrations.dicom.tls import client_context
+from radfusion.integrations.dicom.association import NoAssociation, associate
 
 __all__ = [
     "DimseQuery",
@@ -89,26 +89,16 @@ class SeriesMatch:
     BodyPartExamined: str  # "" when the PACS does not say
 
 
-def _ae(peer: DicomDestination, calling_ae_title: str) -> AE:
-    ae = AE(ae_title=peer.calling_ae_title or calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = peer.timeout_s
-    shorten_polling()
-    return ae
-
-
-def _associate(ae: AE, peer: DicomDestination, **kw: Any) -> Association:
-    assoc = ae.associate(
-        peer.host,
-        peer.port,
-        ae_title=peer.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
-        tls_args=(client_context(peer.tls), peer.host) if peer.tls else None,
-        **kw,
-    )
-    if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "unreachable, TLS refused or aborted"
-        raise QueryError(f"{peer.name} ({peer.ae_title}@{peer.host}:{peer.port}): {why}")
-    return assoc
+def _associate(
+    peer: DicomDestination,
+    calling_ae_title: str,
+    contexts: Sequence[tuple[str, Sequence[str]]],
+    roles: Sequence[SCP_SCU_RoleSelectionNegotiation] = (),
+) -> Association:
+    try:
+        return associate(peer, calling_ae_title, contexts, roles)
+    except NoAssociation as err:
+        raise QueryError(str(err)) from None
 
 
 def _where(peer: DicomDestination) -> dict[str, str]:
@@ -140,9 +130,9 @@ def _find(peer: DicomDestination, calling_ae_title: str, query: Dataset) -> list
 
 
 def _find_once(peer: DicomDestination, calling_ae_title: str, query: Dataset) -> list[Dataset]:
-    ae = _ae(peer, calling_ae_title)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = _associate(ae, peer)
+    assoc = _associate(
+        peer, calling_ae_title, [(StudyRootQueryRetrieveInformationModelFind, _SYNTAXES[:2])]
+    )
     found = []
     try:
         for status, identifier in assoc.send_c_find(
@@ -244,15 +234,13 @@ def retrieve_series(
         written.append(path)
         return 0x0000
 
-    ae = _ae(peer, calling_ae_title)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     # One context per syntax: the PACS sends each image in the syntax it holds it in, with
     # no need to transcode (a context with several syntaxes is accepted with one).
-    for sop_class in _RETRIEVED_CLASSES:
-        for syntax in _SYNTAXES:
-            ae.add_requested_context(sop_class, syntax)
+    contexts = [(StudyRootQueryRetrieveInformationModelGet, _SYNTAXES[:2])] + [
+        (sop_class, [syntax]) for sop_class in _RETRIEVED_CLASSES for syntax in _SYNTAXES
+    ]
     roles = [build_role(sop_class, scp_role=True) for sop_class in _RETRIEVED_CLASSES]
-    assoc = _associate(ae, peer, ext_neg=roles)
+    assoc = _associate(peer, calling_ae_title, contexts, roles)
     assoc.bind(evt.EVT_C_STORE, on_store)
     try:
         for series in series_instance_uids:

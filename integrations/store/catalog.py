@@ -788,28 +788,44 @@ class Catalog:
         files: int = 0,
         job_id: int | None = None,
     ) -> int:
-        now = time.time()
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT INTO deadletter (kind, job_id, destination, outbox, files, "
-                "StudyInstanceUID, error, attempts, created, updated) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    kind,
-                    job_id,
-                    destination,
-                    str(outbox or ""),
-                    files,
-                    study_instance_uid,
-                    error,
-                    attempts,
-                    now,
-                    now,
-                ),
+            return self._insert_dead_letter(
+                db, kind, job_id, destination, outbox, files, study_instance_uid, error, attempts
             )
-            if study_instance_uid:
-                self._event(db, study_instance_uid, "dead-letter", f"{destination}: {error}")
-            return cur.lastrowid or 0
+
+    def _insert_dead_letter(
+        self,
+        db: sqlite3.Connection,
+        kind: str,
+        job_id: int | None,
+        destination: str,
+        outbox: Path | str | None,
+        files: int,
+        study_instance_uid: str,
+        error: str,
+        attempts: int,
+    ) -> int:
+        now = time.time()
+        cur = db.execute(
+            "INSERT INTO deadletter (kind, job_id, destination, outbox, files, "
+            "StudyInstanceUID, error, attempts, created, updated) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                kind,
+                job_id,
+                destination,
+                str(outbox or ""),
+                files,
+                study_instance_uid,
+                error,
+                attempts,
+                now,
+                now,
+            ),
+        )
+        if study_instance_uid:
+            self._event(db, study_instance_uid, "dead-letter", f"{destination}: {error}")
+        return cur.lastrowid or 0
 
     def dead_letters(self, *, include_resolved: bool = False) -> list[DeadLetter]:
         where = "" if include_resolved else "WHERE resolved IS NULL"
@@ -990,21 +1006,17 @@ class Catalog:
                 return False, None
             dead_letter = None
             if dead_letter_error is not None:
-                cur = db.execute(
-                    "INSERT INTO deadletter (kind, job_id, destination, outbox, files, "
-                    "StudyInstanceUID, error, attempts, created, updated) "
-                    "VALUES ('export', NULL, ?, ?, ?, ?, ?, 1, ?, ?)",
-                    (
-                        row["destination"],
-                        row["outbox"],
-                        dead_letter_files,
-                        row["StudyInstanceUID"],
-                        dead_letter_error,
-                        now,
-                        now,
-                    ),
+                dead_letter = self._insert_dead_letter(
+                    db,
+                    "export",
+                    None,
+                    row["destination"],
+                    row["outbox"],
+                    dead_letter_files,
+                    row["StudyInstanceUID"],
+                    dead_letter_error,
+                    1,
                 )
-                dead_letter = cur.lastrowid
             db.execute(
                 "UPDATE commitments SET state=?, settled=?, dead_letter_id=? "
                 "WHERE TransactionUID=?",
