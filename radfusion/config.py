@@ -680,6 +680,12 @@ class PriorsConfig(_Section):
     max_age_days: int = Field(
         default=3650, ge=1, description="Earlier studies older than this are not compared."
     )
+    retrieve: Literal["c-get", "c-move"] = Field(
+        default="c-get",
+        description="How a dicom PACS sends the prior: C-GET (on our association) or C-MOVE "
+        "to the node's AE title (which the PACS must know with its host and port; the node "
+        "keeps those images for the comparison, they start no job). A dicomweb PACS: WADO-RS.",
+    )
 
 
 class LungCTConfig(_Section):
@@ -839,6 +845,11 @@ class RadfusionConfig(_Section):
             raise ValueError(
                 f"apps.lung_ct.priors.pacs: {priors.pacs!r} is a folder; priors are queried "
                 "and retrieved from a dicom (C-FIND, C-GET) or dicomweb (QIDO-RS, WADO-RS) one"
+            )
+        if priors.retrieve == "c-move" and not isinstance(dest, DicomDestination):
+            raise ValueError(
+                f"apps.lung_ct.priors.retrieve: c-move needs a dicom PACS; {priors.pacs!r} is "
+                "dicomweb (retrieved by WADO-RS)"
             )
         return self
 

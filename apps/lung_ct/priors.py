@@ -3,9 +3,9 @@
 :class:`PriorFinder` is the app's :data:`~radfusion.operators.change.PriorLookup`: it asks the
 PACS of ``apps.lung_ct.priors.pacs`` for the patient's studies (C-FIND, or QIDO-RS for a
 DICOMweb destination, by Patient ID and Issuer of Patient ID), takes the latest CT study dated
-before this one (within ``max_age_days``), retrieves its chest CT series (C-GET, or WADO-RS)
-into a temporary folder, chooses a series by the app's own
-rule and analyses it with the same model, detector and operating point as the current study.
+before this one (within ``max_age_days``), retrieves its chest CT series (C-GET or C-MOVE to
+the node, or WADO-RS) into a temporary folder, chooses a series by the app's own rule and
+analyses it with the same model, detector and operating point as the current study.
 Every way this can come to nothing returns the reason, for the SR; nothing is invented.
 """
 
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from radfusion.config import DicomDestination, DicomWebDestination, RadfusionConfig
+from radfusion.integrations.dicom.moves import DimseMoveQuery
 from radfusion.integrations.dicom.query import (
     DimseQuery,
     PriorSource,
@@ -60,7 +61,10 @@ class PriorFinder:
         peer = config.export.destination(settings.pacs)
         source: PriorSource
         if isinstance(peer, DicomDestination):
-            source = DimseQuery(peer, config.node.ae_title)
+            if settings.retrieve == "c-move":
+                source = DimseMoveQuery(peer, config.node.ae_title, config.node)
+            else:
+                source = DimseQuery(peer, config.node.ae_title)
         elif isinstance(peer, DicomWebDestination):
             source = DicomWebQuery(peer)
         else:  # the configuration checks this too

@@ -14,6 +14,7 @@ import sqlite3
 import ssl
 import tempfile
 import threading
+from pathlib import Path
 from typing import cast
 
 import pydicom.uid
@@ -37,6 +38,7 @@ from radfusion.integrations.dicom.header import (
     check_part10_structure,
     read_part10_header,
 )
+from radfusion.integrations.dicom.moves import INBOX, move_originator
 from radfusion.integrations.dicom.pynetdicom_internals import (
     abort_undecodable_messages,
     claim,
@@ -183,6 +185,7 @@ class DicomNode:
             raise RuntimeError("pynetdicom returned no server")
         self._server = server
         self._guard.start()
+        INBOX.node_started()
         port = int(server.server_address[1])
         log.info(
             "DICOM node %s listening on %s:%d (%s)",
@@ -204,6 +207,7 @@ class DicomNode:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            INBOX.node_stopped()
         self._ae.shutdown()
         self._guard.stop()
 
@@ -281,6 +285,18 @@ class DicomNode:
             counts[0 if status == Status.SUCCESS else 1] += 1
         return status
 
+    @staticmethod
+    def _kept_for_retrieval(event: Event, transfer_syntax: str, calling: str) -> bool:
+        # A prior this process C-MOVEs to us: a copy for that retrieval, not a new study
+        # (checked first: the node may have catalogued the same instances when they were new).
+        received = Path(event.dataset_path)
+        try:
+            header = read_part10_header(received, transfer_syntax)
+        except HeaderError:
+            return False  # refused below, with the reason
+        series = header.SeriesInstanceUID
+        return INBOX.deliver(series, calling, move_originator(event), received) is not None
+
     def _store(self, event: Event) -> tuple[int, str]:
         """Store one instance; returns its status and its study ("" when not known)."""
         req = cast(C_STORE, event.request)  # EVT_C_STORE: always a C-STORE request
@@ -301,6 +317,8 @@ class DicomNode:
                 written.error.strerror or type(written.error).__name__,
             )
             return Status.OUT_OF_RESOURCES, study
+        if INBOX.expecting and self._kept_for_retrieval(event, transfer_syntax, calling):
+            return Status.SUCCESS, study
         try:
             stored_in = self.catalog.seen_again(
                 sop_instance, quiet_period_s=self.config.quiet_period_for(calling)

@@ -40,10 +40,12 @@ __all__ = [
     "QueryError",
     "SeriesMatch",
     "StudyMatch",
+    "archive_participant",
     "chest_ct_series",
     "find_ct_series",
     "find_studies",
     "retrieve_series",
+    "series_identifier",
 ]
 
 log = logging.getLogger("radfusion.query")
@@ -101,7 +103,8 @@ def _associate(
         raise QueryError(str(err)) from None
 
 
-def _where(peer: DicomDestination) -> dict[str, str]:
+def archive_participant(peer: DicomDestination) -> dict[str, str]:
+    """The PACS as a participant of an audit record."""
     return {
         "role": "archive",
         "name": peer.name,
@@ -117,12 +120,16 @@ def _find(peer: DicomDestination, calling_ae_title: str, query: Dataset) -> list
         found = _find_once(peer, calling_ae_title, query)
     except QueryError as err:
         audit.record(
-            audit.QUERY, outcome=8, participants=[_where(peer)], objects=[level], detail=str(err)
+            audit.QUERY,
+            outcome=8,
+            participants=[archive_participant(peer)],
+            objects=[level],
+            detail=str(err),
         )
         raise
     audit.record(
         audit.QUERY,
-        participants=[_where(peer)],
+        participants=[archive_participant(peer)],
         objects=[level],
         detail=f"C-FIND: {len(found)} match(es)",
     )
@@ -211,6 +218,15 @@ def find_ct_series(
     ]
 
 
+def series_identifier(study_instance_uid: str, series_instance_uid: str) -> Dataset:
+    """The identifier of a series-level retrieval (C-GET, C-MOVE)."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_instance_uid
+    query.SeriesInstanceUID = series_instance_uid
+    return query
+
+
 def retrieve_series(
     peer: DicomDestination,
     calling_ae_title: str,
@@ -244,10 +260,7 @@ def retrieve_series(
     assoc.bind(evt.EVT_C_STORE, on_store)
     try:
         for series in series_instance_uids:
-            query = Dataset()
-            query.QueryRetrieveLevel = "SERIES"
-            query.StudyInstanceUID = study_instance_uid
-            query.SeriesInstanceUID = series
+            query = series_identifier(study_instance_uid, series)
             last = None
             for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
                 last = getattr(status, "Status", None)
@@ -262,7 +275,7 @@ def retrieve_series(
     audit.record(
         audit.INSTANCES_TRANSFERRED,
         action="R",
-        participants=[_where(peer)],
+        participants=[archive_participant(peer)],
         objects=[{"StudyInstanceUID": study_instance_uid, "retrieved": len(written)}],
         detail="C-GET of a prior",
     )

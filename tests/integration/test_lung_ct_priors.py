@@ -39,12 +39,13 @@ GEOMETRY = {
 }
 
 
-@pytest.fixture(scope="module", params=["dicom", "dicomweb"])
+@pytest.fixture(scope="module", params=["c-get", "c-move", "dicomweb"])
 def follow_up(
     orthanc: Any, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Any:
-    """The follow-up analysed with priors from Orthanc by C-FIND + C-GET, or by QIDO-RS +
-    WADO-RS through its DICOMweb plugin."""
+    """The follow-up analysed with priors from Orthanc by C-FIND + C-GET, C-FIND + C-MOVE (to
+    the node's AE title: with no node in this process, the retrieval listens on the node's
+    port while it lasts), or QIDO-RS + WADO-RS through its DICOMweb plugin."""
     root = tmp_path_factory.mktemp("priors")
     prior = synth_ct(
         root / "prior",
@@ -66,15 +67,20 @@ def follow_up(
         check=True,
         capture_output=True,
     )
-    # Orthanc answers C-FIND and C-GET from AE titles it knows.
-    orthanc.put("/modalities/radfusion", {"AET": "RADFUSION", "Host": "127.0.0.1", "Port": 1})
+    # Orthanc answers C-FIND and C-GET from AE titles it knows, and C-MOVEs to their address.
+    port = free_port()
+    orthanc.put("/modalities/radfusion", {"AET": "RADFUSION", "Host": "127.0.0.1", "Port": port})
     pacs = orthanc.destination()
+    priors: dict[str, Any] = {"enabled": True, "pacs": "pacs"}
     if request.param == "dicomweb":
         pacs = {"name": "pacs", "type": "dicomweb", "url": f"{orthanc.url}/dicom-web"}
+    else:
+        priors["retrieve"] = request.param
     config = parse_config(
         {
+            "node": {"host": "127.0.0.1", "port": port},
             "export": {"destinations": [pacs]},
-            "apps": {"lung_ct": {"priors": {"enabled": True, "pacs": "pacs"}}},
+            "apps": {"lung_ct": {"priors": priors}},
         }
     )
     written = run_folder(current.directory, root / "out", config)

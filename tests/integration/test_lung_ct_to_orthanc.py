@@ -1,7 +1,9 @@
-"""The lung CT app on the network: storescu → node → lung-ct → SEG + SR in a real Orthanc."""
+"""The lung CT app on the network: storescu → node → lung-ct → SEG + SR in a real Orthanc, with
+the patient's prior CT fetched from Orthanc by C-MOVE to the node for the comparison."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -13,12 +15,13 @@ import pytest
 
 from radfusion.evaluation import compare_with_truth, seg_label_volume
 from radfusion.synth.ct_series import synth_ct
-from tests.conftest import evidence_uids, require_tool, storescu, wait_for
+from tests.conftest import evidence_uids, require_tool, sr_texts, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def orthanc_study_instances(orthanc: Any, study_uid: str) -> dict[str, str]:
@@ -37,16 +40,19 @@ def orthanc_study_instances(orthanc: Any, study_uid: str) -> dict[str, str]:
 def test_chest_ct_sent_by_storescu_comes_back_as_seg_and_sr_in_orthanc(
     node_factory: Any, orthanc: Any, tmp_path: Path
 ) -> None:
-    study = synth_ct(
-        tmp_path / "scanner",
-        slices=64,
-        rows=256,
-        columns=256,
-        slice_thickness=5.0,
-        seed=5300,
-        tumours=2,
-        patient_id="RF-IT-LUNG",
-    )
+    geometry: dict[str, Any] = {
+        "slices": 64,
+        "rows": 256,
+        "columns": 256,
+        "slice_thickness": 5.0,
+        "seed": 5300,
+        "tumours": 2,
+        "patient_id": "RF-IT-LUNG",
+    }
+    study = synth_ct(tmp_path / "scanner", **geometry, study_date="20260601")
+    # The patient's CT of five months earlier, in the PACS only: the app C-MOVEs it to the node.
+    prior = synth_ct(tmp_path / "prior", **geometry, study_date="20260101", tumour_scale=0.8)
+    storescu(orthanc.dicom_port, list(prior.files), called="ORTHANC")
     node = node_factory(
         {
             "routing": {
@@ -54,6 +60,7 @@ def test_chest_ct_sent_by_storescu_comes_back_as_seg_and_sr_in_orthanc(
             },
             # Orthanc is asked to commit to the results and reports back to the node.
             "export": {"destinations": [orthanc.destination(storage_commitment={})]},
+            "apps": {"lung_ct": {"priors": {"enabled": True, "retrieve": "c-move"}}},
         }
     )
     orthanc.put(
@@ -95,3 +102,14 @@ def test_chest_ct_sent_by_storescu_comes_back_as_seg_and_sr_in_orthanc(
     wait_for(lambda: not any((node.spool / "outbox").iterdir()), 30, "the commitment")
     assert "3 instance(s) committed by ORTHANC" in node.log()
     assert "dead letter" not in node.cli("status").stdout
+    # The prior came by C-MOVE to the node and went to the comparison only: compared, and
+    # neither catalogued nor analysed as a study of its own.
+    lines = sr_texts(sr)
+    assert any(line.startswith("Compared with the prior CT of 2026-01-01") for line in lines), [
+        line for line in lines if "prior" in line
+    ]
+    with sqlite3.connect(node.spool / "catalog.sqlite") as db:
+        assert db.execute(
+            "SELECT COUNT(*) FROM instances WHERE StudyInstanceUID=?", (prior.StudyInstanceUID,)
+        ).fetchone() == (0,)
+    assert set(orthanc_study_instances(orthanc, prior.StudyInstanceUID).values()) == {CT_CLASS}

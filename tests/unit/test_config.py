@@ -153,3 +153,23 @@ def test_storage_commitment_needs_reports_to_reach_the_node() -> None:
         parse_config({**admitted, "export": {"destinations": [other]}})
     # Without commitment a destination may call as any AE, and need not call back.
     parse_config({"export": {"destinations": [{**pacs, "calling_ae_title": "OTHER"}]}})
+
+
+def test_priors_come_from_a_pacs_and_c_move_from_a_dicom_one() -> None:
+    web = {"name": "pacs", "type": "dicomweb", "url": "https://pacs.example/dicom-web"}
+    folder = {"name": "pacs", "type": "folder", "path": "/tmp/out"}
+    with pytest.raises(ConfigError, match="'pacs' is a folder"):
+        parse_config(
+            {
+                "export": {"destinations": [folder]},
+                "apps": {"lung_ct": {"priors": {"enabled": True}}},
+            }
+        )
+    moved = {"enabled": True, "retrieve": "c-move"}
+    with pytest.raises(ConfigError, match="c-move needs a dicom PACS"):
+        parse_config({"export": {"destinations": [web]}, "apps": {"lung_ct": {"priors": moved}}})
+    dicom = {"name": "pacs", "type": "dicom", "ae_title": "PACS", "host": "h", "port": 104}
+    cfg = parse_config(
+        {"export": {"destinations": [dicom]}, "apps": {"lung_ct": {"priors": moved}}}
+    )
+    assert cfg.apps.lung_ct.priors.retrieve == "c-move"
