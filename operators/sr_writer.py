@@ -121,6 +121,13 @@ _ENGLISH = hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")
 PRIVATE_SCHEME = "99RADFUSION"
 _VOLUME_DOUBLING_TIME = Code("RF0101", PRIVATE_SCHEME, "Volume doubling time")
 _VOLUME_CHANGE = codes.DCM.FractionalChange  # 125314, of the volume, in per cent
+# Each nodule's status against the prior, coded (also said in the text statements).
+_CHANGE_SINCE_PRIOR = Code("RF0110", PRIVATE_SCHEME, "Nodule status since prior CT")
+_CHANGE_STATUS = {
+    "matched": Code("RF0111", PRIVATE_SCHEME, "Present on prior CT"),
+    "new": Code("RF0112", PRIVATE_SCHEME, "New since prior CT"),
+    "not found": Code("RF0113", PRIVATE_SCHEME, "Prior nodule not found again"),
+}
 _DAYS = Code("d", "UCUM", "day")
 _PERCENT = Code("%", "UCUM", "percent")
 
@@ -144,9 +151,11 @@ def build_sr(
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report for one processed CT series (not written).
 
-    With a ``comparison`` to a prior CT, each matched nodule's TID 1411 group also holds its
-    volume change (DCM Fractional Change, %) and volume doubling time (``99RADFUSION``
-    RF0101, days; the scheme is declared), and the report cites the prior's images in its
+    With a ``comparison`` to a prior CT, each nodule's TID 1411 group also holds its status
+    (``99RADFUSION`` RF0110: RF0111 present on the prior, RF0112 new) and, when matched, its
+    volume change (DCM Fractional Change, %) and volume doubling time (RF0101, days); each
+    prior nodule not found again is an RF0110 = RF0113 CODE in the report's Qualitative
+    Evaluations (the scheme is declared), and the report cites the prior's images in its
     Pertinent Other Evidence Sequence.
 
     With ``result``: one TID 1411 group per finding referencing its segment in ``seg`` (the SEG
@@ -197,12 +206,12 @@ def build_sr(
             hd.sr.MeasurementsAndQualitativeEvaluations
             | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
         ] = []
-        matched = {}
+        changes = {}
         if comparison is not None:
-            matched = {
+            changes = {
                 c.tracking_id: (c, comparison.interval_days)
                 for c in comparison.changes
-                if c.status == "matched"
+                if c.status in ("matched", "new")
             }
         for finding in result.findings:
             # The drawable group first: OHIF takes a merged finding's Tracking Identifier (the
@@ -210,7 +219,7 @@ def build_sr(
             groups.append(_diameter_group(finding, planes, algorithm_id))
             groups.append(
                 _volumetric_group(
-                    finding, seg, source_series, algorithm_id, matched.get(finding.tracking_id)
+                    finding, seg, source_series, algorithm_id, changes.get(finding.tracking_id)
                 )
             )
         report = hd.sr.MeasurementReport(
@@ -221,8 +230,11 @@ def build_sr(
         # The image library belongs before the measurements (TID 1500 row 5 precedes row 6).
         root = report[0]
         root.ContentSequence.insert(len(root.ContentSequence) - 1, library)
-        if statements:
-            root.ContentSequence.append(_qualitative_evaluations(algorithm_id, statements))
+        gone = [c for c in comparison.changes if c.status == "not found"] if comparison else []
+        if statements or gone:
+            root.ContentSequence.append(
+                _qualitative_evaluations(algorithm_id, statements, not_found_again=len(gone))
+            )
         content = report
         evidence.append(seg)
     else:
@@ -242,7 +254,7 @@ def build_sr(
         holds="Lung nodule measurements" if result is not None else "Lung CT not analysed",
     )
     if comparison is not None and result is not None:
-        if any(c.status == "matched" for c in comparison.changes):
+        if comparison.changes:
             declare_private_scheme(sr)
         if comparison.evidence:
             sr.PertinentOtherEvidenceSequence = [_prior_evidence(comparison)]
@@ -478,9 +490,10 @@ def _volumetric_group(
     algorithm_id: hd.sr.AlgorithmIdentification,
     change: tuple[NoduleChange, int] | None = None,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """TID 1411 for one finding, its ROI being the finding's segment in the SEG; with the
-    ``change`` since the prior (and the interval in days) when it was matched to a prior
-    nodule: the volume's change in per cent and its doubling time (when it grew)."""
+    """TID 1411 for one finding, its ROI being the finding's segment in the SEG; with its
+    ``change`` since the prior (and the interval in days) when there was a comparison: its
+    status (present on the prior or new) and, when matched, the volume's change in per cent
+    and its doubling time (when it grew)."""
     kind, category, site = _finding_codes(finding)
     # Built directly rather than with ReferencedSegment.from_segmentation, which reads per-frame
     # segment numbers that a Label Map SEG does not have.
@@ -522,9 +535,13 @@ def _volumetric_group(
                 algorithm_id=algorithm_id,
             )
         )
+    evaluations = []
     if change is not None:
-        matched, interval_days = change
-        percent = matched.volume_change_percent
+        nodule, interval_days = change
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(_CHANGE_SINCE_PRIOR, _CHANGE_STATUS[nodule.status])
+        )
+        percent = nodule.volume_change_percent
         if percent is not None:
             measurements.append(
                 hd.sr.Measurement(
@@ -534,7 +551,7 @@ def _volumetric_group(
                     algorithm_id=algorithm_id,
                 )
             )
-        doubling = matched.doubling_time_days(interval_days)
+        doubling = nodule.doubling_time_days(interval_days)
         if doubling is not None:
             measurements.append(
                 hd.sr.Measurement(
@@ -552,6 +569,7 @@ def _volumetric_group(
         finding_sites=[site],
         algorithm_id=algorithm_id,
         measurements=measurements,
+        qualitative_evaluations=evaluations or None,
     )
 
 
@@ -750,10 +768,13 @@ def _locate(point: np.ndarray, planes: Sequence[_Plane], name: str) -> tuple[_Pl
 
 
 def _qualitative_evaluations(
-    algorithm_id: hd.sr.AlgorithmIdentification, statements: Sequence[str]
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    statements: Sequence[str],
+    not_found_again: int = 0,
 ) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12 "Qualitative Evaluations": the algorithm (row 12b) and each statement as
-    a TEXT "Comment" (row 14)."""
+    """TID 1500 row 12 "Qualitative Evaluations": the algorithm (row 12b), a CODE (row 13) per
+    prior nodule not found again (the statements name them), and each statement as a TEXT
+    "Comment" (row 14)."""
     evaluations = hd.sr.ContainerContentItem(
         name=_QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
@@ -761,6 +782,14 @@ def _qualitative_evaluations(
     evaluations.ContentSequence = hd.sr.ContentSequence(
         [
             *algorithm_id,
+            *(
+                hd.sr.CodeContentItem(
+                    name=_CHANGE_SINCE_PRIOR,
+                    value=_CHANGE_STATUS["not found"],
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+                for _ in range(not_found_again)
+            ),
             *(
                 hd.sr.TextContentItem(
                     name=_COMMENT,

@@ -117,6 +117,12 @@ def test_each_nodule_is_matched_with_its_prior_and_its_doubling_time_is_right(
         and item.ConceptNameCodeSequence[0].CodeValue == "RF0101"
     )
     assert [round(v) for v in coded] == reported
+    status = [
+        item.ConceptCodeSequence[0].CodeValue
+        for item in _items(sr)
+        if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "RF0110"
+    ]
+    assert status == ["RF0111"] * 3  # each present on the prior, none new or gone
     assert "99RADFUSION" in {
         s.CodingSchemeDesignator for s in sr.CodingSchemeIdentificationSequence
     }

@@ -6,6 +6,7 @@ determinism and sparse source headers."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import os
 import re
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from radfusion.operators.change import Comparison, NoduleChange
 from radfusion.operators.measurement import measure
 from radfusion.operators.result_identity import algorithm_device_uid
 from radfusion.operators.results import AlgorithmInfo, SegmentationResult
@@ -643,6 +645,63 @@ def test_statements_follow_the_measurements_as_qualitative_evaluations(
     assert _comments(plain) == []
     with pytest.raises(ValueError, match="statement must have text"):
         build_sr(case.sources, case.seg, case.result, ALGORITHM, statements=[" "], **UIDS)
+
+
+def test_each_nodules_status_since_the_prior_is_coded(case: Case, tmp_path: Path) -> None:
+    tumours = [f.tracking_id for f in case.result.findings if f.tracking_id.startswith("Tumour")]
+    assert len(tumours) >= 2
+
+    def change(status: str, now: str, before: str | None) -> NoduleChange:
+        volume, prior_volume = (
+            (None if status == "not found" else 900.0),
+            (None if status == "new" else 450.0),
+        )
+        return NoduleChange(status, now, "right", before, None, None, volume, prior_volume, None)
+
+    comparison = Comparison(
+        StudyInstanceUID="1.2.3",
+        SeriesInstanceUID="1.2.3.4",
+        StudyDate=dt.date(2026, 1, 1),
+        interval_days=120,
+        shift_mm=3.0,
+        changes=(
+            change("matched", tumours[0], "Tumour 1"),
+            change("new", tumours[1], None),
+            change("not found", "Tumour 3", "Tumour 3"),
+        ),
+    )
+    sr = build_sr(
+        case.sources, case.seg, case.result, ALGORITHM, comparison=comparison,
+        statements=comparison.statements(), **UIDS,
+    )  # fmt: skip
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(path)
+    status = {}
+    for group in _walk(ds):
+        if group.ValueType != "CONTAINER":
+            continue
+        items = list(group.get("ContentSequence") or [])
+        tracking = [i.TextValue for i in items if i.ValueType == "TEXT"
+                    and i.ConceptNameCodeSequence[0].CodeValue == "112039"]  # fmt: skip
+        coded = [i.ConceptCodeSequence[0].CodeValue for i in items if i.ValueType == "CODE"
+                 and i.ConceptNameCodeSequence[0].CodeValue == "RF0110"]  # fmt: skip
+        if tracking and coded:
+            status[tracking[0]] = coded
+    assert status == {tumours[0]: ["RF0111"], tumours[1]: ["RF0112"]}
+    [evaluations] = [
+        i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+    ]
+    gone = [
+        i.ConceptCodeSequence[0].CodeValue
+        for i in evaluations.ContentSequence
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "RF0110"
+    ]
+    assert gone == ["RF0113"]
+    assert "99RADFUSION" in {
+        s.CodingSchemeDesignator for s in ds.CodingSchemeIdentificationSequence
+    }
+    assert dciodvfy_errors(path) == []
 
 
 def _walk(ds: Dataset) -> Iterator[Dataset]:
