@@ -31,6 +31,7 @@ from radfusion.logs import uid_tag
 from radfusion.operators.change import Change, Comparison
 from radfusion.operators.fusion import FusionResult
 from radfusion.operators.fusion_sr import write_fusion_sr
+from radfusion.operators.fusion_summary import write_fusion_summary
 from radfusion.operators.measurement import Measured
 from radfusion.operators.ports import InputPorts, OutputPorts
 from radfusion.operators.radiomics import Radiomics
@@ -54,7 +55,8 @@ __all__ = [
 IMAGING_ONLY = "This algorithm uses imaging only."
 FUSION_REPORTED = (
     "A fusion risk assessment (progression risk and EGFR probability from imaging, clinical "
-    "and genomic data) is reported in its own SR, series 903."
+    "and genomic data) is reported in its own SR, series 903, and as a summary image, series "
+    "904."
 )
 
 log = logging.getLogger("radfusion.operators.results_writer")
@@ -95,8 +97,9 @@ def write_results(
 
     ``statements`` are added to the SR as text (see :func:`build_sr`). No selection: nothing is
     written. A refusal (no candidates): only an SR saying why (see the module's docstring).
-    ``fusion`` (with findings only) adds the fusion SR (:mod:`radfusion.operators.fusion_sr`),
-    whose UID changes with the fusion's content (a new context gives a new instance).
+    ``fusion`` (with findings only) adds the fusion SR (:mod:`radfusion.operators.fusion_sr`)
+    and its summary image (:mod:`radfusion.operators.fusion_summary`), whose UIDs change with
+    the fusion's content (a new context gives new instances).
 
     Raises:
         ValueError, OSError: as :func:`write_sr` (and, for a SEG, :func:`build_seg`).
@@ -176,6 +179,16 @@ def write_results(
                 series_instance_uid=uid("fusion-sr-series"),
                 sop_instance_uid=uid(f"fusion-sr-{content}"),
                 path=output_dir / "fusion_sr.dcm",
+            )
+        )
+        # The same result as an image, for viewers that cannot show the fusion SR.
+        written.append(
+            write_fusion_summary(
+                images,
+                fusion,
+                series_instance_uid=uid("fusion-summary-series"),
+                sop_instance_uid=uid(f"fusion-summary-{content}"),
+                path=output_dir / "fusion_summary.dcm",
             )
         )
         if timings is not None:

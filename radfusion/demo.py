@@ -303,4 +303,5 @@ def _show_fusion(files: list[Path], workdir: Path, console: Console) -> list[str
     for line in tops:
         console.print(line)
     console.print(f"fusion SR with the record: {out / 'fusion_sr.dcm'}")
+    console.print(f"the same as an image for any viewer: {out / 'fusion_summary.dcm'}")
     return notes

@@ -125,7 +125,12 @@ def test_a_refusal_or_outage_leaves_the_dicom_results_and_is_reported(
     proxy.fail_next(50, status=status, body=operation_outcome(code, secret))
     with _runner(fhir_tenant, proxy) as runner:
         result = runner.process(patient["files"], tmp_path / "out")
-    assert [p.name for p in result.files] == ["seg.dcm", "sr.dcm", "fusion_sr.dcm"]
+    assert [p.name for p in result.files] == [
+        "seg.dcm",
+        "sr.dcm",
+        "fusion_sr.dcm",
+        "fusion_summary.dcm",
+    ]
     assert all(p.is_file() for p in result.files)
     (note,) = [n for n in result.notes if "write-back" in n]
     assert note.startswith(f"FHIR write-back {expected}: ") and str(status) in note

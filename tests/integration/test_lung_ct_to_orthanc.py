@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # the fusion summary image
 
 
 def orthanc_study_instances(orthanc: Any, study_uid: str) -> dict[str, str]:
@@ -69,10 +70,10 @@ def test_chest_ct_sent_by_storescu_comes_back_as_seg_and_sr_in_orthanc(
     storescu(node.port, list(study.files))
     uid = study.StudyInstanceUID
 
-    wait_for(lambda: len(orthanc_study_instances(orthanc, uid)) == 3, 180, "3 results in Orthanc")
+    wait_for(lambda: len(orthanc_study_instances(orthanc, uid)) == 4, 180, "4 results in Orthanc")
     instances = orthanc_study_instances(orthanc, uid)
-    # Only the results (SEG, SR, fusion SR): the CT itself is not forwarded.
-    assert sorted(instances.values()) == sorted([SEG_CLASS, SR_CLASS, SR_CLASS])
+    # Only the results (SEG, SR, fusion SR and its image): the CT itself is not forwarded.
+    assert sorted(instances.values()) == sorted([SEG_CLASS, SR_CLASS, SR_CLASS, SC_CLASS])
     results = {}
     for instance_id in instances:
         with urllib.request.urlopen(f"{orthanc.url}/instances/{instance_id}/file") as r:
@@ -84,7 +85,9 @@ def test_chest_ct_sent_by_storescu_comes_back_as_seg_and_sr_in_orthanc(
     seg = pydicom.dcmread(results[SEG_CLASS])
     sr = pydicom.dcmread(results[SR_CLASS])
     fusion = pydicom.dcmread(results["FUSION"])
+    summary = pydicom.dcmread(results[SC_CLASS])
     assert seg.StudyInstanceUID == sr.StudyInstanceUID == fusion.StudyInstanceUID == uid
+    assert summary.StudyInstanceUID == uid and summary.SeriesNumber == 904
     for path in results.values():
         out = subprocess.run(
             [require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False
@@ -100,7 +103,7 @@ def test_chest_ct_sent_by_storescu_comes_back_as_seg_and_sr_in_orthanc(
     assert "lung-ct stage seconds" in node.log()
     # Committed by Orthanc: nothing is left waiting in the node's outbox.
     wait_for(lambda: not any((node.spool / "outbox").iterdir()), 30, "the commitment")
-    assert "3 instance(s) committed by ORTHANC" in node.log()
+    assert "4 instance(s) committed by ORTHANC" in node.log()
     assert "dead letter" not in node.cli("status").stdout
     # The prior came by C-MOVE to the node and went to the comparison only: compared, and
     # neither catalogued nor analysed as a study of its own.

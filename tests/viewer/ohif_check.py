@@ -1,6 +1,7 @@
 """Look at radfusion's SEG and SR in the OHIF viewer, as a radiologist would (not run by CI).
 
-Stores a CT series and the lung-ct app's ``seg.dcm`` and ``sr.dcm`` in a scratch Orthanc (with
+Stores a CT series and the lung-ct app's ``seg.dcm``, ``sr.dcm`` and, when there is one, the
+fusion summary image ``fusion_summary.dcm`` in a scratch Orthanc (with
 its DICOMweb plugin), serves OHIF's built viewer (npm ``@ohif/app``) with a same-origin proxy to
 Orthanc, and drives headless Chromium with Playwright: the study browser, the SEG overlay and
 its segment names, the SR's measurements. Screenshots and ``report.json`` go to ``--out``.
@@ -222,7 +223,8 @@ def check(ct: Path, results: Path | None, out: Path, work: Path) -> dict[str, An
     if results is None:
         results = out / "results"
         run_lung_ct(ct, results)
-    outputs = [p for p in (results / "seg.dcm", results / "sr.dcm") if p.exists()]
+    names = ("seg.dcm", "sr.dcm", "fusion_summary.dcm")
+    outputs = [results / name for name in names if (results / name).exists()]
     files = dicom_files(ct) + outputs
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     with tempfile.TemporaryDirectory() as storage, orthanc(Path(storage)) as root:

@@ -38,6 +38,10 @@ def looked_at(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
 def test_the_study_and_the_seg_segments_are_shown(looked_at: tuple[dict[str, Any], Path]) -> None:
     report, results = looked_at
     assert {"CT", "SEG", "SR"} <= set(report["series"]), report["series"]
+    # The fusion summary image (a Secondary Capture, "OT"), for viewers that cannot open the
+    # fusion SR; its thumbnail loads like the others (no failed request: the next test).
+    assert (results / "fusion_summary.dcm").exists()
+    assert "OT" in report["series"], report["series"]
     seg = pydicom.dcmread(results / "seg.dcm", stop_before_pixels=True)
     assert report["segments"] == [str(s.SegmentLabel) for s in seg.SegmentSequence]
 

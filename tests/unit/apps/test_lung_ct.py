@@ -23,6 +23,7 @@ from radfusion.synth.ct_series import synth_ct
 from tests.conftest import REPO, evidence_uids, require_tool
 
 CONFIG = parse_config({})
+OUTPUTS = ("seg.dcm", "sr.dcm", "fusion_sr.dcm", "fusion_summary.dcm")
 
 
 def chest(root: Path, seed: int = 5200, **kw: Any) -> Any:
@@ -56,18 +57,23 @@ def sr_text(ds: pydicom.Dataset) -> str:
     return " ".join(t for t in out if t)
 
 
-def test_writes_a_seg_an_sr_and_a_fusion_sr_in_the_source_study(
+def test_writes_a_seg_an_sr_a_fusion_sr_and_its_image_in_the_source_study(
     processed: tuple[Any, list[Path]],
 ) -> None:
     study, written = processed
-    assert [p.name for p in written] == ["seg.dcm", "sr.dcm", "fusion_sr.dcm"]
-    seg, sr, fusion = (pydicom.dcmread(p) for p in written)
+    assert [p.name for p in written] == list(OUTPUTS)
+    seg, sr, fusion, summary = (pydicom.dcmread(p) for p in written)
     source = pydicom.dcmread(study.files[0], stop_before_pixels=True)
     assert seg.StudyInstanceUID == sr.StudyInstanceUID == source.StudyInstanceUID
-    assert fusion.StudyInstanceUID == source.StudyInstanceUID
+    assert fusion.StudyInstanceUID == summary.StudyInstanceUID == source.StudyInstanceUID
     assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
-    series = {seg.SeriesInstanceUID, sr.SeriesInstanceUID, fusion.SeriesInstanceUID}
-    assert len(series | {source.SeriesInstanceUID}) == 4
+    series = {
+        seg.SeriesInstanceUID,
+        sr.SeriesInstanceUID,
+        fusion.SeriesInstanceUID,
+        summary.SeriesInstanceUID,
+    }
+    assert len(series | {source.SeriesInstanceUID}) == 5
     assert [ds.SeriesNumber for ds in (seg, sr, fusion)] == [901, 902, 903]
     for ds in (seg, sr, fusion):
         assert ds.SeriesInstanceUID.startswith(CONFIG.uid_root)
@@ -212,8 +218,7 @@ def test_cli_run_and_the_monai_deploy_entry_point(
         check=False,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    names = ("seg.dcm", "sr.dcm", "fusion_sr.dcm")
-    assert out.stdout.split() == [str(tmp_path / "a" / name) for name in names]
+    assert out.stdout.split() == [str(tmp_path / "a" / name) for name in OUTPUTS]
     env = {
         **os.environ,
         "HOLOSCAN_INPUT_PATH": str(study.directory),
@@ -229,6 +234,7 @@ def test_cli_run_and_the_monai_deploy_entry_point(
     )
     assert (tmp_path / "b" / "sr.dcm").read_bytes() == written[1].read_bytes()
     assert (tmp_path / "b" / "fusion_sr.dcm").read_bytes() == written[2].read_bytes()
+    assert (tmp_path / "b" / "fusion_summary.dcm").read_bytes() == written[3].read_bytes()
 
 
 def test_cli_run_on_a_folder_without_ct_fails_clearly(tmp_path: Path) -> None:
@@ -280,7 +286,7 @@ def test_enhanced_ct_source_gives_the_same_findings(
     )
     (tmp_path / "in").mkdir()
     enhanced.save_as(tmp_path / "in" / "enhanced.dcm")
-    seg_path, sr_path, _ = run_folder(tmp_path / "in", tmp_path / "out", CONFIG)
+    seg_path, sr_path, *_ = run_folder(tmp_path / "in", tmp_path / "out", CONFIG)
     assert dciodvfy_errors(seg_path) == [] and dciodvfy_errors(sr_path) == []
     single = hd.sr.srread(written[1]).content.get_volumetric_roi_measurement_groups()
     multi = hd.sr.srread(sr_path).content.get_volumetric_roi_measurement_groups()
@@ -363,7 +369,7 @@ def test_a_larger_broken_series_falls_back_to_the_good_one(
         [*study.files, study.files[10]], tmp_path / "in", series=(CONFIG.uid_root + "88.1", 3)
     )
     again = run_folder(tmp_path / "in", tmp_path / "out", CONFIG)
-    assert [p.name for p in again] == ["seg.dcm", "sr.dcm", "fusion_sr.dcm"]
+    assert [p.name for p in again] == list(OUTPUTS)
     seg = hd.seg.segread(again[0])
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == study.SeriesInstanceUID
     assert again[0].read_bytes() == written[0].read_bytes()
@@ -442,7 +448,7 @@ def test_missing_optional_attributes_still_give_results(
             delattr(ds, keyword)
 
     copy_series(study.files, tmp_path / "in", change=bare)
-    seg_path, sr_path, _ = run_folder(tmp_path / "in", tmp_path / "out", CONFIG)
+    seg_path, sr_path, *_ = run_folder(tmp_path / "in", tmp_path / "out", CONFIG)
     assert dciodvfy_errors(seg_path) == [] and dciodvfy_errors(sr_path) == []
     measures = pydicom.dcmread(seg_path).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence
     assert float(measures[0].SliceThickness) == pytest.approx(5.0)  # the slice spacing

@@ -58,9 +58,10 @@ def analysed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 def test_the_series_is_analysed_with_plausible_lungs_on_the_right_sides(analysed: Any) -> None:
     name, study, written = analysed
-    # A fusion SR only when a tumour was found (no FHIR here: the image is the only input).
+    # A fusion SR and its image only when a tumour was found (no FHIR here: the image is the
+    # only input).
     assert [p.name for p in written][:2] == ["seg.dcm", "sr.dcm"], name
-    assert [p.name for p in written][2:] in ([], ["fusion_sr.dcm"]), name
+    assert [p.name for p in written][2:] in ([], ["fusion_sr.dcm", "fusion_summary.dcm"]), name
     labels, names = seg_label_volume(written[0], study.files)
     truth = np.load(study.ground_truth)["labels"]
     meta = json.loads(study.truth_json.read_text())
