@@ -10,9 +10,11 @@
    ``export seconds c-store/stow: X.X/Y.Y`` (medians; storescu's median is printed above it).
 3. Finding and fetching a prior: with the CT in that Orthanc, the seconds to find the patient's
    study (C-FIND, study level), list its CT series (C-FIND, series level) and retrieve them
-   (C-GET) by radfusion (``integrations/dicom/query.py``, what the lung-ct app's priors use) and
-   by dcmtk ``findscu`` + ``getscu``, in alternating rounds; printed as
-   ``prior fetch seconds radfusion/dcmtk: X.X/Y.Y (ratio R.RR)`` before the last line.
+   by C-GET and by C-MOVE, by radfusion (``integrations/dicom/query.py`` and ``moves.py``,
+   what the lung-ct app's priors use) and by dcmtk ``findscu`` + ``getscu`` / ``movescu``, in
+   alternating rounds; printed as ``prior fetch seconds radfusion/dcmtk: X.X/Y.Y (ratio
+   R.RR)`` (C-GET) and ``prior fetch by C-MOVE seconds radfusion/dcmtk: ...`` before the last
+   line.
 
     .venv/bin/python -m benchmarks.export [--rounds 5] [--slices 300]
 """
@@ -31,8 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.ingest import alternate, run_storescp
-from radfusion.config import DicomDestination, DicomWebDestination
+from radfusion.config import DicomDestination, DicomWebDestination, NodeConfig
 from radfusion.integrations.dicom.export import deliver
+from radfusion.integrations.dicom.moves import retrieve_series_by_move
 from radfusion.integrations.dicom.query import find_ct_series, find_studies, retrieve_series
 from radfusion.synth.ct_series import synth_ct
 from tests.conftest import Orthanc, free_port
@@ -113,17 +116,26 @@ def prior_round(files: list[Path], server: Orthanc, work: Path, rounds: int) -> 
         env=env,
         capture_output=True,
     )
-    for aet in ("RADFUSION", "GETSCU", "FINDSCU"):  # Orthanc answers AE titles it knows
+    # Orthanc answers AE titles it knows, and C-MOVEs to the address it knows for them.
+    node = NodeConfig(host="127.0.0.1", port=free_port())
+    movescu_port = free_port()
+    for aet, listen in (("RADFUSION", node.port), ("MOVESCU", movescu_port)):
+        server.put(f"/modalities/{aet.lower()}", {"AET": aet, "Host": "127.0.0.1", "Port": listen})
+    for aet in ("GETSCU", "FINDSCU"):
         server.put(f"/modalities/{aet.lower()}", {"AET": aet, "Host": "127.0.0.1", "Port": 1})
     pacs = DicomDestination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=int(port))
     patient = "RF-0001"
 
-    def radfusion(target: Path) -> None:
+    def radfusion(target: Path, move: bool = False) -> None:
         [study] = find_studies(pacs, "RADFUSION", patient)
-        series = find_ct_series(pacs, "RADFUSION", study.StudyInstanceUID)
-        retrieve_series(pacs, "RADFUSION", study.StudyInstanceUID, series, target)
+        found = find_ct_series(pacs, "RADFUSION", study.StudyInstanceUID)
+        series = [s.SeriesInstanceUID for s in found]
+        if move:
+            retrieve_series_by_move(pacs, node, study.StudyInstanceUID, series, target)
+        else:
+            retrieve_series(pacs, "RADFUSION", study.StudyInstanceUID, series, target)
 
-    def dcmtk(target: Path) -> None:
+    def dcmtk(target: Path, move: bool = False) -> None:
         target.mkdir(parents=True)
         find = ["findscu", "-S", "-aec", "ORTHANC", "127.0.0.1", port, "-k"]
         studies = subprocess.run(
@@ -138,17 +150,27 @@ def prior_round(files: list[Path], server: Orthanc, work: Path, rounds: int) -> 
             check=True, env=env, capture_output=True, text=True,
         )  # fmt: skip
         uid = _uid_in(series.stderr + series.stdout, "0020,000e")
+        keys = ["-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
+                "-k", f"SeriesInstanceUID={uid}"]  # fmt: skip
+        retrieve = ["getscu", "-S", "-aec", "ORTHANC"]
+        if move:
+            retrieve = ["movescu", "-S", "-aet", "MOVESCU", "-aem", "MOVESCU", "-aec", "ORTHANC",
+                        "--port", str(movescu_port)]  # fmt: skip
         subprocess.run(
-            ["getscu", "-S", "-aec", "ORTHANC", "-od", str(target), "127.0.0.1", port,
-             "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
-             "-k", f"SeriesInstanceUID={uid}"],
+            [*retrieve, "-od", str(target), "127.0.0.1", port, *keys],
             check=True, env=env, capture_output=True,
         )  # fmt: skip
 
-    fetchers = {"radfusion": radfusion, "dcmtk": dcmtk}
+    fetchers: dict[str, Callable[[Path], None]] = {
+        "radfusion": radfusion,
+        "dcmtk": dcmtk,
+        "radfusion-move": lambda target: radfusion(target, move=True),
+        "dcmtk-move": lambda target: dcmtk(target, move=True),
+    }
     seconds: dict[str, list[float]] = {name: [] for name in fetchers}
+    order = list(fetchers)
     for i in range(rounds):
-        for name in ["radfusion", "dcmtk"] if i % 2 == 0 else ["dcmtk", "radfusion"]:
+        for name in order if i % 2 == 0 else order[::-1]:
             target = work / f"prior-{name}-{i}"
             start = time.perf_counter()
             fetchers[name](target)
@@ -158,7 +180,7 @@ def prior_round(files: list[Path], server: Orthanc, work: Path, rounds: int) -> 
                 raise RuntimeError(f"{name}: fetched {got} of {len(files)} images")
             shutil.rmtree(target)
             seconds[name].append(elapsed)
-            print(f"round {i + 1} prior {name:<9} {elapsed:6.2f} s")
+            print(f"round {i + 1} prior {name:<14} {elapsed:6.2f} s")
     return {k: statistics.median(v) for k, v in seconds.items()}
 
 
@@ -202,6 +224,11 @@ def main() -> None:
         print(
             f"prior fetch seconds radfusion/dcmtk: {prior['radfusion']:.1f}/{prior['dcmtk']:.1f}"
             f" (ratio {prior['radfusion'] / prior['dcmtk']:.2f})"
+        )
+        moved, movescu = prior["radfusion-move"], prior["dcmtk-move"]
+        print(
+            f"prior fetch by C-MOVE seconds radfusion/dcmtk: {moved:.1f}/{movescu:.1f}"
+            f" (ratio {moved / movescu:.2f})"
         )
         print(f"export seconds c-store/stow: {seconds['c-store']:.1f}/{seconds['stow']:.1f}")
 

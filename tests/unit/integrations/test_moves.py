@@ -66,8 +66,18 @@ def test_a_second_retrieval_of_the_same_series_waits_for_the_first(tmp_path: Pat
     assert order == ["first", "second"]
 
 
+_RELEASE = threading.Event()
+
+
 def _unknown_destination(event: Event) -> Iterator[object]:
     yield 0xA801, None  # move destination unknown
+
+
+def _stalling_move(event: Event) -> Iterator[object]:
+    yield "127.0.0.1", free_port()  # where it would send the images...
+    yield 1  # ...one sub-operation announced...
+    _RELEASE.wait(60)  # ...and never performed while the test runs
+    yield 0xA702, None
 
 
 @pytest.fixture
@@ -82,6 +92,33 @@ def refusing_pacs() -> Iterator[DicomDestination]:
     )
     yield DicomDestination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port, timeout_s=5)
     server.shutdown()
+
+
+@pytest.fixture
+def stalling_pacs() -> Iterator[DicomDestination]:
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_MOVE, _stalling_move)]
+    )
+    _RELEASE.clear()
+    yield DicomDestination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port, timeout_s=1)
+    _RELEASE.set()
+    server.shutdown()
+
+
+def test_a_c_move_that_stalls_fails_within_the_timeout_and_frees_the_port(
+    stalling_pacs: DicomDestination, tmp_path: Path
+) -> None:
+    node = NodeConfig(host="127.0.0.1", port=free_port())
+    started = time.monotonic()
+    with pytest.raises(QueryError, match="pacs: C-MOVE"):
+        retrieve_series_by_move(stalling_pacs, node, "1.2.3", ["1.2.3.4"], tmp_path / "prior")
+    # Not a timing test: the 1 s timeout ended it, far short of the peer's 60 s stall.
+    assert time.monotonic() - started < 30
+    with socket.socket() as again:  # the retrieval's listener is gone
+        again.bind(("127.0.0.1", node.port))
 
 
 def test_a_pacs_that_does_not_know_the_node_says_what_to_register(
