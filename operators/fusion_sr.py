@@ -207,7 +207,7 @@ def build_fusion_sr(
         series_instance_uid=series_instance_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_instance_uid,
-        holds="Progression risk and EGFR estimate",
+        holds="Fusion risk and EGFR",
     )
     declare_private_scheme(sr)
     return sr

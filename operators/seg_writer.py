@@ -70,7 +70,7 @@ def build_seg(
       slice normal, as :func:`assemble_volume` orders them.
 
     Same study as the source, series number 901, instance 1, SeriesDescription
-    ``algorithm.describe("Lung and nodule segmentation")``. ``labelmap`` selects Label Map
+    ``algorithm.describe("Lung and nodule segments")``. ``labelmap`` selects Label Map
     Segmentation Storage instead of a BINARY Segmentation. Sources without optional or Type 2
     attributes (patient name, study ID, series number, …) are fine; the caller's datasets are
     not modified.
@@ -102,7 +102,7 @@ def build_seg(
         parameters=dict(algorithm.parameters) or None,
     )
     descriptions = [_segment(f, algorithm_id) for f in result.findings]
-    description = fit_lo(algorithm.describe("Lung and nodule segmentation"))
+    description = fit_lo(algorithm.describe("Lung and nodule segments"))
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixel_array,

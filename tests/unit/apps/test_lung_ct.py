@@ -74,6 +74,10 @@ def test_writes_a_seg_an_sr_a_fusion_sr_and_its_image_in_the_source_study(
         summary.SeriesInstanceUID,
     }
     assert len(series | {source.SeriesInstanceUID}) == 5
+    # Each says what it is and that it is a demonstration, whole (not cut to 64 characters).
+    for ds in (seg, sr, fusion, summary):
+        assert ds.SeriesDescription.endswith("(demonstration, not for clinical use)")
+        assert "..." not in ds.SeriesDescription, ds.SeriesDescription
     assert [ds.SeriesNumber for ds in (seg, sr, fusion)] == [901, 902, 903]
     for ds in (seg, sr, fusion):
         assert ds.SeriesInstanceUID.startswith(CONFIG.uid_root)
