@@ -140,7 +140,11 @@ class MoveInbox:
     ) -> Path | None:
         """Keep an instance for the retrieval that waits for its series (``encoded``: the
         Part 10 bytes, or a file that is moved); returns where it went, or None when no
-        retrieval waits for it from that sender (the caller handles it as usual)."""
+        retrieval waits for it from that sender (the caller handles it as usual).
+
+        Raises:
+            OSError: it could not be written (not kept: the caller refuses it).
+        """
         with self._lock:
             waiting = self._waiting.get(series_instance_uid)
             if waiting is None or (
@@ -150,10 +154,15 @@ class MoveInbox:
                 return None
             path = waiting.folder / f"{len(waiting.files):05d}.dcm"
             waiting.files.append(path)
-        if isinstance(encoded, Path):
-            shutil.move(encoded, path)
-        else:
-            path.write_bytes(encoded)
+        try:
+            if isinstance(encoded, Path):
+                shutil.move(encoded, path)
+            else:
+                path.write_bytes(encoded)
+        except OSError:
+            with self._lock:
+                waiting.files.remove(path)
+            raise
         return path
 
 
@@ -266,7 +275,10 @@ def _receiver(node: NodeConfig) -> Iterator[None]:
             series = str(event.dataset.SeriesInstanceUID)
         except Exception:
             return 0xC000  # cannot understand
-        kept = INBOX.deliver(series, calling, move_originator(event), received)
+        try:
+            kept = INBOX.deliver(series, calling, move_originator(event), received)
+        except OSError:
+            return 0xA700  # out of resources
         return 0x0000 if kept is not None else 0xC000
 
     ae = AE(ae_title=node.ae_title)

@@ -317,8 +317,12 @@ class DicomNode:
                 written.error.strerror or type(written.error).__name__,
             )
             return Status.OUT_OF_RESOURCES, study
-        if INBOX.expecting and self._kept_for_retrieval(event, transfer_syntax, calling):
-            return Status.SUCCESS, study
+        try:
+            if INBOX.expecting and self._kept_for_retrieval(event, transfer_syntax, calling):
+                return Status.SUCCESS, study
+        except OSError as err:
+            log.error("instance refused with 0xA700: cannot keep it for a retrieval: %s", err)
+            return Status.OUT_OF_RESOURCES, study
         try:
             stored_in = self.catalog.seen_again(
                 sop_instance, quiet_period_s=self.config.quiet_period_for(calling)

@@ -47,8 +47,13 @@ class Spool:
         # A spool made by an older version (or another umask) is closed to other users too.
         for folder in (self.root, self.tmp, self.studies):
             folder.chmod(0o700)
-        for leftover in self.tmp.iterdir():  # partial writes of a crashed process
-            leftover.unlink(missing_ok=True)
+        # Partial writes of a crashed process, and the temporary folders it had there (a
+        # prior being retrieved: the service's temporary files live in tmp/).
+        for leftover in self.tmp.iterdir():
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)

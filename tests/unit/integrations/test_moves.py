@@ -138,3 +138,11 @@ def test_a_node_port_taken_by_another_process_is_named(
         node = NodeConfig(host="127.0.0.1", port=taken.getsockname()[1])
         with pytest.raises(QueryError, match="is `radfusion serve` running"):
             retrieve_series_by_move(refusing_pacs, node, "1.2.3", ["1.2.3.4"], tmp_path / "p")
+
+
+def test_an_instance_that_cannot_be_written_is_not_counted(tmp_path: Path) -> None:
+    inbox = MoveInbox()
+    with inbox.expect(["1.2.3"], tmp_path / "prior", "PACS", "RADFUSION") as files:
+        with pytest.raises(OSError):
+            inbox.deliver("1.2.3", "PACS", "", tmp_path / "no-such-received-file")
+        assert files == []

@@ -90,6 +90,9 @@ def test_spool_reserve(tmp_path: Path) -> None:
 def test_leftover_temp_files_are_cleared(tmp_path: Path) -> None:
     Spool(tmp_path)
     (tmp_path / "tmp" / "x.part").write_bytes(b"partial")
+    # A prior that was being retrieved when the process died: a folder of its own.
+    (tmp_path / "tmp" / "radfusion-prior-x").mkdir()
+    (tmp_path / "tmp" / "radfusion-prior-x" / "00000.dcm").write_bytes(b"prior")
     Spool(tmp_path)
     assert list((tmp_path / "tmp").iterdir()) == []
 
