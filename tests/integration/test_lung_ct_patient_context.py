@@ -147,8 +147,8 @@ def test_sr_and_status_say_whether_patient_context_was_found(
     )
     assert f"genes tested: {', '.join(tested)}" in context
     assert imaging_only == "This algorithm uses imaging only."
-    # SEG, SR and fusion SR: findings are not held back
-    wait_for(lambda: len(list(results.rglob("*.dcm"))) == 3, 60, "the fusion SR")
+    # SEG, SR, fusion SR and its summary image: findings are not held back
+    wait_for(lambda: len(list(results.rglob("*.dcm"))) == 4, 60, "the fusion SR and image")
     # The fusion used the record read from the real FHIR server, and names what it read.
     fusion = _sr(results, found["StudyInstanceUID"], 903)
     assert fusion is not None

@@ -252,7 +252,7 @@ def report(result: dict[str, Any]) -> None:
     )
 
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 
 
 def model_yaml() -> str:
