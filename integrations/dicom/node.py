@@ -279,6 +279,8 @@ class DicomNode:
 
     def _on_store(self, event: Event) -> int:
         status, study = self._store(event)
+        if study is None:
+            return status  # a retrieval's copy: its audit record is the retrieval's
         with self._tally_lock:
             tally = self._tallies.setdefault(id(event.assoc), {})
             counts = tally.setdefault(study, [0, 0])
@@ -297,8 +299,9 @@ class DicomNode:
         series = header.SeriesInstanceUID
         return INBOX.deliver(series, calling, move_originator(event), received) is not None
 
-    def _store(self, event: Event) -> tuple[int, str]:
-        """Store one instance; returns its status and its study ("" when not known)."""
+    def _store(self, event: Event) -> tuple[int, str | None]:
+        """Store one instance; returns its status and its study ("" when not known, None when
+        it went to a C-MOVE retrieval of this process)."""
         req = cast(C_STORE, event.request)  # EVT_C_STORE: always a C-STORE request
         sop_instance = str(req.AffectedSOPInstanceUID or "").strip()
         sop_class = str(req.AffectedSOPClassUID or "").strip()
@@ -319,7 +322,7 @@ class DicomNode:
             return Status.OUT_OF_RESOURCES, study
         try:
             if INBOX.expecting and self._kept_for_retrieval(event, transfer_syntax, calling):
-                return Status.SUCCESS, study
+                return Status.SUCCESS, None
         except OSError as err:
             log.error("instance refused with 0xA700: cannot keep it for a retrieval: %s", err)
             return Status.OUT_OF_RESOURCES, study

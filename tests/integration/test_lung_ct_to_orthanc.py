@@ -3,6 +3,7 @@ the patient's prior CT fetched from Orthanc by C-MOVE to the node for the compar
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import urllib.request
@@ -116,3 +117,12 @@ def test_chest_ct_sent_by_storescu_comes_back_as_seg_and_sr_in_orthanc(
             "SELECT COUNT(*) FROM instances WHERE StudyInstanceUID=?", (prior.StudyInstanceUID,)
         ).fetchone() == (0,)
     assert set(orthanc_study_instances(orthanc, prior.StudyInstanceUID).values()) == {CT_CLASS}
+    # The audit trail has the retrieval, and no C-STORE of the prior's instances to the node.
+    trail = [json.loads(line) for line in (node.spool / "audit.jsonl").read_text().splitlines()]
+    [moved] = [e for e in trail if e.get("detail") == "C-MOVE of a prior"]
+    assert moved["objects"] == [
+        {"StudyInstanceUID": prior.StudyInstanceUID, "retrieved": len(prior.files)}
+    ]
+    stored = {o.get("StudyInstanceUID") for e in trail if e.get("action") == "C"
+              for o in e.get("objects", [])}  # fmt: skip
+    assert prior.StudyInstanceUID not in stored and "" not in stored and uid in stored
