@@ -18,22 +18,31 @@ from io import BytesIO
 from pathlib import Path
 from types import MappingProxyType
 
+import pydicom.uid
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
+from pynetdicom import ALL_TRANSFER_SYNTAXES
 
 from radfusion.errors import DatasetError
 from radfusion.routing import SERIES_ATTRIBUTES
 
 __all__ = [
+    "RECEIVED_TRANSFER_SYNTAXES",
     "HeaderError",
     "WireHeader",
     "check_part10_structure",
     "read_header",
     "read_part10_header",
 ]
+
+RECEIVED_TRANSFER_SYNTAXES = list(
+    dict.fromkeys([*ALL_TRANSFER_SYNTAXES, *map(str, pydicom.uid.AllTransferSyntaxes)])
+)
+"""Every transfer syntax radfusion accepts a dataset in (the node, a C-MOVE's receiver): the
+encoded bytes are kept as they came, so none needs a codec here."""
 
 _LAST_TAG = 0x00280008  # Number of Frames: every attribute we need sorts before it
 _DEFLATED = "1.2.840.10008.1.2.1.99"

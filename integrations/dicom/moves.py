@@ -21,21 +21,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom.uid
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    LegacyConvertedEnhancedCTImageStorage,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
 from radfusion import audit
 from radfusion.config import DicomDestination, NodeConfig
 from radfusion.integrations.dicom.association import NoAssociation, associate
+from radfusion.integrations.dicom.header import RECEIVED_TRANSFER_SYNTAXES
 from radfusion.integrations.dicom.pynetdicom_internals import claim
 from radfusion.integrations.dicom.query import (
+    RETRIEVED_SOP_CLASSES,
     DimseQuery,
     QueryError,
     archive_participant,
@@ -46,10 +44,6 @@ __all__ = ["INBOX", "DimseMoveQuery", "MoveInbox", "move_originator", "retrieve_
 
 log = logging.getLogger("radfusion.moves")
 
-_RETRIEVED_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
-_SYNTAXES = list(
-    dict.fromkeys([*ALL_TRANSFER_SYNTAXES, *map(str, pydicom.uid.AllTransferSyntaxes)])
-)
 _WAIT_FOR_SERIES_S = 300.0  # another retrieval of the same series finishes first
 _STATUS_MEANING = {
     0xA701: "out of resources: unable to calculate the number of matches",
@@ -283,8 +277,8 @@ def _receiver(node: NodeConfig) -> Iterator[None]:
 
     ae = AE(ae_title=node.ae_title)
     ae.require_called_aet = True
-    for uid in _RETRIEVED_CLASSES:
-        ae.add_supported_context(uid, _SYNTAXES)
+    for uid in RETRIEVED_SOP_CLASSES:
+        ae.add_supported_context(uid, RECEIVED_TRANSFER_SYNTAXES)
     try:
         server = ae.start_server(
             (node.host, node.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]

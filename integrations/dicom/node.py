@@ -17,8 +17,7 @@ import threading
 from pathlib import Path
 from typing import cast
 
-import pydicom.uid
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
@@ -33,6 +32,7 @@ from radfusion.config import RadfusionConfig
 from radfusion.integrations.dicom.commitment import STORAGE_COMMITMENT_PUSH_MODEL, record_report
 from radfusion.integrations.dicom.guard import ConnectionGuard
 from radfusion.integrations.dicom.header import (
+    RECEIVED_TRANSFER_SYNTAXES,
     HeaderError,
     WireHeader,
     check_part10_structure,
@@ -67,9 +67,6 @@ class Status:
 
 
 # Every transfer syntax pydicom or pynetdicom knows: instances are stored as received.
-_TRANSFER_SYNTAXES = list(
-    dict.fromkeys([*ALL_TRANSFER_SYNTAXES, *map(str, pydicom.uid.AllTransferSyntaxes)])
-)
 
 
 def storage_sop_classes(extra: list[str] | None = None) -> list[str]:
@@ -144,12 +141,12 @@ class DicomNode:
         ae.network_timeout = config.node.network_timeout_s
         ae.require_called_aet = True
         for uid in storage_sop_classes():
-            ae.add_supported_context(uid, _TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, _TRANSFER_SYNTAXES)
+            ae.add_supported_context(uid, RECEIVED_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, RECEIVED_TRANSFER_SYNTAXES)
         # Reports of the peers asked to commit to our results; the peer may propose SCU/SCP
         # role selection (it is the Storage Commitment SCP reporting to the SCU).
         ae.add_supported_context(
-            STORAGE_COMMITMENT_PUSH_MODEL, _TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+            STORAGE_COMMITMENT_PUSH_MODEL, RECEIVED_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
         )
         self._ae = ae
 
@@ -288,16 +285,23 @@ class DicomNode:
         return status
 
     @staticmethod
-    def _kept_for_retrieval(event: Event, transfer_syntax: str, calling: str) -> bool:
-        # A prior this process C-MOVEs to us: a copy for that retrieval, not a new study
-        # (checked first: the node may have catalogued the same instances when they were new).
+    def _offer_to_retrieval(
+        event: Event, transfer_syntax: str, calling: str
+    ) -> tuple[WireHeader | None, bool]:
+        """The header (None when unreadable: refused later, with the reason) and whether a
+        C-MOVE retrieval of this process took the instance (a copy of a prior, not a new
+        study; asked first, as the node may have catalogued the same instances long ago).
+
+        Raises:
+            OSError: the retrieval could not keep it.
+        """
         received = Path(event.dataset_path)
         try:
             header = read_part10_header(received, transfer_syntax)
         except HeaderError:
-            return False  # refused below, with the reason
-        series = header.SeriesInstanceUID
-        return INBOX.deliver(series, calling, move_originator(event), received) is not None
+            return None, False
+        kept = INBOX.deliver(header.SeriesInstanceUID, calling, move_originator(event), received)
+        return header, kept is not None
 
     def _store(self, event: Event) -> tuple[int, str | None]:
         """Store one instance; returns its status and its study ("" when not known, None when
@@ -320,12 +324,15 @@ class DicomNode:
                 written.error.strerror or type(written.error).__name__,
             )
             return Status.OUT_OF_RESOURCES, study
-        try:
-            if INBOX.expecting and self._kept_for_retrieval(event, transfer_syntax, calling):
+        header: WireHeader | None = None
+        if INBOX.expecting:
+            try:
+                header, kept = self._offer_to_retrieval(event, transfer_syntax, calling)
+            except OSError as err:
+                log.error("instance refused with 0xA700: cannot keep it for a retrieval: %s", err)
+                return Status.OUT_OF_RESOURCES, study
+            if kept:
                 return Status.SUCCESS, None
-        except OSError as err:
-            log.error("instance refused with 0xA700: cannot keep it for a retrieval: %s", err)
-            return Status.OUT_OF_RESOURCES, study
         try:
             stored_in = self.catalog.seen_again(
                 sop_instance, quiet_period_s=self.config.quiet_period_for(calling)
@@ -335,7 +342,8 @@ class DicomNode:
                 log.debug("duplicate instance %s ignored", uid_tag(sop_instance))
                 return Status.SUCCESS, study
             try:
-                header = read_part10_header(received, transfer_syntax)
+                if header is None:  # not read for a retrieval already
+                    header = read_part10_header(received, transfer_syntax)
                 study = header.StudyInstanceUID
                 _check_identity(header, sop_instance, str(event.context.abstract_syntax))
                 check_part10_structure(received, transfer_syntax)

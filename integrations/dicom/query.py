@@ -25,6 +25,7 @@ from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time
     CTImageStorage,
     EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
 )
@@ -35,6 +36,7 @@ from radfusion.errors import RadfusionError
 from radfusion.integrations.dicom.association import NoAssociation, associate
 
 __all__ = [
+    "RETRIEVED_SOP_CLASSES",
     "DimseQuery",
     "PriorSource",
     "QueryError",
@@ -52,7 +54,12 @@ log = logging.getLogger("radfusion.query")
 
 _PENDING = {0xFF00, 0xFF01}
 _CHEST = re.compile(r"CHEST|LUNG|THORAX|TORSO|WHOLE.?BODY")
-_RETRIEVED_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+RETRIEVED_SOP_CLASSES = (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+)
+"""What a prior retrieval accepts (C-GET or C-MOVE): the CT Image Storage classes."""
 _SYNTAXES = [
     "1.2.840.10008.1.2.1",
     "1.2.840.10008.1.2",
@@ -253,9 +260,9 @@ def retrieve_series(
     # One context per syntax: the PACS sends each image in the syntax it holds it in, with
     # no need to transcode (a context with several syntaxes is accepted with one).
     contexts = [(StudyRootQueryRetrieveInformationModelGet, _SYNTAXES[:2])] + [
-        (sop_class, [syntax]) for sop_class in _RETRIEVED_CLASSES for syntax in _SYNTAXES
+        (sop_class, [syntax]) for sop_class in RETRIEVED_SOP_CLASSES for syntax in _SYNTAXES
     ]
-    roles = [build_role(sop_class, scp_role=True) for sop_class in _RETRIEVED_CLASSES]
+    roles = [build_role(sop_class, scp_role=True) for sop_class in RETRIEVED_SOP_CLASSES]
     assoc = _associate(peer, calling_ae_title, contexts, roles)
     assoc.bind(evt.EVT_C_STORE, on_store)
     try:
