@@ -72,13 +72,13 @@ class Anatomy:
 
 
 def _tumour_lookup(classes: ClassMap | np.ndarray | None) -> TumourLookup | None:
-    """Where the model sees tumour, box by box: only the candidates' boxes are ever resolved
-    from a :class:`ClassMap` (the whole map at source resolution costs 0.8 s)."""
+    """The share of a candidate the model calls tumour: only the candidates' voxels are ever
+    resolved from a :class:`ClassMap` (the whole map at source resolution costs 0.8 s)."""
     if classes is None:
         return None
     if isinstance(classes, ClassMap):
-        return lambda box: classes.region(box) == TUMOUR_CLASS
-    return lambda box: classes[box] == TUMOUR_CLASS
+        return lambda box, mask: float((classes.at(box, mask) == TUMOUR_CLASS).mean())
+    return lambda box, mask: float((classes[box][mask] == TUMOUR_CLASS).mean())
 
 
 def slice_thickness_mm(volume: Volume) -> float:

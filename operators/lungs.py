@@ -303,8 +303,9 @@ def find_lung_fields(
     left = sides.get("left", np.zeros_like(air))
     # The search region: each lung closed by a disc in-plane, so that a nodule on the pleura
     # (chest wall on its outer side) is inside; kept inside the body.
-    search = _closed_lungs(right, left, body, airway, _SEARCH_CLOSING_MM, spacing)
-    envelope = _closed_lungs(right, left, body, airway, _ENVELOPE_CLOSING_MM, spacing)
+    search, envelope = _closed_lungs(
+        right, left, body, airway, (_SEARCH_CLOSING_MM, _ENVELOPE_CLOSING_MM), spacing
+    )
     problems.extend(_plausibility(right, left, body, voxel_ml))
 
     full_right, full_left = (
@@ -325,18 +326,23 @@ def _closed_lungs(
     left: np.ndarray,
     body: np.ndarray,
     airway: np.ndarray,
-    radius_mm: float,
+    radii_mm: tuple[float, ...],
     spacing: np.ndarray,
-) -> np.ndarray:
-    """Each lung closed by a disc of ``radius_mm`` in-plane (so that what lies in its
-    concavities, as a nodule on the pleura does, is inside), within the body, airways out."""
-    margin = int(np.ceil(radius_mm / spacing[1])) + 1
-    out = np.zeros_like(right)
+) -> list[np.ndarray]:
+    """Per radius, each lung closed by a disc of that radius in-plane (so that what lies in
+    its concavities, as a nodule on the pleura does, is inside), within the body, airways
+    out."""
+    margin = int(np.ceil(max(radii_mm) / spacing[1])) + 1
+    out = [np.zeros_like(right) for _ in radii_mm]
     for mask in (right, left):
         if mask.any():
             box = _box(mask, margin)
-            out[box] |= _close_in_plane(mask[box], radius_mm, spacing)
-    return out & body & ~airway
+            for closed, part in zip(
+                out, _close_in_plane(mask[box], radii_mm, spacing), strict=True
+            ):
+                closed[box] |= part
+    keep = body & ~airway
+    return [closed & keep for closed in out]
 
 
 def _box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
@@ -352,18 +358,31 @@ def _box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
 
 
 def _close_in_plane(
-    mask: np.ndarray, radius_mm: float, spacing: np.ndarray, *, coarsen: bool = True
-) -> np.ndarray:
-    """Morphological closing by a disc of ``radius_mm`` in each slice, through distance
-    transforms (a huge slice spacing keeps it in-plane): far cheaper than a disc-shaped
-    structuring element of this size."""
+    mask: np.ndarray, radii_mm: tuple[float, ...], spacing: np.ndarray, *, coarsen: bool = True
+) -> list[np.ndarray]:
+    """Morphological closings by a disc of each radius in each slice, through distance
+    transforms (the first, the distance to the mask, serves every radius): far cheaper than
+    disc-shaped structuring elements of these sizes."""
     if coarsen and min(mask.shape[1:]) >= 8:  # on a grid coarser by two: mm do not matter
         coarse = shrink_in_plane(mask, 2) > 0.25
-        closed = _close_in_plane(coarse, radius_mm, spacing * np.array([1, 2, 2]), coarsen=False)
-        return mask | _grow(closed, 2, mask.shape)
-    sampling = (1e6, float(spacing[1]), float(spacing[2]))
-    grown = ndimage.distance_transform_edt(~mask, sampling=sampling) <= radius_mm
-    return ndimage.distance_transform_edt(grown, sampling=sampling) > radius_mm
+        closed = _close_in_plane(coarse, radii_mm, spacing * np.array([1, 2, 2]), coarsen=False)
+        return [mask | _grow(c, 2, mask.shape) for c in closed]
+    outside = _distance_in_plane(~mask, spacing)
+    return [_distance_in_plane(outside <= radius, spacing) > radius for radius in radii_mm]
+
+
+def _distance_in_plane(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Per slice, each voxel's distance (mm) to the nearest voxel outside ``mask`` in that
+    slice (infinite when there is none). Slice by slice: half the time of a 3-D transform
+    made in-plane by a huge slice spacing."""
+    out = np.zeros(mask.shape, dtype=np.float64)
+    sampling = (float(spacing[1]), float(spacing[2]))
+    for k, plane in enumerate(mask):
+        if plane.all():
+            out[k] = np.inf
+        elif plane.any():
+            out[k] = ndimage.distance_transform_edt(plane, sampling=sampling)
+    return out
 
 
 def _dilate_in_box(mask: np.ndarray, iterations: int) -> np.ndarray:
@@ -382,10 +401,29 @@ def _refine(
     small: np.ndarray, factor: int, shape: tuple[int, int, int], hu: np.ndarray
 ) -> np.ndarray:
     """A lung of the working grid on the source grid, its border decided by full-resolution
-    HU: the interior stays (vessels included), a border voxel is lung only when air-dense."""
-    interior = ndimage.binary_erosion(small, structure=_IN_PLANE)
-    coarse, inner = _grow(small, factor, shape), _grow(interior, factor, shape)
-    return inner | (coarse & (hu < AIR_HU))
+    HU: the interior stays (vessels included), a border voxel is lung only when air-dense.
+    Worked out in the lung's box (an eroded empty margin stays empty)."""
+    box = _box(small, 1)
+    part = small[box]
+    interior = ndimage.binary_erosion(part, structure=_IN_PLANE)
+    # The box on the source grid; one reaching the working grid's last row or column also
+    # takes the source rows and columns that did not fill a block (as _grow does).
+    full = (
+        box[0],
+        *(
+            slice(b.start * factor, shape[axis] if b.stop == small.shape[axis] else b.stop * factor)
+            for axis, b in ((1, box[1]), (2, box[2]))
+        ),
+    )
+    size = (
+        full[0].stop - full[0].start,
+        full[1].stop - full[1].start,
+        full[2].stop - full[2].start,
+    )
+    coarse, inner = _grow(part, factor, size), _grow(interior, factor, size)
+    out = np.zeros(shape, dtype=bool)
+    out[full] = inner | (coarse & (hu[full] < AIR_HU))
+    return out
 
 
 def _plausibility(

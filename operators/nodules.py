@@ -78,7 +78,8 @@ FEATURES = (
 """The features the false-positive stage scores, in the order of its weights."""
 
 
-TumourLookup = Callable[[tuple[slice, slice, slice]], np.ndarray]
+# The share of a candidate's voxels (a mask of the box) that the learned model calls tumour.
+TumourLookup = Callable[[tuple[slice, slice, slice], np.ndarray], float]
 """A box of the source grid → where (bool, the box's shape) the learned segmentation model
 sees tumour there."""
 
@@ -435,7 +436,7 @@ def _run_pass(
             continue
         model = 0.5
         if model_tumour is not None:
-            model = float(model_tumour(full_box)[full_mask].mean())
+            model = model_tumour(full_box, full_mask)
         vector = (
             math.log(max(float(best[k, r, c]), 1e-3)),
             float(shape[index]),

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 from monai.deploy.core import Fragment, Operator, OperatorSpec
+from scipy import ndimage
 
 from radfusion.errors import RadfusionError
 from radfusion.operators.measurement import Measured
@@ -414,13 +415,27 @@ def compute_radiomics(
     if result is None:
         return None
     library = library_version()
+    # Each segment's box from one pass over the label map (comparing and searching the whole
+    # volume per tumour cost 0.1 s each on a 512² × 133 CT), widened by the crop's margin.
+    boxes = ndimage.find_objects(result.labels)
+    margins = [math.ceil(settings.margin_mm / s) for s in volume.spacing_mm]
     tumours = []
     for finding in result.findings:
         if finding.kind != "tumour":
             continue
-        mask = result.labels == finding.segment_number
+        number = finding.segment_number
+        found = boxes[number - 1] if 0 < number <= len(boxes) else None
+        box = (
+            tuple(
+                slice(max(0, s.start - m), s.stop + m) for s, m in zip(found, margins, strict=True)
+            )
+            if found is not None
+            else (slice(0, 0),) * 3
+        )
         try:
-            values = tumour_features(volume.hu, volume.spacing_mm, mask, settings)
+            values = tumour_features(
+                volume.hu[box], volume.spacing_mm, result.labels[box] == number, settings
+            )
             error = None
         except RadiomicsError as err:
             log.warning("%s: no radiomics (%s)", finding.tracking_id, err)

@@ -155,8 +155,8 @@ class ClassMap:
     A linear blend of probability vectors that share their most likely class keeps that class,
     so only voxels whose 2×2×2 model-grid neighbourhood disagrees (``mixed``) are interpolated;
     the rest take the class of the neighbourhood. :meth:`full` resolves every voxel (0.8 s for
-    512² × 133 here), :meth:`region` only a box: the detector asks for a few hundred small
-    boxes and never needs the whole map.
+    512² × 133 here), :meth:`at` only chosen voxels of a box: the detector asks for a few
+    hundred candidates' voxels and never needs the whole map.
     """
 
     probabilities: np.ndarray  # [C, D, H, W] float32 on the model grid
@@ -214,15 +214,20 @@ class ClassMap:
             out[k, r, c] = self._blend(k, r, c)
         return out
 
-    def region(self, box: tuple[slice, slice, slice]) -> np.ndarray:
-        """The class map of ``box`` of the source grid (slices with steps of 1): the same
-        values as ``full()[box]``."""
+    def at(self, box: tuple[slice, slice, slice], where: np.ndarray) -> np.ndarray:
+        """The classes of the voxels of ``box`` (steps of 1) where ``where`` (a bool array of
+        the box's shape) is True, in :func:`numpy.nonzero` order: the same values as
+        ``full()[box][where]``, resolving only those voxels (a nodule candidate fills a
+        fraction of its box)."""
         (zl, _, _), (yl, _, _), (xl, _, _) = self.stencils
         ks, rs, cs = (np.arange(*b.indices(n)) for b, n in zip(box, self.shape, strict=True))
-        out = self.best[zl[ks]][:, yl[rs]][:, :, xl[cs]]
-        u, v, w = np.nonzero(self.mixed[zl[ks]][:, yl[rs]][:, :, xl[cs]])
-        if len(u):
-            out[u, v, w] = self._blend(ks[u], rs[v], cs[w])
+        u, v, w = np.nonzero(where)
+        k, r, c = ks[u], rs[v], cs[w]
+        gk, gr, gc = zl[k], yl[r], xl[c]
+        out = self.best[gk, gr, gc]
+        mixed = self.mixed[gk, gr, gc]
+        if mixed.any():
+            out[mixed] = self._blend(k[mixed], r[mixed], c[mixed])
         return out
 
     def _blend(self, k: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:

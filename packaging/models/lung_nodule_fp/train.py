@@ -157,7 +157,7 @@ def collect(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         volume.spacing_mm,
         fields,
         scorer=None,
-        model_tumour=lambda box: classes[box] == 2,
+        model_tumour=lambda box, mask: float((classes[box][mask] == 2).mean()),
     )
     x = np.array([c.features for c in candidates], dtype=np.float64).reshape(-1, len(FEATURES))
     y = np.array([_truth_of(c.mask, c.box, labels) > 0 for c in candidates], dtype=np.float64)

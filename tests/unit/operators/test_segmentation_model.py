@@ -93,10 +93,11 @@ def test_boundary_only_resolution_equals_full_trilinear_interpolation(
 
 
 @pytest.mark.parametrize("shape", [(47, 71, 64), (9, 100, 13)])
-def test_a_region_of_the_class_map_equals_that_part_of_the_whole(
+def test_the_classes_of_a_region_equal_that_part_of_the_whole_map(
     shape: tuple[int, int, int],
 ) -> None:
-    """The detector resolves boxes only: each must hold exactly what the full map holds."""
+    """The detector resolves its candidates' voxels only: each must have exactly the class
+    the full map gives it."""
     generator = torch.Generator().manual_seed(sum(shape))
     logits = F.avg_pool3d(torch.randn(1, 3, 20, 30, 30, generator=generator) * 8, 3, 1, 1)[0]
     classes = ClassMap.from_probabilities(torch.softmax(logits, 0), shape)
@@ -107,10 +108,12 @@ def test_a_region_of_the_class_map_equals_that_part_of_the_whole(
         for n in shape:
             a, b = sorted(int(v) for v in rng.integers(0, n + 1, size=2))
             box.append(slice(a, max(b, a + 1)))
-        np.testing.assert_array_equal(classes.region(tuple(box)), full[tuple(box)])
-    assert (
-        classes.region((slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))).shape == shape
-    )
+        part = full[tuple(box)]
+        where = rng.random(part.shape) < 0.4
+        np.testing.assert_array_equal(classes.at(tuple(box), where), part[where])
+    whole = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+    np.testing.assert_array_equal(classes.at(whole, np.ones(shape, dtype=bool)), full.ravel())
+    assert classes.at(whole, np.zeros(shape, dtype=bool)).shape == (0,)
 
 
 @pytest.mark.parametrize(
