@@ -35,6 +35,9 @@ def thin_series(source: Path, out: Path, factor: int) -> int:
     if len(images) < 2:
         raise ValueError(f"{source}: fewer than two CT images")
     images.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    for d in images:
+        if d.file_meta.TransferSyntaxUID.is_compressed:
+            d.decompress()  # the copies are written uncompressed, like their pixel data
     hu = [d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in images]
     out.mkdir(parents=True, exist_ok=True)
     series = generate_uid()
