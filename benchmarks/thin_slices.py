@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 
@@ -30,8 +31,14 @@ def thin_series(source: Path, out: Path, factor: int) -> int:
     """
     if factor < 2:
         raise ValueError(f"factor {factor}: must be 2 or more")
-    images = [pydicom.dcmread(p) for p in sorted(source.rglob("*")) if p.is_file()]
-    images = [d for d in images if d.get("Modality") == "CT" and "PixelData" in d]
+    images = []
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path)
+        except InvalidDicomError:
+            continue  # not DICOM (a DICOMDIR's neighbours, notes): not part of the series
+        if ds.get("Modality") == "CT" and "PixelData" in ds:
+            images.append(ds)
     if len(images) < 2:
         raise ValueError(f"{source}: fewer than two CT images")
     images.sort(key=lambda d: float(d.ImagePositionPatient[2]))
