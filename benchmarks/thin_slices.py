@@ -36,7 +36,7 @@ def thin_series(source: Path, out: Path, factor: int) -> int:
         try:
             ds = pydicom.dcmread(path)
         except InvalidDicomError:
-            continue  # not DICOM (a DICOMDIR's neighbours, notes): not part of the series
+            continue  # not DICOM (notes, checksums): not part of the series
         if ds.get("Modality") == "CT" and "PixelData" in ds:
             images.append(ds)
     if len(images) < 2:
