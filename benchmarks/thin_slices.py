@@ -14,6 +14,7 @@ finer: use the copy for timing (``benchmarks/e2e.py --real OUT``), never for acc
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,17 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from radfusion.operators.volume import assemble_volume
+
 
 def thin_series(source: Path, out: Path, factor: int) -> int:
     """Write the interpolated series of the CT images in ``source`` to ``out``; return how
-    many slices were written.
+    many slices were written. The series is assembled as the app assembles it
+    (:func:`assemble_volume`: order along the slice normal, rescale, geometry checks).
 
     Raises:
-        ValueError: ``source`` holds fewer than two CT images or ``factor`` is below 2.
+        ValueError: ``factor`` is below 2, ``source`` holds fewer than two single-frame CT
+            images, or their geometry is irregular (:class:`VolumeError`, which says how).
     """
     if factor < 2:
         raise ValueError(f"factor {factor}: must be 2 or more")
@@ -37,42 +42,38 @@ def thin_series(source: Path, out: Path, factor: int) -> int:
             ds = pydicom.dcmread(path)
         except InvalidDicomError:
             continue  # not DICOM (notes, checksums): not part of the series
-        if ds.get("Modality") == "CT" and "PixelData" in ds:
+        if ds.get("Modality") == "CT" and "PixelData" in ds and ds.get("NumberOfFrames", 1) == 1:
+            if ds.file_meta.TransferSyntaxUID.is_compressed:
+                ds.decompress()  # the copies are written uncompressed, like their pixel data
             images.append(ds)
     if len(images) < 2:
-        raise ValueError(f"{source}: fewer than two CT images")
-    images.sort(key=lambda d: float(d.ImagePositionPatient[2]))
-    for d in images:
-        if d.file_meta.TransferSyntaxUID.is_compressed:
-            d.decompress()  # the copies are written uncompressed, like their pixel data
-    hu = [d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in images]
+        raise ValueError(f"{source}: fewer than two single-frame CT images")
+    volume = assemble_volume(images)
     out.mkdir(parents=True, exist_ok=True)
     series = generate_uid()
-    step = abs(float(images[1].ImagePositionPatient[2]) - float(images[0].ImagePositionPatient[2]))
-    written = 0
-    for k, image in enumerate(images):
-        for j in range(factor if k + 1 < len(images) else 1):
-            w = j / factor
-            value = hu[k] if j == 0 else (1.0 - w) * hu[k] + w * hu[k + 1]
-            position = [float(v) for v in image.ImagePositionPatient]
-            if j:
-                after = [float(v) for v in images[k + 1].ImagePositionPatient]
-                position = [(1.0 - w) * a + w * b for a, b in zip(position, after, strict=True)]
-            ds = image.copy()
-            stored = (value - float(ds.RescaleIntercept)) / float(ds.RescaleSlope)
-            ds.PixelData = np.round(stored).astype(image.pixel_array.dtype).tobytes()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.ImagePositionPatient = [f"{v:.3f}" for v in position]
-            ds.SliceLocation = f"{position[2]:.3f}"
-            ds.SliceThickness = f"{step / factor:.3f}"
-            if "SpacingBetweenSlices" in ds:
-                ds.SpacingBetweenSlices = f"{step / factor:.3f}"
-            ds.InstanceNumber = written + 1
-            ds.SeriesInstanceUID = series
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            ds.save_as(out / f"{written + 1:06d}.dcm", enforce_file_format=True)
-            written += 1
-    return written
+    thickness = f"{volume.spacing_mm[0] / factor:.3f}"
+    count = (len(volume.hu) - 1) * factor + 1
+    for i in range(count):
+        k, j = divmod(i, factor)
+        w = j / factor
+        hu = volume.hu[k] if j == 0 else (1.0 - w) * volume.hu[k] + w * volume.hu[k + 1]
+        position = (volume.affine @ np.array([0.0, 0.0, i / factor, 1.0]))[:3]
+        ds = copy.deepcopy(volume.source_images[k])
+        stored = np.round((hu - float(ds.RescaleIntercept)) / float(ds.RescaleSlope))
+        dtype = np.dtype(f"{'i' if ds.PixelRepresentation else 'u'}{ds.BitsAllocated // 8}")
+        limits = np.iinfo(dtype)
+        ds.PixelData = np.clip(stored, limits.min, limits.max).astype(dtype).tobytes()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.ImagePositionPatient = [f"{v:.3f}" for v in position]
+        ds.SliceLocation = f"{position[2]:.3f}"
+        ds.SliceThickness = thickness
+        if "SpacingBetweenSlices" in ds:
+            ds.SpacingBetweenSlices = thickness
+        ds.InstanceNumber = i + 1
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(out / f"{i + 1:06d}.dcm", enforce_file_format=True)
+    return count
 
 
 def main() -> None:

@@ -491,9 +491,6 @@ def run_folder(input_dir: Path, output_dir: Path, config: RadfusionConfig) -> li
     return list(result.files)
 
 
-_frozen = False
-
-
 def _freeze_survivors() -> None:
     """Move what the first study analysed left alive (the model, torch, highdicom, mirp:
     about 700 000 objects) out of the cyclic garbage collector's reach; once per process, a
@@ -504,11 +501,9 @@ def _freeze_survivors() -> None:
     still freed by reference counting; only a cycle among them would never be collected, and
     they are mostly loaded code and the model, which live as long as the process.
     """
-    global _frozen
-    if not _frozen:
+    if gc.get_freeze_count() == 0:
         gc.collect()
         gc.freeze()
-        _frozen = True
 
 
 def _close(*resources: object) -> None:
