@@ -33,7 +33,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["LungFields", "find_lung_fields", "shrink_in_plane", "x_of_columns"]
+__all__ = [
+    "LungFields",
+    "find_lung_fields",
+    "shrink_in_plane",
+    "shrink_slices",
+    "slice_factor",
+    "x_of_columns",
+]
 
 log = logging.getLogger("radfusion.operators.lungs")
 
@@ -102,6 +109,26 @@ def shrink_in_plane(hu: np.ndarray, factor: int) -> np.ndarray:
         for j in range(factor):
             total += hu[:, i : r2 * factor : factor, j : c2 * factor : factor]
     return total.astype(np.float32, copy=False) / np.float32(factor * factor)
+
+
+def shrink_slices(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of ``factor`` consecutive slices (the last slices that do not fill a block are
+    dropped); a bool mask gives the share of each block inside it."""
+    if factor == 1:
+        return volume.astype(np.float32, copy=False)
+    k2 = volume.shape[0] // factor
+    total = np.zeros((k2, *volume.shape[1:]), dtype=np.float32)
+    for i in range(factor):
+        total += volume[i : k2 * factor : factor]
+    return total / np.float32(factor)
+
+
+def slice_factor(spacing_mm: float, target_mm: float, slices: int) -> int:
+    """How many source slices (``spacing_mm`` apart, ``slices`` of them) one slice of a working
+    grid at most ``target_mm`` apart averages: 1 when they are already that far apart, or too
+    few to spare."""
+    factor = max(1, int(target_mm / spacing_mm + 1e-6))
+    return max(1, min(factor, slices // 8))
 
 
 def _grow(mask: np.ndarray, factor: int, shape: tuple[int, int, int]) -> np.ndarray:

@@ -14,7 +14,10 @@ structures outside the lung (heart, chest wall, mediastinum). The detector says 
    length is flat); a sheet along one. The blobness ``|λ3|² / |λ1|`` (Li et al., Med Phys
    2003; eigenvalues by decreasing magnitude, all negative, scale-normalised by σ²) is high
    for blobs only, and its roundness ``|λ3| / |λ1|`` does not depend on density: a
-   ground-glass nodule is a blob at its own contrast.
+   ground-glass nodule is a blob at its own contrast. Each search works on a grid of about
+   1.4 mm (nodules) or 3 mm (masses) in-plane; slices of half that spacing or less are
+   averaged in twos or more (the mass search on 1 mm slices: in threes), which the scales
+   do not resolve anyway.
 3. **Candidates**: round local maxima of blobness in dense-enough tissue (ground glass
    included), examined in order of blobness per HU of contrast.
 4. **Extent**: each candidate is the opacity grown from its centre above a threshold halfway
@@ -45,7 +48,7 @@ import numpy as np
 from scipy import ndimage
 
 from radfusion.errors import RadfusionError
-from radfusion.operators.lungs import LungFields, shrink_in_plane
+from radfusion.operators.lungs import LungFields, shrink_in_plane, shrink_slices, slice_factor
 
 __all__ = [
     "FEATURES",
@@ -90,7 +93,7 @@ class _Pass:
 
     name: str
     scales_mm: tuple[float, ...]
-    spacing_mm: float  # in-plane spacing of the working grid, about
+    spacing_mm: float  # spacing of the working grid: in-plane about, slices at most
     radius_floor_mm: float  # analysis sphere at least this large
     max_candidates: int
 
@@ -356,11 +359,15 @@ def _run_pass(
     box = _box_of(region)
     pixel = min(spacing_mm[1], spacing_mm[2])
     factor = min(8, max(1, round(search_pass.spacing_mm / pixel)))
-    sub = hu[box]
-    small = shrink_in_plane(sub, factor)
-    search = shrink_in_plane(region[box], factor) > 0.5
-    lungs = shrink_in_plane(lung_mask[box], factor) > 0.5
-    spacing = np.array([spacing_mm[0], spacing_mm[1] * factor, spacing_mm[2] * factor])
+    slices = slice_factor(spacing_mm[0], search_pass.spacing_mm, box[0].stop - box[0].start)
+
+    def shrink(volume: np.ndarray) -> np.ndarray:
+        return shrink_slices(shrink_in_plane(volume, factor), slices)
+
+    small = shrink(hu[box])
+    search = shrink(region[box]) > 0.5
+    lungs = shrink(lung_mask[box]) > 0.5
+    spacing = np.array([spacing_mm[0] * slices, spacing_mm[1] * factor, spacing_mm[2] * factor])
     if min(small.shape) < 3:
         return []
 
@@ -427,7 +434,7 @@ def _run_pass(
             features["diameter_mm"] / 2.0 + 2.0 * spacing.max(),
         )
         taken[local][piece & near] = True
-        full = _to_source(piece, local, box, factor, hu.shape)
+        full = _to_source(piece, local, box, (slices, factor), hu.shape)
         if full is None:
             continue
         full_box, full_mask = full
@@ -632,19 +639,27 @@ def _to_source(
     region: np.ndarray,
     local: tuple[slice, slice, slice],
     box: tuple[slice, slice, slice],
-    factor: int,
+    factors: tuple[int, int],
     shape: tuple[int, ...],
 ) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
-    """The region (working grid, inside ``local`` of the search box) on the source grid."""
-    up = np.repeat(np.repeat(region, factor, axis=1), factor, axis=2)
+    """The region (working grid, inside ``local`` of the search box) on the source grid;
+    ``factors``: source slices and in-plane pixels per working voxel."""
+    slices, factor = factors
+    k, r, c = region.shape
+    up = np.broadcast_to(
+        region[:, None, :, None, :, None], (k, slices, r, factor, c, factor)
+    ).reshape(k * slices, r * factor, c * factor)
     starts = (
-        box[0].start + local[0].start,
+        box[0].start + local[0].start * slices,
         box[1].start + local[1].start * factor,
         box[2].start + local[2].start * factor,
     )
     stops = [min(s + n, limit) for s, n, limit in zip(starts, up.shape, shape, strict=True)]
-    k, r, c = (slice(s, e) for s, e in zip(starts, stops, strict=True))
-    full_box = (k, r, c)
+    full_box = (
+        slice(starts[0], stops[0]),
+        slice(starts[1], stops[1]),
+        slice(starts[2], stops[2]),
+    )
     up = up[: stops[0] - starts[0], : stops[1] - starts[1], : stops[2] - starts[2]]
     if not up.any():
         return None

@@ -660,10 +660,6 @@ class _Plane:
     rows: int
     columns: int
 
-    @property
-    def normal(self) -> np.ndarray:
-        return np.cross(self.row_direction, self.column_direction)
-
     def describe(self) -> str:
         uid = uid_tag(str(self.dataset.SOPInstanceUID))
         return uid if self.frame is None else f"{uid} frame {self.frame}"
@@ -741,11 +737,14 @@ def _locate(point: np.ndarray, planes: Sequence[_Plane], name: str) -> tuple[_Pl
         ValueError: the point is a quarter of a slice gap or more from every plane, or outside
             the image.
     """
-    offsets = [point - plane.position for plane in planes]
-    distances = np.array([abs(float(d @ p.normal)) for d, p in zip(offsets, planes, strict=True)])
+    # As arrays: hundreds of planes, a dozen points per report.
+    positions = np.array([p.position for p in planes])
+    normals = np.cross([p.row_direction for p in planes], [p.column_direction for p in planes])
+    offsets = point - positions
+    distances = np.abs(np.einsum("ij,ij->i", offsets, normals))
     nearest = int(np.argmin(distances))  # the first of equals: deterministic
     plane, offset = planes[nearest], offsets[nearest]
-    along = np.array(sorted({round(float(p.position @ plane.normal), 6) for p in planes}))
+    along = np.unique(np.round(positions @ normals[nearest], 6))
     if len(along) > 1:
         gap = float(np.diff(along).min())
     else:

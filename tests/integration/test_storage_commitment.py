@@ -62,6 +62,10 @@ def _settled(catalog: Catalog, transaction: str) -> bool:
     return commitment is not None and commitment.state is CommitmentState.SETTLED
 
 
+# The node settles a request in the catalog first and then moves its files (a crash in
+# between leaves files, never a second dead letter): the test waits for the files too.
+
+
 def test_delivered_results_leave_the_spool_once_orthanc_commits(
     node_factory: Any, orthanc: Any, ct_study: Any, tmp_path: Path
 ) -> None:
@@ -75,7 +79,7 @@ def test_delivered_results_leave_the_spool_once_orthanc_commits(
     assert pending is not None and len(pending.instances) == 2
 
     wait_for(lambda: _settled(catalog, result.commitment), 30, "Orthanc's commitment report")
-    assert list(outbox.iterdir()) == []
+    wait_for(lambda: list(outbox.iterdir()) == [], 10, "the committed files' deletion")
     assert catalog.dead_letters() == []
     assert "storage commitment report" in node.log() and "recorded: 2 committed" in node.log()
     trail = [json.loads(line) for line in (Path(node.config["spool"]["path"]) / "audit.jsonl")
@@ -118,6 +122,7 @@ def test_an_instance_orthanc_does_not_hold_is_dead_lettered_and_resent_on_retry(
     assert letter.files == 1 and letter.outbox == outbox
     assert "1 of 2 instance(s) not committed" in letter.error
     assert "no such object instance" in letter.error
+    wait_for(lambda: (outbox / lost.name).exists(), 10, "the lost file back in the outbox")
     assert sorted(p.name for p in outbox.iterdir()) == [".sent", lost.name]  # to send again
     assert list((outbox / ".sent").iterdir()) == []  # the committed one is gone
 
@@ -125,7 +130,7 @@ def test_an_instance_orthanc_does_not_hold_is_dead_lettered_and_resent_on_retry(
     assert retried.delivered and retried.commitment
     wait_for(lambda: _settled(catalog, retried.commitment), 30, "the second report")
     assert catalog.dead_letters() == []
-    assert not outbox.exists()
+    wait_for(lambda: not outbox.exists(), 10, "the outbox's removal")
     lost_uid = str(pydicom.dcmread(lost, stop_before_pixels=True).SOPInstanceUID)
     assert lost_uid in orthanc.instance_uids()
 
@@ -145,4 +150,8 @@ def test_no_report_in_time_dead_letters_everything_with_the_reason(
     [letter] = catalog.dead_letters()
     assert letter.files == 2
     assert "no report from ORTHANC within 2 s" in letter.error
-    assert len([p for p in letter.outbox.iterdir() if p.is_file()]) == 2  # nothing lost
+    wait_for(  # nothing lost: both back in the outbox, to be sent again
+        lambda: len([p for p in letter.outbox.iterdir() if p.is_file()]) == 2,
+        10,
+        "both files back in the outbox",
+    )

@@ -18,7 +18,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from radfusion.operators.lungs import LungFields, find_lung_fields, x_of_columns
+from radfusion.operators.lungs import (
+    LungFields,
+    find_lung_fields,
+    shrink_slices,
+    slice_factor,
+    x_of_columns,
+)
 from radfusion.operators.volume import Volume, assemble_volume
 from radfusion.synth.ct import LABELS, STRUCTURES, Phantom, make_phantom
 
@@ -181,6 +187,32 @@ def test_x_of_columns_is_the_affines_x() -> None:
     k, r, c = np.indices(shape)
     expected = (affine @ np.stack([c, r, k, np.ones_like(k)]).reshape(4, -1))[0].reshape(shape)
     np.testing.assert_allclose(np.broadcast_to(x_of_columns(affine, shape), shape), expected)
+
+
+def test_shrink_slices_averages_blocks_and_drops_the_incomplete_last() -> None:
+    hu = np.arange(7, dtype=np.float32)[:, None, None] * np.ones((1, 2, 3), dtype=np.float32)
+    np.testing.assert_array_equal(shrink_slices(hu, 3)[:, 0, 0], [1.0, 4.0])
+    mask = np.zeros((4, 1, 1), dtype=bool)
+    mask[[0, 1, 2]] = True
+    np.testing.assert_array_equal(shrink_slices(mask, 2)[:, 0, 0], [1.0, 0.5])
+    assert shrink_slices(hu, 1) is hu
+
+
+@pytest.mark.parametrize(
+    ("spacing", "target", "slices", "expected"),
+    [
+        (2.5, 3.0, 120, 1),  # already as thick as the working grid
+        (1.5, 3.0, 200, 2),
+        (1.0, 3.0, 300, 3),
+        (0.6, 1.4, 500, 2),
+        (0.8, 1.4, 400, 1),  # two would make 1.6 mm: coarser than the grid
+        (0.5, 3.0, 30, 3),  # too few slices to average six: at least 8 stay
+    ],
+)
+def test_slice_factor_keeps_the_working_grid_within_its_spacing(
+    spacing: float, target: float, slices: int, expected: int
+) -> None:
+    assert slice_factor(spacing, target, slices) == expected
 
 
 def test_a_volume_that_is_not_3d_is_refused() -> None:

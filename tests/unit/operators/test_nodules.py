@@ -1,6 +1,7 @@
 """The nodule false-positive stage as a file: what it computes, that the shipped one and any
 written by the training script read back identically, and that a broken file is refused with
-a clear :class:`ScorerError` rather than scoring nonsense."""
+a clear :class:`ScorerError` rather than scoring nonsense. The detector on thin slices (which
+it averages onto its working grid): a nodule and a mass come back whole on the source grid."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfusion.operators.nodules import FEATURES, NoduleScorer, ScorerError, default_scorer_path
+from radfusion.operators.lungs import LungFields
+from radfusion.operators.nodules import (
+    FEATURES,
+    NoduleScorer,
+    ScorerError,
+    default_scorer_path,
+    find_nodules,
+)
 
 N = len(FEATURES)
 
@@ -96,3 +104,31 @@ def test_an_unreadable_scorer_file_is_refused(tmp_path: Path) -> None:
         NoduleScorer.from_json(path)
     with pytest.raises(ScorerError, match="not a nodule scorer"):
         NoduleScorer.from_json(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("slice_mm", [0.6, 1.0, 2.5])
+def test_a_nodule_and_a_mass_come_back_whole_on_the_source_grid(slice_mm: float) -> None:
+    """Thin slices are averaged onto the detector's working grid (the mass search's 3 mm at
+    1 mm, both searches' at 0.6 mm); what it finds is put back on the source slices."""
+    pixel = 0.8
+    shape = (round(90 / slice_mm), 120, 120)
+    k, r, c = np.indices(shape, sparse=True)
+    z, y, x = k * slice_mm, r * pixel, c * pixel
+    nodule = (z - 40) ** 2 + (y - 30) ** 2 + (x - 30) ** 2 <= 6.0**2
+    mass = (z - 45) ** 2 + (y - 60) ** 2 + (x - 62) ** 2 <= 17.0**2
+    hu = np.full(shape, -850.0, dtype=np.float32)
+    hu[nodule | mass] = 30.0
+    lung = np.zeros(shape, dtype=bool)
+    lung[2:-2, 2:-2, 2:-2] = True
+    fields = LungFields(
+        right=lung, left=np.zeros_like(lung), search=lung, body=np.ones_like(lung), problems=()
+    )
+    candidates = find_nodules(hu, (slice_mm, pixel, pixel), fields, scorer=None)
+    for truth, diameter in ((nodule, 12.0), (mass, 34.0)):
+        best = 0.0
+        for candidate in candidates:
+            ours = np.zeros(shape, dtype=bool)
+            ours[candidate.box] = candidate.mask
+            overlap = np.count_nonzero(ours & truth)
+            best = max(best, 2.0 * overlap / (np.count_nonzero(ours) + np.count_nonzero(truth)))
+        assert best >= 0.9, (slice_mm, diameter, best)
