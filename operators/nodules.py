@@ -645,10 +645,7 @@ def _to_source(
     """The region (working grid, inside ``local`` of the search box) on the source grid;
     ``factors``: source slices and in-plane pixels per working voxel."""
     slices, factor = factors
-    k, r, c = region.shape
-    up = np.broadcast_to(
-        region[:, None, :, None, :, None], (k, slices, r, factor, c, factor)
-    ).reshape(k * slices, r * factor, c * factor)
+    up = np.repeat(np.repeat(np.repeat(region, slices, axis=0), factor, axis=1), factor, axis=2)
     starts = (
         box[0].start + local[0].start * slices,
         box[1].start + local[1].start * factor,
