@@ -333,6 +333,20 @@ def find_lung_fields(
     search, envelope = _closed_lungs(
         right, left, body, airway, (_SEARCH_CLOSING_MM, _ENVELOPE_CLOSING_MM), spacing
     )
+    # A mass wider than the in-plane closing bridges (against the chest wall, the lung only on
+    # its medial side) is still capped by lung above and below: close across slices too, but
+    # not where lung lies further out in the same row (heart, hilum, diaphragm dome: the lung
+    # wraps those from outside, and they are not masses).
+    bridged = _bridge_slices(envelope, 2.0 * _ENVELOPE_CLOSING_MM / spacing[0])
+    if bridged.any():
+        k, r, c = _box(bridged, 0)
+        # Whole planes: the lung further out may lie beyond the box.
+        wrapped = np.where(
+            x[k, r, c] < midline,
+            _lung_further_out(right[k], small_affine, -1)[:, r, c],
+            _lung_further_out(left[k], small_affine, 1)[:, r, c],
+        )
+        envelope[k, r, c] |= bridged[k, r, c] & ~wrapped & body[k, r, c] & ~airway[k, r, c]
     problems.extend(_plausibility(right, left, body, voxel_ml))
 
     full_right, full_left = (
@@ -370,6 +384,39 @@ def _closed_lungs(
                 closed[box] |= part
     keep = body & ~airway
     return [closed & keep for closed in out]
+
+
+def _bridge_slices(mask: np.ndarray, gap: float) -> np.ndarray:
+    """Per column ``[:, r, c]``, the runs of False between two True voxels at most ``gap``
+    slices apart: a 1-D closing across slices, in one pass each way over the slices (a
+    cumulative maximum along the slice axis strides badly through memory)."""
+    out = np.zeros_like(mask)
+    if not mask.any():
+        return out
+    box = _box(mask, 0)
+    part = mask[box]
+    far = np.int32(1 << 20)
+    above = np.empty(part.shape, dtype=np.int32)
+    last = np.full(part.shape[1:], -far, dtype=np.int32)
+    for k, plane in enumerate(part):
+        last = np.where(plane, np.int32(k), last)
+        above[k] = last
+    following = np.full(part.shape[1:], far, dtype=np.int32)
+    inside = out[box]
+    for k in range(part.shape[0] - 1, -1, -1):
+        following = np.where(part[k], np.int32(k), following)
+        inside[k] = ~part[k] & (following - above[k] <= gap)
+    return out
+
+
+def _lung_further_out(lung: np.ndarray, affine: np.ndarray, outward: int) -> np.ndarray:
+    """Voxels with a voxel of ``lung`` further out in their row (or column, whichever runs
+    along patient x): towards the patient's right (``outward`` -1) or left (+1)."""
+    axis = 2 if abs(affine[0, 0]) >= abs(affine[0, 1]) else 1
+    step = affine[0, 0] if axis == 2 else affine[0, 1]
+    if step * outward > 0:  # further out = higher index: accumulate from the far end
+        return np.flip(np.logical_or.accumulate(np.flip(lung, axis), axis=axis), axis)
+    return np.logical_or.accumulate(lung, axis=axis)
 
 
 def _box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
