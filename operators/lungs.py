@@ -65,8 +65,9 @@ class LungFields:
 
     ``right`` and ``left`` are the lungs (holes filled: vessels and nodules inside count);
     ``search`` is where nodules are looked for (the lungs closed towards the pleura);
-    ``envelope`` where masses are (closed by a larger disc: a 3-10 cm mass abutting the
-    mediastinum or chest wall, which the lung wraps around, lies inside it);
+    ``envelope`` where masses are (closed by a larger disc, and across slices where no lung
+    lies further out in the row: a 3-10 cm mass abutting the mediastinum or chest wall, which
+    the lung wraps around or caps above and below, lies inside it);
     ``body`` is the patient. ``problems`` lists implausibilities found (empty when none):
     results from fields with problems are not reliable and must not be reported as
     measurements.
@@ -335,8 +336,8 @@ def find_lung_fields(
     )
     # A mass wider than the in-plane closing bridges (against the chest wall, the lung only on
     # its medial side) is still capped by lung above and below: close across slices too, but
-    # not where lung lies further out in the same row (heart, hilum, diaphragm dome: the lung
-    # wraps those from outside, and they are not masses).
+    # not where lung lies further out in the same row. Heart, hilum and diaphragm dome are
+    # wrapped by lung that way, and closing across them takes them in whole.
     bridged = _bridge_slices(envelope, 2.0 * _ENVELOPE_CLOSING_MM / spacing[0])
     if bridged.any():
         k, r, c = _box(bridged, 0)
