@@ -28,7 +28,6 @@ nothing but time), then brought back to the source grid:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -36,6 +35,7 @@ from scipy import ndimage
 __all__ = [
     "LungFields",
     "find_lung_fields",
+    "grow_in_plane",
     "shrink_in_plane",
     "shrink_slices",
     "slice_factor",
@@ -59,7 +59,6 @@ PLAUSIBLE_LUNG_L = (0.3, 6.0)
 PLAUSIBLE_RIGHT_LEFT = (0.5, 2.0)
 
 
-@dataclass(frozen=True, eq=False)
 class LungFields:
     """Masks on the source grid ``[k, r, c]`` (bool) and what was checked.
 
@@ -71,18 +70,91 @@ class LungFields:
     ``body`` is the patient. ``problems`` lists implausibilities found (empty when none):
     results from fields with problems are not reliable and must not be reported as
     measurements.
+
+    With ``factor`` > 1, ``search``, ``body`` and ``envelope`` are given on the working grid
+    (blocks of ``factor`` × ``factor`` source pixels) and brought onto the source grid only when
+    read: on a thin series each is 70 million voxels the detector, which works on coarser grids
+    still, never needs (:meth:`working`).
     """
 
-    right: np.ndarray
-    left: np.ndarray
-    search: np.ndarray
-    body: np.ndarray
-    problems: tuple[str, ...]
-    envelope: np.ndarray | None = None  # where masses are looked for (None: ``search``)
+    def __init__(
+        self,
+        right: np.ndarray,
+        left: np.ndarray,
+        search: np.ndarray,
+        body: np.ndarray,
+        problems: tuple[str, ...],
+        envelope: np.ndarray | None = None,
+        *,
+        factor: int = 1,
+    ) -> None:
+        self.right = right
+        self.left = left
+        self.problems = problems
+        self.factor = factor
+        # envelope None: masses are looked for in ``search``
+        self._working: dict[str, np.ndarray | None] = {
+            "search": search,
+            "body": body,
+            "envelope": envelope,
+        }
+        self._source: dict[str, np.ndarray | None] = {}
+
+    def _on_source(self, name: str) -> np.ndarray | None:
+        if name not in self._source:
+            mask = self._working[name]
+            self._source[name] = (
+                None if mask is None else grow_in_plane(mask, self.factor, self.right.shape)
+            )
+        return self._source[name]
+
+    @property
+    def search(self) -> np.ndarray:
+        out = self._on_source("search")
+        assert out is not None
+        return out
+
+    @property
+    def body(self) -> np.ndarray:
+        out = self._on_source("body")
+        assert out is not None
+        return out
+
+    @property
+    def envelope(self) -> np.ndarray | None:
+        return self._on_source("envelope")
+
+    def working(self, name: str) -> np.ndarray:
+        """``search``, ``body`` or ``envelope`` (``search`` when there is no envelope) on the
+        working grid of :attr:`factor`: source blocks of ``factor`` × ``factor`` pixels, the
+        last row and column standing for the source rows and columns that do not fill one."""
+        mask = self._working[name]
+        if mask is None:
+            mask = self._working["search"]
+        assert mask is not None
+        return mask
 
     @property
     def found(self) -> bool:
         return bool(self.right.any() or self.left.any())
+
+    def replace(
+        self,
+        *,
+        right: np.ndarray | None = None,
+        left: np.ndarray | None = None,
+        problems: tuple[str, ...] | None = None,
+    ) -> LungFields:
+        """A copy with other lungs or problems; the regions searched stay the same."""
+        return LungFields(
+            self.right if right is None else right,
+            self.left if left is None else left,
+            self.working("search"),
+            self.working("body"),
+            self.problems if problems is None else problems,
+            self._working["envelope"],
+            factor=self.factor,
+        )
 
 
 def x_of_columns(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -132,8 +204,9 @@ def slice_factor(spacing_mm: float, target_mm: float, slices: int) -> int:
     return max(1, min(factor, slices // 8))
 
 
-def _grow(mask: np.ndarray, factor: int, shape: tuple[int, int, int]) -> np.ndarray:
-    """A mask of the shrunk grid on the source grid (edge rows/columns: copied outward)."""
+def grow_in_plane(mask: np.ndarray, factor: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """A mask of a grid shrunk in-plane by ``factor`` on the source grid of ``shape`` (each
+    voxel becomes a block; the rows and columns that did not fill a block copy the last)."""
     if factor == 1:
         return mask
     up = np.repeat(np.repeat(mask, factor, axis=1), factor, axis=2)
@@ -254,7 +327,7 @@ def _split(component: np.ndarray, x: np.ndarray, midline: float) -> list[np.ndar
             _, nearest = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
             owner = seeds[tuple(nearest)]
             if coarse is not part:
-                owner = _grow(owner, 2, part.shape)
+                owner = grow_in_plane(owner, 2, part.shape)
             out = []
             for value in (1, 2):
                 whole = np.zeros_like(component)
@@ -304,7 +377,7 @@ def find_lung_fields(
     order = [int(i) for i in np.argsort(sizes)[::-1] if sizes[i] >= _MIN_LUNG_ML]
     problems: list[str] = []
     if not order:
-        body_full = _grow(body, factor, shape)
+        body_full = grow_in_plane(body, factor, shape)
         return LungFields(empty, empty, empty, body_full, ("no lungs found",))
     largest = labels == order[0]
     parts = [largest]
@@ -356,10 +429,11 @@ def find_lung_fields(
     return LungFields(
         right=full_right,
         left=full_left,
-        search=_grow(search, factor, shape),
-        body=_grow(body, factor, shape),
+        search=search,
+        body=body,
         problems=tuple(problems),
-        envelope=_grow(envelope, factor, shape),
+        envelope=envelope,
+        factor=factor,
     )
 
 
@@ -443,7 +517,7 @@ def _close_in_plane(
     if coarsen and min(mask.shape[1:]) >= 8:  # on a grid coarser by two: mm do not matter
         coarse = shrink_in_plane(mask, 2) > 0.25
         closed = _close_in_plane(coarse, radii_mm, spacing * np.array([1, 2, 2]), coarsen=False)
-        return [mask | _grow(c, 2, mask.shape) for c in closed]
+        return [mask | grow_in_plane(c, 2, mask.shape) for c in closed]
     outside = _distance_in_plane(~mask, spacing)
     return [_distance_in_plane(outside <= radius, spacing) > radius for radius in radii_mm]
 
@@ -484,7 +558,7 @@ def _refine(
     part = small[box]
     interior = ndimage.binary_erosion(part, structure=_IN_PLANE)
     # The box on the source grid; one reaching the working grid's last row or column also
-    # takes the source rows and columns that did not fill a block (as _grow does).
+    # takes the source rows and columns that did not fill a block (as grow_in_plane does).
     full = (
         box[0],
         *(
@@ -497,7 +571,7 @@ def _refine(
         full[1].stop - full[1].start,
         full[2].stop - full[2].start,
     )
-    coarse, inner = _grow(part, factor, size), _grow(interior, factor, size)
+    coarse, inner = grow_in_plane(part, factor, size), grow_in_plane(interior, factor, size)
     out = np.zeros(shape, dtype=bool)
     out[full] = inner | (coarse & (hu[full] < AIR_HU))
     return out

@@ -48,7 +48,13 @@ import numpy as np
 from scipy import ndimage
 
 from radfusion.errors import RadfusionError
-from radfusion.operators.lungs import LungFields, shrink_in_plane, shrink_slices, slice_factor
+from radfusion.operators.lungs import (
+    LungFields,
+    grow_in_plane,
+    shrink_in_plane,
+    shrink_slices,
+    slice_factor,
+)
 
 __all__ = [
     "FEATURES",
@@ -290,15 +296,23 @@ def find_nodules(
     Raises:
         ValueError: the masks do not have the volume's shape.
     """
-    if fields.search.shape != hu.shape:
-        raise ValueError(f"lung fields shape {fields.search.shape} != volume shape {hu.shape}")
+    if fields.right.shape != hu.shape:
+        raise ValueError(f"lung fields shape {fields.right.shape} != volume shape {hu.shape}")
     lungs = fields.right | fields.left
     found: list[NoduleCandidate] = []
-    envelope = fields.envelope if fields.envelope is not None else fields.search
-    for search_pass, region in ((NODULE_PASS, fields.search), (MASS_PASS, envelope)):
+    for search_pass, name in ((NODULE_PASS, "search"), (MASS_PASS, "envelope")):
+        region = fields.working(name)
         if region.any():
             found.extend(
-                _run_pass(search_pass, hu, spacing_mm, region, lungs, scorer, model_tumour)
+                _run_pass(
+                    search_pass,
+                    hu,
+                    spacing_mm,
+                    (region, fields.factor),
+                    lungs,
+                    scorer,
+                    model_tumour,
+                )
             )
     if scorer is None:  # unscored: every candidate, for collecting training features
         return found
@@ -351,21 +365,32 @@ def _run_pass(
     search_pass: _Pass,
     hu: np.ndarray,
     spacing_mm: tuple[float, float, float],
-    region: np.ndarray,
+    region: tuple[np.ndarray, int],
     lung_mask: np.ndarray,
     scorer: NoduleScorer | None,
     model_tumour: TumourLookup | None,
 ) -> list[NoduleCandidate]:
-    box = _box_of(region)
+    """One search over ``region``: a mask on a grid of blocks of ``n`` × ``n`` source pixels
+    (:meth:`LungFields.working`), taken as it is when the search's own blocks are made of
+    whole such blocks (the same shares as the source-grid mask's, without making it)."""
+    mask, grid = region
     pixel = min(spacing_mm[1], spacing_mm[2])
     factor = min(8, max(1, round(search_pass.spacing_mm / pixel)))
+    if factor % grid:
+        mask, grid = grow_in_plane(mask, grid, hu.shape), 1
+    grid_box = _box_of(mask)
+    rows, columns = (
+        slice(b.start * grid, hu.shape[a] if b.stop == mask.shape[a] else b.stop * grid)
+        for a, b in ((1, grid_box[1]), (2, grid_box[2]))
+    )
+    box = (grid_box[0], rows, columns)
     slices = slice_factor(spacing_mm[0], search_pass.spacing_mm, box[0].stop - box[0].start)
 
-    def shrink(volume: np.ndarray) -> np.ndarray:
-        return shrink_slices(shrink_in_plane(volume, factor), slices)
+    def shrink(volume: np.ndarray, by: int = factor) -> np.ndarray:
+        return shrink_slices(shrink_in_plane(volume, by), slices)
 
     small = shrink(hu[box])
-    search = shrink(region[box]) > 0.5
+    search = shrink(mask[grid_box], factor // grid) > 0.5
     lungs = shrink(lung_mask[box]) > 0.5
     spacing = np.array([spacing_mm[0] * slices, spacing_mm[1] * factor, spacing_mm[2] * factor])
     if min(small.shape) < 3:

@@ -217,7 +217,7 @@ def test_statements_are_passed_on(case: Case) -> None:
 def test_only_the_lungs_found_are_numbered(case: Case) -> None:
     """A field of view with the left lung only: it is segment 1, the nodules follow."""
     fields = case.anatomy.fields
-    only_left = dataclasses.replace(fields, right=np.zeros_like(fields.right))
+    only_left = fields.replace(right=np.zeros_like(fields.right))
     left_nodules = tuple(
         n for n, t in zip(case.anatomy.nodules, case.ranked, strict=True) if t.side == "left"
     )
@@ -366,7 +366,7 @@ def test_too_little_lung_is_out_of_scope(case: Case) -> None:
     voxel_ml = VOXEL_MM3 / 1000.0
     small = np.zeros_like(fields.right)
     small.flat[: int(MIN_LUNG_ML / voxel_ml) - 1] = True  # just under the threshold
-    tiny = dataclasses.replace(fields, right=small, left=np.zeros_like(small))
+    tiny = fields.replace(right=small, left=np.zeros_like(small))
     measured = measure(Anatomy(tiny, case.anatomy.nodules, (), 3), case.volume, uid_root=UID_ROOT)
     assert measured.result is None
     assert (measured.out_of_scope_reason or "").startswith("no lungs found")
@@ -375,7 +375,7 @@ def test_too_little_lung_is_out_of_scope(case: Case) -> None:
 
 def test_lungs_with_problems_give_no_findings_only_the_reason(case: Case) -> None:
     problems = ("right lung 7.20 L outside 0.3-6.0 L", "2% of the lungs lie outside the body")
-    fields = dataclasses.replace(case.anatomy.fields, problems=problems)
+    fields = case.anatomy.fields.replace(problems=problems)
     anatomy = Anatomy(fields, case.anatomy.nodules, STATEMENTS, 3)  # nodules too: not reported
     measured = measure(anatomy, case.volume, uid_root=UID_ROOT)
     assert measured.result is None

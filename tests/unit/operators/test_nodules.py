@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfusion.operators.lungs import LungFields
+from radfusion.operators.lungs import LungFields, grow_in_plane
 from radfusion.operators.nodules import (
     FEATURES,
     NoduleScorer,
@@ -132,3 +132,33 @@ def test_a_nodule_and_a_mass_come_back_whole_on_the_source_grid(slice_mm: float)
             overlap = np.count_nonzero(ours & truth)
             best = max(best, 2.0 * overlap / (np.count_nonzero(ours) + np.count_nonzero(truth)))
         assert best >= 0.9, (slice_mm, diameter, best)
+
+
+@pytest.mark.parametrize("pixel", [0.7, 0.9])
+def test_the_working_grid_masks_find_what_the_source_grid_masks_find(pixel: float) -> None:
+    """The lung fields hand the detector their search regions on their working grid; where the
+    detector's blocks are made of whole working blocks (0.7 mm pixels: both searches) it uses
+    them as they are, elsewhere (0.9 mm: the mass search's 3-pixel blocks) it grows them first.
+    Either way the candidates are those of the same masks given on the source grid."""
+    shape = (40, 123, 123)  # not a multiple of the working grid's 2: the last row is padding
+    k, r, c = np.indices(shape, sparse=True)
+    z, y, x = k * 2.5, r * pixel, c * pixel
+    hu = np.full(shape, -850.0, dtype=np.float32)
+    hu[(z - 50) ** 2 + (y - 40) ** 2 + (x - 40) ** 2 <= 7.0**2] = 30.0
+    hu[(z - 50) ** 2 + (y - 50) ** 2 + (x - 75) ** 2 <= 16.0**2] = 40.0
+    working = np.zeros((40, 61, 61), dtype=bool)
+    working[1:-1, 2:, 2:] = True  # up to the edge, padding included
+    source = grow_in_plane(working, 2, shape)
+    lung = source.copy()
+    on_working_grid = LungFields(lung, np.zeros_like(lung), working, working, (), factor=2)
+    on_source_grid = LungFields(lung, np.zeros_like(lung), source, source, ())
+    spacing = (2.5, pixel, pixel)
+    found = [
+        find_nodules(hu, spacing, fields, scorer=None)
+        for fields in (on_working_grid, on_source_grid)
+    ]
+    assert len(found[0]) >= 2
+    assert [(a.box, a.features) for a in found[0]] == [(b.box, b.features) for b in found[1]]
+    for a, b in zip(*found, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_array_equal(on_working_grid.search, source)
