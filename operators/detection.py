@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from monai.deploy.core import Fragment, Operator, OperatorSpec
+from scipy import ndimage
 
 from radfusion.operators.lungs import LungFields, find_lung_fields
 from radfusion.operators.nodules import (
@@ -114,11 +115,12 @@ def detect(
     )
     thickness = slice_thickness_mm(volume)
     smallest = max(settings.min_diameter_mm, 2.0 * thickness)
-    reported = [
-        c for c in candidates if c.score >= settings.min_score and c.diameter_mm >= smallest
-    ]
+    scored = merge_touching(
+        [c for c in candidates if c.score >= settings.min_score], volume.spacing_mm
+    )
+    reported = [c for c in scored if c.diameter_mm >= smallest]
     statements = []
-    below = [c for c in candidates if c.score >= settings.min_score and c.diameter_mm < smallest]
+    below = [c for c in scored if c.diameter_mm < smallest]
     if 2.0 * thickness > settings.min_diameter_mm:
         statements.append(
             f"Nodules under {smallest:.0f} mm (twice the {thickness:g} mm slice thickness) "
@@ -143,6 +145,73 @@ def detect(
         smallest,
     )
     return Anatomy(fields, tuple(reported), tuple(statements), len(candidates))
+
+
+def _touches(a: NoduleCandidate, b: NoduleCandidate) -> bool:
+    """Whether a voxel of ``a`` shares a face with (or is) a voxel of ``b``."""
+    grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in a.box)
+    meet = tuple(
+        slice(max(g.start, o.start), min(g.stop, o.stop)) for g, o in zip(grown, b.box, strict=True)
+    )
+    if any(m.start >= m.stop for m in meet):
+        return False
+    around = np.zeros([g.stop - g.start for g in grown], dtype=bool)
+    inner = tuple(
+        slice(s.start - g.start, s.stop - g.start) for s, g in zip(a.box, grown, strict=True)
+    )
+    around[inner] = a.mask
+    around = ndimage.binary_dilation(around)
+    in_around = tuple(
+        slice(m.start - g.start, m.stop - g.start) for m, g in zip(meet, grown, strict=True)
+    )
+    in_b = tuple(
+        slice(m.start - o.start, m.stop - o.start) for m, o in zip(meet, b.box, strict=True)
+    )
+    return bool((around[in_around] & b.mask[in_b]).any())
+
+
+def _union(group: list[NoduleCandidate], spacing_mm: tuple[float, float, float]) -> NoduleCandidate:
+    """One candidate of ``group`` (best first): the voxels of all, the best one's score,
+    density and features, the diameter of the whole."""
+    k, r, c = (
+        slice(min(m.box[a].start for m in group), max(m.box[a].stop for m in group))
+        for a in range(3)
+    )
+    box = (k, r, c)
+    mask = np.zeros([s.stop - s.start for s in box], dtype=bool)
+    for member in group:
+        at = (
+            slice(s.start - o.start, s.stop - o.start) for s, o in zip(member.box, box, strict=True)
+        )
+        mask[tuple(at)] |= member.mask
+    volume_mm3 = float(np.count_nonzero(mask)) * float(np.prod(spacing_mm))
+    return replace(
+        group[0],
+        box=box,
+        mask=mask,
+        diameter_mm=float((6.0 * volume_mm3 / np.pi) ** (1.0 / 3.0)),
+    )
+
+
+def merge_touching(
+    candidates: list[NoduleCandidate], spacing_mm: tuple[float, float, float]
+) -> list[NoduleCandidate]:
+    """Candidates (best first) whose voxels touch, merged into the best of them: one lesion.
+
+    A mass the two searches grew from different seeds comes back in adjoining pieces (a
+    nodule-sized bulge beside the mass-sized body); reported apart they would be a lesion in
+    several segments and false positives beside it. Applied to the candidates that reach the
+    operating point only: a vessel scored below it must not join a nodule."""
+    merged: list[NoduleCandidate] = []
+    for candidate in candidates:
+        touching = [i for i, kept in enumerate(merged) if _touches(candidate, kept)]
+        if not touching:
+            merged.append(candidate)
+            continue
+        merged[touching[0]] = _union([merged[i] for i in touching] + [candidate], spacing_mm)
+        for i in reversed(touching[1:]):
+            del merged[i]
+    return merged
 
 
 class DetectionOperator(Operator):

@@ -17,10 +17,11 @@ from radfusion.operators.detection import (
     Anatomy,
     DetectionSettings,
     detect,
+    merge_touching,
     slice_thickness_mm,
 )
 from radfusion.operators.measurement import Measured, measure
-from radfusion.operators.nodules import NoduleScorer, default_scorer_path
+from radfusion.operators.nodules import NoduleCandidate, NoduleScorer, default_scorer_path
 from radfusion.operators.results import SegmentationResult
 from radfusion.operators.volume import Volume
 from radfusion.synth.ct import LABELS, TUMOUR_LABEL_BASE, Phantom, make_phantom
@@ -343,6 +344,79 @@ def test_a_mass_wider_than_the_lung_beside_it_is_reported_as_one_tumour(
     ours = np.zeros_like(truth)
     ours[hits[0].box] = hits[0].mask
     assert dice(ours, truth) >= 0.85
+
+
+def candidate(
+    box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]], score: float
+) -> NoduleCandidate:
+    """A candidate filling its whole box (start, stop per axis)."""
+    slices = tuple(slice(a, b) for a, b in box)
+    mask = np.ones([b - a for a, b in box], dtype=bool)
+    return NoduleCandidate(slices, mask, score, 0.0, 40.0, "solid", (score,))  # type: ignore[arg-type]
+
+
+def painted(c: NoduleCandidate, shape: tuple[int, int, int]) -> np.ndarray:
+    out = np.zeros(shape, dtype=bool)
+    out[c.box] = c.mask
+    return out
+
+
+def test_touching_candidates_are_one_lesion_with_the_best_ones_score() -> None:
+    spacing = (2.0, 1.0, 1.0)
+    best = candidate(((0, 4), (0, 4), (0, 4)), 0.9)
+    beside = candidate(((0, 4), (0, 4), (4, 6)), 0.8)  # shares a face with ``best``
+    apart = candidate(((0, 4), (0, 4), (7, 9)), 0.7)  # a column of voxels between
+    merged = merge_touching([best, beside, apart], spacing)
+    assert [c.score for c in merged] == [0.9, 0.7]
+    whole = painted(merged[0], (4, 4, 10))
+    assert np.array_equal(whole, painted(best, (4, 4, 10)) | painted(beside, (4, 4, 10)))
+    assert merged[0].features == best.features and merged[0].texture == best.texture
+    volume = 4 * 4 * 6 * 2.0
+    assert merged[0].diameter_mm == pytest.approx((6 * volume / np.pi) ** (1 / 3))
+    assert merged[1] is apart
+
+
+def test_a_candidate_joining_two_lesions_makes_them_one() -> None:
+    a = candidate(((0, 2), (0, 2), (0, 2)), 0.9)
+    b = candidate(((0, 2), (0, 2), (5, 7)), 0.8)
+    bridge = candidate(((0, 1), (0, 1), (2, 5)), 0.6)  # touches both
+    diagonal = candidate(((2, 3), (2, 3), (7, 8)), 0.5)  # meets ``b`` at a corner only
+    merged = merge_touching([a, b, bridge, diagonal], (1.0, 1.0, 1.0))
+    assert [c.score for c in merged] == [0.9, 0.5]
+    assert int(np.count_nonzero(merged[0].mask)) == 8 + 8 + 3
+
+
+# A 53 mm hilar mass on 5 mm slices with a sharp kernel (seed 7243 of the false-positive
+# stage's mass evaluation). The nodule search grows three nodule-sized pieces inside it besides
+# the mass search's region; each scores 0.95-0.99.
+MASS_CASE = {
+    "style": "realistic",
+    "rows": 512,
+    "columns": 512,
+    "pixel_spacing": 0.7514895752106717,
+    "slices": 52,
+    "slice_thickness": 5.0,
+    "tumours": 1,
+    "tumour_types": ["mass"],
+    "kernel": "sharp",
+    "seed": 7243,
+}
+
+
+def test_a_mass_grown_in_pieces_is_reported_as_one_tumour(scorer: NoduleScorer) -> None:
+    """Before touching candidates were merged this mass was four tumours in the SEG (three
+    false positives; the largest piece Dice 0.76)."""
+    phantom = make_phantom(**MASS_CASE)
+    (tumour,) = phantom.tumours
+    assert tumour.location == "hilar" and tumour.diameter_mm >= 50  # the case it stands for
+    anatomy = detect(phantom_volume(phantom), None, DetectionSettings(), scorer)
+    truth = phantom.labels == tumour.label
+    hits = [n for n in anatomy.nodules if (truth[n.box] & n.mask).any()]
+    assert len(hits) == 1, [f"{n.diameter_mm:.0f} mm score {n.score:.2f}" for n in hits]
+    assert dice(painted(hits[0], truth.shape), truth) >= 0.7
+    for i, a in enumerate(anatomy.nodules):  # no two reported findings touch
+        others = anatomy.nodules[i + 1 :]
+        assert merge_touching([a, *others], (1.0, 1.0, 1.0)) == [a, *others]
 
 
 # -- out of scope and refusals -----------------------------------------------------------------
