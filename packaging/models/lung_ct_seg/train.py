@@ -9,6 +9,18 @@ Training seeds are 1000..1000+N-1; evaluation uses held-out seeds from 5000 (nev
 on) through the same full-resolution pipeline the app runs (``segment``), and writes
 ``metrics.json``. Needs numpy, torch, monai, pydicom and pyyaml; runs on a GPU if there is one
 (a few minutes on one H100), else on the CPU (hours).
+
+``--style realistic`` trains on ``radfusion synth ct --style realistic`` phantoms instead
+(vessels, airways, heart, fissures, sharp and soft kernels, 0.8-8 mm slices; every tumour
+type, masses of 3-10 cm against the hilum, mediastinum or pleura included) from seeds 3000
+up: apart from the false-positive stage's training phantoms (2000-2191), so that the model's
+tumour share, one of that stage's features, is not judged on phantoms the model has seen.
+Its evaluation adds ``--evaluate-masses`` phantoms with one mass each (seeds 7400 up) and
+reports tumour Dice by type and by a mass's location. ``--init model.ts`` starts from a
+TorchScript model's weights (fine-tuning the shipped one). The run meant for a GPU session:
+
+    python packaging/models/lung_ct_seg/train.py --style realistic --phantoms 240 \
+        --minutes 6 --init packaging/models/lung_ct_seg/model.ts --out /tmp/seg
 """
 
 from __future__ import annotations
@@ -53,7 +65,7 @@ MODEL_YAML: dict[str, Any] = {  # written as model.yaml
 }
 
 
-class PhantomArgs(TypedDict):
+class PhantomArgs(TypedDict, total=False):
     """Keyword arguments of :func:`make_phantom`."""
 
     slices: int
@@ -64,10 +76,29 @@ class PhantomArgs(TypedDict):
     tumours: int
     chest: bool
     seed: int
+    style: str
+    kernel: str
+    emphysema: bool
+    effusion: bool
+    tumour_types: list[str]
 
 
-def phantom_args(seed: int) -> PhantomArgs:
-    """Varied but seed-determined acquisition: slice thickness, coverage, pixel size, tumours."""
+STYLES = ("simple", "realistic")
+FIRST_TRAIN_SEED = {"simple": 1000, "realistic": 3000}
+FIRST_EVAL_SEED = 5000
+FIRST_MASS_SEED = 7400
+
+
+def phantom_args(seed: int, style: str = "simple") -> PhantomArgs:
+    """Varied but seed-determined acquisition: slice thickness, coverage, pixel size, tumours.
+
+    Raises:
+        ValueError: ``style`` is not one of :data:`STYLES`.
+    """
+    if style == "realistic":
+        return _realistic_args(seed)
+    if style != "simple":
+        raise ValueError(f"style {style!r} is not one of {STYLES}")
     rng = np.random.default_rng([seed, 7])
     thickness = float(rng.choice([1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0]))
     coverage = float(rng.uniform(240, 400))
@@ -81,6 +112,29 @@ def phantom_args(seed: int) -> PhantomArgs:
         "chest": bool(rng.random() > 0.08),
         "seed": seed,
     }
+
+
+def _realistic_args(seed: int, *, mass: bool = False) -> PhantomArgs:
+    """Realistic anatomy with the acquisitions hospitals send; ``mass``: one 3-10 cm mass."""
+    rng = np.random.default_rng([seed, 8])
+    thickness = float(rng.choice([0.8, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0, 8.0]))
+    coverage = float(rng.uniform(250, 340))
+    args: PhantomArgs = {
+        "slices": max(24, round(coverage / thickness)),
+        "slice_thickness": thickness,
+        "pixel_spacing": round(float(rng.uniform(0.6, 0.9)), 3),
+        "rows": 512,
+        "columns": 512,
+        "tumours": 1 if mass else int(rng.integers(0, 6)),
+        "seed": seed,
+        "style": "realistic",
+        "kernel": str(rng.choice(["soft", "sharp"])),
+        "emphysema": not mass and bool(rng.random() < 0.15),
+        "effusion": not mass and bool(rng.random() < 0.1),
+    }
+    if mass:
+        args["tumour_types"] = ["mass"]
+    return args
 
 
 def classes_of(labels: np.ndarray) -> np.ndarray:
@@ -101,13 +155,12 @@ def make_phantom_safely(args: PhantomArgs) -> Phantom:
             args = {**args, "tumours": args["tumours"] - 1}
 
 
-def training_sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
+def training_sample(seed_and_style: tuple[int, str]) -> tuple[np.ndarray, np.ndarray]:
     """One phantom on the model grid: scaled input (float16) and soft targets (uint8 ×255)."""
     torch.set_num_threads(1)  # one phantom per worker process
     config = _config()
-    args = phantom_args(seed)
-    p = make_phantom_safely(args)
-    spacing = (p.slice_thickness, p.pixel_spacing[0], p.pixel_spacing[1])
+    p = make_phantom_safely(phantom_args(*seed_and_style))
+    spacing = (p.spacing_z, p.pixel_spacing[0], p.pixel_spacing[1])
     x = preprocess(p.hu, spacing, config)[0].numpy().astype(np.float16)
     onehot = torch.from_numpy(np.eye(3, dtype=np.float32)[classes_of(p.labels)]).permute(3, 0, 1, 2)
     soft = resample(onehot, x.shape)  # partial-volume fractions per class
@@ -185,17 +238,21 @@ def train(args: argparse.Namespace) -> torch.nn.Module:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    seeds = list(range(1000, 1000 + args.phantoms))
+    first = FIRST_TRAIN_SEED[args.style]
+    seeds = [(seed, args.style) for seed in range(first, first + args.phantoms)]
     t0 = time.time()
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-        samples = pool.map(training_sample, seeds)
+        samples = pool.map(training_sample, seeds, chunksize=1)
     print(f"{len(samples)} phantoms on the model grid in {time.time() - t0:.0f} s", flush=True)
     xs = [torch.from_numpy(x).to(device) for x, _ in samples]
     ts = [torch.from_numpy(t).to(device) for _, t in samples]
     tumour_voxels = [np.argwhere(t[2] > 127) for _, t in samples]
     del samples
 
-    model = network().to(device)
+    model = network()
+    if args.init is not None:  # a traced UNet keeps the module's parameter names
+        model.load_state_dict(torch.jit.load(str(args.init), map_location="cpu").state_dict())
+    model = model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     amp = device.type == "cuda"
     t0 = time.time()
@@ -261,7 +318,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def evaluate(model_path: Path, seeds: list[int], device: str) -> dict[str, object]:
+def evaluate(model_path: Path, cases: list[PhantomArgs], device: str) -> dict[str, object]:
     """Held-out phantoms through the app's own pipeline at full resolution."""
     config = SegmentationModelConfig.from_yaml(model_path.parent / "model.yaml")
     module = torch.jit.load(str(model_path), map_location=device).eval()
@@ -273,19 +330,19 @@ def evaluate(model_path: Path, seeds: list[int], device: str) -> dict[str, objec
     lungs: list[float] = []
     tumours: list[dict[str, float]] = []
     per_case: list[dict[str, object]] = []
-    for seed in seeds:
-        args = phantom_args(seed)
+    for args in cases:
+        seed = args["seed"]
         p = make_phantom_safely(args)
-        spacing = (p.slice_thickness, p.pixel_spacing[0], p.pixel_spacing[1])
+        spacing = (p.spacing_z, p.pixel_spacing[0], p.pixel_spacing[1])
         started = time.perf_counter()
         classes = segment(p.hu.astype(np.float32), spacing, predictor, config)
         case_seconds = time.perf_counter() - started
         truth = classes_of(p.labels)
         case: dict[str, object] = {
             "seed": seed,
-            **{k: args[k] for k in ("slices", "slice_thickness", "chest")},
+            **{k: args.get(k, True) for k in ("slices", "slice_thickness", "chest")},
         }
-        if args["chest"]:
+        if args.get("chest", True):
             lung_dice = dice(classes == 1, truth == 1)
             case["lung_dice"] = lung_dice
             lungs.append(lung_dice)
@@ -296,7 +353,9 @@ def evaluate(model_path: Path, seeds: list[int], device: str) -> dict[str, objec
             mask = p.labels == tumour.label
             overlapping = np.unique(found[mask])
             predicted = np.isin(found, overlapping[overlapping > 0])
-            entry = {
+            entry: dict[str, Any] = {
+                "type": tumour.type,
+                "location": tumour.location,
                 "diameter_mm": 2 * tumour.radius_mm,
                 "dice": dice(predicted, mask),
                 "volume_error": float(predicted.sum() - mask.sum()) / float(mask.sum()),
@@ -311,8 +370,17 @@ def evaluate(model_path: Path, seeds: list[int], device: str) -> dict[str, objec
     def stat(f, values: list[float]) -> float:
         return float(f(values)) if values else math.nan
 
+    groups: dict[str, list[float]] = {}
+    for t in big:
+        groups.setdefault(t["type"], []).append(t["dice"])
+        if t["type"] == "mass":
+            groups.setdefault(f"mass, {t['location']}", []).append(t["dice"])
     return {
-        "held_out_seeds": seeds,
+        "held_out_seeds": [args["seed"] for args in cases],
+        "tumour_dice_mean_ge_10mm_by_type": {
+            k: {"tumours": len(v), "dice_mean": stat(np.mean, v), "dice_min": stat(np.min, v)}
+            for k, v in sorted(groups.items())
+        },
         "lung_dice_mean": stat(np.mean, lungs),
         "lung_dice_min": stat(np.min, lungs),
         "tumours_ge_10mm": len(big),
@@ -341,7 +409,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=max(1, (multiprocessing.cpu_count())))
+    parser.add_argument("--style", choices=STYLES, default="simple")
+    parser.add_argument("--init", type=Path, help="start from this TorchScript model's weights")
     parser.add_argument("--evaluate", type=int, default=12, help="held-out phantoms (0: none)")
+    parser.add_argument(
+        "--evaluate-masses", type=int, default=0, help="held-out phantoms with one mass each"
+    )
     parser.add_argument("--evaluate-only", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -350,12 +423,22 @@ def main() -> None:
         export(model, args.out)
         if args.out.resolve() != HERE:
             shutil.copy(__file__, args.out / "train.py")
-    if args.evaluate:
+    if args.evaluate or args.evaluate_masses:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        metrics = evaluate(args.out / "model.ts", list(range(5000, 5000 + args.evaluate)), device)
-        metrics["training"] = {
-            k: v for k, v in vars(args).items() if k not in ("out", "workers", "evaluate_only")
-        }
+        cases = [
+            phantom_args(seed, args.style)
+            for seed in range(FIRST_EVAL_SEED, FIRST_EVAL_SEED + args.evaluate)
+        ] + [
+            _realistic_args(seed, mass=True)
+            for seed in range(FIRST_MASS_SEED, FIRST_MASS_SEED + args.evaluate_masses)
+        ]
+        metrics = evaluate(args.out / "model.ts", cases, device)
+        if not args.evaluate_only:  # else the model's own metrics.json says how it was made
+            metrics["training"] = {
+                k: str(v) if isinstance(v, Path) else v
+                for k, v in vars(args).items()
+                if k not in ("out", "workers", "evaluate_only")
+            }
         (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         print(json.dumps({k: v for k, v in metrics.items() if k not in ("cases", "tumours")}))
 
