@@ -3,9 +3,9 @@
 The lungs come from :mod:`radfusion.operators.lungs` (classical, checked for plausibility),
 the nodule candidates from :mod:`radfusion.operators.nodules` (shape and density, with the
 learned model's tumour class as one piece of evidence). This step applies the operating
-point: candidates scoring at least ``min_score``, no smaller than the slices can resolve, at
-most ``max_findings``, best first. What it decided and why goes into
-:attr:`Anatomy.statements` for the SR.
+point: candidates scoring at least ``min_score`` (those whose voxels touch merged into one
+finding), no smaller than the slices can resolve, at most ``max_findings``, best first. What
+it decided and why goes into :attr:`Anatomy.statements` for the SR.
 """
 
 from __future__ import annotations
