@@ -195,7 +195,7 @@ def network() -> torch.nn.Module:
 
 
 def crop(
-    rng: np.random.Generator, x: torch.Tensor, t: torch.Tensor, tumour_voxels: np.ndarray
+    rng: np.random.Generator, x: torch.Tensor, t: torch.Tensor, tumours: list[np.ndarray]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A random training patch, centred on a tumour half of the time when there is one."""
     shape = x.shape
@@ -210,8 +210,9 @@ def crop(
             ]
         )
         shape = x.shape
-    if len(tumour_voxels) and rng.random() < 0.5:
-        centre = tumour_voxels[rng.integers(len(tumour_voxels))]
+    if tumours and rng.random() < 0.5:
+        voxels = tumours[rng.integers(len(tumours))]
+        centre = voxels[rng.integers(len(voxels))]
         start = [
             int(np.clip(c - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, n - s))
             for c, s, n in zip(centre, CROP, shape, strict=True)
@@ -220,6 +221,20 @@ def crop(
         start = [int(rng.integers(0, n - s + 1)) for s, n in zip(CROP, shape, strict=True)]
     sl = tuple(slice(a, a + s) for a, s in zip(start, CROP, strict=True))
     return x[sl], t[(slice(None), *sl)]
+
+
+def _tumour_voxels(tumour: np.ndarray, *, by_tumour: bool) -> list[np.ndarray]:
+    """Where a tumour-centred patch may be centred: one array of voxels per tumour when
+    ``by_tumour`` (each tumour as likely as another: a 10 cm mass has a thousand times a 10 mm
+    nodule's voxels, and a fine-tune centred by voxel learned masses and lost nodules, Dice
+    0.93 -> 0.00 on a solid one), else all in one (how the shipped simple-style model was
+    trained)."""
+    if not tumour.any():
+        return []
+    if not by_tumour:
+        return [np.argwhere(tumour)]
+    labels, n = ndimage.label(tumour)
+    return [np.argwhere(labels == i) for i in range(1, n + 1)]
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -246,7 +261,9 @@ def train(args: argparse.Namespace) -> torch.nn.Module:
     print(f"{len(samples)} phantoms on the model grid in {time.time() - t0:.0f} s", flush=True)
     xs = [torch.from_numpy(x).to(device) for x, _ in samples]
     ts = [torch.from_numpy(t).to(device) for _, t in samples]
-    tumour_voxels = [np.argwhere(t[2] > 127) for _, t in samples]
+    tumour_voxels = [
+        _tumour_voxels(t[2] > 127, by_tumour=args.style == "realistic") for _, t in samples
+    ]
     del samples
 
     model = network()
