@@ -226,9 +226,8 @@ def crop(
 def _tumour_voxels(tumour: np.ndarray, *, by_tumour: bool) -> list[np.ndarray]:
     """Where a tumour-centred patch may be centred: one array of voxels per tumour when
     ``by_tumour`` (each tumour as likely as another: a 10 cm mass has a thousand times a 10 mm
-    nodule's voxels, and a fine-tune centred by voxel learned masses and lost nodules, Dice
-    0.93 -> 0.00 on a solid one), else all in one (how the shipped simple-style model was
-    trained)."""
+    nodule's voxels), else all in one (how the shipped simple-style model was trained). Short
+    CPU fine-tunes lost the nodules either way (model card): it is no cure on its own."""
     if not tumour.any():
         return []
     if not by_tumour:
