@@ -211,7 +211,8 @@ def crop(
         )
         shape = x.shape
     if tumours and rng.random() < 0.5:
-        voxels = tumours[rng.integers(len(tumours))]
+        # One list: no draw, so the shipped simple-style model's random stream is unchanged.
+        voxels = tumours[rng.integers(len(tumours))] if len(tumours) > 1 else tumours[0]
         centre = voxels[rng.integers(len(voxels))]
         start = [
             int(np.clip(c - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, n - s))
