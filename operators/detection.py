@@ -147,27 +147,29 @@ def detect(
     return Anatomy(fields, tuple(reported), tuple(statements), len(candidates))
 
 
+Box = tuple[slice, slice, slice]
+
+
+def _relative(box: Box, origin: Box) -> Box:
+    """``box`` in the coordinates of a box starting at ``origin``'s starts."""
+    k, r, c = (slice(s.start - o.start, s.stop - o.start) for s, o in zip(box, origin, strict=True))
+    return k, r, c
+
+
 def _touches(a: NoduleCandidate, b: NoduleCandidate) -> bool:
     """Whether a voxel of ``a`` shares a face with (or is) a voxel of ``b``."""
-    grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in a.box)
-    meet = tuple(
+    k, r, c = (slice(max(0, s.start - 1), s.stop + 1) for s in a.box)
+    grown = (k, r, c)
+    k, r, c = (
         slice(max(g.start, o.start), min(g.stop, o.stop)) for g, o in zip(grown, b.box, strict=True)
     )
+    meet = (k, r, c)
     if any(m.start >= m.stop for m in meet):
         return False
     around = np.zeros([g.stop - g.start for g in grown], dtype=bool)
-    inner = tuple(
-        slice(s.start - g.start, s.stop - g.start) for s, g in zip(a.box, grown, strict=True)
-    )
-    around[inner] = a.mask
+    around[_relative(a.box, grown)] = a.mask
     around = ndimage.binary_dilation(around)
-    in_around = tuple(
-        slice(m.start - g.start, m.stop - g.start) for m, g in zip(meet, grown, strict=True)
-    )
-    in_b = tuple(
-        slice(m.start - o.start, m.stop - o.start) for m, o in zip(meet, b.box, strict=True)
-    )
-    return bool((around[in_around] & b.mask[in_b]).any())
+    return bool((around[_relative(meet, grown)] & b.mask[_relative(meet, b.box)]).any())
 
 
 def _union(group: list[NoduleCandidate], spacing_mm: tuple[float, float, float]) -> NoduleCandidate:
@@ -180,10 +182,7 @@ def _union(group: list[NoduleCandidate], spacing_mm: tuple[float, float, float])
     box = (k, r, c)
     mask = np.zeros([s.stop - s.start for s in box], dtype=bool)
     for member in group:
-        at = (
-            slice(s.start - o.start, s.stop - o.start) for s, o in zip(member.box, box, strict=True)
-        )
-        mask[tuple(at)] |= member.mask
+        mask[_relative(member.box, box)] |= member.mask
     volume_mm3 = float(np.count_nonzero(mask)) * float(np.prod(spacing_mm))
     return replace(
         group[0],

@@ -118,6 +118,19 @@ def best_match(case: Case, truth: np.ndarray) -> tuple[float, int | None]:
 # -- what is found -----------------------------------------------------------------------------
 
 
+def painted(c: NoduleCandidate, shape: tuple[int, ...]) -> np.ndarray:
+    out = np.zeros(shape, dtype=bool)
+    out[c.box] = c.mask
+    return out
+
+
+def the_one_hit(anatomy: Anatomy, truth: np.ndarray) -> NoduleCandidate:
+    """The one reported nodule on ``truth`` (fails when none or several are)."""
+    hits = [n for n in anatomy.nodules if (truth[n.box] & n.mask).any()]
+    assert len(hits) == 1, [f"{n.diameter_mm:.0f} mm score {n.score:.2f}" for n in hits]
+    return hits[0]
+
+
 def test_lungs_match_the_truth(cases: dict[int, Case]) -> None:
     for seed, case in cases.items():
         assert case.anatomy.fields.problems == (), seed
@@ -339,10 +352,7 @@ def test_a_mass_wider_than_the_lung_beside_it_is_reported_as_one_tumour(
     assert tumour.location == "pleural" and tumour.diameter_mm >= 75  # the case it stands for
     anatomy = detect(phantom_volume(phantom), None, DetectionSettings(), scorer)
     truth = phantom.labels == tumour.label
-    hits = [n for n in anatomy.nodules if (truth[n.box] & n.mask).any()]
-    assert len(hits) == 1, [f"{n.diameter_mm:.0f} mm score {n.score:.2f}" for n in hits]
-    ours = np.zeros_like(truth)
-    ours[hits[0].box] = hits[0].mask
+    ours = painted(the_one_hit(anatomy, truth), truth.shape)
     assert dice(ours, truth) >= 0.85
 
 
@@ -353,12 +363,6 @@ def candidate(
     slices = tuple(slice(a, b) for a, b in box)
     mask = np.ones([b - a for a, b in box], dtype=bool)
     return NoduleCandidate(slices, mask, score, 0.0, 40.0, "solid", (score,))  # type: ignore[arg-type]
-
-
-def painted(c: NoduleCandidate, shape: tuple[int, int, int]) -> np.ndarray:
-    out = np.zeros(shape, dtype=bool)
-    out[c.box] = c.mask
-    return out
 
 
 def test_touching_candidates_are_one_lesion_with_the_best_ones_score() -> None:
@@ -411,12 +415,9 @@ def test_a_mass_grown_in_pieces_is_reported_as_one_tumour(scorer: NoduleScorer) 
     assert tumour.location == "hilar" and tumour.diameter_mm >= 50  # the case it stands for
     anatomy = detect(phantom_volume(phantom), None, DetectionSettings(), scorer)
     truth = phantom.labels == tumour.label
-    hits = [n for n in anatomy.nodules if (truth[n.box] & n.mask).any()]
-    assert len(hits) == 1, [f"{n.diameter_mm:.0f} mm score {n.score:.2f}" for n in hits]
-    assert dice(painted(hits[0], truth.shape), truth) >= 0.7
-    for i, a in enumerate(anatomy.nodules):  # no two reported findings touch
-        others = anatomy.nodules[i + 1 :]
-        assert merge_touching([a, *others], (1.0, 1.0, 1.0)) == [a, *others]
+    assert dice(painted(the_one_hit(anatomy, truth), truth.shape), truth) >= 0.7
+    reported = list(anatomy.nodules)
+    assert merge_touching(reported, (1.0, 1.0, 1.0)) == reported  # no two findings touch
 
 
 # -- out of scope and refusals -----------------------------------------------------------------
