@@ -17,7 +17,10 @@ up: apart from the false-positive stage's training phantoms (2000-2191), so that
 tumour share, one of that stage's features, is not judged on phantoms the model has seen.
 Its evaluation adds ``--evaluate-masses`` phantoms with one mass each (seeds 7400 up) and
 reports tumour Dice by type and by a mass's location. ``--init model.ts`` starts from a
-TorchScript model's weights (fine-tuning the shipped one). The run meant for a GPU session:
+TorchScript model's weights (fine-tuning the shipped one); ``--simple N`` mixes the first N
+simple phantoms (the shipped model's training set) into a realistic run, so that what the
+model did on them is kept in view; ``--crop`` sets the training patch (smaller patches, more
+of them per minute on a CPU). The run meant for a GPU session:
 
     python packaging/models/lung_ct_seg/train.py --style realistic --phantoms 240 \
         --minutes 6 --init packaging/models/lung_ct_seg/model.ts --out /tmp/seg
@@ -195,11 +198,15 @@ def network() -> torch.nn.Module:
 
 
 def crop(
-    rng: np.random.Generator, x: torch.Tensor, t: torch.Tensor, tumours: list[np.ndarray]
+    rng: np.random.Generator,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    tumours: list[np.ndarray],
+    size: tuple[int, ...] = CROP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A random training patch, centred on a tumour half of the time when there is one."""
     shape = x.shape
-    pad = [max(0, c - n) for c, n in zip(CROP, shape, strict=True)]
+    pad = [max(0, c - n) for c, n in zip(size, shape, strict=True)]
     if any(pad):
         padding = [0, pad[2], 0, pad[1], 0, pad[0]]
         x = F.pad(x[None, None].float(), padding)[0, 0]  # 0 is air (hu_min)
@@ -216,11 +223,11 @@ def crop(
         centre = voxels[rng.integers(len(voxels))]
         start = [
             int(np.clip(c - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, n - s))
-            for c, s, n in zip(centre, CROP, shape, strict=True)
+            for c, s, n in zip(centre, size, shape, strict=True)
         ]
     else:
-        start = [int(rng.integers(0, n - s + 1)) for s, n in zip(CROP, shape, strict=True)]
-    sl = tuple(slice(a, a + s) for a, s in zip(start, CROP, strict=True))
+        start = [int(rng.integers(0, n - s + 1)) for s, n in zip(size, shape, strict=True)]
+    sl = tuple(slice(a, a + s) for a, s in zip(start, size, strict=True))
     return x[sl], t[(slice(None), *sl)]
 
 
@@ -255,6 +262,11 @@ def train(args: argparse.Namespace) -> torch.nn.Module:
     rng = np.random.default_rng(args.seed)
     first = FIRST_TRAIN_SEED[args.style]
     seeds = [(seed, args.style) for seed in range(first, first + args.phantoms)]
+    if args.style != "simple":  # the simple phantoms the shipped model learnt from, kept in view
+        seeds += [
+            (seed, "simple")
+            for seed in range(FIRST_TRAIN_SEED["simple"], FIRST_TRAIN_SEED["simple"] + args.simple)
+        ]
     t0 = time.time()
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
         samples = pool.map(training_sample, seeds, chunksize=1)
@@ -286,7 +298,7 @@ def train(args: argparse.Namespace) -> torch.nn.Module:
         batch_x, batch_t = [], []
         for _ in range(args.batch):
             i = int(rng.integers(len(xs)))
-            x, t = crop(rng, xs[i], ts[i], tumour_voxels[i])
+            x, t = crop(rng, xs[i], ts[i], tumour_voxels[i], tuple(args.crop))
             x = x.float()
             x = x * float(rng.uniform(0.95, 1.05)) + float(rng.uniform(-0.02, 0.02))
             x = x + torch.randn_like(x) * float(rng.uniform(0, 0.015))
@@ -427,6 +439,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=max(1, (multiprocessing.cpu_count())))
     parser.add_argument("--style", choices=STYLES, default="simple")
+    parser.add_argument(
+        "--simple", type=int, default=0, help="simple phantoms mixed into a realistic run"
+    )
+    parser.add_argument(
+        "--crop", type=int, nargs=3, default=list(CROP), help="training patch (z y x voxels)"
+    )
     parser.add_argument("--init", type=Path, help="start from this TorchScript model's weights")
     parser.add_argument("--evaluate", type=int, default=12, help="held-out phantoms (0: none)")
     parser.add_argument(
