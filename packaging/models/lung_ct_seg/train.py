@@ -452,6 +452,10 @@ def main() -> None:
     )
     parser.add_argument("--evaluate-only", action="store_true")
     args = parser.parse_args()
+    if args.simple and args.style == "simple":
+        parser.error("--simple mixes simple phantoms into a --style realistic run")
+    if any(n <= 0 or n % 16 for n in args.crop):  # the UNet halves each axis four times
+        parser.error(f"--crop {' '.join(map(str, args.crop))}: each must be a multiple of 16")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.evaluate_only:
         model = train(args)
