@@ -85,9 +85,10 @@ def test_the_sr_says_which_series_and_what_the_slices_cannot_resolve(analysed: A
 
 
 # A known gap, kept visible: this phantom's 28 mm mass sits at the left hilum, against the
-# mediastinum. On these two series the grown region leaks into the mediastinum (same density),
-# loses its round shape, and the false-positive stage scores it out (0.07 on the 5 mm series).
-MISSED_HILAR_MASS = {"philips-5mm-soft", "canon-1mm-sharp"}
+# mediastinum. On the 5 mm series the grown region leaks into the mediastinum (same density),
+# loses its round shape, and the false-positive stage scores it out. (Found on the 1 mm sharp
+# series since segmentation model 0.2.0 and the stage refitted on it.)
+MISSED_HILAR_MASS = {"philips-5mm-soft"}
 
 
 def test_a_large_tumour_is_found_as_one_segment(
