@@ -26,6 +26,7 @@ from radfusion.operators.nodules import (
     NoduleCandidate,
     NoduleScorer,
     TumourLookup,
+    box_of,
     find_nodules,
 )
 from radfusion.operators.ports import InputPorts, OutputPorts
@@ -272,14 +273,7 @@ def refine_by_model(
     component = np.isin(labels, touched[touched > 0])
     near = ndimage.distance_transform_edt(~component, sampling=spacing_mm) <= _REFINE_NEAR_MM
     refined = (finding & near) | (component & (hu[box] > _REFINE_DENSE_HU))
-    ks = np.flatnonzero(refined.any(axis=(1, 2)))
-    rs = np.flatnonzero(refined.any(axis=(0, 2)))
-    cs = np.flatnonzero(refined.any(axis=(0, 1)))
-    inner = (
-        slice(int(ks[0]), int(ks[-1]) + 1),
-        slice(int(rs[0]), int(rs[-1]) + 1),
-        slice(int(cs[0]), int(cs[-1]) + 1),
-    )
+    inner = box_of(refined)
     volume_mm3 = float(np.count_nonzero(refined)) * float(np.prod(spacing_mm))
     return replace(
         candidate,

@@ -62,6 +62,7 @@ __all__ = [
     "NoduleScorer",
     "ScorerError",
     "TumourLookup",
+    "box_of",
     "default_scorer_path",
     "find_nodules",
 ]
@@ -350,7 +351,8 @@ def _overlap(a: NoduleCandidate, b: NoduleCandidate) -> float:
     return float(shared) / max(1, a.voxels)
 
 
-def _box_of(mask: np.ndarray) -> tuple[slice, slice, slice]:
+def box_of(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """The bounding box of a 3-D ``mask`` (not empty), one slice per axis."""
     ks = np.flatnonzero(mask.any(axis=(1, 2)))
     plane = np.asarray(mask.any(axis=0))
     rs, cs = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
@@ -378,7 +380,7 @@ def _run_pass(
     factor = min(8, max(1, round(search_pass.spacing_mm / pixel)))
     if factor % grid:
         mask, grid = grow_in_plane(mask, grid, hu.shape), 1
-    grid_box = _box_of(mask)
+    grid_box = box_of(mask)
     rows, columns = (
         slice(b.start * grid, hu.shape[a] if b.stop == mask.shape[a] else b.stop * grid)
         for a, b in ((1, grid_box[1]), (2, grid_box[2]))
@@ -616,7 +618,7 @@ def _grow_candidate(
 
 def _widened_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, slice, slice]:
     """The bounding box of ``mask`` (not empty) widened by ``margin`` voxels per axis."""
-    box = _box_of(mask)
+    box = box_of(mask)
     k, r, c = (
         slice(max(0, b.start - m), min(n, b.stop + m))
         for b, m, n in zip(box, margin, mask.shape, strict=True)
